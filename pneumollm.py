@@ -1,0 +1,645 @@
+"""
+PneumoLLM in one file: a frozen CLIP ViT and a frozen LLaMA, tuned with tiny RepAdapters, that
+classify chest radiographs (Song et al., "PneumoLLM: Harnessing the Power of Large Language Model
+for Pneumoconiosis Diagnosis", Medical Image Analysis 2024).
+
+    image -> CLIP ViT (adapter before every attention) -> raw CLS token after every k-th block
+          -> contextual multi-token engine (K diagnosis tokens, Eq. 1) -> projection MLP
+          -> LLaMA blocks (adapter before every attention, information-emitter mask, Eq. 2)
+          -> final RMSNorm -> mean over tokens -> linear head -> logits
+
+Checkpoints are read as published, with no conversion step: OpenAI's `ViT-L-14.pt` (TorchScript or a
+plain state dict) or a Hugging Face CLIP folder; Meta's LLaMA folder (`params.json` +
+`consolidated.NN.pth`, any number of shards) or a Hugging Face LLaMA folder (`*.safetensors`).
+Module paths equal the OpenAI / Meta checkpoint keys. See ../shared/SPEC.md for every detail.
+
+Dtype policy, stated once: frozen weights are fp16/bf16 on GPU and fp32 on CPU; trainable weights
+are always fp32; LayerNorm, RMSNorm, RoPE and softmax run in fp32. Each trainable module casts its
+input to its own dtype and its output back, so the model runs with or without autocast.
+"""
+import json
+import math
+import re
+import zipfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the authors' code normalises with these
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# -----------------------------------------------------------------------------------------------
+# config: defaults are the real shapes (CLIP ViT-L/14, LLaMA-7B)
+
+
+@dataclass
+class VisionArgs:  # read from the checkpoint's shapes by the loaders
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    patch_size: int = 14
+    image_size: int = 224
+
+
+@dataclass
+class LlamaArgs:  # field names as in Meta's params.json, so LlamaArgs(**params) just works
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # grouped-query attention (LLaMA-2 70B, LLaMA-3)
+    vocab_size: int = -1  # unused: the token embedding is not loaded
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    ffn_hidden: Optional[int] = None  # set from Hugging Face's intermediate_size; else Meta's rule
+
+    def hidden_dim(self) -> int:  # Meta's FeedForward sizing: 2/3 of 4*dim, rounded up
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        h = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            h = int(self.ffn_dim_multiplier * h)
+        return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+
+
+@dataclass
+class PneumoArgs:
+    vision: VisionArgs = field(default_factory=VisionArgs)
+    llama: LlamaArgs = field(default_factory=LlamaArgs)
+    cls_every: int = 4  # keep the CLS token after every 4th ViT block: 24 / 4 = 6 tokens
+    n_diag: int = 4  # K diagnosis tokens
+    engine_hidden: int = 12
+    adapter_hidden: int = 8
+    adapter_groups: int = 2
+    adapter_dropout: float = 0.1
+    proj_hidden: int = 128
+    n_classes: int = 2
+
+    @property
+    def n_cls(self) -> int:
+        return self.vision.layers // self.cls_every
+
+    @staticmethod
+    def from_dict(d: dict) -> "PneumoArgs":
+        d = dict(d)
+        return PneumoArgs(vision=VisionArgs(**d.pop("vision")), llama=LlamaArgs(**d.pop("llama")), **d)
+
+
+def tiny_args(**kw) -> PneumoArgs:  # a few-MB model for tests and CPU demos
+    v = VisionArgs(width=64, layers=4, heads=4, patch_size=28, image_size=224)
+    return PneumoArgs(v, LlamaArgs(dim=64, n_layers=2, n_heads=4, multiple_of=32), cls_every=1, **kw)
+
+
+# -----------------------------------------------------------------------------------------------
+# primitives
+
+
+class LayerNorm(nn.LayerNorm):  # CLIP's: computed in fp32 whatever the weights' dtype
+    def forward(self, x):
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+def quick_gelu(x):  # CLIP's GELU approximation
+    return x * torch.sigmoid(1.702 * x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class RepAdapter(nn.Module):
+    """x + up(dropout(down(x))): down C->h with bias, up h->C grouped (group g maps hidden units
+    [g*h/G, (g+1)*h/G) to channels [g*C/G, (g+1)*C/G)). `up` starts at zero, so the adapter starts
+    as the identity. Affine at inference, hence foldable into the next linear layer (`dense`)."""
+
+    def __init__(self, dim: int, hidden: int, groups: int, dropout: float):
+        super().__init__()
+        self.groups = groups
+        self.down = nn.Linear(dim, hidden)
+        self.up_weight = nn.Parameter(torch.empty(dim, hidden // groups))  # (C, h/G)
+        self.up_bias = nn.Parameter(torch.empty(dim))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up_weight)
+        nn.init.zeros_(self.up_bias)
+
+    def forward(self, x):  # (..., C)
+        h = self.dropout(self.down(x.to(self.up_weight.dtype)))  # (..., h)
+        h = h.unflatten(-1, (self.groups, -1))  # (..., G, h/G)
+        w = self.up_weight.unflatten(0, (self.groups, -1))  # (G, C/G, h/G)
+        y = torch.einsum("...gi,goi->...go", h, w).flatten(-2) + self.up_bias  # (..., C)
+        return x + y.to(x.dtype)
+
+    def dense(self):  # the adapter as x -> M x + c, in fp32: M (C, C), c (C,)
+        up = torch.block_diag(*self.up_weight.float().chunk(self.groups, 0))  # (C, h)
+        m = torch.eye(up.shape[0], device=up.device) + up @ self.down.weight.float()
+        return m, up @ self.down.bias.float() + self.up_bias.float()
+
+
+def make_adapter(dim: int, a: PneumoArgs) -> RepAdapter:
+    return RepAdapter(dim, a.adapter_hidden, a.adapter_groups, a.adapter_dropout)
+
+
+# -----------------------------------------------------------------------------------------------
+# CLIP vision transformer (keys as in OpenAI's checkpoint: visual.*)
+
+
+class MultiheadAttention(nn.Module):  # nn.MultiheadAttention's parameter layout, SDPA inside
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x):  # (B, L, W)
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(y.transpose(1, 2).flatten(2))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, a: PneumoArgs):
+        super().__init__()
+        self.attn = MultiheadAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(width, 4 * width), c_proj=nn.Linear(4 * width, width)))
+        self.ln_2 = LayerNorm(width)
+        self.adapter_attn = make_adapter(width, a)
+
+    def forward(self, x):
+        x = x + self.attn(self.adapter_attn(self.ln_1(x)))
+        h = quick_gelu(self.mlp.c_fc(self.ln_2(x)))
+        return x + self.mlp.c_proj(h)
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's vision tower up to the residual stream: returns the raw CLS token (no ln_post, no
+    proj) after every `cls_every`-th block, shallow to deep."""
+
+    def __init__(self, a: PneumoArgs):
+        super().__init__()
+        v, self.every = a.vision, a.cls_every
+        grid = v.image_size // v.patch_size
+        self.conv1 = nn.Conv2d(3, v.width, v.patch_size, v.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(v.width**-0.5 * torch.randn(v.width))
+        self.positional_embedding = nn.Parameter(v.width**-0.5 * torch.randn(grid * grid + 1, v.width))
+        self.ln_pre = LayerNorm(v.width)
+        blocks = [ResidualAttentionBlock(v.width, v.heads, a) for _ in range(v.layers)]
+        self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(blocks)))
+
+    def forward(self, img):  # (B, 3, H, W)
+        x = self.conv1(img.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, L, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = self.ln_pre(torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype))  # (B, L+1, W)
+        out = []
+        for i, block in enumerate(self.transformer.resblocks):
+            x = block(x)
+            if (i + 1) % self.every == 0:
+                out.append(x[:, 0])
+        return torch.stack(out, 1)  # (B, n, W)
+
+
+# -----------------------------------------------------------------------------------------------
+# LLaMA blocks (keys as in Meta's checkpoint: layers.*, norm.*), no embedding, no output layer
+
+
+def rope(x, cos, sin):  # x (B, T, h, d); rotates interleaved pairs (x0, x1), as Meta's complex view
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, h, d/2) each
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, p: LlamaArgs):
+        super().__init__()
+        self.n_heads, self.n_kv = p.n_heads, p.n_kv_heads or p.n_heads
+        hd = p.dim // p.n_heads
+        self.wq = nn.Linear(p.dim, p.n_heads * hd, bias=False)  # merge_adapters() may add biases
+        self.wk = nn.Linear(p.dim, self.n_kv * hd, bias=False)
+        self.wv = nn.Linear(p.dim, self.n_kv * hd, bias=False)
+        self.wo = nn.Linear(p.n_heads * hd, p.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask):  # x (B, T, D), mask (T, T) additive
+        q = rope(self.wq(x).unflatten(-1, (self.n_heads, -1)), cos, sin).transpose(1, 2)  # (B, h, T, d)
+        k = rope(self.wk(x).unflatten(-1, (self.n_kv, -1)), cos, sin).transpose(1, 2)  # (B, kv, T, d)
+        v = self.wv(x).unflatten(-1, (self.n_kv, -1)).transpose(1, 2)
+        if self.n_kv != self.n_heads:  # kv head j serves query heads j*r .. j*r + r - 1
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv, 1) for t in (k, v))
+        # the fused kernels keep the softmax in fp32 whatever the input dtype
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+        return self.wo(y.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):  # SwiGLU
+    def __init__(self, p: LlamaArgs):
+        super().__init__()
+        self.w1 = nn.Linear(p.dim, p.hidden_dim(), bias=False)
+        self.w2 = nn.Linear(p.hidden_dim(), p.dim, bias=False)
+        self.w3 = nn.Linear(p.dim, p.hidden_dim(), bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, a: PneumoArgs):
+        super().__init__()
+        p = a.llama
+        self.attention = Attention(p)
+        self.feed_forward = FeedForward(p)
+        self.attention_norm = RMSNorm(p.dim, p.norm_eps)
+        self.ffn_norm = RMSNorm(p.dim, p.norm_eps)
+        self.adapter_attn = make_adapter(p.dim, a)
+
+    def forward(self, x, cos, sin, mask):
+        h = x + self.attention(self.adapter_attn(self.attention_norm(x)), cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, a: PneumoArgs):
+        super().__init__()
+        self.p = a.llama
+        self.layers = nn.ModuleList(TransformerBlock(a) for _ in range(self.p.n_layers))
+        self.norm = RMSNorm(self.p.dim, self.p.norm_eps)
+
+    def rope_tables(self, t: int, device):  # cos, sin (T, 1, d/2) for positions 0..T-1, fp32
+        hd = self.p.dim // self.p.n_heads
+        freqs = self.p.rope_theta ** -(torch.arange(0, hd, 2, device=device).float() / hd)
+        angles = torch.outer(torch.arange(t, device=device).float(), freqs)[:, None]
+        return angles.cos(), angles.sin()
+
+    def forward(self, h, mask):  # h (B, T, D) -> final-normed (B, T, D)
+        cos, sin = self.rope_tables(h.shape[1], h.device)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.norm(h)
+
+
+# -----------------------------------------------------------------------------------------------
+# PneumoLLM's own parts: engine, projection, emitter mask, head
+
+
+class MultiTokenEngine(nn.Module):
+    """Eq. 1: each diagnosis token is a softmax-weighted (convex) combination of the n CLS tokens,
+    with weights scored from the CLS tokens themselves."""
+
+    def __init__(self, width: int, hidden: int, k: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, k)
+
+    def forward(self, cls):  # (B, n, W)
+        c = cls.to(self.fc1.weight.dtype)
+        s = self.fc2(F.relu(self.fc1(c)))  # (B, n, K)
+        return (s.transpose(1, 2).softmax(-1) @ c).to(cls.dtype)  # (B, K, W)
+
+
+class Projection(nn.Module):  # ViT width -> LLaMA dim; xavier weights, zero biases, no norm
+    def __init__(self, width: int, hidden: int, dim: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x):  # (B, T, W) -> (B, T, D) in fp32
+        return self.fc2(F.silu(self.fc1(x.to(self.fc1.weight.dtype))))
+
+
+def emitter_mask(n: int, k: int, device=None) -> torch.Tensor:
+    """Eq. 2, additive (T, T) with T = n + K: every row may look at the n CLS columns only, so CLS
+    tokens never see diagnosis tokens and each diagnosis token reads the CLS tokens alone."""
+    mask = torch.zeros(n + k, n + k, device=device)
+    mask[:, n:] = float("-inf")
+    return mask
+
+
+class PneumoLLM(nn.Module):
+    def __init__(self, a: PneumoArgs):
+        super().__init__()
+        self.args = a
+        self.visual = VisionTransformer(a)
+        self.engine = MultiTokenEngine(a.vision.width, a.engine_hidden, a.n_diag)
+        self.proj = Projection(a.vision.width, a.proj_hidden, a.llama.dim)
+        self.llama = Llama(a)
+        self.head = nn.Linear(a.llama.dim, a.n_classes, bias=False)
+        self.requires_grad_(False)
+        for p in self.trainable_parameters():
+            p.requires_grad_(True)
+
+    def trainable_modules(self) -> list:  # chosen by module, never by matching names
+        adapters = [m for m in self.modules() if isinstance(m, RepAdapter)]
+        return adapters + [self.engine, self.proj, self.head]
+
+    def trainable_parameters(self):
+        return [p for m in self.trainable_modules() for p in m.parameters()]
+
+    def trainable_state_dict(self) -> dict:
+        ids = {id(p) for p in self.trainable_parameters()}
+        return {n: p for n, p in self.named_parameters() if id(p) in ids}
+
+    def forward(self, images):  # (B, 3, H, W) normalised -> logits (B, C) in fp32
+        cls = self.visual(images)  # (B, n, W)
+        tokens = torch.cat([cls, self.engine(cls)], 1)  # (B, T, W)
+        h = self.proj(tokens)  # (B, T, D) fp32
+        frozen = self.llama.norm.weight.dtype
+        h = self.llama(h.to(frozen), emitter_mask(cls.shape[1], self.args.n_diag, h.device))
+        return self.head(h.mean(1).to(self.head.weight.dtype))
+
+    @torch.no_grad()
+    def merge_adapters(self):
+        """Re-parameterisation: fold every adapter into the q/k/v projections after it, W' = W M,
+        b' = W c + b, and drop it. Inference then costs exactly the frozen backbone."""
+        for block in self.visual.transformer.resblocks:
+            m, c = block.adapter_attn.dense()
+            w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
+            b.copy_(w.float() @ c + b.float())
+            w.copy_(w.float() @ m)
+        for layer in self.llama.layers:
+            m, c = layer.adapter_attn.dense()
+            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
+                w = lin.weight
+                lin.bias = nn.Parameter((w.float() @ c).to(w.dtype), requires_grad=False)
+                w.copy_(w.float() @ m)
+        for parent in [*self.visual.transformer.resblocks, *self.llama.layers]:
+            parent.adapter_attn = nn.Identity()
+
+    def save_trainable(self, path):
+        """Only what is trained (a few MB), plus the config needed to rebuild the model."""
+        tensors = {n: p.detach().contiguous() for n, p in self.trainable_state_dict().items()}
+        save_file(tensors, str(path), metadata={"args": json.dumps(asdict(self.args))})
+
+    @torch.no_grad()
+    def load_trainable(self, path):
+        own = self.trainable_state_dict()
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            if keys != set(own):
+                diff = sorted(keys ^ set(own))[:3]
+                raise KeyError(f"{path}: trainable keys do not match this model, e.g. {diff}")
+            for name in sorted(keys):
+                t = f.get_tensor(name)
+                if t.shape != own[name].shape:
+                    raise ValueError(f"{path}: {name} has shape {list(t.shape)}, model has {list(own[name].shape)}")
+                own[name].copy_(t)
+
+
+def read_trainable_args(path) -> PneumoArgs:
+    with safe_open(str(path), "pt") as f:
+        return PneumoArgs.from_dict(json.loads(f.metadata()["args"]))
+
+
+# -----------------------------------------------------------------------------------------------
+# loaders: read the original files lazily; a checkpoint key maps to (file, original key, getter)
+
+
+@dataclass
+class Entry:
+    file: str
+    key: str  # the key as the file spells it, for error messages
+    get: Callable[[], torch.Tensor]
+
+
+# What the checkpoints hold that this model deliberately does not use (full-match regexes).
+CLIP_IGNORE = [
+    r"visual\.(ln_post\.(weight|bias)|proj)",  # CLIP's image head: we take the raw CLS stream
+    r"(transformer|token_embedding|ln_final)\..*|positional_embedding|text_projection",  # text tower
+    r"logit_scale|input_resolution|context_length|vocab_size",  # metadata in OpenAI's files
+    r"text_model\..*|(text|visual)_projection\.weight|vision_model\.embeddings\.position_ids",  # HF's extras
+]
+LLAMA_IGNORE = [
+    r"tok_embeddings\.weight|output\.weight",  # no text input, no next-token output
+    r"rope\.freqs|layers\.\d+\.self_attn\.rotary_emb\.inv_freq",  # RoPE tables, recomputed here
+]
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # includes pickles that would run code: they are refused, never run
+        raise ValueError(f"{path}: not a plain tensor checkpoint, refused ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _safetensors(files) -> dict:
+    out = {}
+    for file in files:
+        f = safe_open(str(file), "pt")
+        out.update({k: Entry(str(file), k, (lambda f=f, k=k: f.get_tensor(k))) for k in f.keys()})
+    return out
+
+
+def _plain(sd: dict, file, prefix="") -> dict:
+    return {prefix + k: Entry(str(file), k, (lambda t=t: t)) for k, t in sd.items()}
+
+
+def read_clip(path) -> tuple[VisionArgs, dict]:
+    """OpenAI's TorchScript `ViT-L-14.pt`, an OpenAI-layout state dict, or a Hugging Face folder."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_clip_hf(path)
+    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        # TorchScript runs no Python on load; keep the visual tensors and drop the rest at once
+        sd = {k: t for k, t in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+    else:
+        sd = _torch_load(path)
+    if "conv1.weight" in sd:  # a vision-only OpenAI-layout file
+        sd = {"visual." + k: t for k, t in sd.items()}
+    if "visual.conv1.weight" not in sd:
+        raise KeyError(f"{path}: no visual.conv1.weight, not an OpenAI CLIP checkpoint")
+    conv, pos = sd["visual.conv1.weight"], sd["visual.positional_embedding"]
+    layers = sum(bool(re.fullmatch(r"visual\.transformer\.resblocks\.\d+\.attn\.in_proj_weight", k)) for k in sd)
+    grid = round((pos.shape[0] - 1) ** 0.5)
+    v = VisionArgs(conv.shape[0], layers, conv.shape[0] // 64, conv.shape[-1], conv.shape[-1] * grid)
+    # the text tower's keys are only checked against CLIP_IGNORE; its tensors are not kept
+    return v, {k: Entry(str(path), k, (lambda t=t: t) if k.startswith("visual.") else (lambda: None)) for k, t in sd.items()}
+
+
+_HF_CLIP = [  # Hugging Face name -> OpenAI name
+    (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"),
+    (r"vision_model\.embeddings\.patch_embedding\.weight", "visual.conv1.weight"),
+    (r"vision_model\.embeddings\.position_embedding\.weight", "visual.positional_embedding"),
+    (r"vision_model\.pre_layrnorm\.", "visual.ln_pre."),
+    (r"vision_model\.post_layernorm\.", "visual.ln_post."),
+    (r"vision_model\.encoder\.layers\.(\d+)\.", r"visual.transformer.resblocks.\1."),
+    (r"self_attn\.out_proj\.", "attn.out_proj."),
+    (r"layer_norm(\d)\.", r"ln_\1."),
+    (r"mlp\.fc1\.", "mlp.c_fc."),
+    (r"mlp\.fc2\.", "mlp.c_proj."),
+]
+
+
+def _read_clip_hf(folder: Path):
+    cfg = json.loads((folder / "config.json").read_text())
+    c = cfg.get("vision_config", cfg)
+    v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"], c["image_size"])
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors files next to config.json")
+    out, qkv = {}, {}
+    for k, e in _safetensors(files).items():
+        for pat, rep in _HF_CLIP:
+            k = re.sub(pat, rep, k)
+        m = re.fullmatch(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
+        if m:  # q, k, v are fused into nn.MultiheadAttention's in_proj, in that order
+            qkv.setdefault(f"{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = e
+        else:
+            out[k] = e
+    for k, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise KeyError(f"{parts[next(iter(parts))].file}: {k} lacks one of q/k/v_proj")
+        out[k] = Entry(parts["q"].file, parts["q"].key, lambda p=parts: torch.cat([p[x].get() for x in "qkv"]))
+    return v, out
+
+
+def read_llama(path) -> tuple[LlamaArgs, dict]:
+    """Meta's folder (params.json + consolidated.NN.pth) or a Hugging Face folder (config.json +
+    model*.safetensors, with or without an index). Keys come back in Meta's naming."""
+    path = Path(path)
+    if (path / "params.json").exists():
+        return _read_llama_meta(path)
+    if (path / "config.json").exists():
+        return _read_llama_hf(path)
+    raise FileNotFoundError(f"{path}: neither params.json (Meta) nor config.json (Hugging Face) found")
+
+
+# model-parallel shards: column-parallel weights are split along dim 0, row-parallel along dim 1,
+# norms and rope.freqs are replicated
+_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def _read_llama_meta(folder: Path):
+    params = json.loads((folder / "params.json").read_text())
+    if params.pop("use_scaled_rope", False):
+        raise ValueError(f"{folder}/params.json: use_scaled_rope (LLaMA-3.1) is not supported")
+    for k in ("max_seq_len", "max_batch_size"):  # inference-engine settings, not the model's
+        params.pop(k, None)
+    unknown = set(params) - {f.name for f in fields(LlamaArgs)}
+    if unknown:
+        raise ValueError(f"{folder}/params.json: unknown setting(s) {sorted(unknown)}")
+    p = LlamaArgs(**params)
+    files = sorted(folder.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no consolidated.NN.pth next to params.json")
+    shards = [_torch_load(f) for f in files]
+    if len(shards) == 1:
+        return p, _plain(shards[0], files[0])
+    out = {}
+    for k in shards[0]:
+        dim = _SHARD_DIM.get(k.split(".")[-2] if k.endswith(".weight") else k)
+        get = (lambda k=k, d=dim: torch.cat([s[k] for s in shards], d)) if dim is not None else (lambda k=k: shards[0][k])
+        out[k] = Entry(str(files[0]), k, get)
+    return p, out
+
+
+_HF_LLAMA = [  # Hugging Face name -> Meta name
+    (r"model\.embed_tokens\.", "tok_embeddings."),
+    (r"model\.norm\.", "norm."),
+    (r"lm_head\.", "output."),
+    (r"model\.layers\.", "layers."),
+    (r"self_attn\.([qkvo])_proj\.", r"attention.w\1."),
+    (r"mlp\.gate_proj\.", "feed_forward.w1."),
+    (r"mlp\.down_proj\.", "feed_forward.w2."),
+    (r"mlp\.up_proj\.", "feed_forward.w3."),
+    (r"input_layernorm\.", "attention_norm."),
+    (r"post_attention_layernorm\.", "ffn_norm."),
+]
+
+
+def _unpermute(w, heads):  # undo HF's q/k permutation (rotate-half layout -> interleaved pairs)
+    return w.unflatten(0, (heads, 2, -1)).transpose(1, 2).flatten(0, 2)
+
+
+def _read_llama_hf(folder: Path):
+    c = json.loads((folder / "config.json").read_text())
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{folder}/config.json: rope scaling {rope.get('rope_type')} is not supported")
+    p = LlamaArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                  n_kv_heads=c.get("num_key_value_heads"), vocab_size=c.get("vocab_size", -1),
+                  norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", rope.get("rope_theta", 1e4)),
+                  ffn_hidden=c["intermediate_size"])
+    index = folder / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    out = {}
+    for k, e in _safetensors([folder / n for n in names]).items():
+        for pat, rep in _HF_LLAMA:
+            k = re.sub(pat, rep, k)
+        if k.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = p.n_heads if k.endswith("wq.weight") else (p.n_kv_heads or p.n_heads)
+            e = Entry(e.file, e.key, lambda g=e.get, h=heads: _unpermute(g(), h))
+        out[k] = e
+    return p, out
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, nn.Parameter(tensor, requires_grad=False))
+
+
+def _load_frozen(model: nn.Module, scope: str, strip: str, entries: dict, ignore: list, device, dtype):
+    """Copy a checkpoint into the frozen parameters under `scope` (parameter name = `strip` + key),
+    loudly: every unexpected key (unless ignored above), every missing key and every shape
+    mismatch is an error naming the key and the file."""
+    ignored = re.compile("|".join(f"(?:{p})" for p in ignore))
+    params = {n: p for n, p in model.named_parameters() if n.startswith(scope) and not p.requires_grad}
+    for k, e in entries.items():
+        if strip + k not in params and not ignored.fullmatch(k):
+            raise KeyError(f"{e.file}: unexpected key {e.key!r} (read as {k!r})")
+    for name, p in params.items():
+        e = entries.get(name[len(strip):])
+        if e is None:
+            raise KeyError(f"{next(iter(entries.values())).file}: missing key {name[len(strip):]!r}")
+        t = e.get()
+        if t.shape != p.shape:
+            raise ValueError(f"{e.file}: {e.key!r} has shape {list(t.shape)}, the model expects {list(p.shape)}")
+        _assign(model, name, t.to(device=device, dtype=dtype))
+
+
+def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
+    """Build PneumoLLM on `meta`, map the original checkpoints into it, then create the trainable
+    parts (fp32) on `device`. Frozen weights: fp32 on CPU, fp16 elsewhere, unless `dtype` is given."""
+    device = torch.device(device)
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    vision, clip_entries = read_clip(clip)
+    llama_args, llama_entries = read_llama(llama)
+    with torch.device("meta"):
+        model = PneumoLLM(PneumoArgs(vision=vision, llama=llama_args, **kw))
+    _load_frozen(model, "visual.", "", clip_entries, CLIP_IGNORE, device, dtype)
+    _load_frozen(model, "llama.", "llama.", llama_entries, LLAMA_IGNORE, device, dtype)
+    for m in model.trainable_modules():  # children first, so a module's own init has the last word
+        m.to_empty(device=device)
+        for sub in reversed(list(m.modules())):
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+    stuck = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not stuck, f"left on the meta device: {stuck[:3]}"
+    n = sum(p.numel() for p in model.trainable_parameters())
+    print(f"loaded {clip} + {llama}: ViT {vision.width}x{vision.layers}, LLaMA {llama_args.dim}x{llama_args.n_layers}, "
+          f"frozen {dtype} on {device}, {n:,} trainable")
+    return model

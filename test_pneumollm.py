@@ -1,0 +1,355 @@
+"""Tests: tiny random weights, CPU, fp32, no network. Parity against transformers for every borrowed
+component, loaders on tiny files in the exact original formats, and the model's own invariants."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import pneumollm as P
+
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(2)
+
+
+def randomize(module: nn.Module, seed: int):
+    """Every weight random (norms and biases too), so parity tests cannot pass by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name.lower():
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(noise / (p[0].numel() ** 0.5 if p.dim() > 1 else 10))
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny checkpoints written in the original layouts
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    """A tiny CLIP written three ways: HF folder, OpenAI state dict (.pt), OpenAI TorchScript."""
+    d = tmp_path_factory.mktemp("clip")
+    vc = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, intermediate_size=512, patch_size=14,
+              image_size=56, hidden_act="quick_gelu", projection_dim=16)
+    tc = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50,
+              max_position_embeddings=8, bos_token_id=0, eos_token_id=1)
+    cfg = transformers.CLIPConfig(text_config=tc, vision_config=vc, projection_dim=16)
+    hf = transformers.CLIPModel(cfg).eval()
+    randomize(hf, 0)
+    hf.save_pretrained(d / "hf")
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    oa = {}  # OpenAI layout, written independently of the loader's own mapping
+    pre = "vision_model.encoder.layers"
+    for i in range(4):
+        a, b = f"{pre}.{i}.", f"visual.transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            oa[b + f"attn.in_proj_{kind}"] = torch.cat([sd[a + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            oa[b + f"attn.out_proj.{kind}"] = sd[a + f"self_attn.out_proj.{kind}"]
+            oa[b + f"ln_1.{kind}"] = sd[a + f"layer_norm1.{kind}"]
+            oa[b + f"ln_2.{kind}"] = sd[a + f"layer_norm2.{kind}"]
+            oa[b + f"mlp.c_fc.{kind}"] = sd[a + f"mlp.fc1.{kind}"]
+            oa[b + f"mlp.c_proj.{kind}"] = sd[a + f"mlp.fc2.{kind}"]
+    oa["visual.conv1.weight"] = sd["vision_model.embeddings.patch_embedding.weight"]
+    oa["visual.class_embedding"] = sd["vision_model.embeddings.class_embedding"]
+    oa["visual.positional_embedding"] = sd["vision_model.embeddings.position_embedding.weight"]
+    for kind in ("weight", "bias"):
+        oa[f"visual.ln_pre.{kind}"] = sd[f"vision_model.pre_layrnorm.{kind}"]
+        oa[f"visual.ln_post.{kind}"] = sd[f"vision_model.post_layernorm.{kind}"]
+    oa["visual.proj"] = sd["visual_projection.weight"].T.contiguous()
+    oa.update({"token_embedding.weight": torch.zeros(50, 32), "positional_embedding": torch.zeros(8, 32),
+               "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(96, 32), "ln_final.weight": torch.ones(32),
+               "text_projection": torch.zeros(32, 16), "logit_scale": torch.tensor(4.6)})
+    torch.save(oa, d / "openai.pt")
+    root = nn.Module()  # a TorchScript archive with the same parameter names, as OpenAI's ViT-L-14.pt
+    for k, t in oa.items():
+        *path, leaf = k.split(".")
+        m = root
+        for part in path:
+            if not hasattr(m, part):
+                m.add_module(part, nn.Module())
+            m = getattr(m, part)
+        m.register_parameter(leaf, nn.Parameter(t.clone(), requires_grad=False))
+    torch.jit.save(torch.jit.script(root), str(d / "ViT-tiny.pt"))
+    return dict(hf=d / "hf", pt=d / "openai.pt", jit=d / "ViT-tiny.pt", ref=hf.vision_model, sd=oa)
+
+
+def meta_from_hf_qk(w, heads):
+    """HF row (h, j, i) holds Meta row (h, 2i + j): rebuild Meta's interleaved layout index by index."""
+    d = w.shape[0] // heads
+    idx = [h * d + j * (d // 2) + i for h in range(heads) for i in range(d // 2) for j in range(2)]
+    return w[idx]
+
+
+def write_llama(d, n_kv_heads):
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=n_kv_heads, intermediate_size=192, vocab_size=40,
+                                   rms_norm_eps=1e-6, rope_theta=10000.0, attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    randomize(hf, 1)
+    hf.save_pretrained(d / "hf")
+    hf.save_pretrained(d / "hf_sharded", max_shard_size="50KB")
+    sd = hf.state_dict()
+    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+            "output.weight": sd["lm_head.weight"], "rope.freqs": torch.randn(8)}
+    names = dict(q_proj="attention.wq", k_proj="attention.wk", v_proj="attention.wv", o_proj="attention.wo")
+    for i in range(2):
+        a, b = f"model.layers.{i}.", f"layers.{i}."
+        for hfn, mn in names.items():
+            w = sd[a + f"self_attn.{hfn}.weight"]
+            if hfn in ("q_proj", "k_proj"):
+                w = meta_from_hf_qk(w, 4 if hfn == "q_proj" else n_kv_heads)
+            meta[b + mn + ".weight"] = w
+        for hfn, mn in dict(gate_proj="w1", down_proj="w2", up_proj="w3").items():
+            meta[b + f"feed_forward.{mn}.weight"] = sd[a + f"mlp.{hfn}.weight"]
+        meta[b + "attention_norm.weight"] = sd[a + "input_layernorm.weight"]
+        meta[b + "ffn_norm.weight"] = sd[a + "post_attention_layernorm.weight"]
+    params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, multiple_of=32, norm_eps=1e-6,
+                  rope_theta=10000.0, vocab_size=40)
+    (d / "meta").mkdir()
+    (d / "meta/params.json").write_text(json.dumps(params))
+    torch.save(meta, d / "meta/consolidated.00.pth")
+    (d / "meta2").mkdir()  # two model-parallel shards, split as Meta's fairscale layers split them
+    (d / "meta2/params.json").write_text(json.dumps(params))
+    for s in range(2):
+        shard = {}
+        for k, t in meta.items():
+            kind = k.split(".")[-2] if k.endswith(".weight") else k
+            dim = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}.get(kind)
+            shard[k] = t.clone() if dim is None else t.chunk(2, dim)[s].clone()
+        torch.save(shard, d / f"meta2/consolidated.0{s}.pth")
+    return dict(hf=d / "hf", hf_sharded=d / "hf_sharded", meta=d / "meta", meta2=d / "meta2", ref=hf.model, sd=meta)
+
+
+@pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
+def llama_files(request, tmp_path_factory):
+    return write_llama(tmp_path_factory.mktemp(f"llama{request.param}"), request.param)
+
+
+def load(clip, llama, **kw):
+    torch.manual_seed(0)
+    return P.from_pretrained(clip, llama, "cpu", cls_every=1, **kw).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# parity against transformers, through every format
+
+
+@pytest.mark.parametrize("fmt", ["hf", "pt", "jit"])
+def test_vit_cls_tokens_match_transformers(clip_files, llama_files, fmt):
+    model = load(clip_files[fmt], llama_files["meta"])
+    img = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ours = model.visual(img)  # (B, 4, W): after blocks 1..4
+        ref = clip_files["ref"](pixel_values=img, output_hidden_states=True).hidden_states
+    assert ours.shape == (2, 4, 128)  # heads = width // 64, as OpenAI builds it
+    for i in range(4):
+        torch.testing.assert_close(ours[:, i], ref[i + 1][:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["meta", "meta2", "hf", "hf_sharded"])
+def test_llama_blocks_match_transformers(clip_files, llama_files, fmt):
+    model = load(clip_files["pt"], llama_files[fmt])
+    h = torch.randn(2, 6, 64)
+    mask = P.emitter_mask(4, 2)
+    with torch.no_grad():
+        ours = model.llama(h, mask)
+        ref = llama_files["ref"](inputs_embeds=h, attention_mask=mask[None, None].expand(2, 1, 6, 6))
+    torch.testing.assert_close(ours, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_each_layer_matches_transformers(clip_files, llama_files):
+    model = load(clip_files["pt"], llama_files["meta"])
+    ref, h, mask = llama_files["ref"], torch.randn(1, 6, 64), P.emitter_mask(4, 2)
+    with torch.no_grad():
+        cos, sin = model.llama.rope_tables(6, "cpu")
+        pe = ref.rotary_emb(h, torch.arange(6)[None])
+        for ours, theirs in zip(model.llama.layers, ref.layers):
+            x = ours(h, cos, sin, mask)
+            torch.testing.assert_close(x, theirs(h, attention_mask=mask[None, None], position_embeddings=pe), rtol=1e-5, atol=1e-5)
+            h = x
+
+
+def test_sharded_meta_checkpoint_equals_unsplit(clip_files, llama_files):
+    a = load(clip_files["pt"], llama_files["meta"]).state_dict()
+    b = load(clip_files["jit"], llama_files["meta2"]).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------------
+# loaders are loud
+
+
+def test_unknown_and_missing_keys_fail_naming_key_and_file(clip_files, llama_files, tmp_path):
+    sd = dict(llama_files["sd"])
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra/params.json").write_text((llama_files["meta"] / "params.json").read_text())
+    torch.save({**sd, "layers.0.attention.wz.weight": torch.zeros(2)}, tmp_path / "extra/consolidated.00.pth")
+    with pytest.raises(KeyError, match=r"consolidated\.00\.pth: unexpected key 'layers\.0\.attention\.wz\.weight'"):
+        load(clip_files["pt"], tmp_path / "extra")
+    (tmp_path / "missing").mkdir()
+    (tmp_path / "missing/params.json").write_text((llama_files["meta"] / "params.json").read_text())
+    torch.save({k: t for k, t in sd.items() if k != "layers.1.ffn_norm.weight"}, tmp_path / "missing/consolidated.00.pth")
+    with pytest.raises(KeyError, match=r"consolidated\.00\.pth: missing key 'layers\.1\.ffn_norm\.weight'"):
+        load(clip_files["pt"], tmp_path / "missing")
+    bad = dict(clip_files["sd"], **{"visual.ln_pre.weight": torch.ones(127)})
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad\.pt: 'visual\.ln_pre\.weight' has shape \[127\], the model expects \[128\]"):
+        load(tmp_path / "bad.pt", llama_files["meta"])
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PWNED']}",))
+
+
+def test_pickle_that_runs_code_is_refused(clip_files, llama_files, tmp_path, monkeypatch):
+    flag = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED", str(flag))
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil/params.json").write_text((llama_files["meta"] / "params.json").read_text())
+    with open(tmp_path / "evil/consolidated.00.pth", "wb") as f:
+        pickle.dump({"norm.weight": Exploit()}, f)
+    torch.save({"x": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a plain tensor checkpoint, refused"):
+        load(clip_files["pt"], tmp_path / "evil")
+    with pytest.raises(ValueError, match=r"evil\.pt: not a plain tensor checkpoint"):
+        load(tmp_path / "evil.pt", llama_files["meta"])
+    assert not flag.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# the model's own invariants (tiny random model)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return P.PneumoLLM(P.tiny_args(**kw)).eval()
+
+
+def perturb_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, P.RepAdapter):
+                m.up_weight.copy_(0.1 * torch.randn(m.up_weight.shape, generator=g))
+                m.up_bias.copy_(0.1 * torch.randn(m.up_bias.shape, generator=g))
+
+
+def test_adapter_is_identity_at_init_and_perturbing_changes_output():
+    model, img = tiny(), torch.randn(2, 3, 224, 224)
+    a = model.visual.transformer.resblocks[0].adapter_attn
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(a(x), x)
+    with torch.no_grad():
+        before = model(img)
+        for blk in [*model.visual.transformer.resblocks, *model.llama.layers]:
+            blk.adapter_attn = nn.Identity()
+        assert torch.equal(model(img), before)
+    model = tiny()
+    perturb_adapters(model)
+    with torch.no_grad():
+        assert (model(img) - before).abs().max() > 1e-3
+
+
+def test_grouped_up_projection_keeps_groups_apart():
+    a = P.RepAdapter(8, 4, 2, 0.0)
+    perturb_adapters(a)
+    with torch.no_grad():
+        a.down.weight.zero_()
+        a.down.bias.copy_(torch.tensor([1.0, 0, 0, 0]))  # only hidden unit 0 (group 0) is on
+        y = a(torch.zeros(1, 8)) - a.up_bias
+    assert torch.count_nonzero(y[0, :4]) == 4 and torch.count_nonzero(y[0, 4:]) == 0
+
+
+def test_emitter_mask_hides_diagnosis_tokens_from_every_row():
+    mask = P.emitter_mask(6, 4)
+    assert mask.shape == (10, 10)
+    assert torch.isinf(mask[:, 6:]).all() and (mask[:, :6] == 0).all()
+    assert not torch.isinf(mask).all(-1).any()  # no row fully masked
+    model = tiny()
+    perturb_adapters(model)
+    h = torch.randn(2, 10, 64)
+    h2 = h.clone()
+    h2[:, 6:] = torch.randn(2, 4, 64)
+    with torch.no_grad():
+        a, b = model.llama(h, P.emitter_mask(6, 4)), model.llama(h2, P.emitter_mask(6, 4))
+    assert torch.equal(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_engine_tokens_are_convex_combinations_of_cls():
+    engine = P.MultiTokenEngine(64, 12, 4)
+    cls = torch.randn(3, 6, 64)
+    diag = engine(cls)
+    w = engine.fc2(torch.relu(engine.fc1(cls))).transpose(1, 2).softmax(-1)  # (B, K, n)
+    assert diag.shape == (3, 4, 64)
+    torch.testing.assert_close(diag, torch.einsum("bkn,bnw->bkw", w, cls))
+
+
+def test_trainable_set_and_gradients():
+    model = tiny().train()
+    perturb_adapters(model)  # with up = 0 the down-projection's gradient is exactly zero
+    adapters = [b.adapter_attn for b in [*model.visual.transformer.resblocks, *model.llama.layers]]
+    assert model.trainable_modules() == adapters + [model.engine, model.proj, model.head]
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
+    loss = model(torch.randn(2, 3, 224, 224)).logsumexp(-1).sum()
+    loss.backward()
+    for name, p in model.named_parameters():
+        if id(p) in trainable:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_full_size_model_on_meta_has_the_papers_trainable_count():
+    with torch.device("meta"):
+        model = P.PneumoLLM(P.PneumoArgs())
+    parts = {"llama adapters": sum(p.numel() for b in model.llama.layers for p in b.adapter_attn.parameters()),
+             "vit adapters": sum(p.numel() for b in model.visual.transformer.resblocks for p in b.adapter_attn.parameters()),
+             "proj": sum(p.numel() for p in model.proj.parameters()),
+             "head": model.head.weight.numel(), "engine": sum(p.numel() for p in model.engine.parameters())}
+    assert parts == {"llama adapters": 1_704_192, "vit adapters": 319_680, "proj": 659_584, "head": 8_192, "engine": 12_352}
+    assert sum(p.numel() for p in model.trainable_parameters()) == 2_704_000
+    assert model.args.n_cls == 6 and model.llama.layers[0].feed_forward.w1.weight.shape == (11008, 4096)
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    model, img = tiny(), torch.randn(2, 3, 224, 224)
+    perturb_adapters(model)
+    model.save_trainable(tmp_path / "t.safetensors")
+    assert (tmp_path / "t.safetensors").stat().st_size < 2_000_000
+    fresh = P.PneumoLLM(P.read_trainable_args(tmp_path / "t.safetensors")).eval()
+    fresh.load_state_dict({n: t for n, t in model.state_dict().items()})  # same frozen weights
+    tiny(seed=5).save_trainable(tmp_path / "other.safetensors")
+    fresh.load_trainable(tmp_path / "other.safetensors")
+    assert not torch.equal(fresh(img), model(img))
+    fresh.load_trainable(tmp_path / "t.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(img), model(img))
+    save_file({"head.weight": torch.zeros(2, 64)}, str(tmp_path / "few.safetensors"))
+    with pytest.raises(KeyError, match=r"few\.safetensors: trainable keys do not match"):
+        fresh.load_trainable(tmp_path / "few.safetensors")
+    tiny(n_classes=3).save_trainable(tmp_path / "three.safetensors")
+    with pytest.raises(ValueError, match=r"three\.safetensors: head\.weight has shape \[3, 64\], model has \[2, 64\]"):
+        fresh.load_trainable(tmp_path / "three.safetensors")
+
+
+def test_merged_adapters_give_the_same_logits():
+    model, img = tiny(), torch.randn(3, 3, 224, 224)
+    perturb_adapters(model)
+    with torch.no_grad():
+        before = model(img)
+        model.merge_adapters()
+        after = model(img)
+    assert not any(isinstance(m, P.RepAdapter) for m in model.modules())
+    assert model.llama.layers[0].attention.wq.bias is not None
+    assert ((after - before).abs().max() / before.abs().max()) < 1e-5
