@@ -1,0 +1,118 @@
+"""
+A synthetic but realistic demo set for `python prepare.py --demo`: posterior-anterior chest
+phantoms written as real DICOM files, normal vs pneumoconiosis-like.
+
+Each phantom has a body outline, two lung fields with smooth parenchymal texture, a heart and
+mediastinum, a spine, ribs and clavicles, detector noise. Disease adds small rounded opacities with
+ILO-like sizes (p < 1.5 mm, q 1.5-3 mm, r 3-10 mm at 0.7 mm pixels; one size per patient) placed
+mostly in the upper and middle zones, with a profusion that varies per patient. Files vary as real
+archives do: CR or DX, MONOCHROME1 or MONOCHROME2, 12-16 bits stored, with or without window tags,
+1-3 images per patient. Patients get obviously fake names and ids (DEMO^...). Deterministic.
+"""
+import csv
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+SIZE, SPACING = 512, 0.7  # pixels, mm per pixel
+SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
+NODULE_RADIUS_MM = {"p": (0.6, 0.75), "q": (0.75, 1.5), "r": (1.5, 3.0)}
+
+
+def ellipse(yy, xx, cy, cx, ry, rx):
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+
+
+def smooth_noise(rng, n, scale):
+    small = rng.standard_normal((n, n)).astype(np.float32)
+    return np.asarray(Image.fromarray(small).resize((SIZE, SIZE), Image.BICUBIC)) * scale
+
+
+def phantom(rng, disease: bool, size_class: str, profusion: int) -> np.ndarray:
+    """Attenuation image in [0, 1] (bright = dense), (SIZE, SIZE) float32."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    c, s = SIZE / 2 + rng.normal(0, 8), SIZE / 512 * (1 + rng.normal(0, 0.04))
+    img = np.where(ellipse(yy, xx, 270, c, 250 * s, 215 * s), 0.55, 0.04).astype(np.float32)
+    lungs = np.zeros_like(img, bool)
+    for side in (-1, 1):
+        lungs |= ellipse(yy, xx, 225 + rng.normal(0, 5), c + side * 92 * s, 150 * s, 70 * s)
+    lungs &= yy > 80
+    img[lungs] = 0.18
+    img += lungs * smooth_noise(rng, 24, 0.03)
+    for side in (-1, 1):  # ribs: arcs across each lung field; clavicles on top
+        for k in range(9):
+            y0 = 100 + 30 * k + rng.normal(0, 2)
+            band = np.abs(yy - (y0 + 0.0025 * (xx - c - side * 40) ** 2 + side * 0.15 * (xx - c))) < 4.5
+            img += 0.09 * (band & lungs & (side * (xx - c) > 0))
+        img += 0.15 * ellipse(yy, xx, 95, c + side * 80 * s, 7, 75 * s)
+    img = np.maximum(img, 0.68 * ellipse(yy, xx, 320, c + 25, 95 * s, 85 * s))  # heart
+    img = np.maximum(img, 0.62 * (np.abs(xx - c) < 28 * s) * (yy > 40))  # mediastinum and spine
+    if disease:
+        lo, hi = NODULE_RADIUS_MM[size_class]
+        ys, xs = np.nonzero(lungs & (yy < 300))  # upper and middle zones mostly
+        ys2, xs2 = np.nonzero(lungs)
+        picks = [(ys, xs)] * int(0.85 * profusion) + [(ys2, xs2)] * (profusion - int(0.85 * profusion))
+        for py, px in picks:
+            i = rng.integers(len(py))
+            r = rng.uniform(lo, hi) / SPACING
+            y, x, h = py[i], px[i], int(3 * r) + 2
+            sl = np.s_[max(0, y - h):y + h, max(0, x - h):x + h]
+            img[sl] += 0.35 * np.exp(-((yy[sl] - y) ** 2 + (xx[sl] - x) ** 2) / (2 * (r / 1.5) ** 2))
+    img += rng.normal(0, 0.015, img.shape).astype(np.float32)
+    return np.clip(img, 0, 1)
+
+
+def to_dicom(path: Path, img: np.ndarray, rng, patient: int, image: int):
+    modality = "CR" if rng.random() < 0.5 else "DX"
+    mono1, bits = rng.random() < 0.4, int(rng.choice([12, 14, 15, 16]))
+    top = 2**bits - 1
+    stored = np.round(img * top * rng.uniform(0.8, 1.0)).astype(np.uint16)
+    if mono1:
+        stored = (top - stored).astype(np.uint16)
+    meta = FileMetaDataset()
+    uid = generate_uid(entropy_srcs=[f"demo-{patient}-{image}"])
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SOP_CLASS[modality], uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SOP_CLASS[modality], uid
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[f"demo-study-{patient}-{image}"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[f"demo-series-{patient}-{image}"])
+    ds.PatientName, ds.PatientID = f"DEMO^PATIENT{patient:04d}", f"DEMO{patient:04d}"
+    ds.PatientBirthDate, ds.PatientSex = f"19{50 + patient % 40}0101", "MF"[patient % 2]
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = modality, "CHEST", "PA"
+    ds.StudyDate, ds.AccessionNumber = f"2024{1 + image:02d}15", f"DEMOACC{patient:04d}{image}"
+    ds.Rows, ds.Columns, ds.PixelSpacing = SIZE, SIZE, [SPACING, SPACING]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if mono1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    if rng.random() < 0.6:  # a window over the exposed range; else the reader falls back to percentiles
+        lo, hi = np.percentile(stored, [1, 99.5])
+        ds.WindowCenter, ds.WindowWidth = f"{(lo + hi) / 2:.1f}", f"{hi - lo:.1f}"
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
+    """About 600 images, ~60 % disease; returns the labels CSV. Skips work already on disk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = folder / "labels.csv"
+    if labels.exists():
+        return labels
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        disease = rng.random() < 0.6
+        size_class, profusion = str(rng.choice(list("pqr"))), int(rng.integers(40, 220))
+        for i in range(int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):
+            name = f"demo_{p:04d}_{i}.dcm"
+            to_dicom(folder / name, phantom(rng, disease, size_class, profusion), rng, p, i)
+            rows.append((name, "pneumoconiosis" if disease else "normal"))
+    tmp = labels.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([("image", "label"), *rows])  # patients come from the DICOM tags
+    tmp.replace(labels)
+    return labels
