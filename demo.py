@@ -61,7 +61,7 @@ def phantom(rng, disease: bool, size_class: str, profusion: int) -> np.ndarray:
             r = rng.uniform(lo, hi) / SPACING
             y, x, h = py[i], px[i], int(3 * r) + 2
             sl = np.s_[max(0, y - h):y + h, max(0, x - h):x + h]
-            img[sl] += 0.35 * np.exp(-((yy[sl] - y) ** 2 + (xx[sl] - x) ** 2) / (2 * (r / 1.5) ** 2))
+            img[sl] += 0.5 * np.exp(-((yy[sl] - y) ** 2 + (xx[sl] - x) ** 2) / (2 * (r / 1.5) ** 2))
     img += rng.normal(0, 0.015, img.shape).astype(np.float32)
     return np.clip(img, 0, 1)
 
@@ -106,7 +106,7 @@ def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
     rows = []
     for p in range(n_patients):
         disease = rng.random() < 0.6
-        size_class, profusion = str(rng.choice(list("pqr"))), int(rng.integers(40, 220))
+        size_class, profusion = str(rng.choice(list("pqr"))), int(rng.integers(60, 300))
         for i in range(int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):
             name = f"demo_{p:04d}_{i}.dcm"
             to_dicom(folder / name, phantom(rng, disease, size_class, profusion), rng, p, i)

@@ -621,6 +621,17 @@ def _load_frozen(model: nn.Module, scope: str, strip: str, entries: dict, ignore
         _assign(model, name, t.to(device=device, dtype=dtype))
 
 
+def materialise_trainable(model: PneumoLLM, device):
+    """Create the trainable parts (fp32, freshly initialised) of a model built on `meta`."""
+    for m in model.trainable_modules():  # children first, so a module's own init has the last word
+        m.to_empty(device=device)
+        for sub in reversed(list(m.modules())):
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+    stuck = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not stuck, f"left on the meta device: {stuck[:3]}"
+
+
 def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
     """Build PneumoLLM on `meta`, map the original checkpoints into it, then create the trainable
     parts (fp32) on `device`. Frozen weights: fp32 on CPU, fp16 elsewhere, unless `dtype` is given."""
@@ -632,13 +643,7 @@ def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
         model = PneumoLLM(PneumoArgs(vision=vision, llama=llama_args, **kw))
     _load_frozen(model, "visual.", "", clip_entries, CLIP_IGNORE, device, dtype)
     _load_frozen(model, "llama.", "llama.", llama_entries, LLAMA_IGNORE, device, dtype)
-    for m in model.trainable_modules():  # children first, so a module's own init has the last word
-        m.to_empty(device=device)
-        for sub in reversed(list(m.modules())):
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
-    stuck = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    assert not stuck, f"left on the meta device: {stuck[:3]}"
+    materialise_trainable(model, device)
     n = sum(p.numel() for p in model.trainable_parameters())
     print(f"loaded {clip} + {llama}: ViT {vision.width}x{vision.layers}, LLaMA {llama_args.dim}x{llama_args.n_layers}, "
           f"frozen {dtype} on {device}, {n:,} trainable")

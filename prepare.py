@@ -68,8 +68,8 @@ def read_dicom(path: Path) -> np.ndarray:
         raise Skip(f"pixel data not decodable: {name}{hint}" if hint or "ompress" in str(e) else f"pixel data not decodable ({str(e)[:80]})")
     if arr.ndim == 3:  # multi-frame grey: the first frame, as documented
         arr = arr[0]
-    if arr.ndim != 2 or min(arr.shape) < 8:
-        raise Skip(f"image of shape {arr.shape} is too small")
+    if arr.ndim != 2:
+        raise Skip(f"pixel array of shape {arr.shape} is not a grey image")
     x = apply_modality_lut(arr, ds)
     if "WindowCenter" in ds or "VOILUTSequence" in ds:
         y = apply_voi_lut(x, ds, index=0).astype(np.float64)  # the first window when there are several
@@ -89,10 +89,14 @@ def read_image(path: Path) -> np.ndarray:
     if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
         try:
             with Image.open(path) as im:
-                return np.asarray(im.convert("L"), dtype=np.float64) / 255
+                img = np.asarray(im.convert("L"), dtype=np.float64) / 255
         except Exception as e:
             raise Skip(f"not a readable image ({type(e).__name__})")
-    return read_dicom(path)
+    else:
+        img = read_dicom(path)
+    if min(img.shape) < 8:
+        raise Skip(f"image of {img.shape[1]}x{img.shape[0]} pixels is too small")
+    return img
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,25 +166,31 @@ def load_masks(spec: str) -> dict:
 # one image (runs in a worker)
 
 
+def preprocess(path: Path, crop="lungs", size=224, mask=None):
+    """read -> 8 bits -> crop -> resize: a (size, size) uint8 array, and whether the lung crop fell back."""
+    img8 = (read_image(path) * 255 + 0.5).astype(np.uint8)
+    box = None
+    if mask is not None:
+        m = np.asarray(Image.open(mask)) > 0 if isinstance(mask, Path) else rle_mask(*mask)
+        if m.shape[:2] != img8.shape:
+            raise Skip(f"mask is {m.shape[:2]}, image is {img8.shape}")
+        box = mask_box(m if m.ndim == 2 else m.any(-1))
+    elif crop == "lungs":
+        box = lung_box(img8)
+    im = Image.fromarray(img8)
+    im = (im.crop(box) if box else im).resize((size, size), Image.LANCZOS)  # Lanczos: anti-aliased
+    return np.asarray(im), crop != "none" and box is None
+
+
 def prepare_one(job):
     path, out_png, crop, mask, size = job
-    if not out_png.exists():  # idempotent: finished images are not redone
-        img8 = (read_image(path) * 255 + 0.5).astype(np.uint8)
-        box = None
-        if mask is not None:
-            m = np.asarray(Image.open(mask)) > 0 if isinstance(mask, Path) else rle_mask(*mask)
-            if m.shape[:2] != img8.shape:
-                raise Skip(f"mask is {m.shape[:2]}, image is {img8.shape}")
-            box = mask_box(m if m.ndim == 2 else m.any(-1))
-        elif crop == "lungs":
-            box = lung_box(img8)
-        im = Image.fromarray(img8)
-        im = (im.crop(box) if box else im).resize((size, size), Image.LANCZOS)
-        tmp = out_png.with_suffix(".tmp")
-        im.save(tmp, format="PNG")  # no text chunks: nothing but pixels
-        os.replace(tmp, out_png)  # atomic: a crash never leaves half an image
-        return crop != "none" and box is None
-    return False
+    if out_png.exists():  # idempotent: finished images are not redone
+        return False
+    img, fell_back = preprocess(path, crop, size, mask)
+    tmp = out_png.with_suffix(".tmp")
+    Image.fromarray(img).save(tmp, format="PNG")  # no text chunks: nothing but pixels
+    os.replace(tmp, out_png)  # atomic: a crash never leaves half an image
+    return fell_back
 
 
 def safe_prepare(job):

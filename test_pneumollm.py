@@ -3,6 +3,7 @@ component, loaders on tiny files in the exact original formats, and the model's 
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -353,3 +354,298 @@ def test_merged_adapters_give_the_same_logits():
     assert not any(isinstance(m, P.RepAdapter) for m in model.modules())
     assert model.llama.layers[0].attention.wq.bias is not None
     assert ((after - before).abs().max() / before.abs().max()) < 1e-5
+
+
+# ================================================================================================
+# prepare.py on real DICOM files
+
+
+import csv as _csv
+import shutil
+
+import numpy as np
+import pydicom
+from PIL import Image
+
+import prepare
+
+SHARED = next((p for p in [os.environ.get("PNEUMOLLM_SHARED_DATA", ""), os.path.join(os.path.dirname(__file__), "../shared/data"),
+                           "/work/shared/data"] if p and os.path.isdir(p)), None)
+needs_data = pytest.mark.skipif(SHARED is None, reason="../shared/data (real DICOMs, NIH set) not found")
+DICOM = os.path.join(SHARED or "", "dicom")
+
+
+def write_labels(path, rows, header=("image", "label")):
+    with open(path, "w", newline="") as f:
+        _csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def run_prepare(tmp_path, images, rows, *extra, header=("image", "label")):
+    labels = write_labels(tmp_path / "labels.csv", rows, header)
+    out = tmp_path / "out"
+    rc = prepare.main(["--images", str(images), "--labels", str(labels), "--out", str(out),
+                       "--key-file", str(tmp_path / "key"), "--workers", "2", *extra])
+    return rc, out
+
+
+def manifest(out):
+    with open(out / "manifest.csv", newline="") as f:
+        return list(_csv.DictReader(f))
+
+
+@needs_data
+def test_every_real_dicom_is_prepared_or_skipped_with_its_reason(tmp_path):
+    files = sorted(os.listdir(DICOM))
+    rc, out = run_prepare(tmp_path, DICOM, [(f, "1") for f in files])
+    meta = json.loads((out / "meta.json").read_text())
+    skipped = {os.path.basename(k): v for k, v in meta["skipped"].items()}
+    lossless = {"fodicom_GH133_mg_voilutseq.dcm", "fodicom_CR-ModalitySequenceLUT_dental.dcm"}
+    try:
+        import pylibjpeg  # noqa: F401  (with a decoder plug-in they decode)
+        lossless = set()
+    except ImportError:
+        pass
+    assert rc == 0 and set(skipped) == lossless
+    for reason in skipped.values():
+        assert "JPEG Lossless" in reason and "pip install pylibjpeg pylibjpeg-libjpeg" in reason
+    assert len(manifest(out)) == len(files) - len(lossless) == meta["prepared"]
+    for r in manifest(out):
+        with Image.open(out / r["image"]) as im:
+            assert im.size == (224, 224) and im.mode == "L"
+    assert Image.open(out / "preview.png").size[0] > 224
+
+
+@needs_data
+def test_jpeg2000_twin_and_inverted_mono1_twin():
+    uncr = prepare.read_image(prepare.Path(DICOM, "RG1_UNCR.dcm"))
+    j2k = prepare.read_image(prepare.Path(DICOM, "RG1_J2KI.dcm"))
+    assert uncr.shape == j2k.shape == (1955, 1841)
+    assert np.abs(uncr - j2k).mean() < 0.005 and np.corrcoef(uncr.ravel(), j2k.ravel())[0, 1] > 0.999
+    mono2 = prepare.read_image(prepare.Path(DICOM, "siim_cr_chest_pa_mono2_jpeg.dcm"))
+    fake1 = prepare.read_image(prepare.Path(DICOM, "siim_cr_chest_pa_FAKE_mono1_jpeg.dcm"))
+    np.testing.assert_allclose(fake1, 1 - mono2, atol=1e-12)
+    # lungs (air) come out dark: the image centre's lung fields are darker than the mediastinum
+    h, w = uncr.shape
+    assert uncr[h // 3, w // 4] < uncr[h // 3, w // 2]
+
+
+@needs_data
+def test_presentation_lut_inverse_on_mono1_inverts_once():
+    ds = pydicom.dcmread(os.path.join(DICOM, "highdicom_dx_thorax_vet_mono1.dcm"))
+    y = prepare.read_image(prepare.Path(DICOM, "highdicom_dx_thorax_vet_mono1.dcm"))
+    raw = ds.pixel_array.astype(float)
+    assert np.corrcoef(y.ravel(), raw.ravel())[0, 1] < -0.99  # inverted, not twice
+
+
+@needs_data
+def test_planted_identifiers_leave_no_trace(tmp_path, capsys):
+    ds = pydicom.dcmread(os.path.join(DICOM, "RG1_UNCR.dcm"))
+    planted = {"PatientName": "Zyxwquv^Qwertina", "PatientID": "PID-98765-XQZ", "PatientBirthDate": "19410203",
+               "AccessionNumber": "ACC555777"}
+    for k, v in planted.items():
+        setattr(ds, k, v)
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in/scan.dcm")
+    rc, out = run_prepare(tmp_path, tmp_path / "in", [("scan.dcm", "pneumoconiosis")])
+    logs = capsys.readouterr()
+    assert rc == 0
+    blobs = [logs.out.encode(), logs.err.encode()] + [p.read_bytes() for p in out.rglob("*") if p.is_file()]
+    blobs += [str(p).encode() for p in out.rglob("*")]
+    for v in planted.values():
+        for token in {v, v.replace("^", " "), "Zyxwquv", "98765"}:
+            assert not any(token.encode() in b for b in blobs), token
+
+
+def test_label_file_problems_fail_before_any_work(tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.full((64, 64), 100, np.uint8)).save(tmp_path / "in/a.png")
+    cases = [([("a.png", "1"), ("b.png", "0")], "no file 'b.png'"), ([("a.png", "1"), ("a.png", "0")], "duplicate row for 'a.png'"),
+             ([("a.png", "")], "missing label for 'a.png'")]
+    for rows, msg in cases:
+        with pytest.raises(SystemExit, match=msg):
+            run_prepare(tmp_path, tmp_path / "in", rows)
+        assert not (tmp_path / "out/images").exists() or not any((tmp_path / "out/images").iterdir())
+    with pytest.raises(SystemExit, match="no column 'grade'"):
+        run_prepare(tmp_path, tmp_path / "in", [("a.png", "1")], "--label-col", "grade")
+
+
+@needs_data
+def test_corrupt_and_truncated_files_are_skipped_and_the_rest_prepared(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    good = ["barre_CR-MONO1-10-chest.dcm", "nih_dx_chest_nofinding_google.dcm"]
+    for g in good:
+        shutil.copy(os.path.join(DICOM, g), src / g)
+    data = open(os.path.join(DICOM, "RG1_UNCR.dcm"), "rb").read()
+    (src / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    (src / "notdicom.dcm").write_bytes(b"hello, this is not a DICOM file at all" * 10)
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(src / "dot.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    bad = ["truncated.dcm", "notdicom.dcm", "dot.png", "broken.png"]
+    rc, out = run_prepare(tmp_path, src, [(f, "0" if i % 2 else "1") for i, f in enumerate(good + bad)])
+    skipped = {os.path.basename(k): v for k, v in json.loads((out / "meta.json").read_text())["skipped"].items()}
+    assert rc == 0 and set(skipped) == set(bad) and len(manifest(out)) == 2
+    assert "too small" in skipped["dot.png"]
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    rc2, _ = run_prepare(tmp_path, src, [(f, "0" if i % 2 else "1") for i, f in enumerate(good + bad)])
+    assert rc2 == 0 and {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes  # not redone
+    rc3, _ = run_prepare(tmp_path, src, [(f, "1") for f in bad])
+    assert rc3 == 1  # nothing prepared: non-zero exit
+
+
+@needs_data
+def test_nih_folds_are_patient_disjoint_and_balanced():
+    with open(os.path.join(SHARED, "nih_cxr_pneumonia/labels.csv"), newline="") as f:
+        rows = list(_csv.DictReader(f))
+    patients, labels = [r["patient_id"] for r in rows], [r["label"] for r in rows]
+    folds = prepare.make_folds(patients, labels, 5, seed=0)
+    assert folds == prepare.make_folds(patients, labels, 5, seed=0)
+    assert folds != prepare.make_folds(patients, labels, 5, seed=1)
+    of = {}
+    for p, f in zip(patients, folds):
+        assert of.setdefault(p, f) == f  # no patient in two folds, ever
+    for k in range(1, 6):
+        ys = [int(y) for y, f in zip(labels, folds) if f == k]
+        assert 180 <= len(ys) <= 220 and abs(np.mean(ys) - 0.5) < 0.04
+
+
+@needs_data
+def test_nih_subset_prepares_with_the_patient_column(tmp_path):
+    src = os.path.join(SHARED, "nih_cxr_pneumonia")
+    with open(os.path.join(src, "labels.csv"), newline="") as f:
+        rows = list(_csv.DictReader(f))[:30]
+    rc, out = run_prepare(tmp_path, src, [(r["image"], r["label"], r["patient_id"]) for r in rows], "--folds", "3",
+                          header=("image", "label", "patient_id"))
+    m = manifest(out)
+    assert rc == 0 and len(m) == 30 and {r["fold"] for r in m} == {"1", "2", "3"}
+    pid = {r["image"]: r["patient_id"] for r in rows}
+    assert not any(r["patient"] in pid.values() or r["image"].split("/")[-1] in {os.path.basename(k) for k in pid} for r in m)
+
+
+def test_demo_generator_is_deterministic(tmp_path):
+    import demo
+    a, b = demo.write_demo(tmp_path / "a", n_patients=4), demo.write_demo(tmp_path / "b", n_patients=4)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(files) > 4
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    ds = pydicom.dcmread(next((tmp_path / "a").glob("*.dcm")))
+    assert ds.PatientName.family_name == "DEMO" and ds.Modality in ("CR", "DX")
+
+
+# ================================================================================================
+# metrics against scikit-learn
+
+
+import eval as ev
+import train
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+
+def test_binary_metrics_match_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    score = np.round(np.clip(0.3 * y + rng.normal(0.35, 0.25, 200), 0, 1), 1)  # heavy ties
+    prob = np.stack([1 - score, score], 1)
+    m = ev.metrics(y, prob)
+    pred = prob.argmax(1)
+    assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, score), abs=1e-12)
+    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, pos_label=1))
+    assert m["specificity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, pos_label=0))
+    assert m["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, pred))
+    assert m["confusion"] == sklearn_metrics.confusion_matrix(y, pred).tolist()
+    assert m["avg"] == pytest.approx(np.mean([m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")]))
+    fpr, tpr = ev.roc_curve(y, score)
+    f2, t2, _ = sklearn_metrics.roc_curve(y, score, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, f2)
+    np.testing.assert_allclose(tpr, t2)
+    assert ev.roc_auc(np.array([0, 0, 1, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+
+
+def test_multiclass_metrics_match_sklearn_macro():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 150)
+    logits = rng.normal(size=(150, 3)) + 1.5 * np.eye(3)[y]
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = ev.metrics(y, prob)
+    assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, prob.argmax(1), average="macro"))
+
+
+def test_one_class_edge_cases_raise_clear_errors():
+    with pytest.raises(ValueError, match="only one class"):
+        ev.roc_auc(np.ones(5), np.linspace(0, 1, 5))
+    with pytest.raises(ValueError, match=r"every class present; counts per class: \[0, 4\]"):
+        ev.metrics(np.ones(4, int), np.full((4, 2), 0.5))
+
+
+# ================================================================================================
+# train.py / eval.py end to end on a small demo set
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    import demo
+    d = tmp_path_factory.mktemp("demo")
+    demo.write_demo(d / "dicom", n_patients=60)
+    assert prepare.main(["--images", str(d / "dicom"), "--labels", str(d / "dicom/labels.csv"), "--out", str(d / "data"),
+                         "--key-file", str(d / "key"), "--workers", "2"]) == 0
+    return d / "data"
+
+
+def train_args(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--model", "tiny", "--batch-size", "16", *extra]
+
+
+@pytest.mark.slow
+def test_tiny_training_beats_chance_and_eval_scores_a_real_dicom(demo_data, tmp_path, capsys):
+    m = train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "12", "--lr", "3e-3"))
+    assert m["auc"] > 0.6
+    pred = list(_csv.DictReader(open(tmp_path / "fold1/predictions.csv")))
+    assert len(pred) == json.loads((tmp_path / "fold1/metrics.json").read_text())["n_test"]
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1"]) == 0
+    assert (tmp_path / "fold1/roc.png").exists()
+    if SHARED:
+        assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", os.path.join(DICOM, "RG1_UNCR.dcm")]) == 0
+        assert re.search(r"RG1_UNCR\.dcm: P\(pneumoconiosis\) = [01]\.\d{3}", capsys.readouterr().out)
+
+
+def test_kill_and_resume_equals_uninterrupted(demo_data, tmp_path, monkeypatch):
+    args = ["--epochs", "3", "--val-frac", "0.2"]
+    full = train.main(train_args(demo_data, tmp_path / "full", *args))
+    real_save, saves = train.save_atomic, []
+
+    def killed_after_epoch_2(obj, path, model=None):
+        real_save(obj, path, model)
+        saves.append(path.name)
+        if saves.count("state.pt") == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train, "save_atomic", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(demo_data, tmp_path / "resumed", *args))
+    monkeypatch.setattr(train, "save_atomic", real_save)
+    resumed = train.main(train_args(demo_data, tmp_path / "resumed", *args, "--resume"))
+    assert resumed == full
+    assert (tmp_path / "full/last.safetensors").read_bytes() == (tmp_path / "resumed/last.safetensors").read_bytes()
+    assert (tmp_path / "full/log.jsonl").read_text() == (tmp_path / "resumed/log.jsonl").read_text()
+
+
+def test_test_fold_is_loaded_only_for_the_final_evaluation(demo_data, tmp_path, monkeypatch):
+    calls, real = [], train.Data.images
+
+    def spy(self, rows):
+        calls.append(({int(r["fold"]) for r in rows}, (tmp_path / "run/state.pt").exists()))
+        return real(self, rows)
+
+    monkeypatch.setattr(train.Data, "images", spy)
+    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "2", "--fold", "2"))
+    with_test = [i for i, (folds, _) in enumerate(calls) if 2 in folds]
+    assert with_test == [len(calls) - 1] and calls[-1] == ({2}, True)  # once, last, after training
+
+
+def test_missing_checkpoint_gives_the_download_message(demo_data, tmp_path):
+    with pytest.raises(SystemExit, match=r"(?s)nope/ViT-L-14\.pt not found.*--model tiny"):
+        train.main(["--data", str(demo_data), "--out", str(tmp_path), "--clip", "nope/ViT-L-14.pt", "--llama", "nope/llama"])

@@ -1,0 +1,279 @@
+"""
+Train PneumoLLM on one fold with the paper's recipe, choose the epoch on a validation split carved
+from the training patients, and evaluate the held-out fold once, at the end.
+
+    python train.py --fold 1 --model tiny              # the demo: no checkpoints needed, CPU is fine
+    python train.py --fold 1 --data data/mine          # ViT-L/14 + LLaMA-7B on one GPU
+
+Writes out/<data>/fold<N>/: config.json, log.jsonl, best.safetensors (trainable weights of the chosen
+epoch), last.safetensors + state.pt (for --resume), metrics.json, predictions.csv.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import pneumollm as P
+from eval import metrics, report
+from prepare import make_folds
+
+DOWNLOAD = """{path} not found.
+PneumoLLM needs two original checkpoints (nothing is converted, nothing is copied):
+  --clip   OpenAI's ViT-L-14.pt (what `clip.load("ViT-L/14")` downloads into ~/.cache/clip) or a
+           Hugging Face folder of openai/clip-vit-large-patch14 (config.json + model.safetensors)
+  --llama  LLaMA-7B as Meta ships it (a folder with params.json + consolidated.00.pth) or a
+           Hugging Face LLaMA folder (config.json + model*.safetensors)
+Put them at checkpoints/ViT-L-14.pt and checkpoints/llama-7b/ or pass the paths.
+To run everything without them: --model tiny (a small random-initialised model)."""
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="data/demo", help="a folder written by prepare.py")
+    ap.add_argument("--fold", type=int, default=1, help="the test fold; the others train")
+    ap.add_argument("--model", choices=["full", "tiny"], default="full")
+    ap.add_argument("--clip", default="checkpoints/ViT-L-14.pt")
+    ap.add_argument("--llama", default="checkpoints/llama-7b")
+    ap.add_argument("--out", help="default: out/<data name>/fold<N>")
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--min-lr", type=float, default=1e-7)
+    ap.add_argument("--warmup-epochs", type=float, default=2)
+    ap.add_argument("--warmup-lr", type=float, default=5e-7)
+    ap.add_argument("--weight-decay", type=float, default=0.02)
+    ap.add_argument("--seed", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="frozen weights and autocast; default fp16 on GPU, fp32 on CPU")
+    ap.add_argument("--norm", choices=["clip", "imagenet"], default="clip", help="imagenet = the authors' code")
+    ap.add_argument("--val-frac", type=float, default=0.1, help="training patients held out to choose the epoch")
+    ap.add_argument("--select", choices=["val", "last"], default="val")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--resume", action="store_true")
+    a = ap.parse_args(argv)
+    a.dtype = a.dtype or ("fp32" if a.device == "cpu" else "fp16")
+    a.out = a.out or f"out/{Path(a.data).name}/fold{a.fold}"
+    return a
+
+
+# ------------------------------------------------------------------------------------------------
+# data: prepare.py's manifest, every image in memory once
+
+
+class Data:
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        if not (self.folder / "manifest.csv").exists():
+            raise SystemExit(f"{self.folder}/manifest.csv not found: run prepare.py first (e.g. `python prepare.py --demo`)")
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.classes = self.meta["classes"]
+        with open(self.folder / "manifest.csv", newline="") as f:
+            self.rows = list(csv.DictReader(f))
+
+    def images(self, rows) -> torch.Tensor:  # (N, 1, H, W) uint8
+        return torch.from_numpy(np.stack([np.asarray(Image.open(self.folder / r["image"]).convert("L")) for r in rows]))[:, None]
+
+    def split(self, fold: int, val_frac=0.1, seed=20, parts=("test",)) -> dict:
+        """{'train'|'val'|'test': (rows, images, labels)}; val is carved from the training patients."""
+        test = [r for r in self.rows if int(r["fold"]) == fold]
+        if not test:
+            raise SystemExit(f"{self.folder}/manifest.csv: fold {fold} is empty")
+        rest = [r for r in self.rows if int(r["fold"]) != fold]
+        groups = {"test": test, "train": rest, "val": []}
+        if val_frac > 0:
+            k = max(2, round(1 / val_frac))
+            inner = make_folds([r["patient"] for r in rest], [r["label"] for r in rest], k, seed)
+            groups["train"] = [r for r, f in zip(rest, inner) if f != 1]
+            groups["val"] = [r for r, f in zip(rest, inner) if f == 1]
+        seen = {r["patient"] for r in groups["train"] + groups["val"]}
+        assert not seen & {r["patient"] for r in test}, "a test patient is in the training data"
+        return {p: (g, self.images(g), np.array([self.classes.index(r["label"]) for r in g])) for p, g in groups.items() if p in parts}
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+
+
+def build(cfg: dict, n_classes: int) -> P.PneumoLLM:
+    device, dtype = torch.device(cfg["device"]), {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg["dtype"]]
+    torch.manual_seed(cfg["seed"])
+    if cfg["model"] == "tiny":
+        model = P.PneumoLLM(P.tiny_args(n_classes=n_classes)).to(device)
+        for p in model.parameters():  # the dtype policy of from_pretrained: frozen in `dtype`, trained in fp32
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+        return model
+    for path in (cfg["clip"], cfg["llama"]):
+        if not Path(path).exists():
+            raise SystemExit(DOWNLOAD.format(path=path))
+    return P.from_pretrained(cfg["clip"], cfg["llama"], device, dtype, n_classes=n_classes)
+
+
+def autocast(cfg):
+    if cfg["dtype"] == "fp32":
+        return nullcontext()
+    return torch.autocast(torch.device(cfg["device"]).type, dtype=torch.float16 if cfg["dtype"] == "fp16" else torch.bfloat16)
+
+
+def normalise(x: torch.Tensor, cfg) -> torch.Tensor:  # (B, 1, H, W) uint8 -> (B, 3, H, W) float
+    mean, std = (P.CLIP_MEAN, P.CLIP_STD) if cfg["norm"] == "clip" else (P.IMAGENET_MEAN, P.IMAGENET_STD)
+    m, s = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x.float() / 255 - m) / s
+
+
+@torch.no_grad()
+def predict(model, images, cfg, batch=32) -> np.ndarray:  # (N, C) probabilities
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch):
+        x = normalise(images[i:i + batch].to(cfg["device"]), cfg)
+        with autocast(cfg):
+            out.append(model(x).float().softmax(-1).cpu())
+    return torch.cat(out).numpy()
+
+
+def load_trained(cfg: dict, weights: Path, with_data=True):
+    model = build(cfg, len(cfg["classes"]))
+    model.load_trainable(weights)
+    return model, Data(cfg["data"]) if with_data else None
+
+
+def lr_at(it: int, cfg: dict, iters_per_epoch: int) -> float:
+    """Per-iteration: linear warmup from warmup_lr, then cosine down to min_lr."""
+    warm, total = int(cfg["warmup_epochs"] * iters_per_epoch), cfg["epochs"] * iters_per_epoch
+    if it < warm:
+        return cfg["warmup_lr"] + (cfg["lr"] - cfg["warmup_lr"]) * it / warm
+    t = (it - warm) / max(1, total - warm)
+    return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * t))
+
+
+def save_atomic(obj, path: Path, model=None):
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_trainable(tmp) if model is not None else torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    a = parse(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Data(a.data)
+    prep = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
+    cfg = dict(vars(a), classes=data.classes, crop=prep["crop"], size=int(prep["size"]))
+    model = build(cfg, len(data.classes))  # fails early, with the download message, if checkpoints are missing
+    s = data.split(a.fold, a.val_frac, a.seed, parts=("train", "val"))  # the test fold is not even loaded
+    (train_rows, train_x, train_y), (val_rows, val_x, val_y) = s["train"], s["val"]
+    select = a.select if len(val_rows) else "last"
+    print(f"fold {a.fold}: {len(train_rows)} train, {len(val_rows)} validation images (epoch chosen on: {select}); test fold held out")
+    (out / "config.json").write_text(json.dumps(dict(cfg, select=select), indent=1))
+
+    device = torch.device(a.device)
+    train_x, train_yt = train_x.to(device), torch.from_numpy(train_y).to(device)
+    decay = [p for p in model.trainable_parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.trainable_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=a.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    scaler = torch.amp.GradScaler(device.type, enabled=a.dtype == "fp16")
+    fwd = torch.compile(model) if a.compile else model
+    gen = torch.Generator().manual_seed(a.seed)  # the data order
+    ipe = math.ceil(len(train_rows) / a.batch_size)
+    epoch, best, best_epoch, bad_steps = 0, -1.0, 0, 0
+    if a.resume and (out / "state.pt").exists():
+        st = torch.load(out / "state.pt", weights_only=True)
+        model.load_trainable(out / "last.safetensors")
+        opt.load_state_dict(st["opt"])
+        scaler.load_state_dict(st["scaler"])
+        gen.set_state(st["gen"])
+        torch.set_rng_state(st["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(st["cuda_rng"])
+        epoch, best, best_epoch = st["epoch"], st["best"], st["best_epoch"]
+        print(f"resumed after epoch {epoch}")
+    log_path = out / "log.jsonl"
+    old = log_path.read_text().splitlines() if a.resume and log_path.exists() else []
+    log_path.write_text("".join(l + "\n" for l in old if json.loads(l).get("epoch", epoch + 1) <= epoch))  # drop what a killed run wrote past its checkpoint
+    start = epoch
+
+    t0 = time.time()
+    while epoch < a.epochs:
+        model.train()
+        perm = torch.randperm(len(train_rows), generator=gen)
+        losses = torch.zeros((), device=device)
+        for i in range(ipe):
+            lr = lr_at(epoch * ipe + i, cfg, ipe)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = perm[i * a.batch_size:(i + 1) * a.batch_size].to(device)
+            with autocast(cfg):
+                logits = fwd(normalise(train_x[idx], cfg))
+            loss = F.cross_entropy(logits.float(), train_yt[idx])  # one score definition: softmax, as evaluated
+            if not torch.isfinite(loss):
+                bad_steps += 1
+                if bad_steps >= 3:
+                    raise SystemExit(f"loss is {loss.item()} for {bad_steps} steps in a row at epoch {epoch + 1}; stopping (try --dtype bf16/fp32 or a lower --lr)")
+                print(f"non-finite loss at epoch {epoch + 1} step {i + 1}: step skipped", file=sys.stderr)
+                opt.zero_grad(set_to_none=True)
+                continue
+            bad_steps = 0
+            scaler.scale(loss).backward()
+            scaler.step(opt)  # an fp16 overflow is skipped here by the scaler
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            losses += loss.detach()
+        epoch += 1
+        rec = dict(epoch=epoch, loss=losses.item() / ipe, lr=lr)
+        if select == "val":
+            m = metrics(val_y, predict(model, val_x, cfg))
+            rec.update(val={k: m[k] for k in ("sensitivity", "specificity", "accuracy", "auc", "avg")})
+            if m["avg"] > best:
+                best, best_epoch = m["avg"], epoch
+                save_atomic(None, out / "best.safetensors", model)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        save_atomic(None, out / "last.safetensors", model)
+        st = dict(opt=opt.state_dict(), scaler=scaler.state_dict(), gen=gen.get_state(), rng=torch.get_rng_state(),
+                  epoch=epoch, best=best, best_epoch=best_epoch)
+        if device.type == "cuda":
+            st["cuda_rng"] = torch.cuda.get_rng_state()
+        save_atomic(st, out / "state.pt")  # written last: the commit point that --resume restarts from
+        el = time.time() - t0
+        done = epoch - start
+        val = f"  val AVG {100 * rec['val']['avg']:.2f}" if "val" in rec else ""
+        print(f"epoch {epoch:3d}/{a.epochs}  loss {rec['loss']:.4f}  lr {lr:.2e}{val}  {done * len(train_rows) / el:.1f} img/s  ETA {(a.epochs - epoch) * el / done:.0f}s")
+
+    # the one and only look at the test fold
+    if select == "last":
+        model.save_trainable(out / "best.safetensors")
+    model.load_trainable(out / "best.safetensors")
+    test_rows, test_x, test_y = data.split(a.fold, 0)["test"]
+    prob = predict(model, test_x, cfg)
+    m = metrics(test_y, prob)
+    best_epoch = best_epoch if select == "val" else a.epochs
+    (out / "metrics.json").write_text(json.dumps(dict(fold=a.fold, selected_on=select, epoch=best_epoch, n_test=len(test_y), metrics=m), indent=1))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "probability", "prediction"])
+        for r, p in zip(test_rows, prob):
+            w.writerow([Path(r["image"]).stem, r["label"], f"{p[-1]:.6f}" if len(p) == 2 else " ".join(f"{q:.6f}" for q in p), data.classes[int(p.argmax())]])
+    with open(log_path, "a") as f:
+        f.write(json.dumps(dict(test=m, epoch_used=best_epoch)) + "\n")
+    print(f"test fold {a.fold} ({len(test_y)} images, epoch {best_epoch} chosen on {select}): {report(m)}")
+    print(f"confusion (rows true {data.classes}, cols predicted): {m['confusion']}")
+    return m
+
+
+if __name__ == "__main__":
+    main()
