@@ -151,7 +151,7 @@ def score_images(a):
             print(f"{p}: skipped: {e}")
             failed += 1
             continue
-        prob = train.predict(model, torch.from_numpy(img)[None, None], cfg)[0]
+        prob = train.predict(model, torch.tensor(img)[None, None], cfg)[0]
         print(f"{p}: P({cfg['classes'][-1]}) = {prob[-1]:.3f}" if len(prob) == 2 else f"{p}: " + ", ".join(f"{c} {q:.3f}" for c, q in zip(cfg["classes"], prob)))
     return int(failed == len(a.image))
 
