@@ -4,6 +4,7 @@ checkpoint needed). Prints figures; nothing here is a test.
 
     python bench.py --model tiny                                  # CPU
     python bench.py --model full --device cuda --dtype fp16       # ViT-L/14 + LLaMA-7B shapes
+    python bench.py --prepare ../shared/data/dicom/RG1_UNCR.dcm   # prepare.py images/s, all cores
 """
 import argparse
 import resource
@@ -49,8 +50,31 @@ def timed(fn, device, warmup, iters):
     return statistics.median(times)
 
 
+def bench_prepare(dicom: str, n: int):
+    """prepare.py's throughput on n copies of one radiograph, with every core."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import prepare
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d, "in")
+        src.mkdir()
+        for i in range(n):
+            shutil.copy(dicom, src / f"{i}.dcm")
+        Path(d, "labels.csv").write_text("image,label\n" + "".join(f"{i}.dcm,{i % 2}\n" for i in range(n)))
+        t = time.perf_counter()
+        prepare.main(["--images", str(src), "--labels", str(Path(d, "labels.csv")), "--out", str(Path(d, "out")),
+                      "--key-file", str(Path(d, "key"))])
+        s = time.perf_counter() - t
+    print(f"prepare.py: {n} copies of {dicom} in {s:.1f}s = {n / s:.1f} images/s with {os.cpu_count()} workers")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--prepare", metavar="DICOM", help="time prepare.py on copies of this file instead of the model")
+    ap.add_argument("--n", type=int, default=32, help="copies for --prepare")
     ap.add_argument("--model", choices=list(SIZES), default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None)
@@ -58,6 +82,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
+    if a.prepare:
+        return bench_prepare(a.prepare, a.n)
     device = torch.device(a.device)
     a.dtype = a.dtype or ("fp32" if device.type == "cpu" else "fp16")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]

@@ -649,3 +649,25 @@ def test_test_fold_is_loaded_only_for_the_final_evaluation(demo_data, tmp_path, 
 def test_missing_checkpoint_gives_the_download_message(demo_data, tmp_path):
     with pytest.raises(SystemExit, match=r"(?s)nope/ViT-L-14\.pt not found.*--model tiny"):
         train.main(["--data", str(demo_data), "--out", str(tmp_path), "--clip", "nope/ViT-L-14.pt", "--llama", "nope/llama"])
+
+
+def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    img = np.zeros((40, 60), np.uint8)
+    img[10:30, 20:40] = np.arange(20, dtype=np.uint8)[None] * 12  # a gradient only inside the masked box
+    Image.fromarray(img).save(src / "a.png")
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:30, 20:40] = 255
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks/a.png")
+    rc, out = run_prepare(tmp_path, src, [("a.png", "1")], "--masks", str(tmp_path / "masks"), "--size", "20", "--folds", "1")
+    crop = np.asarray(Image.open(out / manifest(out)[0]["image"]))
+    assert rc == 0 and crop.shape == (20, 20) and crop[:, 0].mean() < crop[:, -1].mean()  # the gradient fills the crop
+    flat = np.flatnonzero(mask.ravel())  # CheXmask RLE: 1-based starts, row by row
+    runs = " ".join(f"{s + 1} 20" for s in flat[::20])
+    assert np.array_equal(prepare.rle_mask(runs, 40, 60), mask > 0)
+    write_labels(tmp_path / "chexmask.csv", [("a.png", runs, "", 40, 60)], ("ImageID", "Left Lung", "Right Lung", "Height", "Width"))
+    shutil.rmtree(out)
+    rc, out = run_prepare(tmp_path, src, [("a.png", "1")], "--masks", str(tmp_path / "chexmask.csv"), "--size", "20", "--folds", "1")
+    assert rc == 0 and np.array_equal(np.asarray(Image.open(out / manifest(out)[0]["image"])), crop)
