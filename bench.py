@@ -29,8 +29,7 @@ def random_model(args, device, dtype):
         if not p.requires_grad:
             t = torch.empty(p.shape, device=device, dtype=dtype)
             t.fill_(1.0) if "norm" in name or "ln_" in name else t.normal_(0, 0.02, generator=g)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, torch.nn.Parameter(t, requires_grad=False))
+            P._assign(model, name, t)
     P.materialise_trainable(model, device)
     return model
 

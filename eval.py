@@ -106,7 +106,6 @@ def draw_roc(path: Path, y, score, title: str):
 
 
 def eval_fold(a, fold: int) -> dict:
-    import torch
     import train
     run = Path(a.runs) / f"fold{fold}"
     if not (run / "best.safetensors").exists():

@@ -18,7 +18,6 @@ are always fp32; LayerNorm, RMSNorm, RoPE and softmax run in fp32. Each trainabl
 input to its own dtype and its output back, so the model runs with or without autocast.
 """
 import json
-import math
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field, fields

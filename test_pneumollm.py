@@ -525,7 +525,8 @@ def test_nih_subset_prepares_with_the_patient_column(tmp_path):
 
 def test_demo_generator_is_deterministic(tmp_path):
     import demo
-    a, b = demo.write_demo(tmp_path / "a", n_patients=4), demo.write_demo(tmp_path / "b", n_patients=4)
+    demo.write_demo(tmp_path / "a", n_patients=4)
+    demo.write_demo(tmp_path / "b", n_patients=4)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(files) > 4
     for name in files:
