@@ -114,7 +114,7 @@ def eval_fold(a, fold: int) -> dict:
     cfg.update(device=a.device or cfg["device"])
     model, data = train.load_trained(cfg, run / "best.safetensors")
     rows, images, y = data.split(fold)["test"]
-    prob = train.predict(model, images.to(model.head.weight.device), cfg)
+    prob = train.predict(model, images, cfg)
     m, ci = metrics(y, prob), bootstrap(y, prob)
     print(f"fold {fold} ({len(y)} test images): {report(m, ci)}\nconfusion (rows true, cols predicted): {m['confusion']}")
     (run / "eval.json").write_text(json.dumps(dict(metrics=m, ci95=ci), indent=1))

@@ -453,8 +453,8 @@ def _safetensors(files) -> dict:
     return out
 
 
-def _plain(sd: dict, file, prefix="") -> dict:
-    return {prefix + k: Entry(str(file), k, (lambda t=t: t)) for k, t in sd.items()}
+def _plain(sd: dict, file) -> dict:
+    return {k: Entry(str(file), k, (lambda t=t: t)) for k, t in sd.items()}
 
 
 def read_clip(path) -> tuple[VisionArgs, dict]:

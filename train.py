@@ -181,7 +181,7 @@ def main(argv=None):
     (out / "config.json").write_text(json.dumps(dict(cfg, select=select), indent=1))
 
     device = torch.device(a.device)
-    train_x, train_yt = train_x.to(device), torch.from_numpy(train_y).to(device)
+    train_x, val_x, train_yt = train_x.to(device), val_x.to(device), torch.from_numpy(train_y).to(device)  # once, not per epoch
     decay = [p for p in model.trainable_parameters() if p.dim() >= 2]
     no_decay = [p for p in model.trainable_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=a.weight_decay), dict(params=no_decay, weight_decay=0.0)],
