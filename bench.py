@@ -30,7 +30,7 @@ def random_model(args, device, dtype):
             t = torch.empty(p.shape, device=device, dtype=dtype)
             t.fill_(1.0) if "norm" in name or "ln_" in name else t.normal_(0, 0.02, generator=g)
             P._assign(model, name, t)
-    P.materialise_trainable(model, device)
+    P.materialise_own(model, device)
     return model
 
 

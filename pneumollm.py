@@ -20,6 +20,7 @@ input to its own dtype and its output back, so the model runs with or without au
 import json
 import re
 import zipfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,6 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import sentencepiece
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -54,7 +56,7 @@ class LlamaArgs:  # field names as in Meta's params.json, so LlamaArgs(**params)
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: Optional[int] = None  # grouped-query attention (LLaMA-2 70B, LLaMA-3)
-    vocab_size: int = -1  # unused: the token embedding is not loaded
+    vocab_size: int = -1  # only the text branch (question != []) loads the token embedding
     multiple_of: int = 256
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-6
@@ -75,6 +77,7 @@ class PneumoArgs:
     vision: VisionArgs = field(default_factory=VisionArgs)
     llama: LlamaArgs = field(default_factory=LlamaArgs)
     cls_every: int = 4  # keep the CLS token after every 4th ViT block: 24 / 4 = 6 tokens
+    cls_blocks: Optional[list] = None  # or name the 1-based blocks, e.g. [12, 24]; overrides cls_every
     n_diag: int = 4  # K diagnosis tokens
     engine_hidden: int = 12
     adapter_hidden: int = 8
@@ -82,10 +85,30 @@ class PneumoArgs:
     adapter_dropout: float = 0.1
     proj_hidden: int = 128
     n_classes: int = 2
+    # ablations (Tables 4-6, Fig. 6 of the paper); the defaults are PneumoLLM as published
+    engine: str = "multi"  # "multi" (Eq. 1) | "coop" | "cocoop" | "none"
+    emitter: bool = True  # Eq. 2; False: every token attends to every token
+    vit_adapters: bool = True
+    llm_adapters: bool = True
+    llm: bool = True  # False: no LLaMA (Table 4), the head reads the projected tokens
+    encoder: str = "clip"  # "clip" | "conv": a trainable 14x14 conv stem whose patch tokens are the sources
+    question: list = field(default_factory=list)  # token ids of a fixed question, LaVIN-style (Table 5)
+    train_engine: bool = True  # False: the authors' code, whose engine stays at its random init
+
+    def __post_init__(self):
+        if self.engine not in ("multi", "coop", "cocoop", "none") or self.encoder not in ("clip", "conv"):
+            raise ValueError(f"unknown engine {self.engine!r} or encoder {self.encoder!r}")
+        if self.question and (not self.llm or self.llama.vocab_size <= 0):
+            raise ValueError("a question needs the LLM and its vocab_size (the token embedding's rows)")
+
+    def blocks(self) -> list:  # 1-based ViT blocks whose CLS token is kept, shallow to deep
+        return sorted(self.cls_blocks or range(self.cls_every, self.vision.layers + 1, self.cls_every))
 
     @property
-    def n_cls(self) -> int:
-        return self.vision.layers // self.cls_every
+    def n_cls(self) -> int:  # source tokens: CLS tokens, or the conv stem's patch tokens
+        if self.encoder == "conv":
+            return (self.vision.image_size // self.vision.patch_size) ** 2
+        return len(self.blocks())
 
     @staticmethod
     def from_dict(d: dict) -> "PneumoArgs":
@@ -93,9 +116,9 @@ class PneumoArgs:
         return PneumoArgs(vision=VisionArgs(**d.pop("vision")), llama=LlamaArgs(**d.pop("llama")), **d)
 
 
-def tiny_args(**kw) -> PneumoArgs:  # a few-MB model for tests and CPU demos
+def tiny_args(vocab_size=-1, **kw) -> PneumoArgs:  # a few-MB model for tests and CPU demos
     v = VisionArgs(width=64, layers=4, heads=4, patch_size=28, image_size=224)
-    return PneumoArgs(v, LlamaArgs(dim=64, n_layers=2, n_heads=4, multiple_of=32), cls_every=1, **kw)
+    return PneumoArgs(v, LlamaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=32), cls_every=1, **kw)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -112,6 +135,11 @@ def quick_gelu(x):  # CLIP's GELU approximation
     return x * torch.sigmoid(1.702 * x)
 
 
+def rms_norm(x, eps: float):  # in fp32, no weight
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -119,8 +147,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.eps) * self.weight
 
 
 class RepAdapter(nn.Module):
@@ -156,8 +183,8 @@ class RepAdapter(nn.Module):
         return m, up @ self.down.bias.float() + self.up_bias.float()
 
 
-def make_adapter(dim: int, a: PneumoArgs) -> RepAdapter:
-    return RepAdapter(dim, a.adapter_hidden, a.adapter_groups, a.adapter_dropout)
+def make_adapter(dim: int, a: PneumoArgs, on: bool) -> nn.Module:
+    return RepAdapter(dim, a.adapter_hidden, a.adapter_groups, a.adapter_dropout) if on else nn.Identity()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -181,13 +208,13 @@ class MultiheadAttention(nn.Module):  # nn.MultiheadAttention's parameter layout
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, a: PneumoArgs):
+    def __init__(self, width: int, heads: int, a: PneumoArgs, adapter: bool):
         super().__init__()
         self.attn = MultiheadAttention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(width, 4 * width), c_proj=nn.Linear(4 * width, width)))
         self.ln_2 = LayerNorm(width)
-        self.adapter_attn = make_adapter(width, a)
+        self.adapter_attn = make_adapter(width, a, adapter)
 
     def forward(self, x):
         x = x + self.attn(self.adapter_attn(self.ln_1(x)))
@@ -197,17 +224,18 @@ class ResidualAttentionBlock(nn.Module):
 
 class VisionTransformer(nn.Module):
     """CLIP's vision tower up to the residual stream: returns the raw CLS token (no ln_post, no
-    proj) after every `cls_every`-th block, shallow to deep."""
+    proj) after each of the blocks `a.blocks()`, shallow to deep; blocks past the last are skipped."""
 
     def __init__(self, a: PneumoArgs):
         super().__init__()
-        v, self.every = a.vision, a.cls_every
+        v, self.keep = a.vision, a.blocks()
         grid = v.image_size // v.patch_size
         self.conv1 = nn.Conv2d(3, v.width, v.patch_size, v.patch_size, bias=False)
         self.class_embedding = nn.Parameter(v.width**-0.5 * torch.randn(v.width))
         self.positional_embedding = nn.Parameter(v.width**-0.5 * torch.randn(grid * grid + 1, v.width))
         self.ln_pre = LayerNorm(v.width)
-        blocks = [ResidualAttentionBlock(v.width, v.heads, a) for _ in range(v.layers)]
+        # blocks past the last kept one are loaded but never run, so they get no adapter
+        blocks = [ResidualAttentionBlock(v.width, v.heads, a, a.vit_adapters and i < self.keep[-1]) for i in range(v.layers)]
         self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(blocks)))
 
     def forward(self, img):  # (B, 3, H, W)
@@ -215,11 +243,20 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = self.ln_pre(torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype))  # (B, L+1, W)
         out = []
-        for i, block in enumerate(self.transformer.resblocks):
+        for i, block in enumerate(self.transformer.resblocks[:self.keep[-1]]):
             x = block(x)
-            if (i + 1) % self.every == 0:
+            if i + 1 in self.keep:
                 out.append(x[:, 0])
         return torch.stack(out, 1)  # (B, n, W)
+
+
+class ConvStem(nn.Module):  # Fig. 6a's "Conv14": one trainable patchify conv, no pretraining
+    def __init__(self, v: VisionArgs):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, v.width, v.patch_size, v.patch_size)
+
+    def forward(self, img):  # (B, 3, H, W) -> patch tokens (B, L, W), the engine's source tokens
+        return self.conv1(img.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -248,7 +285,7 @@ class Attention(nn.Module):
         if self.n_kv != self.n_heads:  # kv head j serves query heads j*r .. j*r + r - 1
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv, 1) for t in (k, v))
         # the fused kernels keep the softmax in fp32 whatever the input dtype
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
         return self.wo(y.transpose(1, 2).flatten(2))
 
 
@@ -271,7 +308,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(p)
         self.attention_norm = RMSNorm(p.dim, p.norm_eps)
         self.ffn_norm = RMSNorm(p.dim, p.norm_eps)
-        self.adapter_attn = make_adapter(p.dim, a)
+        self.adapter_attn = make_adapter(p.dim, a, a.llm_adapters)
 
     def forward(self, x, cos, sin, mask):
         h = x + self.attention(self.adapter_attn(self.attention_norm(x)), cos, sin, mask)
@@ -284,6 +321,7 @@ class Llama(nn.Module):
         self.p = a.llama
         self.layers = nn.ModuleList(TransformerBlock(a) for _ in range(self.p.n_layers))
         self.norm = RMSNorm(self.p.dim, self.p.norm_eps)
+        self.tok_embeddings = nn.Embedding(self.p.vocab_size, self.p.dim) if a.question else None
 
     def rope_tables(self, t: int, device):  # cos, sin (T, 1, d/2) for positions 0..T-1, fp32
         hd = self.p.dim // self.p.n_heads
@@ -291,7 +329,7 @@ class Llama(nn.Module):
         angles = torch.outer(torch.arange(t, device=device).float(), freqs)[:, None]
         return angles.cos(), angles.sin()
 
-    def forward(self, h, mask):  # h (B, T, D) -> final-normed (B, T, D)
+    def forward(self, h, mask):  # h (B, T, D), mask (T, T) or None -> final-normed (B, T, D)
         cos, sin = self.rope_tables(h.shape[1], h.device)
         for layer in self.layers:
             h = layer(h, cos, sin, mask)
@@ -316,6 +354,34 @@ class MultiTokenEngine(nn.Module):
         return (s.transpose(1, 2).softmax(-1) @ c).to(cls.dtype)  # (B, K, W)
 
 
+class LearnedTokens(nn.Module):
+    """The prompt-learning baselines of Table 6. CoOp: K context tokens learned once and shared by
+    every image. CoCoOp (`conditional`): the same tokens plus one shift per image, computed by a
+    small meta-net from the image feature (here the deepest CLS token); names as in CoCoOp's code."""
+
+    def __init__(self, width: int, k: int, conditional: bool):
+        super().__init__()
+        self.ctx = nn.Parameter(torch.empty(k, width))
+        self.meta_net = nn.Sequential(OrderedDict(linear1=nn.Linear(width, width // 16), relu=nn.ReLU(),
+                                                  linear2=nn.Linear(width // 16, width))) if conditional else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.ctx, std=0.02)  # CoOp's init
+
+    def forward(self, cls):  # (B, n, W) -> (B, K, W)
+        ctx = self.ctx.expand(cls.shape[0], -1, -1)
+        if self.meta_net is not None:
+            ctx = ctx + self.meta_net(cls[:, -1].to(self.ctx.dtype))[:, None]
+        return ctx.to(cls.dtype)
+
+
+def make_engine(a: PneumoArgs) -> Optional[nn.Module]:
+    if a.engine == "multi":
+        return MultiTokenEngine(a.vision.width, a.engine_hidden, a.n_diag)
+    return None if a.engine == "none" else LearnedTokens(a.vision.width, a.n_diag, a.engine == "cocoop")
+
+
 class Projection(nn.Module):  # ViT width -> LLaMA dim; xavier weights, zero biases, no norm
     def __init__(self, width: int, hidden: int, dim: int):
         super().__init__()
@@ -332,8 +398,9 @@ class Projection(nn.Module):  # ViT width -> LLaMA dim; xavier weights, zero bia
 
 
 def emitter_mask(n: int, k: int, device=None) -> torch.Tensor:
-    """Eq. 2, additive (T, T) with T = n + K: every row may look at the n CLS columns only, so CLS
-    tokens never see diagnosis tokens and each diagnosis token reads the CLS tokens alone."""
+    """Eq. 2, additive (T, T) with T = n + K: every row may look at the n source (CLS) columns
+    only, so CLS tokens never see diagnosis tokens and each diagnosis token reads the CLS tokens
+    alone. With the text branch the question tokens are sources too."""
     mask = torch.zeros(n + k, n + k, device=device)
     mask[:, n:] = float("-inf")
     return mask
@@ -343,60 +410,77 @@ class PneumoLLM(nn.Module):
     def __init__(self, a: PneumoArgs):
         super().__init__()
         self.args = a
-        self.visual = VisionTransformer(a)
-        self.engine = MultiTokenEngine(a.vision.width, a.engine_hidden, a.n_diag)
+        self.visual = VisionTransformer(a) if a.encoder == "clip" else ConvStem(a.vision)
+        self.engine = make_engine(a)
         self.proj = Projection(a.vision.width, a.proj_hidden, a.llama.dim)
-        self.llama = Llama(a)
+        self.llama = Llama(a) if a.llm else None
         self.head = nn.Linear(a.llama.dim, a.n_classes, bias=False)
         self.requires_grad_(False)
-        for p in self.trainable_parameters():
-            p.requires_grad_(True)
+        for m in self.own_modules():
+            m.requires_grad_(True)
+        if self.engine is not None and not a.train_engine:
+            self.engine.requires_grad_(False)
 
-    def trainable_modules(self) -> list:  # chosen by module, never by matching names
+    def own_modules(self) -> list:
+        """What this project creates rather than reads from CLIP/LLaMA, chosen by module, never by
+        matching names: adapters, (conv stem,) engine, projection, head. All trained, all saved."""
         adapters = [m for m in self.modules() if isinstance(m, RepAdapter)]
-        return adapters + [self.engine, self.proj, self.head]
+        stem = [self.visual] if isinstance(self.visual, ConvStem) else []
+        return adapters + stem + [m for m in (self.engine, self.proj, self.head) if m is not None]
 
-    def trainable_parameters(self):
-        return [p for m in self.trainable_modules() for p in m.parameters()]
+    def trainable_parameters(self) -> list:
+        return [p for m in self.own_modules() for p in m.parameters() if p.requires_grad]
 
-    def trainable_state_dict(self) -> dict:
-        ids = {id(p) for p in self.trainable_parameters()}
+    def own_state_dict(self) -> dict:
+        ids = {id(p) for m in self.own_modules() for p in m.parameters()}
         return {n: p for n, p in self.named_parameters() if id(p) in ids}
 
     def forward(self, images):  # (B, 3, H, W) normalised -> logits (B, C) in fp32
-        cls = self.visual(images)  # (B, n, W)
-        tokens = torch.cat([cls, self.engine(cls)], 1)  # (B, T, W)
-        h = self.proj(tokens)  # (B, T, D) fp32
-        frozen = self.llama.norm.weight.dtype
-        h = self.llama(h.to(frozen), emitter_mask(cls.shape[1], self.args.n_diag, h.device))
+        a = self.args
+        src = self.visual(images)  # (B, n, W): CLS tokens (patch tokens for the conv stem)
+        diag = self.engine(src) if self.engine is not None else src[:, :0]  # (B, K, W)
+        h = self.proj(torch.cat([src, diag], 1))  # (B, T, D) fp32
+        if self.llama is None:  # Table 4: no LLM, a weightless RMSNorm stands in for LLaMA's final norm
+            h = rms_norm(h, a.llama.norm_eps)
+        else:
+            h = h.to(self.llama.norm.weight.dtype)
+            if a.question:  # Table 5: the question's token embeddings go first, as source tokens
+                q = self.llama.tok_embeddings(torch.tensor(a.question, device=h.device))  # (Q, D)
+                h = torch.cat([q.expand(h.shape[0], -1, -1), h], 1)  # (B, Q+T, D)
+            k = diag.shape[1]
+            h = self.llama(h, emitter_mask(h.shape[1] - k, k, h.device) if a.emitter and k else None)
         return self.head(h.mean(1).to(self.head.weight.dtype))
 
     @torch.no_grad()
     def merge_adapters(self):
         """Re-parameterisation: fold every adapter into the q/k/v projections after it, W' = W M,
         b' = W c + b, and drop it. Inference then costs exactly the frozen backbone."""
-        for block in self.visual.transformer.resblocks:
-            m, c = block.adapter_attn.dense()
-            w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
-            b.copy_(w.float() @ c + b.float())
-            w.copy_(w.float() @ m)
-        for layer in self.llama.layers:
-            m, c = layer.adapter_attn.dense()
-            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
-                w = lin.weight
-                lin.bias = nn.Parameter((w.float() @ c).to(w.dtype), requires_grad=False)
+        vit = self.visual.transformer.resblocks if isinstance(self.visual, VisionTransformer) else []
+        llm = self.llama.layers if self.llama is not None else []
+        for block in vit:
+            if isinstance(block.adapter_attn, RepAdapter):
+                m, c = block.adapter_attn.dense()
+                w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
+                b.copy_(w.float() @ c + b.float())
                 w.copy_(w.float() @ m)
-        for parent in [*self.visual.transformer.resblocks, *self.llama.layers]:
+        for layer in llm:
+            if isinstance(layer.adapter_attn, RepAdapter):
+                m, c = layer.adapter_attn.dense()
+                for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
+                    w = lin.weight
+                    lin.bias = nn.Parameter((w.float() @ c).to(w.dtype), requires_grad=False)
+                    w.copy_(w.float() @ m)
+        for parent in [*vit, *llm]:
             parent.adapter_attn = nn.Identity()
 
     def save_trainable(self, path):
-        """Only what is trained (a few MB), plus the config needed to rebuild the model."""
-        tensors = {n: p.detach().contiguous() for n, p in self.trainable_state_dict().items()}
+        """Only this project's own weights (a few MB), plus the config needed to rebuild the model."""
+        tensors = {n: p.detach().contiguous() for n, p in self.own_state_dict().items()}
         save_file(tensors, str(path), metadata={"args": json.dumps(asdict(self.args))})
 
     @torch.no_grad()
     def load_trainable(self, path):
-        own = self.trainable_state_dict()
+        own = self.own_state_dict()
         with safe_open(str(path), "pt") as f:
             keys = set(f.keys())
             if keys != set(own):
@@ -620,9 +704,9 @@ def _load_frozen(model: nn.Module, scope: str, strip: str, entries: dict, ignore
         _assign(model, name, t.to(device=device, dtype=dtype))
 
 
-def materialise_trainable(model: PneumoLLM, device):
-    """Create the trainable parts (fp32, freshly initialised) of a model built on `meta`."""
-    for m in model.trainable_modules():  # children first, so a module's own init has the last word
+def materialise_own(model: PneumoLLM, device):
+    """Create this project's own parts (fp32, freshly initialised) of a model built on `meta`."""
+    for m in model.own_modules():  # children first, so a module's own init has the last word
         m.to_empty(device=device)
         for sub in reversed(list(m.modules())):
             if hasattr(sub, "reset_parameters"):
@@ -631,18 +715,35 @@ def materialise_trainable(model: PneumoLLM, device):
     assert not stuck, f"left on the meta device: {stuck[:3]}"
 
 
+def tokenize(tokenizer, text: str) -> tuple[list, int]:
+    """The question as LLaMA reads it: BOS + the pieces of LLaMA's sentencepiece `tokenizer.model`.
+    Returns (token ids, vocabulary size)."""
+    if not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"{tokenizer}: no sentencepiece tokenizer.model there (it ships with LLaMA)")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    return [sp.bos_id()] + sp.encode(text), sp.vocab_size()
+
+
 def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
-    """Build PneumoLLM on `meta`, map the original checkpoints into it, then create the trainable
-    parts (fp32) on `device`. Frozen weights: fp32 on CPU, fp16 elsewhere, unless `dtype` is given."""
+    """Build PneumoLLM on `meta`, map the original checkpoints into it, then create this project's
+    own parts (fp32) on `device`. Frozen weights: fp32 on CPU, fp16 elsewhere, unless `dtype` is
+    given. `kw` are PneumoArgs fields. Ablations read only what they use: encoder="conv" ignores
+    `clip`; llm=False loads no LLaMA weight (`llama` may be None: the width is then 4096)."""
     device = torch.device(device)
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    vision, clip_entries = read_clip(clip)
-    llama_args, llama_entries = read_llama(llama)
+    vision, clip_entries = read_clip(clip) if kw.get("encoder", "clip") == "clip" else (kw.pop("vision", VisionArgs()), {})
+    llama_args, llama_entries = read_llama(llama) if llama else (LlamaArgs(), {})  # llm=False: only its width
+    if kw.get("question") and llama_args.vocab_size <= 0:  # Meta's params.json says -1
+        if "tok_embeddings.weight" not in llama_entries:
+            raise KeyError(f"{llama}: no tok_embeddings.weight, which the question (text branch) needs")
+        llama_args.vocab_size = llama_entries["tok_embeddings.weight"].get().shape[0]
     with torch.device("meta"):
         model = PneumoLLM(PneumoArgs(vision=vision, llama=llama_args, **kw))
-    _load_frozen(model, "visual.", "", clip_entries, CLIP_IGNORE, device, dtype)
-    _load_frozen(model, "llama.", "llama.", llama_entries, LLAMA_IGNORE, device, dtype)
-    materialise_trainable(model, device)
+    if clip_entries:
+        _load_frozen(model, "visual.", "", clip_entries, CLIP_IGNORE, device, dtype)
+    if model.llama is not None:
+        _load_frozen(model, "llama.", "llama.", llama_entries, LLAMA_IGNORE, device, dtype)
+    materialise_own(model, device)
     n = sum(p.numel() for p in model.trainable_parameters())
     print(f"loaded {clip} + {llama}: ViT {vision.width}x{vision.layers}, LLaMA {llama_args.dim}x{llama_args.n_layers}, "
           f"frozen {dtype} on {device}, {n:,} trainable")

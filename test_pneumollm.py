@@ -299,7 +299,7 @@ def test_trainable_set_and_gradients():
     model = tiny().train()
     perturb_adapters(model)  # with up = 0 the down-projection's gradient is exactly zero
     adapters = [b.adapter_attn for b in [*model.visual.transformer.resblocks, *model.llama.layers]]
-    assert model.trainable_modules() == adapters + [model.engine, model.proj, model.head]
+    assert model.own_modules() == adapters + [model.engine, model.proj, model.head]
     trainable = {id(p) for p in model.trainable_parameters()}
     assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
     loss = model(torch.randn(2, 3, 224, 224)).logsumexp(-1).sum()
@@ -672,3 +672,190 @@ def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
     shutil.rmtree(out)
     rc, out = run_prepare(tmp_path, src, [("a.png", "1")], "--masks", str(tmp_path / "chexmask.csv"), "--size", "20", "--folds", "1")
     assert rc == 0 and np.array_equal(np.asarray(Image.open(out / manifest(out)[0]["image"])), crop)
+
+
+# ================================================================================================
+# ablations: a switch for every variant of the paper's Tables 4-6 and Fig. 6 (README: Ablations)
+
+import shlex
+from pathlib import Path
+
+VARIANTS = {  # train.py flags
+    "published": [], "no-llm": ["--no-llm"], "simplified": ["--engine", "none", "--no-emitter"],
+    "no-adapters": ["--engine", "none", "--no-emitter", "--no-vit-adapters", "--no-llm-adapters"],
+    "coop": ["--engine", "coop", "--no-emitter"], "cocoop": ["--engine", "cocoop"], "no-emitter": ["--no-emitter"],
+    "no-vit-adapters": ["--no-vit-adapters"], "no-llm-adapters": ["--no-llm-adapters"], "k16": ["--diag-tokens", "16"],
+    "cls-blocks": ["--cls-blocks", "2,3"], "conv": ["--encoder", "conv"], "authors": ["--authors-code"],
+}
+
+
+def tiny_variant(flags, seed=0):
+    cfg = vars(train.parse(["--model", "tiny", *flags]))
+    torch.manual_seed(seed)
+    return P.PneumoLLM(P.tiny_args(**train.ablation(cfg))), cfg
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_ablation_builds_and_trains_a_step(name):
+    model, cfg = tiny_variant(VARIANTS[name])
+    perturb_adapters(model)  # with up = 0 the down-projection's gradient is exactly zero
+    model.train()
+    trainable = {id(p) for p in model.trainable_parameters()}
+    loss = train.loss_fn(model(torch.randn(4, 3, 224, 224)).float(), torch.tensor([0, 1, 0, 1]), cfg)
+    loss.backward()
+    for n, p in model.named_parameters():
+        if id(p) in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+    kinds = {type(m) for m in model.modules()}
+    assert (P.RepAdapter in kinds) == (name != "no-adapters")
+    assert (model.llama is None) == (name == "no-llm") and (model.engine is None) == (name in ("simplified", "no-adapters"))
+    assert isinstance(model.visual, P.ConvStem if name == "conv" else P.VisionTransformer)
+    assert all(p.requires_grad for p in model.visual.parameters()) == (name == "conv")
+    if name == "authors":
+        assert not any(p.requires_grad for p in model.engine.parameters()) and cfg["norm"] == "imagenet" and cfg["select"] == "test"
+        assert set(model.own_state_dict()) > {n for n, p in model.named_parameters() if p.requires_grad}  # the frozen engine is saved
+
+
+def tokens_into_llama(model, img):
+    seen = {}
+    model.llama.register_forward_pre_hook(lambda m, args: seen.update(h=args[0], mask=args[1]))
+    with torch.no_grad():
+        model(img)
+    return seen["h"], seen["mask"]
+
+
+@pytest.mark.parametrize("name, t, masked", [("published", 8, True), ("no-emitter", 8, False), ("simplified", 4, False),
+                                             ("k16", 20, True), ("cls-blocks", 6, True), ("conv", 68, True)])
+def test_tokens_and_mask_that_reach_the_llm(name, t, masked):
+    model, _ = tiny_variant(VARIANTS[name])
+    h, mask = tokens_into_llama(model.eval(), torch.randn(2, 3, 224, 224))
+    n = model.args.n_cls
+    assert h.shape == (2, t, 64) and n + (t - n) == t
+    assert torch.equal(mask, P.emitter_mask(n, t - n)) if masked else mask is None
+
+
+def test_coop_tokens_are_shared_and_cocoop_tokens_follow_the_image():
+    coop, cocoop, cls = P.LearnedTokens(64, 4, False), P.LearnedTokens(64, 4, True), torch.randn(3, 5, 64)
+    t = coop(cls)
+    assert t.shape == (3, 4, 64) and all(torch.equal(t[i], coop.ctx) for i in range(3))
+    t = cocoop(cls)
+    torch.testing.assert_close(t, cocoop.ctx + cocoop.meta_net(cls[:, -1])[:, None])
+    assert not torch.allclose(t[0], t[1])
+    assert [n for n, _ in cocoop.named_parameters()] == ["ctx", "meta_net.linear1.weight", "meta_net.linear1.bias",
+                                                         "meta_net.linear2.weight", "meta_net.linear2.bias"]
+
+
+def test_cls_blocks_are_those_blocks_and_later_blocks_are_skipped():
+    img = torch.randn(2, 3, 224, 224)
+    full, part = tiny(), tiny(cls_blocks=[3, 2])
+    with torch.no_grad():
+        every, some = full.visual(img), part.visual(img)
+        assert torch.equal(some, every[:, [1, 2]])
+        part.visual.transformer.resblocks[3].mlp.c_fc.weight.fill_(float("nan"))  # block 4 is never run
+        assert torch.equal(part.visual(img), some)
+
+
+def write_tokenizer(path, vocab):
+    import io
+
+    import sentencepiece as spm
+    text = ["Does the patient have pneumoconiosis?", "Small rounded opacities in both upper zones.",
+            "Silica dust exposure in coal miners.", "No abnormality in the lung fields."] * 10
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=vocab, model_type="bpe",
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+QUESTION = "Does the patient have pneumoconiosis?"
+
+
+@pytest.mark.parametrize("fmt", ["meta2", "hf_sharded", "meta_vocab_unset"])
+def test_text_branch_prepends_the_checkpoints_question_embeddings(clip_files, llama_files, tmp_path, fmt):
+    import sentencepiece as spm
+    tok = write_tokenizer(tmp_path / "tokenizer.model", 40)  # the tiny LLaMA's vocabulary
+    ids, vocab = P.tokenize(tok, QUESTION)
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    assert ids[0] == sp.bos_id() == 1 and sp.decode(ids[1:]) == QUESTION and vocab == sp.vocab_size() <= 40
+    folder = llama_files.get(fmt)
+    if fmt == "meta_vocab_unset":  # Meta's LLaMA-1 params.json says vocab_size -1: read it off the embedding
+        folder = shutil.copytree(llama_files["meta"], tmp_path / "meta")
+        params = json.loads((folder / "params.json").read_text())
+        (folder / "params.json").write_text(json.dumps(dict(params, vocab_size=-1)))
+    model = load(clip_files["pt"], folder, question=ids)
+    assert model.llama.tok_embeddings.weight.shape == (40, 64)
+    h, mask = tokens_into_llama(model, torch.randn(2, 3, 56, 56))
+    q, n = len(ids), model.args.n_cls
+    assert h.shape == (2, q + n + 4, 64)
+    assert torch.equal(h[:, :q], llama_files["sd"]["tok_embeddings.weight"][ids].expand(2, -1, -1))
+    assert torch.equal(mask, P.emitter_mask(q + n, 4))  # the question is a source: nobody reads the diagnosis tokens
+    with pytest.raises(FileNotFoundError, match=r"nope/tokenizer\.model: no sentencepiece"):
+        P.tokenize(tmp_path / "nope/tokenizer.model", QUESTION)
+
+
+def test_no_llm_and_conv_stem_read_only_what_they_use(clip_files, llama_files):
+    model = load(clip_files["pt"], None, llm=False)  # no LLaMA file at all
+    assert model.llama is None and model(torch.randn(2, 3, 56, 56)).shape == (2, 2)
+    torch.manual_seed(0)
+    model = P.from_pretrained("nope.pt", llama_files["meta"], "cpu", encoder="conv", vision=P.VisionArgs(32, 1, 1, 14, 56))
+    assert isinstance(model.visual, P.ConvStem) and model.args.n_cls == 16
+    assert torch.equal(model.llama.layers[0].attention.wv.weight, llama_files["sd"]["layers.0.attention.wv.weight"])
+    assert model(torch.randn(2, 3, 56, 56)).shape == (2, 2)
+
+
+def test_any_clip_size_is_inferred_from_the_file(clip_files, tmp_path):
+    sd = {k: t for k, t in clip_files["sd"].items() if k.startswith("visual.")}
+    sd["visual.positional_embedding"] = torch.randn(6 * 6 + 1, 128)  # a 6x6 grid of 14-px patches: an "@84px" model
+    torch.save(sd, tmp_path / "ViT-84px.pt")
+    vision, _ = P.read_clip(tmp_path / "ViT-84px.pt")
+    assert vision == P.VisionArgs(128, 4, 2, 14, 84)
+    model = P.PneumoLLM(P.PneumoArgs(vision, P.LlamaArgs(dim=64, n_layers=1, n_heads=4, multiple_of=32)))
+    x = train.normalise(torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8), dict(norm="clip"), 84)
+    assert x.shape == (2, 3, 84, 84) and model(x).shape == (2, 2)
+
+
+CLIP_SHAPES = {"ViT-L-14.pt": P.VisionArgs(), "ViT-B-32.pt": P.VisionArgs(768, 12, 12, 32, 224),
+               "ViT-B-16.pt": P.VisionArgs(768, 12, 12, 16, 224), "ViT-L-14-336px.pt": P.VisionArgs(1024, 24, 16, 14, 336)}
+
+
+def test_readme_ablation_table_counts_are_the_real_shapes_counts():
+    text = (Path(__file__).parent / "README.md").read_text().split("## Ablations")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `([^`]*)` \|.*\| ([\d,]+) \|[^|]*\|$", text, re.M)
+    assert len(rows) >= 18
+    for flags, count in rows:
+        cfg = vars(train.parse(shlex.split(flags.replace("(defaults)", ""))))
+        kw = dict(train.ablation(cfg), question=[1, 2, 3] if cfg["question"] else [])
+        with torch.device("meta"):
+            model = P.PneumoLLM(P.PneumoArgs(CLIP_SHAPES[Path(cfg["clip"]).name], P.LlamaArgs(vocab_size=32000), **kw))
+        assert f"{sum(p.numel() for p in model.trainable_parameters()):,}" == count, flags
+
+
+def test_authors_code_flag_reproduces_their_choices(demo_data, tmp_path, capsys):
+    out = tmp_path / "authors"
+    train.main(train_args(demo_data, out, "--epochs", "2", "--authors-code"))
+    assert "ON THE TEST FOLD" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["selected_on"] == "test"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["norm"] == "imagenet" and cfg["authors_code"]
+    fresh = train.build(cfg, 2)  # the same seed: the engine as initialised, which must not have moved
+    trained, _ = train.load_trained(cfg, out / "best.safetensors", with_data=False)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.engine.parameters(), trained.engine.parameters()))
+    assert not torch.equal(fresh.proj.fc1.weight, trained.proj.fc1.weight)
+
+
+def test_combined_ablation_flags_survive_the_run_and_the_reload(demo_data, tmp_path):
+    tok = write_tokenizer(tmp_path / "tokenizer.model", 60)
+    out = tmp_path / "run"
+    flags = ["--question", QUESTION, "--tokenizer", str(tok), "--engine", "cocoop", "--cls-blocks", "2,4", "--no-vit-adapters"]
+    train.main(train_args(demo_data, out, "--epochs", "1", *flags))
+    cfg = json.loads((out / "config.json").read_text())
+    model, data = train.load_trained(cfg, out / "best.safetensors")
+    a = model.args
+    assert (a.question, a.engine, a.blocks(), a.vit_adapters) == (cfg["question_ids"], "cocoop", [2, 4], False)
+    rows, images, _ = data.split(1, 0)["test"]
+    prob = train.predict(model, images, cfg)[:, 1]
+    saved = [float(r["probability"]) for r in _csv.DictReader(open(out / "predictions.csv"))]
+    np.testing.assert_allclose(prob, saved, atol=2e-6)

@@ -57,11 +57,26 @@ def parse(argv=None):
     ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="frozen weights and autocast; default fp16 on GPU, fp32 on CPU")
     ap.add_argument("--norm", choices=["clip", "imagenet"], default="clip", help="imagenet = the authors' code")
     ap.add_argument("--val-frac", type=float, default=0.1, help="training patients held out to choose the epoch")
-    ap.add_argument("--select", choices=["val", "last"], default="val")
+    ap.add_argument("--select", choices=["val", "last", "test"], default="val", help="test: only with --authors-code")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--resume", action="store_true")
+    g = ap.add_argument_group("ablations (README: Ablations); the defaults are PneumoLLM as published")
+    g.add_argument("--engine", choices=["multi", "coop", "cocoop", "none"], default="multi", help="Table 6")
+    g.add_argument("--diag-tokens", type=int, default=4, help="K, Fig. 6b")
+    g.add_argument("--cls-blocks", help="1-based ViT blocks giving CLS tokens, e.g. 12,24; default every 4th")
+    g.add_argument("--no-emitter", action="store_true", help="Table 6: no Eq. 2 mask")
+    g.add_argument("--no-vit-adapters", action="store_true", help="Table 6")
+    g.add_argument("--no-llm-adapters", action="store_true", help="Table 6")
+    g.add_argument("--no-llm", action="store_true", help="Table 4: ViT, engine, projection, head; LLaMA is not read")
+    g.add_argument("--encoder", choices=["clip", "conv"], default="clip", help="Fig. 6a; any CLIP ViT file works for clip")
+    g.add_argument("--question", help='Table 5, LaVIN-style text input, e.g. "Does the patient have pneumoconiosis?"')
+    g.add_argument("--tokenizer", help="LLaMA's tokenizer.model; default: in --llama or its parent folder")
+    g.add_argument("--authors-code", action="store_true", help="reproduce the authors' code, NOT the paper: engine frozen at "
+                   "random init, ImageNet normalisation, BCE on one-hot targets, epoch chosen ON THE TEST FOLD (a leak)")
     a = ap.parse_args(argv)
     a.dtype = a.dtype or ("fp32" if a.device == "cpu" else "fp16")
+    if a.authors_code:
+        a.norm, a.select = "imagenet", "test"
     a.out = a.out or f"out/{Path(a.data).name}/fold{a.fold}"
     return a
 
@@ -104,19 +119,40 @@ class Data:
 # model
 
 
+def ablation(cfg: dict) -> dict:
+    """PneumoArgs fields set by the ablation flags (configs saved before they existed get the defaults)."""
+    g = cfg.get
+    kw = dict(engine=g("engine", "multi"), n_diag=g("diag_tokens", 4), emitter=not g("no_emitter"),
+              vit_adapters=not g("no_vit_adapters"), llm_adapters=not g("no_llm_adapters"), llm=not g("no_llm"),
+              encoder=g("encoder", "clip"), train_engine=not g("authors_code"), question=g("question_ids") or [])
+    if g("cls_blocks"):
+        kw["cls_blocks"] = [int(b) for b in str(cfg["cls_blocks"]).split(",")]
+    return kw
+
+
+def tokenize_question(cfg: dict):
+    """Adds question_ids and vocab_size to cfg, so that the run can be rebuilt without the tokenizer."""
+    path = cfg["tokenizer"] or next((p for p in (Path(cfg["llama"]) / "tokenizer.model", Path(cfg["llama"]).parent / "tokenizer.model")
+                                     if p.exists()), Path(cfg["llama"]) / "tokenizer.model")
+    cfg["question_ids"], cfg["vocab_size"] = P.tokenize(path, cfg["question"])
+    print(f"question {cfg['question']!r}: {len(cfg['question_ids'])} tokens (with BOS)")
+
+
 def build(cfg: dict, n_classes: int) -> P.PneumoLLM:
     device, dtype = torch.device(cfg["device"]), {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg["dtype"]]
     torch.manual_seed(cfg["seed"])
+    kw = dict(ablation(cfg), n_classes=n_classes)
     if cfg["model"] == "tiny":
-        model = P.PneumoLLM(P.tiny_args(n_classes=n_classes)).to(device)
+        model = P.PneumoLLM(P.tiny_args(vocab_size=cfg.get("vocab_size", -1), **kw)).to(device)
         for p in model.parameters():  # the dtype policy of from_pretrained: frozen in `dtype`, trained in fp32
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
         return model
-    for path in (cfg["clip"], cfg["llama"]):
+    needed = ([cfg["clip"]] if kw["encoder"] == "clip" else []) + ([cfg["llama"]] if kw["llm"] else [])
+    for path in needed:
         if not Path(path).exists():
             raise SystemExit(DOWNLOAD.format(path=path))
-    return P.from_pretrained(cfg["clip"], cfg["llama"], device, dtype, n_classes=n_classes)
+    return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype, **kw)
 
 
 def autocast(cfg):
@@ -125,10 +161,19 @@ def autocast(cfg):
     return torch.autocast(torch.device(cfg["device"]).type, dtype=torch.float16 if cfg["dtype"] == "fp16" else torch.bfloat16)
 
 
-def normalise(x: torch.Tensor, cfg) -> torch.Tensor:  # (B, 1, H, W) uint8 -> (B, 3, H, W) float
+def normalise(x: torch.Tensor, cfg, size: int) -> torch.Tensor:  # (B, 1, H, W) uint8 -> (B, 3, size, size) float
     mean, std = (P.CLIP_MEAN, P.CLIP_STD) if cfg["norm"] == "clip" else (P.IMAGENET_MEAN, P.IMAGENET_STD)
     m, s = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
-    return (x.float() / 255 - m) / s
+    x = x.float() / 255
+    if x.shape[-1] != size:  # e.g. ViT-L/14@336 on 224-px data; better: prepare.py --size 336
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - m) / s
+
+
+def loss_fn(logits, y, cfg):  # logits (B, C) fp32, y (B,)
+    if cfg.get("authors_code"):  # BCE on one-hot targets, as the authors' code; evaluated with softmax all the same
+        return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, logits.shape[-1]).float())
+    return F.cross_entropy(logits, y)  # one score definition: softmax, as evaluated
 
 
 @torch.no_grad()
@@ -136,7 +181,7 @@ def predict(model, images, cfg, batch=32) -> np.ndarray:  # (N, C) probabilities
     model.eval()
     out = []
     for i in range(0, len(images), batch):
-        x = normalise(images[i:i + batch].to(cfg["device"]), cfg)
+        x = normalise(images[i:i + batch].to(cfg["device"]), cfg, model.args.vision.image_size)
         with autocast(cfg):
             out.append(model(x).float().softmax(-1).cpu())
     return torch.cat(out).numpy()
@@ -173,11 +218,18 @@ def main(argv=None):
     data = Data(a.data)
     prep = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
     cfg = dict(vars(a), classes=data.classes, crop=prep["crop"], size=int(prep["size"]))
+    if a.question:
+        tokenize_question(cfg)
     model = build(cfg, len(data.classes))  # fails early, with the download message, if checkpoints are missing
-    s = data.split(a.fold, a.val_frac, a.seed, parts=("train", "val"))  # the test fold is not even loaded
+    if a.select == "test":
+        print("WARNING: the epoch is chosen ON THE TEST FOLD, as in the authors' code: its test metrics are optimistic", file=sys.stderr)
+        s = data.split(a.fold, 0, parts=("train", "test"))
+        s["val"] = s["test"]
+    else:
+        s = data.split(a.fold, a.val_frac, a.seed, parts=("train", "val"))  # the test fold is not even loaded
     (train_rows, train_x, train_y), (val_rows, val_x, val_y) = s["train"], s["val"]
     select = a.select if len(val_rows) else "last"
-    print(f"fold {a.fold}: {len(train_rows)} train, {len(val_rows)} validation images (epoch chosen on: {select}); test fold held out")
+    print(f"fold {a.fold}: {len(train_rows)} train, {len(val_rows)} validation images (epoch chosen on: {select})")
     (out / "config.json").write_text(json.dumps(dict(cfg, select=select), indent=1))
 
     device = torch.device(a.device)
@@ -218,8 +270,8 @@ def main(argv=None):
                 g["lr"] = lr
             idx = perm[i * a.batch_size:(i + 1) * a.batch_size].to(device)
             with autocast(cfg):
-                logits = fwd(normalise(train_x[idx], cfg))
-            loss = F.cross_entropy(logits.float(), train_yt[idx])  # one score definition: softmax, as evaluated
+                logits = fwd(normalise(train_x[idx], cfg, model.args.vision.image_size))
+            loss = loss_fn(logits.float(), train_yt[idx], cfg)
             if not torch.isfinite(loss):
                 bad_steps += 1
                 if bad_steps >= 3:
@@ -235,7 +287,7 @@ def main(argv=None):
             losses += loss.detach()
         epoch += 1
         rec = dict(epoch=epoch, loss=losses.item() / ipe, lr=lr)
-        if select == "val":
+        if select != "last":
             m = metrics(val_y, predict(model, val_x, cfg))
             rec.update(val={k: m[k] for k in ("sensitivity", "specificity", "accuracy", "auc", "avg")})
             if m["avg"] > best:
@@ -261,7 +313,7 @@ def main(argv=None):
     test_rows, test_x, test_y = data.split(a.fold, 0)["test"]
     prob = predict(model, test_x, cfg)
     m = metrics(test_y, prob)
-    best_epoch = best_epoch if select == "val" else a.epochs
+    best_epoch = best_epoch if select != "last" else a.epochs
     (out / "metrics.json").write_text(json.dumps(dict(fold=a.fold, selected_on=select, epoch=best_epoch, n_test=len(test_y), metrics=m), indent=1))
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
