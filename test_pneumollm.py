@@ -692,7 +692,7 @@ VARIANTS = {  # train.py flags
 def tiny_variant(flags, seed=0):
     cfg = vars(train.parse(["--model", "tiny", *flags]))
     torch.manual_seed(seed)
-    return P.PneumoLLM(P.tiny_args(**train.ablation(cfg))), cfg
+    return P.PneumoLLM(P.tiny_args(**train.pneumo_args(cfg))), cfg
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -827,7 +827,7 @@ def test_readme_ablation_table_counts_are_the_real_shapes_counts():
     assert len(rows) >= 18
     for flags, count in rows:
         cfg = vars(train.parse(shlex.split(flags.replace("(defaults)", ""))))
-        kw = dict(train.ablation(cfg), question=[1, 2, 3] if cfg["question"] else [])
+        kw = dict(train.pneumo_args(cfg), question=[1, 2, 3] if cfg["question"] else [])
         with torch.device("meta"):
             model = P.PneumoLLM(P.PneumoArgs(CLIP_SHAPES[Path(cfg["clip"]).name], P.LlamaArgs(vocab_size=32000), **kw))
         assert f"{sum(p.numel() for p in model.trainable_parameters()):,}" == count, flags
@@ -859,3 +859,33 @@ def test_combined_ablation_flags_survive_the_run_and_the_reload(demo_data, tmp_p
     prob = train.predict(model, images, cfg)[:, 1]
     saved = [float(r["probability"]) for r in _csv.DictReader(open(out / "predictions.csv"))]
     np.testing.assert_allclose(prob, saved, atol=2e-6)
+
+
+# ================================================================================================
+# data-parallel: torchrun with 2 CPU processes (gloo) equals one process with the same global batch
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(demo_data, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    args = ["--epochs", "2", "--val-frac", "0.2", "--adapter-dropout", "0"]  # dropout masks would differ per process
+    one = train.main(train_args(demo_data, tmp_path / "one", *args))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                          *train_args(demo_data, tmp_path / "two", *args)], cwd=Path(__file__).parent, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes share each batch of 16" in run.stdout
+    a, b = load_file(tmp_path / "one/last.safetensors"), load_file(tmp_path / "two/last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    logs = [[json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert [r.get("epoch") for r in logs[0]] == [r.get("epoch") for r in logs[1]]
+    for r1, r2 in zip(*logs):
+        assert abs(r1.get("loss", 0) - r2.get("loss", 0)) < 1e-5
+    two = json.loads((tmp_path / "two/metrics.json").read_text())["metrics"]
+    assert abs(one["auc"] - two["auc"]) < 1e-4 and one["confusion"] == two["confusion"]

@@ -4,6 +4,7 @@ from the training patients, and evaluate the held-out fold once, at the end.
 
     python train.py --fold 1 --model tiny              # the demo: no checkpoints needed, CPU is fine
     python train.py --fold 1 --data data/mine          # ViT-L/14 + LLaMA-7B on one GPU
+    torchrun --nproc_per_node=4 train.py --fold 1 --data data/mine   # data-parallel, same global batch
 
 Writes out/<data>/fold<N>/: config.json, log.jsonl, best.safetensors (trainable weights of the chosen
 epoch), last.safetensors + state.pt (for --resume), metrics.json, predictions.csv.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
@@ -52,6 +54,7 @@ def parse(argv=None):
     ap.add_argument("--warmup-epochs", type=float, default=2)
     ap.add_argument("--warmup-lr", type=float, default=5e-7)
     ap.add_argument("--weight-decay", type=float, default=0.02)
+    ap.add_argument("--adapter-dropout", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="frozen weights and autocast; default fp16 on GPU, fp32 on CPU")
@@ -119,10 +122,10 @@ class Data:
 # model
 
 
-def ablation(cfg: dict) -> dict:
-    """PneumoArgs fields set by the ablation flags (configs saved before they existed get the defaults)."""
+def pneumo_args(cfg: dict) -> dict:
+    """PneumoArgs fields set by flags (configs saved before a flag existed get its default)."""
     g = cfg.get
-    kw = dict(engine=g("engine", "multi"), n_diag=g("diag_tokens", 4), emitter=not g("no_emitter"),
+    kw = dict(adapter_dropout=g("adapter_dropout", 0.1), engine=g("engine", "multi"), n_diag=g("diag_tokens", 4), emitter=not g("no_emitter"),
               vit_adapters=not g("no_vit_adapters"), llm_adapters=not g("no_llm_adapters"), llm=not g("no_llm"),
               encoder=g("encoder", "clip"), train_engine=not g("authors_code"), question=g("question_ids") or [])
     if g("cls_blocks"):
@@ -141,7 +144,7 @@ def tokenize_question(cfg: dict):
 def build(cfg: dict, n_classes: int) -> P.PneumoLLM:
     device, dtype = torch.device(cfg["device"]), {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg["dtype"]]
     torch.manual_seed(cfg["seed"])
-    kw = dict(ablation(cfg), n_classes=n_classes)
+    kw = dict(pneumo_args(cfg), n_classes=n_classes)
     if cfg["model"] == "tiny":
         model = P.PneumoLLM(P.tiny_args(vocab_size=cfg.get("vocab_size", -1), **kw)).to(device)
         for p in model.parameters():  # the dtype policy of from_pretrained: frozen in `dtype`, trained in fp32
@@ -202,6 +205,18 @@ def lr_at(it: int, cfg: dict, iters_per_epoch: int) -> float:
     return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * t))
 
 
+def distributed(a) -> tuple[int, int]:
+    """Under torchrun: one process per GPU (NCCL) or per CPU process (gloo). Returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if a.device.startswith("cuda"):
+        a.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(a.device)
+    dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
 def save_atomic(obj, path: Path, model=None):
     tmp = path.with_name(path.name + ".tmp")
     model.save_trainable(tmp) if model is not None else torch.save(obj, tmp)
@@ -213,6 +228,9 @@ def save_atomic(obj, path: Path, model=None):
 
 def main(argv=None):
     a = parse(argv)
+    rank, world = distributed(a)
+    lead = rank == 0  # the one process that evaluates, logs and writes files
+    say = print if lead else (lambda *args, **kw: None)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Data(a.data)
@@ -222,15 +240,17 @@ def main(argv=None):
         tokenize_question(cfg)
     model = build(cfg, len(data.classes))  # fails early, with the download message, if checkpoints are missing
     if a.select == "test":
-        print("WARNING: the epoch is chosen ON THE TEST FOLD, as in the authors' code: its test metrics are optimistic", file=sys.stderr)
+        say("WARNING: the epoch is chosen ON THE TEST FOLD, as in the authors' code: its test metrics are optimistic", file=sys.stderr)
         s = data.split(a.fold, 0, parts=("train", "test"))
         s["val"] = s["test"]
     else:
         s = data.split(a.fold, a.val_frac, a.seed, parts=("train", "val"))  # the test fold is not even loaded
     (train_rows, train_x, train_y), (val_rows, val_x, val_y) = s["train"], s["val"]
     select = a.select if len(val_rows) else "last"
-    print(f"fold {a.fold}: {len(train_rows)} train, {len(val_rows)} validation images (epoch chosen on: {select})")
-    (out / "config.json").write_text(json.dumps(dict(cfg, select=select), indent=1))
+    say(f"fold {a.fold}: {len(train_rows)} train, {len(val_rows)} validation images (epoch chosen on: {select})"
+        + (f"; {world} processes share each batch of {a.batch_size}" if world > 1 else ""))
+    if lead:
+        (out / "config.json").write_text(json.dumps(dict(cfg, select=select), indent=1))
 
     device = torch.device(a.device)
     train_x, val_x, train_yt = train_x.to(device), val_x.to(device), torch.from_numpy(train_y).to(device)  # once, not per epoch
@@ -239,7 +259,10 @@ def main(argv=None):
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=a.weight_decay), dict(params=no_decay, weight_decay=0.0)],
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     scaler = torch.amp.GradScaler(device.type, enabled=a.dtype == "fp16")
-    fwd = torch.compile(model) if a.compile else model
+    fwd = model
+    if world > 1:  # gradients of the trainable weights are averaged across processes after each backward
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(fwd) if a.compile else fwd
     gen = torch.Generator().manual_seed(a.seed)  # the data order
     ipe = math.ceil(len(train_rows) / a.batch_size)
     epoch, best, best_epoch, bad_steps = 0, -1.0, 0, 0
@@ -253,10 +276,11 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.set_rng_state(st["cuda_rng"])
         epoch, best, best_epoch = st["epoch"], st["best"], st["best_epoch"]
-        print(f"resumed after epoch {epoch}")
+        say(f"resumed after epoch {epoch}")
     log_path = out / "log.jsonl"
     old = log_path.read_text().splitlines() if a.resume and log_path.exists() else []
-    log_path.write_text("".join(l + "\n" for l in old if json.loads(l).get("epoch", epoch + 1) <= epoch))  # drop what a killed run wrote past its checkpoint
+    if lead:
+        log_path.write_text("".join(l + "\n" for l in old if json.loads(l).get("epoch", epoch + 1) <= epoch))  # drop what a killed run wrote past its checkpoint
     start = epoch
 
     t0 = time.time()
@@ -268,15 +292,23 @@ def main(argv=None):
             lr = lr_at(epoch * ipe + i, cfg, ipe)
             for g in opt.param_groups:
                 g["lr"] = lr
-            idx = perm[i * a.batch_size:(i + 1) * a.batch_size].to(device)
+            idx = perm[i * a.batch_size:(i + 1) * a.batch_size]
+            mine = idx[rank::world]  # this process's share of the global batch
+            weight = len(mine) * world / len(idx)  # DDP averages over processes: this makes it the global-batch mean
+            if not len(mine):  # nothing left for this process: it still joins the gradient all-reduce
+                mine, weight = idx[:1], 0.0
+            mine = mine.to(device)
             with autocast(cfg):
-                logits = fwd(normalise(train_x[idx], cfg, model.args.vision.image_size))
-            loss = loss_fn(logits.float(), train_yt[idx], cfg)
-            if not torch.isfinite(loss):
+                logits = fwd(normalise(train_x[mine], cfg, model.args.vision.image_size))
+            loss = loss_fn(logits.float(), train_yt[mine], cfg) * weight
+            bad = (~torch.isfinite(loss)).float()
+            if world > 1:  # every process skips the step together, or none does
+                dist.all_reduce(bad)
+            if bad.item():
                 bad_steps += 1
                 if bad_steps >= 3:
                     raise SystemExit(f"loss is {loss.item()} for {bad_steps} steps in a row at epoch {epoch + 1}; stopping (try --dtype bf16/fp32 or a lower --lr)")
-                print(f"non-finite loss at epoch {epoch + 1} step {i + 1}: step skipped", file=sys.stderr)
+                say(f"non-finite loss at epoch {epoch + 1} step {i + 1}: step skipped", file=sys.stderr)
                 opt.zero_grad(set_to_none=True)
                 continue
             bad_steps = 0
@@ -286,7 +318,12 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             losses += loss.detach()
         epoch += 1
+        if world > 1:
+            dist.all_reduce(losses)
+            losses /= world
         rec = dict(epoch=epoch, loss=losses.item() / ipe, lr=lr)
+        if not lead:  # the others go straight on; the next gradient all-reduce waits for the lead
+            continue
         if select != "last":
             m = metrics(val_y, predict(model, val_x, cfg))
             rec.update(val={k: m[k] for k in ("sensitivity", "specificity", "accuracy", "auc", "avg")})
@@ -306,6 +343,9 @@ def main(argv=None):
         val = f"  val AVG {100 * rec['val']['avg']:.2f}" if "val" in rec else ""
         print(f"epoch {epoch:3d}/{a.epochs}  loss {rec['loss']:.4f}  lr {lr:.2e}{val}  {done * len(train_rows) / el:.1f} img/s  ETA {(a.epochs - epoch) * el / done:.0f}s")
 
+    if not lead:
+        dist.destroy_process_group()
+        return None
     # the one and only look at the test fold
     if select == "last":
         model.save_trainable(out / "best.safetensors")
@@ -324,6 +364,8 @@ def main(argv=None):
         f.write(json.dumps(dict(test=m, epoch_used=best_epoch)) + "\n")
     print(f"test fold {a.fold} ({len(test_y)} images, epoch {best_epoch} chosen on {select}): {report(m)}")
     print(f"confusion (rows true {data.classes}, cols predicted): {m['confusion']}")
+    if world > 1:
+        dist.destroy_process_group()
     return m
 
 
