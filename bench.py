@@ -5,14 +5,22 @@ checkpoint needed). Prints figures; nothing here is a test.
     python bench.py --model tiny                                  # CPU
     python bench.py --model full --device cuda --dtype fp16       # ViT-L/14 + LLaMA-7B shapes
     python bench.py --prepare ../shared/data/dicom/RG1_UNCR.dcm   # prepare.py images/s, all cores
+    python bench.py --load /tmp/full                              # lean loading at full size (~28 GB of disk)
 """
 import argparse
+import json
+import os
+import re
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import pneumollm as P
 
@@ -51,10 +59,8 @@ def timed(fn, device, warmup, iters):
 
 def bench_prepare(dicom: str, n: int):
     """prepare.py's throughput on n copies of one radiograph, with every core."""
-    import os
     import shutil
     import tempfile
-    from pathlib import Path
 
     import prepare
     with tempfile.TemporaryDirectory() as d:
@@ -70,6 +76,94 @@ def bench_prepare(dicom: str, n: int):
     print(f"prepare.py: {n} copies of {dicom} in {s:.1f}s = {n / s:.1f} images/s with {os.cpu_count()} workers")
 
 
+# ------------------------------------------------------------------------------------------------
+# lean loading at full size: random ViT-L/14 + LLaMA-7B files in the original layouts, loaded on CPU
+
+
+def rand(*shape):
+    return torch.empty(shape, dtype=torch.float16).normal_(0, 0.02)
+
+
+def write_full(d: Path):
+    """OpenAI's TorchScript ViT-L-14.pt (visual tower), Meta's llama-7b/ (one consolidated.00.pth) and a
+    Hugging Face llama-7b-hf/ (5 safetensors shards + index), all fp16 with random values."""
+    p, v = P.LlamaArgs(vocab_size=32000), P.VisionArgs()
+    layer = {"attention.wq.weight": (4096, 4096), "attention.wk.weight": (4096, 4096), "attention.wv.weight": (4096, 4096),
+             "attention.wo.weight": (4096, 4096), "feed_forward.w1.weight": (p.hidden_dim(), 4096),
+             "feed_forward.w2.weight": (4096, p.hidden_dim()), "feed_forward.w3.weight": (p.hidden_dim(), 4096),
+             "attention_norm.weight": (4096,), "ffn_norm.weight": (4096,)}
+    sd = {"tok_embeddings.weight": rand(32000, 4096), "norm.weight": rand(4096), "output.weight": rand(32000, 4096)}
+    sd.update({f"layers.{i}.{k}": rand(*s) for i in range(p.n_layers) for k, s in layer.items()})
+    (d / "llama-7b").mkdir(parents=True)
+    (d / "llama-7b/params.json").write_text(json.dumps(dict(dim=4096, multiple_of=256, n_heads=32, n_layers=32, norm_eps=1e-6, vocab_size=-1)))
+    torch.save(sd, d / "llama-7b/consolidated.00.pth")
+    hf = {"model.embed_tokens.weight": sd.pop("tok_embeddings.weight"), "model.norm.weight": sd.pop("norm.weight"),
+          "lm_head.weight": sd.pop("output.weight")}
+    names = {"attention.w": "self_attn.", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for k in list(sd):
+        new = "model." + k
+        for a, b in names.items():
+            new = new.replace(a, b)
+        hf[re.sub(r"self_attn\.([qkvo])\.", r"self_attn.\1_proj.", new)] = sd.pop(k)
+    (d / "llama-7b-hf").mkdir()
+    (d / "llama-7b-hf/config.json").write_text(json.dumps(dict(hidden_size=4096, intermediate_size=p.hidden_dim(), num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=32000, torch_dtype="float16")))
+    keys, weight_map = list(hf), {}
+    for i, chunk in enumerate([keys[j::5] for j in range(5)]):
+        name = f"model-{i + 1:05d}-of-00005.safetensors"
+        save_file({k: hf.pop(k) for k in chunk}, str(d / "llama-7b-hf" / name))
+        weight_map.update({k: name for k in chunk})
+    (d / "llama-7b-hf/model.safetensors.index.json").write_text(json.dumps(dict(weight_map=weight_map)))
+    grid = v.image_size // v.patch_size
+    clip = {"conv1.weight": rand(v.width, 3, v.patch_size, v.patch_size), "class_embedding": rand(v.width),
+            "positional_embedding": rand(grid * grid + 1, v.width), "ln_pre.weight": rand(v.width), "ln_pre.bias": rand(v.width),
+            "ln_post.weight": rand(v.width), "ln_post.bias": rand(v.width), "proj": rand(v.width, 768)}
+    for i in range(v.layers):
+        b, w = f"transformer.resblocks.{i}.", v.width
+        clip.update({b + "attn.in_proj_weight": rand(3 * w, w), b + "attn.in_proj_bias": rand(3 * w), b + "attn.out_proj.weight": rand(w, w),
+                     b + "attn.out_proj.bias": rand(w), b + "mlp.c_fc.weight": rand(4 * w, w), b + "mlp.c_fc.bias": rand(4 * w),
+                     b + "mlp.c_proj.weight": rand(w, 4 * w), b + "mlp.c_proj.bias": rand(w)})
+        clip.update({b + f"{ln}.{x}": rand(w) for ln in ("ln_1", "ln_2") for x in ("weight", "bias")})
+    root = torch.nn.Module()  # a TorchScript archive with OpenAI's parameter names under visual.*
+    for k, t in clip.items():
+        m = root
+        for part in ["visual", *k.split(".")[:-1]]:
+            if not hasattr(m, part):
+                m.add_module(part, torch.nn.Module())
+            m = getattr(m, part)
+        m.register_parameter(k.split(".")[-1], torch.nn.Parameter(t, requires_grad=False))
+    torch.jit.save(torch.jit.script(root), str(d / "ViT-L-14.pt"))
+
+
+def status(key: str) -> float:  # GiB, from /proc/self/status: VmRSS (now) or VmHWM (peak)
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1]) / 2**20
+
+
+def load_full(d: Path, llama: str):
+    """In a fresh process: load, then read one value in every page of every weight, and report."""
+    size = sum(f.stat().st_size for f in [d / "ViT-L-14.pt", *(d / llama).glob("*")]) / 2**30
+    t = time.perf_counter()
+    model = P.from_pretrained(d / "ViT-L-14.pt", d / llama, "cpu", torch.float16)
+    s, after_load = time.perf_counter() - t, status("VmHWM")
+    with torch.no_grad():  # 2,048 fp16 values per 4 KiB page
+        total = sum(p.detach().flatten()[::2048].float().sum().item() for p in model.parameters())
+    print(f"{llama}: files {size:.2f} GiB, loaded in {s:.1f}s, peak RSS {after_load:.2f} GiB after loading, "
+          f"{status('VmHWM'):.2f} GiB after reading every page ({status('VmHWM') / size:.2f}x the files; now "
+          f"{status('RssAnon'):.2f} GiB private + {status('RssFile'):.2f} GiB mapped from the files; checksum {total:.1f})")
+
+
+def bench_load(folder: str):
+    d = Path(folder)
+    if not (d / "ViT-L-14.pt").exists():
+        t = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--load-step", "write", folder], check=True)
+        print(f"wrote random full-size checkpoints to {d} in {time.perf_counter() - t:.0f}s")
+    for llama in ("llama-7b", "llama-7b-hf"):  # each in a fresh process, so that its peak RSS is its own
+        subprocess.run([sys.executable, __file__, "--load-step", llama, folder], check=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prepare", metavar="DICOM", help="time prepare.py on copies of this file instead of the model")
@@ -80,16 +174,25 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--checkpoint-vit", action="store_true")
+    ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once) and time lean loading")
+    ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.prepare:
         return bench_prepare(a.prepare, a.n)
+    if a.load:
+        return bench_load(a.load)
+    if a.load_step:
+        step, folder = a.load_step
+        return write_full(Path(folder)) if step == "write" else load_full(Path(folder), step)
     device = torch.device(a.device)
     a.dtype = a.dtype or ("fp32" if device.type == "cpu" else "fp16")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device {name}, frozen {a.dtype}, torch {torch.__version__}, compile {a.compile}, model {a.model}, batch {a.batch}")
+    print(f"device {name}, frozen {a.dtype}, torch {torch.__version__}, compile {a.compile}, checkpoint-vit {a.checkpoint_vit}, model {a.model}, batch {a.batch}")
     t = time.perf_counter()
     model = random_model(SIZES[a.model](), device, dtype)
+    model.visual.grad_checkpointing = a.checkpoint_vit
     print(f"built in {time.perf_counter() - t:.1f}s, {sum(p.numel() for p in model.trainable_parameters()):,} trainable")
     fwd = torch.compile(model) if a.compile else model
     res = model.args.vision.image_size

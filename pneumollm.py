@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
+import sentencepiece
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import sentencepiece
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,6 +63,7 @@ class LlamaArgs:  # field names as in Meta's params.json, so LlamaArgs(**params)
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     ffn_hidden: Optional[int] = None  # set from Hugging Face's intermediate_size; else Meta's rule
+    rope_halves: bool = False  # Hugging Face's q/k row order (see rope()); Meta's is interleaved
 
     def hidden_dim(self) -> int:  # Meta's FeedForward sizing: 2/3 of 4*dim, rounded up
         if self.ffn_hidden:
@@ -224,7 +226,9 @@ class ResidualAttentionBlock(nn.Module):
 
 class VisionTransformer(nn.Module):
     """CLIP's vision tower up to the residual stream: returns the raw CLS token (no ln_post, no
-    proj) after each of the blocks `a.blocks()`, shallow to deep; blocks past the last are skipped."""
+    proj) after each of the blocks `a.blocks()`, shallow to deep; blocks past the last are skipped.
+    `grad_checkpointing` keeps only each block's input for the backward pass and recomputes the rest
+    (the ViT's activations are most of the training memory; about +25 % time)."""
 
     def __init__(self, a: PneumoArgs):
         super().__init__()
@@ -237,14 +241,16 @@ class VisionTransformer(nn.Module):
         # blocks past the last kept one are loaded but never run, so they get no adapter
         blocks = [ResidualAttentionBlock(v.width, v.heads, a, a.vit_adapters and i < self.keep[-1]) for i in range(v.layers)]
         self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(blocks)))
+        self.grad_checkpointing = False
 
     def forward(self, img):  # (B, 3, H, W)
         x = self.conv1(img.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, L, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = self.ln_pre(torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype))  # (B, L+1, W)
         out = []
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.resblocks[:self.keep[-1]]):
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
             if i + 1 in self.keep:
                 out.append(x[:, 0])
         return torch.stack(out, 1)  # (B, n, W)
@@ -263,15 +269,19 @@ class ConvStem(nn.Module):  # Fig. 6a's "Conv14": one trainable patchify conv, n
 # LLaMA blocks (keys as in Meta's checkpoint: layers.*, norm.*), no embedding, no output layer
 
 
-def rope(x, cos, sin):  # x (B, T, h, d); rotates interleaved pairs (x0, x1), as Meta's complex view
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, h, d/2) each
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).type_as(x)
+def rope(x, cos, sin, halves: bool):  # x (B, T, h, d); rotates pair i by angle i
+    """Meta's rows hold the pairs interleaved, (x0, x1), (x2, x3), ... (its complex view); Hugging
+    Face's files permute the q/k rows so that pair i is (x_i, x_{i+d/2}) (`rotate_half`). Both are
+    used as stored: no copy of the weights to re-order them."""
+    xf = x.float()
+    x0, x1 = xf.unflatten(-1, (2, -1)).unbind(-2) if halves else xf.unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, h, d/2)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -2 if halves else -1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
     def __init__(self, p: LlamaArgs):
         super().__init__()
-        self.n_heads, self.n_kv = p.n_heads, p.n_kv_heads or p.n_heads
+        self.n_heads, self.n_kv, self.halves = p.n_heads, p.n_kv_heads or p.n_heads, p.rope_halves
         hd = p.dim // p.n_heads
         self.wq = nn.Linear(p.dim, p.n_heads * hd, bias=False)  # merge_adapters() may add biases
         self.wk = nn.Linear(p.dim, self.n_kv * hd, bias=False)
@@ -279,8 +289,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(p.n_heads * hd, p.dim, bias=False)
 
     def forward(self, x, cos, sin, mask):  # x (B, T, D), mask (T, T) additive
-        q = rope(self.wq(x).unflatten(-1, (self.n_heads, -1)), cos, sin).transpose(1, 2)  # (B, h, T, d)
-        k = rope(self.wk(x).unflatten(-1, (self.n_kv, -1)), cos, sin).transpose(1, 2)  # (B, kv, T, d)
+        q = rope(self.wq(x).unflatten(-1, (self.n_heads, -1)), cos, sin, self.halves).transpose(1, 2)  # (B, h, T, d)
+        k = rope(self.wk(x).unflatten(-1, (self.n_kv, -1)), cos, sin, self.halves).transpose(1, 2)  # (B, kv, T, d)
         v = self.wv(x).unflatten(-1, (self.n_kv, -1)).transpose(1, 2)
         if self.n_kv != self.n_heads:  # kv head j serves query heads j*r .. j*r + r - 1
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv, 1) for t in (k, v))
@@ -654,10 +664,6 @@ _HF_LLAMA = [  # Hugging Face name -> Meta name
 ]
 
 
-def _unpermute(w, heads):  # undo HF's q/k permutation (rotate-half layout -> interleaved pairs)
-    return w.unflatten(0, (heads, 2, -1)).transpose(1, 2).flatten(0, 2)
-
-
 def _read_llama_hf(folder: Path):
     c = json.loads((folder / "config.json").read_text())
     rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
@@ -666,16 +672,13 @@ def _read_llama_hf(folder: Path):
     p = LlamaArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                   n_kv_heads=c.get("num_key_value_heads"), vocab_size=c.get("vocab_size", -1),
                   norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", rope.get("rope_theta", 1e4)),
-                  ffn_hidden=c["intermediate_size"])
+                  ffn_hidden=c["intermediate_size"], rope_halves=True)
     index = folder / "model.safetensors.index.json"
     names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     out = {}
     for k, e in _safetensors([folder / n for n in names]).items():
         for pat, rep in _HF_LLAMA:
             k = re.sub(pat, rep, k)
-        if k.endswith(("attention.wq.weight", "attention.wk.weight")):
-            heads = p.n_heads if k.endswith("wq.weight") else (p.n_kv_heads or p.n_heads)
-            e = Entry(e.file, e.key, lambda g=e.get, h=heads: _unpermute(g(), h))
         out[k] = e
     return p, out
 

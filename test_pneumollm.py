@@ -889,3 +889,20 @@ def test_two_process_ddp_equals_one_process(demo_data, tmp_path):
         assert abs(r1.get("loss", 0) - r2.get("loss", 0)) < 1e-5
     two = json.loads((tmp_path / "two/metrics.json").read_text())["metrics"]
     assert abs(one["auc"] - two["auc"]) < 1e-4 and one["confusion"] == two["confusion"]
+
+
+def test_vit_activation_checkpointing_gives_the_same_gradients_and_keeps_less():
+    grads, kept = [], []
+    for recompute in (False, True):
+        model = tiny().train()
+        perturb_adapters(model)
+        model.visual.grad_checkpointing = recompute
+        torch.manual_seed(3)  # the same dropout masks; checkpoint() replays them in the recomputation
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            vit = model.visual(torch.randn(2, 3, 224, 224))
+        kept.append(sum(saved))
+        model.head(model.proj(vit)).logsumexp(-1).sum().backward()
+        grads.append([p.grad for p in model.trainable_parameters() if p.grad is not None])
+    assert len(grads[0]) == 4 * 4 + 2 + 2 + 1 and all(torch.equal(a, b) for a, b in zip(*grads))  # 4 ViT adapters, proj, head
+    assert kept[1] < kept[0] / 4
