@@ -6,6 +6,7 @@ checkpoint needed). Prints figures; nothing here is a test.
     python bench.py --model full --device cuda --dtype fp16       # ViT-L/14 + LLaMA-7B shapes
     python bench.py --prepare ../shared/data/dicom/RG1_UNCR.dcm   # prepare.py images/s, all cores
     python bench.py --load /tmp/full                              # lean loading at full size (~28 GB of disk)
+    python bench.py --model full --activations                    # memory kept for the backward, on `meta`
 """
 import argparse
 import json
@@ -74,6 +75,31 @@ def bench_prepare(dicom: str, n: int):
                       "--key-file", str(Path(d, "key"))])
         s = time.perf_counter() - t
     print(f"prepare.py: {n} copies of {dicom} in {s:.1f}s = {n / s:.1f} images/s with {os.cpu_count()} workers")
+
+
+def saved_for_backward(args, batch: int, recompute: bool) -> dict:
+    """GiB that autograd keeps for the backward pass (weights excluded), in the ViT and after it,
+    counted at any size on the `meta` device: frozen weights fp16, trainable fp32, no autocast."""
+    with torch.device("meta"):
+        model = P.PneumoLLM(args)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.half()
+    model.visual.grad_checkpointing = recompute
+    weights, seen, part, total = {id(p) for p in model.parameters()}, {}, ["ViT"], {"ViT": 0, "after the ViT": 0}
+    model.visual.register_forward_hook(lambda *_: part.__setitem__(0, "after the ViT"))
+
+    def pack(t):  # each storage once: views share their base's memory
+        base = t._base if t._base is not None else t
+        if id(base) not in weights and id(base) not in seen:
+            seen[id(base)] = base
+            total[part[0]] += base.numel() * base.element_size() / 2**30
+        return t
+
+    res = args.vision.image_size
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.empty(batch, 3, res, res, device="meta"))
+    return total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +203,14 @@ def main():
     ap.add_argument("--checkpoint-vit", action="store_true")
     ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once) and time lean loading")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--activations", action="store_true", help="memory kept for the backward, with and without --checkpoint-vit")
     a = ap.parse_args()
+    if a.activations:
+        for recompute in (False, True):
+            kept = saved_for_backward(SIZES[a.model](), a.batch, recompute)
+            print(f"model {a.model}, batch {a.batch}, checkpoint-vit {recompute}: kept for the backward "
+                  + ", ".join(f"{k} {v:.2f} GiB" for k, v in kept.items()))
+        return
     if a.prepare:
         return bench_prepare(a.prepare, a.n)
     if a.load:
