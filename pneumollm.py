@@ -11,7 +11,8 @@ for Pneumoconiosis Diagnosis", Medical Image Analysis 2024).
 Checkpoints are read as published, with no conversion step: OpenAI's `ViT-L-14.pt` (TorchScript or a
 plain state dict) or a Hugging Face CLIP folder; Meta's LLaMA folder (`params.json` +
 `consolidated.NN.pth`, any number of shards) or a Hugging Face LLaMA folder (`*.safetensors`).
-Module paths equal the OpenAI / Meta checkpoint keys. See ../shared/SPEC.md for every detail.
+Module paths equal the OpenAI / Meta checkpoint keys. See ../shared/SPEC.md for every detail. Each
+ablation of the paper (Tables 4-6, Fig. 6) is one PneumoArgs field; README.md lists them.
 
 Dtype policy, stated once: frozen weights are fp16/bf16 on GPU and fp32 on CPU; trainable weights
 are always fp32; LayerNorm, RMSNorm, RoPE and softmax run in fp32. Each trainable module casts its
@@ -433,7 +434,8 @@ class PneumoLLM(nn.Module):
 
     def own_modules(self) -> list:
         """What this project creates rather than reads from CLIP/LLaMA, chosen by module, never by
-        matching names: adapters, (conv stem,) engine, projection, head. All trained, all saved."""
+        matching names: adapters, (conv stem,) engine, projection, head. All saved; all trained
+        except the engine under train_engine=False."""
         adapters = [m for m in self.modules() if isinstance(m, RepAdapter)]
         stem = [self.visual] if isinstance(self.visual, ConvStem) else []
         return adapters + stem + [m for m in (self.engine, self.proj, self.head) if m is not None]

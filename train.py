@@ -60,7 +60,7 @@ def parse(argv=None):
     ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="frozen weights and autocast; default fp16 on GPU, fp32 on CPU")
     ap.add_argument("--norm", choices=["clip", "imagenet"], default="clip", help="imagenet = the authors' code")
     ap.add_argument("--val-frac", type=float, default=0.1, help="training patients held out to choose the epoch")
-    ap.add_argument("--select", choices=["val", "last", "test"], default="val", help="test: only with --authors-code")
+    ap.add_argument("--select", choices=["val", "last", "test"], default="val", help="test = the authors' leak, set by --authors-code")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--checkpoint-vit", action="store_true", help="recompute ViT activations in the backward: less memory, ~25%% slower")
     ap.add_argument("--resume", action="store_true")
