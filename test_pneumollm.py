@@ -647,6 +647,24 @@ def test_test_fold_is_loaded_only_for_the_final_evaluation(demo_data, tmp_path, 
     assert with_test == [len(calls) - 1] and calls[-1] == ({2}, True)  # once, last, after training
 
 
+def test_non_finite_steps_are_skipped_and_an_all_bad_epoch_stops(demo_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    real, calls = train.loss_fn, []
+
+    def nan_on_the_second_step(logits, y, cfg):
+        calls.append(1)
+        return real(logits, y, cfg) * (float("nan") if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(train, "loss_fn", nan_on_the_second_step)
+    train.main(train_args(demo_data, tmp_path / "one", "--epochs", "1", "--val-frac", "0"))
+    rec = json.loads((tmp_path / "one/log.jsonl").read_text().splitlines()[0])
+    assert rec["skipped"] == 1 and np.isfinite(rec["loss"])
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "one/last.safetensors").values())
+    monkeypatch.setattr(train, "loss_fn", lambda logits, y, cfg: real(logits, y, cfg) * float("nan"))
+    with pytest.raises(SystemExit, match="every step of epoch 1 had a non-finite loss"):
+        train.main(train_args(demo_data, tmp_path / "all", "--epochs", "1", "--val-frac", "0"))
+
+
 def test_missing_checkpoint_gives_the_download_message(demo_data, tmp_path):
     with pytest.raises(SystemExit, match=r"(?s)nope/ViT-L-14\.pt not found.*--model tiny"):
         train.main(["--data", str(demo_data), "--out", str(tmp_path), "--clip", "nope/ViT-L-14.pt", "--llama", "nope/llama"])

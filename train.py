@@ -100,6 +100,8 @@ class Data:
             self.rows = list(csv.DictReader(f))
 
     def images(self, rows) -> torch.Tensor:  # (N, 1, H, W) uint8
+        if not rows:  # e.g. the validation split of --val-frac 0
+            return torch.zeros(0, 1, 0, 0, dtype=torch.uint8)
         return torch.from_numpy(np.stack([np.asarray(Image.open(self.folder / r["image"]).convert("L")) for r in rows]))[:, None]
 
     def split(self, fold: int, val_frac=0.1, seed=20, parts=("test",)) -> dict:
@@ -258,8 +260,10 @@ def main(argv=None):
     decay = [p for p in model.trainable_parameters() if p.dim() >= 2]
     no_decay = [p for p in model.trainable_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=a.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
-    scaler = torch.amp.GradScaler(device.type, enabled=a.dtype == "fp16")
+                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    # on every dtype, so that a step with inf/NaN gradients is skipped; with the fused AdamW on a GPU
+    # the check happens on the device, without a host sync (the scaling itself only matters in fp16)
+    scaler = torch.amp.GradScaler(device.type)
     if a.checkpoint_vit and isinstance(model.visual, P.VisionTransformer):
         model.visual.grad_checkpointing = True
     fwd = model
@@ -268,7 +272,7 @@ def main(argv=None):
     fwd = torch.compile(fwd) if a.compile else fwd
     gen = torch.Generator().manual_seed(a.seed)  # the data order
     ipe = math.ceil(len(train_rows) / a.batch_size)
-    epoch, best, best_epoch, bad_steps = 0, -1.0, 0, 0
+    epoch, best, best_epoch = 0, -1.0, 0
     if a.resume and (out / "state.pt").exists():
         st = torch.load(out / "state.pt", weights_only=True)
         model.load_trainable(out / "last.safetensors")
@@ -289,8 +293,8 @@ def main(argv=None):
     t0 = time.time()
     while epoch < a.epochs:
         model.train()
-        perm = torch.randperm(len(train_rows), generator=gen)
-        losses = torch.zeros((), device=device)
+        perm = torch.randperm(len(train_rows), generator=gen).to(device)
+        losses, bad = torch.zeros((), device=device), torch.zeros((), device=device)  # summed on the device: no sync per step
         for i in range(ipe):
             lr = lr_at(epoch * ipe + i, cfg, ipe)
             for g in opt.param_groups:
@@ -300,31 +304,27 @@ def main(argv=None):
             weight = len(mine) * world / len(idx)  # DDP averages over processes: this makes it the global-batch mean
             if not len(mine):  # nothing left for this process: it still joins the gradient all-reduce
                 mine, weight = idx[:1], 0.0
-            mine = mine.to(device)
             with autocast(cfg):
                 logits = fwd(normalise(train_x[mine], cfg, model.args.vision.image_size))
             loss = loss_fn(logits.float(), train_yt[mine], cfg) * weight
-            bad = (~torch.isfinite(loss)).float()
-            if world > 1:  # every process skips the step together, or none does
-                dist.all_reduce(bad)
-            if bad.item():
-                bad_steps += 1
-                if bad_steps >= 3:
-                    raise SystemExit(f"loss is {loss.item()} for {bad_steps} steps in a row at epoch {epoch + 1}; stopping (try --dtype bf16/fp32 or a lower --lr)")
-                say(f"non-finite loss at epoch {epoch + 1} step {i + 1}: step skipped", file=sys.stderr)
-                opt.zero_grad(set_to_none=True)
-                continue
-            bad_steps = 0
-            scaler.scale(loss).backward()
-            scaler.step(opt)  # an fp16 overflow is skipped here by the scaler
+            scaler.scale(loss).backward()  # under DDP a NaN in one process reaches every process's gradients
+            scaler.step(opt)  # skipped if a gradient is inf/NaN: an fp16 overflow or a non-finite loss
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            losses += loss.detach()
+            finite = torch.isfinite(loss.detach())
+            losses += torch.where(finite, loss.detach(), 0.0)
+            bad += ~finite
         epoch += 1
         if world > 1:
             dist.all_reduce(losses)
+            dist.all_reduce(bad, dist.ReduceOp.MAX)
             losses /= world
-        rec = dict(epoch=epoch, loss=losses.item() / ipe, lr=lr)
+        n_bad = int(bad.item())
+        if n_bad == ipe:
+            raise SystemExit(f"every step of epoch {epoch} had a non-finite loss; stopping (try --dtype bf16/fp32 or a lower --lr)")
+        if n_bad:
+            say(f"epoch {epoch}: {n_bad} step(s) with a non-finite loss skipped", file=sys.stderr)
+        rec = dict(epoch=epoch, loss=losses.item() / (ipe - n_bad), lr=lr, **({"skipped": n_bad} if n_bad else {}))
         if not lead:  # the others go straight on; the next gradient all-reduce waits for the lead
             continue
         if select != "last":
