@@ -61,7 +61,8 @@ def parse(argv=None):
     ap.add_argument("--norm", choices=["clip", "imagenet"], default="clip", help="imagenet = the authors' code")
     ap.add_argument("--val-frac", type=float, default=0.1, help="training patients held out to choose the epoch")
     ap.add_argument("--select", choices=["val", "last", "test"], default="val", help="test = the authors' leak, set by --authors-code")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+                    help="torch.compile the model; reduce-overhead also replays CUDA graphs")
     ap.add_argument("--checkpoint-vit", action="store_true", help="recompute ViT activations in the backward: less memory, ~25%% slower")
     ap.add_argument("--resume", action="store_true")
     g = ap.add_argument_group("ablations (README: Ablations); the defaults are PneumoLLM as published")
@@ -269,7 +270,7 @@ def main(argv=None):
     fwd = model
     if world > 1:  # gradients of the trainable weights are averaged across processes after each backward
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(fwd) if a.compile else fwd
+    fwd = torch.compile(fwd, mode=a.compile) if a.compile else fwd
     gen = torch.Generator().manual_seed(a.seed)  # the data order
     ipe = math.ceil(len(train_rows) / a.batch_size)
     epoch, best, best_epoch = 0, -1.0, 0
