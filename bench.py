@@ -13,6 +13,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import pneumollm as P
+import train
 
-SIZES = {"tiny": P.tiny_args, "mid": lambda: P.PneumoArgs(P.VisionArgs(256, 8, 4, 14, 224), P.LlamaArgs(dim=512, n_layers=4, n_heads=8), cls_every=2),
+SIZES = {"tiny": P.tiny_args, "mid": lambda **kw: P.PneumoArgs(P.VisionArgs(256, 8, 4, 14, 224), P.LlamaArgs(dim=512, n_layers=4, n_heads=8), **kw),
          "full": P.PneumoArgs}
 
 
@@ -205,11 +207,14 @@ def main():
     ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once) and time lean loading")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--activations", action="store_true", help="memory kept for the backward, with and without --checkpoint-vit")
+    ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm" (README: Ablations)')
     a = ap.parse_args()
+    kw = train.pneumo_args(vars(train.parse(shlex.split(a.variant))))
+    args = SIZES[a.model](**({"cls_every": 2} if a.model == "mid" and "cls_blocks" not in kw else {}), **kw)
     if a.activations:
         for recompute in (False, True):
-            kept = saved_for_backward(SIZES[a.model](), a.batch, recompute)
-            print(f"model {a.model}, batch {a.batch}, checkpoint-vit {recompute}: kept for the backward "
+            kept = saved_for_backward(args, a.batch, recompute)
+            print(f"model {a.model} {a.variant}, batch {a.batch}, checkpoint-vit {recompute}: kept for the backward "
                   + ", ".join(f"{k} {v:.2f} GiB" for k, v in kept.items()))
         return
     if a.prepare:
@@ -223,9 +228,10 @@ def main():
     a.dtype = a.dtype or ("fp32" if device.type == "cpu" else "fp16")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device {name}, frozen {a.dtype}, torch {torch.__version__}, compile {a.compile}, checkpoint-vit {a.checkpoint_vit}, model {a.model}, batch {a.batch}")
+    print(f"device {name}, frozen {a.dtype}, torch {torch.__version__}, compile {a.compile}, checkpoint-vit {a.checkpoint_vit}, "
+          f"model {a.model} {a.variant}, batch {a.batch}")
     t = time.perf_counter()
-    model = random_model(SIZES[a.model](), device, dtype)
+    model = random_model(args, device, dtype)
     model.visual.grad_checkpointing = a.checkpoint_vit
     print(f"built in {time.perf_counter() - t:.1f}s, {sum(p.numel() for p in model.trainable_parameters()):,} trainable")
     fwd = torch.compile(model, mode=a.compile) if a.compile else model

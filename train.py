@@ -129,9 +129,10 @@ class Data:
 def pneumo_args(cfg: dict) -> dict:
     """PneumoArgs fields set by flags (configs saved before a flag existed get its default)."""
     g = cfg.get
-    kw = dict(adapter_dropout=g("adapter_dropout", 0.1), engine=g("engine", "multi"), n_diag=g("diag_tokens", 4), emitter=not g("no_emitter"),
-              vit_adapters=not g("no_vit_adapters"), llm_adapters=not g("no_llm_adapters"), llm=not g("no_llm"),
-              encoder=g("encoder", "clip"), train_engine=not g("authors_code"), question=g("question_ids") or [])
+    kw = dict(adapter_dropout=g("adapter_dropout", 0.1), engine=g("engine", "multi"), n_diag=g("diag_tokens", 4),
+              emitter=not g("no_emitter"), vit_adapters=not g("no_vit_adapters"), llm_adapters=not g("no_llm_adapters"),
+              llm=not g("no_llm"), encoder=g("encoder", "clip"), question=g("question_ids") or [],
+              train_engine=not g("authors_code"))
     if g("cls_blocks"):
         kw["cls_blocks"] = [int(b) for b in str(cfg["cls_blocks"]).split(",")]
     return kw
