@@ -7,7 +7,9 @@ accuracy, ROC AUC and AVG (their mean), with 95 % bootstrap intervals and the co
     python eval.py --image a.dcm b.png ...   # probability of disease per image (single-patient use)
 
 Multi-class label sets get macro-averaged metrics (sensitivity = mean recall over classes,
-specificity = mean one-vs-rest specificity, AUC = mean one-vs-rest AUC).
+specificity = mean one-vs-rest specificity, AUC = mean one-vs-rest AUC). Multi-label sets get each
+finding's binary metrics (positive when its sigmoid > 0.5), macro-averaged; accuracy is then the
+per-finding accuracy (1 - Hamming loss).
 """
 import argparse
 import json
@@ -50,8 +52,12 @@ def roc_curve(y, score):
 
 
 def metrics(y, prob) -> dict:
-    """y (N,) class indices, prob (N, C) probabilities; class 0 is 'normal' in the binary case."""
+    """y (N,) class indices, prob (N, C) probabilities; class 0 is 'normal' in the binary case.
+    Multi-label: y (N, C) multi-hot, prob (N, C) sigmoids."""
     y, prob = np.asarray(y), np.asarray(prob, dtype=float)
+    if y.ndim == 2:
+        per = [metrics(y[:, c].astype(int), np.stack([1 - prob[:, c], prob[:, c]], 1)) for c in range(y.shape[1])]
+        return dict({k: float(np.mean([m[k] for m in per])) for k in KEYS}, confusion=[m["confusion"] for m in per])
     n_classes = prob.shape[1]
     if np.bincount(y, minlength=n_classes).min() == 0:
         raise ValueError(f"metrics need every class present; counts per class: {np.bincount(y, minlength=n_classes).tolist()}")
@@ -77,7 +83,7 @@ def bootstrap(y, prob, n=1000, seed=0) -> dict:
     draws = []
     while len(draws) < n:
         i = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[i])) == prob.shape[1]:
+        if (len(np.unique(y[i])) == prob.shape[1]) if y.ndim == 1 else (0 < y[i].sum(0)).all() and (y[i].sum(0) < len(i)).all():
             m = metrics(y[i], prob[i])
             draws.append([m[k] for k in KEYS])
     lo, hi = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
@@ -116,9 +122,10 @@ def eval_fold(a, fold: int) -> dict:
     rows, images, y = data.split(fold)["test"]
     prob = train.predict(model, images, cfg)
     m, ci = metrics(y, prob), bootstrap(y, prob)
-    print(f"fold {fold} ({len(y)} test images): {report(m, ci)}\nconfusion (rows true, cols predicted): {m['confusion']}")
+    layout = "per finding [[tn, fp], [fn, tp]]" if cfg.get("multi_label") else "rows true, cols predicted"
+    print(f"fold {fold} ({len(y)} test images): {report(m, ci)}\nconfusion ({layout}, {cfg['classes']}): {m['confusion']}")
     (run / "eval.json").write_text(json.dumps(dict(metrics=m, ci95=ci), indent=1))
-    if prob.shape[1] == 2:
+    if prob.shape[1] == 2 and not cfg.get("multi_label"):
         draw_roc(run / "roc.png", y == 1, prob[:, 1], f"fold {fold}: AUC {m['auc']:.3f}")
     return m
 
@@ -151,7 +158,7 @@ def score_images(a):
             failed += 1
             continue
         prob = train.predict(model, torch.tensor(img)[None, None], cfg)[0]
-        print(f"{p}: P({cfg['classes'][-1]}) = {prob[-1]:.3f}" if len(prob) == 2 else f"{p}: " + ", ".join(f"{c} {q:.3f}" for c, q in zip(cfg["classes"], prob)))
+        print(f"{p}: P({cfg['classes'][-1]}) = {prob[-1]:.3f}" if len(prob) == 2 and not cfg.get("multi_label") else f"{p}: " + ", ".join(f"{c} {q:.3f}" for c, q in zip(cfg["classes"], prob)))
     return int(failed == len(a.image))
 
 

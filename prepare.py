@@ -6,6 +6,9 @@ crop to the lungs, resize.
     python prepare.py --images DIR --labels labels.csv --out data/NAME
     python prepare.py --demo        # synthetic DICOM phantoms -> data/demo (see demo.py)
 
+Labels are one class per image, or several findings per image written a|b (multi-label: the classes
+are the findings, and a "normal"/"No Finding" image has none of them).
+
 Writes data/NAME/{images/*.png, manifest.csv, meta.json, preview.png}. No patient identifier from
 the input reaches an output: images and patients are named by keyed hashes (HMAC-SHA256) whose key
 lives outside the output folder (--key-file), so the names are stable across runs but cannot be
@@ -252,9 +255,19 @@ def read_labels(a):
         path = files.get(name) or (by_name.get(name) or [None])[0]
         if path is None:
             raise SystemExit(f"{a.labels}:{i}: no file {name!r} under {a.images}")
+        if "|" in label:  # several findings: one canonical order, so that equal sets are equal strings
+            label = "|".join(sorted({x.strip() for x in label.split("|") if x.strip()}))
         items.append(dict(path=path, rel=name, label=label, patient=(r.get(pc) or "").strip() if pc else ""))
+    if a.multi_label or any("|" in it["label"] for it in items):  # classes are the findings; "normal" is none of them
+        a.multi_label = True
+        names = sorted({x for it in items for x in it["label"].split("|") if x.lower() not in NORMAL_NAMES})
+        return items, names
     names = sorted({it["label"] for it in items}, key=lambda s: (int(s), s) if s.lstrip("-").isdigit() else (s.lower() not in NORMAL_NAMES, s))
     return items, names
+
+
+def has(label: str, name: str) -> bool:  # single-label: equality; multi-label: one of the findings
+    return name in label.split("|")
 
 
 def dicom_patient(path: Path) -> str:
@@ -292,7 +305,7 @@ def contact_sheet(out: Path, rows: list, names: list, per_class=8, tile=112):
     draw = ImageDraw.Draw(sheet)
     for ci, name in enumerate(names):
         draw.text((6, ci * tile + tile // 2), str(name)[:16], fill=255)
-        picks = [r for r in rows if r["label"] == name][:per_class]
+        picks = [r for r in rows if has(r["label"], name)][:per_class]
         for j, r in enumerate(picks):
             with Image.open(out / r["image"]) as im:
                 sheet.paste(im.resize((tile, tile), Image.LANCZOS), (120 + j * tile, ci * tile))
@@ -318,7 +331,7 @@ def run(a) -> int:
         if a.masks and mask is None:
             raise SystemExit(f"{a.masks}: no mask for {it['rel']!r}")
         jobs.append((it["path"], out / "images" / f"{it['id']}.png", a.crop, mask, a.size))
-    per_class = ", ".join(f"{n}: {sum(it['label'] == n for it in items)}" for n in names)
+    per_class = ", ".join(f"{n}: {sum(has(it['label'], n) for it in items)}" for n in names)
     print(f"preparing {len(jobs)} images ({per_class}) with {a.workers} workers")
     done, skipped, fallbacks, t0, last = {}, {}, 0, time.time(), time.time()
     with Pool(a.workers) as pool:
@@ -341,9 +354,9 @@ def run(a) -> int:
     folds = make_folds([it["patient"] for it in kept], [it["label"] for it in kept], a.folds, a.seed)
     rows = [dict(image=f"images/{it['id']}.png", label=it["label"], patient=it["patient"], fold=f) for it, f in zip(kept, folds)]
     write_atomic(out / "manifest.csv", "image,label,patient,fold\n" + "".join(f"{r['image']},{r['label']},{r['patient']},{r['fold']}\n" for r in rows))
-    counts = {str(f): {n: sum(r["fold"] == f and r["label"] == n for r in rows) for n in names} for f in range(1, a.folds + 1)}
+    counts = {str(f): {n: sum(r["fold"] == f and has(r["label"], n) for r in rows) for n in names} for f in range(1, a.folds + 1)}
     settings = {k: str(v) for k, v in vars(a).items() if k not in ("key_file",)}
-    meta = dict(settings=settings, classes=names, counts=counts, prepared=len(rows), crop_fallbacks=fallbacks,
+    meta = dict(settings=settings, classes=names, multi_label=a.multi_label, counts=counts, prepared=len(rows), crop_fallbacks=fallbacks,
                 skipped=skipped, versions=dict(numpy=np.__version__, pydicom=pydicom.__version__, pillow=Image.__version__))
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     contact_sheet(out, rows, names)
@@ -362,6 +375,7 @@ def main(argv=None):
     ap.add_argument("--out", help="output folder, e.g. data/NAME")
     ap.add_argument("--demo", action="store_true", help="write synthetic DICOM phantoms and prepare them into data/demo")
     ap.add_argument("--image-col"), ap.add_argument("--label-col"), ap.add_argument("--patient-col")
+    ap.add_argument("--multi-label", action="store_true", help="labels list findings as a|b (automatic when a label has |)")
     ap.add_argument("--crop", choices=["lungs", "none"], default="lungs")
     ap.add_argument("--masks", help="folder of lung-mask PNGs named like the images, or a CheXmask-style CSV")
     ap.add_argument("--folds", type=int, default=5)

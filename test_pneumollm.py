@@ -575,6 +575,21 @@ def test_multiclass_metrics_match_sklearn_macro():
     assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, prob.argmax(1), average="macro"))
 
 
+def test_multilabel_metrics_match_sklearn_per_finding_macro():
+    rng = np.random.default_rng(2)
+    y = (rng.random((200, 3)) < [0.2, 0.5, 0.7]).astype(np.float32)
+    prob = 1 / (1 + np.exp(-(rng.normal(size=(200, 3)) + 2 * y - 1)))
+    m, pred = ev.metrics(y, prob), prob > 0.5
+    assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, prob, average="macro"))
+    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, average="macro"))
+    assert m["specificity"] == pytest.approx(sklearn_metrics.recall_score(1 - y, ~pred, average="macro"))
+    assert m["accuracy"] == pytest.approx(1 - sklearn_metrics.hamming_loss(y, pred))
+    assert m["avg"] == pytest.approx(np.mean([m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")]))
+    assert np.array(m["confusion"]).shape == (3, 2, 2)
+    ci = ev.bootstrap(y, prob, n=50)
+    assert all(lo <= m[k] <= hi for k, (lo, hi) in ci.items())
+
+
 def test_one_class_edge_cases_raise_clear_errors():
     with pytest.raises(ValueError, match="only one class"):
         ev.roc_auc(np.ones(5), np.linspace(0, 1, 5))
@@ -663,6 +678,29 @@ def test_non_finite_steps_are_skipped_and_an_all_bad_epoch_stops(demo_data, tmp_
     monkeypatch.setattr(train, "loss_fn", lambda logits, y, cfg: real(logits, y, cfg) * float("nan"))
     with pytest.raises(SystemExit, match="every step of epoch 1 had a non-finite loss"):
         train.main(train_args(demo_data, tmp_path / "all", "--epochs", "1", "--val-frac", "0"))
+
+
+def test_multilabel_set_prepares_trains_and_evaluates(demo_data, tmp_path):
+    src = tmp_path / "png"
+    src.mkdir()
+    rows = []
+    for r in manifest(demo_data):  # the demo images again, with a second finding on every other disease case
+        name = Path(r["image"]).name
+        shutil.copy(demo_data / r["image"], src / name)
+        label = r["label"] if r["label"] == "normal" else "pneumoconiosis" + (" | opacity" if len(rows) % 2 else "")
+        rows.append((name, label, r["patient"]))
+    rc, out = run_prepare(tmp_path, src, rows, "--crop", "none", header=("image", "label", "patient"))
+    meta = json.loads((out / "meta.json").read_text())
+    assert rc == 0 and meta["multi_label"] and meta["classes"] == ["opacity", "pneumoconiosis"]
+    assert {r["label"] for r in manifest(out)} == {"normal", "pneumoconiosis", "opacity|pneumoconiosis"}
+    assert sum(c["opacity"] for c in meta["counts"].values()) == sum("opacity" in l for _, l, _ in rows)
+    m = train.main(train_args(out, tmp_path / "run/fold1", "--epochs", "2", "--val-frac", "0.2"))
+    assert set(m) >= {"sensitivity", "specificity", "accuracy", "auc", "avg"} and np.array(m["confusion"]).shape == (2, 2, 2)
+    pred = list(_csv.DictReader(open(tmp_path / "run/fold1/predictions.csv")))
+    probs = np.array([[float(q) for q in p["probability"].split()] for p in pred])
+    assert probs.shape == (len(pred), 2) and not np.allclose(probs.sum(1), 1)  # two sigmoids, not a softmax
+    assert all(set(p["prediction"].split("|")) <= {"", "opacity", "pneumoconiosis"} for p in pred)
+    assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1"]) == 0
 
 
 def test_missing_checkpoint_gives_the_download_message(demo_data, tmp_path):

@@ -97,6 +97,7 @@ class Data:
             raise SystemExit(f"{self.folder}/manifest.csv not found: run prepare.py first (e.g. `python prepare.py --demo`)")
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self.classes = self.meta["classes"]
+        self.multi_label = self.meta.get("multi_label", False)
         with open(self.folder / "manifest.csv", newline="") as f:
             self.rows = list(csv.DictReader(f))
 
@@ -106,7 +107,8 @@ class Data:
         return torch.from_numpy(np.stack([np.asarray(Image.open(self.folder / r["image"]).convert("L")) for r in rows]))[:, None]
 
     def split(self, fold: int, val_frac=0.1, seed=20, parts=("test",)) -> dict:
-        """{'train'|'val'|'test': (rows, images, labels)}; val is carved from the training patients."""
+        """{'train'|'val'|'test': (rows, images, labels)}; val is carved from the training patients.
+        Labels: class indices (N,), or multi-hot (N, C) for multi-label sets."""
         test = [r for r in self.rows if int(r["fold"]) == fold]
         if not test:
             raise SystemExit(f"{self.folder}/manifest.csv: fold {fold} is empty")
@@ -119,7 +121,12 @@ class Data:
             groups["val"] = [r for r, f in zip(rest, inner) if f == 1]
         seen = {r["patient"] for r in groups["train"] + groups["val"]}
         assert not seen & {r["patient"] for r in test}, "a test patient is in the training data"
-        return {p: (g, self.images(g), np.array([self.classes.index(r["label"]) for r in g])) for p, g in groups.items() if p in parts}
+        return {p: (g, self.images(g), self.labels(g)) for p, g in groups.items() if p in parts}
+
+    def labels(self, rows) -> np.ndarray:
+        if self.multi_label:
+            return np.array([[c in r["label"].split("|") for c in self.classes] for r in rows], np.float32).reshape(-1, len(self.classes))
+        return np.array([self.classes.index(r["label"]) for r in rows], np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,20 +185,23 @@ def normalise(x: torch.Tensor, cfg, size: int) -> torch.Tensor:  # (B, 1, H, W) 
     return (x - m) / s
 
 
-def loss_fn(logits, y, cfg):  # logits (B, C) fp32, y (B,)
+def loss_fn(logits, y, cfg):  # logits (B, C) fp32, y (B,) class indices or (B, C) multi-hot
+    if cfg.get("multi_label"):  # one independent sigmoid per finding, as evaluated
+        return F.binary_cross_entropy_with_logits(logits, y)
     if cfg.get("authors_code"):  # BCE on one-hot targets, as the authors' code; evaluated with softmax all the same
         return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, logits.shape[-1]).float())
     return F.cross_entropy(logits, y)  # one score definition: softmax, as evaluated
 
 
 @torch.no_grad()
-def predict(model, images, cfg, batch=32) -> np.ndarray:  # (N, C) probabilities
+def predict(model, images, cfg, batch=32) -> np.ndarray:  # (N, C) probabilities: softmax, or sigmoids if multi-label
     model.eval()
     out = []
     for i in range(0, len(images), batch):
         x = normalise(images[i:i + batch].to(cfg["device"]), cfg, model.args.vision.image_size)
         with autocast(cfg):
-            out.append(model(x).float().softmax(-1).cpu())
+            logits = model(x).float()
+            out.append((logits.sigmoid() if cfg.get("multi_label") else logits.softmax(-1)).cpu())
     return torch.cat(out).numpy()
 
 
@@ -240,7 +250,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     data = Data(a.data)
     prep = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
-    cfg = dict(vars(a), classes=data.classes, crop=prep["crop"], size=int(prep["size"]))
+    cfg = dict(vars(a), classes=data.classes, multi_label=data.multi_label, crop=prep["crop"], size=int(prep["size"]))
     if a.question:
         tokenize_question(cfg)
     model = build(cfg, len(data.classes))  # fails early, with the download message, if checkpoints are missing
@@ -364,11 +374,13 @@ def main(argv=None):
         w = csv.writer(f)
         w.writerow(["image", "label", "probability", "prediction"])
         for r, p in zip(test_rows, prob):
-            w.writerow([Path(r["image"]).stem, r["label"], f"{p[-1]:.6f}" if len(p) == 2 else " ".join(f"{q:.6f}" for q in p), data.classes[int(p.argmax())]])
+            prob_text = f"{p[-1]:.6f}" if len(p) == 2 and not data.multi_label else " ".join(f"{q:.6f}" for q in p)
+            pred = "|".join(c for c, q in zip(data.classes, p) if q > 0.5) if data.multi_label else data.classes[int(p.argmax())]
+            w.writerow([Path(r["image"]).stem, r["label"], prob_text, pred])
     with open(log_path, "a") as f:
         f.write(json.dumps(dict(test=m, epoch_used=best_epoch)) + "\n")
     print(f"test fold {a.fold} ({len(test_y)} images, epoch {best_epoch} chosen on {select}): {report(m)}")
-    print(f"confusion (rows true {data.classes}, cols predicted): {m['confusion']}")
+    print(f"confusion ({'per finding [[tn, fp], [fn, tp]]' if data.multi_label else 'rows true, cols predicted'}, {data.classes}): {m['confusion']}")
     if world > 1:
         dist.destroy_process_group()
     return m
