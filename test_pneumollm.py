@@ -774,6 +774,21 @@ def test_every_ablation_builds_and_trains_a_step(name):
         assert set(model.own_state_dict()) > {n for n, p in model.named_parameters() if p.requires_grad}  # the frozen engine is saved
 
 
+def test_impossible_ablations_fail_with_a_message(capsys):
+    with pytest.raises(ValueError, match=r"CLS blocks \[4, 30\] must lie in 1\.\.24"):
+        P.PneumoArgs(cls_blocks=[30, 4])
+    with pytest.raises(ValueError, match="needs at least one diagnosis token"):
+        P.PneumoArgs(n_diag=0)
+    with pytest.raises(ValueError, match="unknown engine 'coopp'"):
+        P.PneumoArgs(engine="coopp")
+    with pytest.raises(ValueError, match="a question needs the LLM"):
+        P.PneumoArgs(question=[1, 2])  # vocab_size unknown
+    for flags, msg in [(["--question", "x", "--no-llm"], "cannot go with --no-llm"), (["--cls-blocks", "12;24"], "block numbers")]:
+        with pytest.raises(SystemExit):
+            train.parse(flags)
+        assert msg in capsys.readouterr().err
+
+
 def tokens_into_llama(model, img):
     seen = {}
     model.llama.register_forward_pre_hook(lambda m, args: seen.update(h=args[0], mask=args[1]))

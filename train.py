@@ -82,6 +82,10 @@ def parse(argv=None):
     a.dtype = a.dtype or ("fp32" if a.device == "cpu" else "fp16")
     if a.authors_code:
         a.norm, a.select = "imagenet", "test"
+    if a.question and a.no_llm:
+        ap.error("--question feeds the LLM, so it cannot go with --no-llm")
+    if a.cls_blocks and not all(b.strip().isdigit() for b in a.cls_blocks.split(",")):
+        ap.error(f"--cls-blocks {a.cls_blocks!r}: give 1-based block numbers separated by commas, e.g. 12,24")
     a.out = a.out or f"out/{Path(a.data).name}/fold{a.fold}"
     return a
 
