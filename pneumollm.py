@@ -103,7 +103,7 @@ class PneumoArgs:
             raise ValueError(f"unknown engine {self.engine!r} or encoder {self.encoder!r}")
         if self.question and (not self.llm or self.llama.vocab_size <= 0):
             raise ValueError("a question needs the LLM and its vocab_size (the token embedding's rows)")
-        if not self.blocks() or not set(self.blocks()) <= set(range(1, self.vision.layers + 1)):
+        if self.encoder == "clip" and not (self.blocks() and set(self.blocks()) <= set(range(1, self.vision.layers + 1))):
             raise ValueError(f"CLS blocks {self.blocks()} must lie in 1..{self.vision.layers} (the ViT's blocks)")
         if self.n_diag < 1 and self.engine != "none":
             raise ValueError(f"engine {self.engine!r} needs at least one diagnosis token, not {self.n_diag}")
