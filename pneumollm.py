@@ -754,6 +754,7 @@ def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
         _load_frozen(model, "llama.", "llama.", llama_entries, LLAMA_IGNORE, device, dtype)
     materialise_own(model, device)
     n = sum(p.numel() for p in model.trainable_parameters())
-    print(f"loaded {clip} + {llama}: ViT {vision.width}x{vision.layers}, LLaMA {llama_args.dim}x{llama_args.n_layers}, "
-          f"frozen {dtype} on {device}, {n:,} trainable")
+    vit = f"{clip}: ViT {vision.width}x{vision.layers}" if clip_entries else "conv stem (no CLIP)"
+    llm = f"{llama}: LLaMA {llama_args.dim}x{llama_args.n_layers}" if model.llama is not None else "no LLM"
+    print(f"loaded {vit} + {llm}, frozen {dtype} on {device}, {n:,} trainable")
     return model
