@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 import pneumollm as P
 import train
 
-SIZES = {"tiny": P.tiny_args, "mid": lambda **kw: P.PneumoArgs(P.VisionArgs(256, 8, 4, 14, 224), P.LlamaArgs(dim=512, n_layers=4, n_heads=8), **kw),
+SIZES = {"tiny": P.tiny_args, "mid": lambda **kw: P.PneumoArgs(P.VisionArgs(256, 8, 4, 14, 224), P.LlamaArgs(dim=512, n_layers=4, n_heads=8), cls_every=2, **kw),
          "full": P.PneumoArgs}
 
 
@@ -210,7 +210,7 @@ def main():
     ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm" (README: Ablations)')
     a = ap.parse_args()
     kw = train.pneumo_args(vars(train.parse(shlex.split(a.variant))))
-    args = SIZES[a.model](**({"cls_every": 2} if a.model == "mid" and "cls_blocks" not in kw else {}), **kw)
+    args = SIZES[a.model](**kw)
     if a.activations:
         for recompute in (False, True):
             kept = saved_for_backward(args, a.batch, recompute)

@@ -83,7 +83,8 @@ def bootstrap(y, prob, n=1000, seed=0) -> dict:
     draws = []
     while len(draws) < n:
         i = rng.integers(0, len(y), len(y))
-        if (len(np.unique(y[i])) == prob.shape[1]) if y.ndim == 1 else (0 < y[i].sum(0)).all() and (y[i].sum(0) < len(i)).all():
+        present = np.unique(y[i]).size == prob.shape[1] if y.ndim == 1 else np.ptp(y[i], 0).all()  # multi-label: 0s and 1s per finding
+        if present:
             m = metrics(y[i], prob[i])
             draws.append([m[k] for k in KEYS])
     lo, hi = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
