@@ -977,3 +977,21 @@ def test_vit_activation_checkpointing_gives_the_same_gradients_and_keeps_less():
         grads.append([p.grad for p in model.trainable_parameters() if p.grad is not None])
     assert len(grads[0]) == 4 * 4 + 2 + 2 + 1 and all(torch.equal(a, b) for a, b in zip(*grads))  # 4 ViT adapters, proj, head
     assert kept[1] < kept[0] / 4
+
+
+@pytest.mark.slow
+def test_compiled_training_step_is_one_graph_and_matches_eager():
+    """`--compile` (and the CUDA graphs of reduce-overhead) want the whole model as one graph: a graph
+    break fails here (fullgraph=True) instead of silently splitting it. ViT checkpointing included."""
+    grads, logits = [], []
+    for compiled in (False, True):
+        model = tiny(adapter_dropout=0.0).train()
+        perturb_adapters(model)
+        model.visual.grad_checkpointing = True
+        fwd = torch.compile(model, fullgraph=True) if compiled else model
+        out = fwd(torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(5)))
+        torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 1, 0])).backward()
+        logits.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters()]))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    assert (grads[1] - grads[0]).norm() < 1e-4 * grads[0].norm() and grads[0].norm() > 0
