@@ -7,6 +7,7 @@ checkpoint needed). Prints figures; nothing here is a test.
     python bench.py --prepare ../shared/data/dicom/RG1_UNCR.dcm   # prepare.py images/s, all cores
     python bench.py --load /tmp/full                              # lean loading at full size (~28 GB of disk)
     python bench.py --model full --activations                    # memory kept for the backward, on `meta`
+    python bench.py --suite --model full                          # on a lent GPU: every figure issue 5 asks for
 """
 import argparse
 import json
@@ -31,6 +32,11 @@ SIZES = {"tiny": P.tiny_args, "mid": lambda **kw: P.PneumoArgs(P.VisionArgs(256,
          "full": P.PneumoArgs}
 
 
+SUITE = [  # full size, batch 16, each in a fresh process; most wanted first, in case time runs out
+    "--dtype bf16 --compile reduce-overhead --checkpoint-vit", "--dtype bf16 --compile reduce-overhead", "--dtype bf16 --compile",
+    "--dtype fp16 --compile reduce-overhead --checkpoint-vit", "--dtype bf16", "--dtype fp16", "--dtype bf16 --checkpoint-vit"]
+
+
 def random_model(args, device, dtype):
     """The real shapes with random frozen weights, built on `meta` and filled in place on `device`."""
     with torch.device("meta"):
@@ -45,11 +51,11 @@ def random_model(args, device, dtype):
     return model
 
 
-def timed(fn, device, warmup, iters):
-    for _ in range(warmup):
-        fn()
+def timed(fn, device, warmup, iters) -> tuple[float, float]:
+    """(first call, median of `iters` calls after `warmup` more) in seconds; the first call pays for
+    compilation, autotuning and the allocator's growth."""
     times = []
-    for _ in range(iters):
+    for _ in range(1 + warmup + iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -57,7 +63,7 @@ def timed(fn, device, warmup, iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times[0], statistics.median(times[1 + warmup:])
 
 
 def bench_prepare(dicom: str, n: int):
@@ -192,6 +198,13 @@ def bench_load(folder: str):
         subprocess.run([sys.executable, __file__, "--load-step", llama, folder], check=True)
 
 
+def suite(model: str):
+    for flags in SUITE:
+        run = subprocess.run([sys.executable, __file__, "--model", model, *shlex.split(flags)], capture_output=True, text=True)
+        lines = run.stdout.splitlines() if run.returncode == 0 else [f"FAILED ({run.returncode}): {run.stderr[-600:]}"]
+        print(f"== {flags}\n" + "\n".join(lines), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prepare", metavar="DICOM", help="time prepare.py on copies of this file instead of the model")
@@ -207,6 +220,7 @@ def main():
     ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once) and time lean loading")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--activations", action="store_true", help="memory kept for the backward, with and without --checkpoint-vit")
+    ap.add_argument("--suite", action="store_true", help="the GPU figures: " + "; ".join(SUITE))
     ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm" (README: Ablations)')
     a = ap.parse_args()
     kw = train.pneumo_args(vars(train.parse(shlex.split(a.variant))))
@@ -217,6 +231,8 @@ def main():
             print(f"model {a.model} {a.variant}, batch {a.batch}, checkpoint-vit {recompute}: kept for the backward "
                   + ", ".join(f"{k} {v:.2f} GiB" for k, v in kept.items()))
         return
+    if a.suite:
+        return suite(a.model)
     if a.prepare:
         return bench_prepare(a.prepare, a.n)
     if a.load:
@@ -258,17 +274,18 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    warm = 3 if not a.compile else 5
-    s = timed(step, device, warm, a.iters)
+    warm = 2 if not a.compile else 4
+    first, s = timed(step, device, warm, a.iters)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     steps_100 = 100 * -(-504 // 16)
     print(f"train step: {1000 * s:.1f} ms median, {a.batch / s:.1f} images/s, peak {'GPU' if device.type == 'cuda' else 'RSS'} memory {peak:.2f} GiB")
-    print(f"projected 100 epochs on 504 images at batch 16: {steps_100 * s * 16 / a.batch / 60:.2f} min (training steps only)")
+    print(f"first step {first:.1f} s (compilation and warm-up); projected 100 epochs on 504 images at batch 16: "
+          f"{steps_100 * s * 16 / a.batch / 60:.2f} min of steps, {(first + steps_100 * s * 16 / a.batch) / 60:.2f} min with the first step")
     model.eval()
-    s_unmerged = timed(infer, device, 2, a.iters)
+    s_unmerged = timed(infer, device, 2, a.iters)[1]
     model.merge_adapters()
     fwd = torch.compile(model, mode=a.compile) if a.compile else model
-    s_merged = timed(infer, device, warm, a.iters)
+    s_merged = timed(infer, device, warm, a.iters)[1]
     print(f"inference: {a.batch / s_unmerged:.1f} images/s with adapters, {a.batch / s_merged:.1f} images/s merged")
 
 
