@@ -6,7 +6,7 @@ checkpoint needed). Prints figures; nothing here is a test.
     python bench.py --model full --device cuda --dtype fp16       # ViT-L/14 + LLaMA-7B shapes
     python bench.py --prepare ../shared/data/dicom/RG1_UNCR.dcm   # prepare.py images/s, all cores
     python bench.py --load /tmp/full                              # lean loading at full size (~28 GB of disk)
-    python bench.py --model full --activations                    # memory kept for the backward, on `meta`
+    python bench.py --model full --activations                    # memory kept for the backward, and the peak, on `meta`
     python bench.py --suite --model full                          # on a lent GPU: every figure issue 5 asks for
 """
 import argparse
@@ -19,11 +19,14 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import pneumollm as P
 import train
@@ -85,15 +88,20 @@ def bench_prepare(dicom: str, n: int):
     print(f"prepare.py: {n} copies of {dicom} in {s:.1f}s = {n / s:.1f} images/s with {os.cpu_count()} workers")
 
 
-def saved_for_backward(args, batch: int, recompute: bool) -> dict:
-    """GiB that autograd keeps for the backward pass (weights excluded), in the ViT and after it,
-    counted at any size on the `meta` device: frozen weights fp16, trainable fp32, no autocast."""
+def meta_model(args, recompute: bool) -> P.PneumoLLM:  # any size, no memory: frozen fp16, trainable fp32
     with torch.device("meta"):
         model = P.PneumoLLM(args)
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.half()
     model.visual.grad_checkpointing = recompute
+    return model.train()
+
+
+def saved_for_backward(args, batch: int, recompute: bool) -> dict:
+    """GiB that autograd keeps for the backward pass (weights excluded), in the ViT and after it,
+    counted on the `meta` device, no autocast."""
+    model = meta_model(args, recompute)
     weights, seen, part, total = {id(p) for p in model.parameters()}, {}, ["ViT"], {"ViT": 0, "after the ViT": 0}
     model.visual.register_forward_hook(lambda *_: part.__setitem__(0, "after the ViT"))
 
@@ -108,6 +116,50 @@ def saved_for_backward(args, batch: int, recompute: bool) -> dict:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(torch.empty(batch, 3, res, res, device="meta"))
     return total
+
+
+class LiveBytes(TorchDispatchMode):
+    """An allocator's view on `meta`: every storage an op creates counts from its creation until
+    Python frees it; `peak` is the most alive at once."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.seen, self.now, self.peak = weakref.WeakKeyDictionary(), 0, 0
+        for t in tensors:
+            self.add(t)
+
+    def add(self, t):
+        st = t.untyped_storage()
+        if st not in self.seen:
+            self.seen[st] = st.nbytes()
+            self.now += st.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(st, self.free, st.nbytes())
+
+    def free(self, n: int):
+        self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+def peak_of_a_step(args, batch: int, recompute: bool) -> float:
+    """GiB at the peak of a training step (weights, activations, gradients, AdamW state; the second
+    step, once the optimizer state exists), simulated on `meta` with math attention: an upper bound."""
+    model = meta_model(args, recompute)
+    opt = torch.optim.AdamW(model.trainable_parameters())
+    res = args.vision.image_size
+    x, y = torch.empty(batch, 3, res, res, device="meta"), torch.zeros(batch, dtype=torch.long, device="meta")
+    with LiveBytes([*model.parameters(), x]) as live:
+        for _ in range(2):
+            F.cross_entropy(model(x).float(), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return live.peak / 2**30
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +271,7 @@ def main():
     ap.add_argument("--checkpoint-vit", action="store_true")
     ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once) and time lean loading")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
-    ap.add_argument("--activations", action="store_true", help="memory kept for the backward, with and without --checkpoint-vit")
+    ap.add_argument("--activations", action="store_true", help="memory kept for the backward, and the simulated peak, with and without --checkpoint-vit")
     ap.add_argument("--suite", action="store_true", help="the GPU figures: " + "; ".join(SUITE))
     ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm" (README: Ablations)')
     a = ap.parse_args()
@@ -229,7 +281,8 @@ def main():
         for recompute in (False, True):
             kept = saved_for_backward(args, a.batch, recompute)
             print(f"model {a.model} {a.variant}, batch {a.batch}, checkpoint-vit {recompute}: kept for the backward "
-                  + ", ".join(f"{k} {v:.2f} GiB" for k, v in kept.items()))
+                  + ", ".join(f"{k} {v:.2f} GiB" for k, v in kept.items())
+                  + f"; simulated peak of a training step {peak_of_a_step(args, a.batch, recompute):.2f} GiB")
         return
     if a.suite:
         return suite(a.model)

@@ -995,3 +995,16 @@ def test_compiled_training_step_is_one_graph_and_matches_eager():
         grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters()]))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
     assert (grads[1] - grads[0]).norm() < 1e-4 * grads[0].norm() and grads[0].norm() > 0
+
+
+def test_bench_live_bytes_counts_storages_from_creation_to_free():
+    import bench  # the simulated memory peak behind README's projection for --checkpoint-vit
+    x = torch.empty(1024, device="meta")  # 4 KiB
+    with bench.LiveBytes([x]) as live:
+        a = x * 2  # 8 KiB alive
+        b = a.view(32, 32)  # a view: no new storage
+        del a, b  # 4 KiB
+        c = torch.cat([x, x])  # 12 KiB: the peak
+        del c
+        d = x.half()  # 6 KiB
+    assert (live.peak, live.now, d.shape) == (12288, 6144, (1024,))
