@@ -6,7 +6,7 @@ checkpoint needed). Prints figures; nothing here is a test.
     python bench.py --model full --device cuda --dtype fp16       # ViT-L/14 + LLaMA-7B shapes
     python bench.py --prepare ../shared/data/dicom/RG1_UNCR.dcm   # prepare.py images/s, all cores
     python bench.py --load /tmp/full                              # lean loading at full size (~28 GB of disk)
-    python bench.py --model full --activations                    # memory kept for the backward, and the peak, on `meta`
+    python bench.py --model full --meta                           # memory and FLOPs of a step, counted on `meta`
     python bench.py --suite --model full                          # on a lent GPU: every figure issue 5 asks for
 """
 import argparse
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 import pneumollm as P
 import train
@@ -147,19 +148,28 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def peak_of_a_step(args, batch: int, recompute: bool) -> float:
-    """GiB at the peak of a training step (weights, activations, gradients, AdamW state; the second
-    step, once the optimizer state exists), simulated on `meta` with math attention: an upper bound."""
+def step_on_meta(args, batch: int, recompute: bool) -> tuple[float, dict]:
+    """(GiB at the peak of a training step, TFLOP of its forward and backward by part), on `meta` with
+    math attention. The peak covers weights, activations, gradients and AdamW state over two steps, and is
+    an upper bound. FLOPs are counted in a separate step: the counter keeps tensors alive."""
     model = meta_model(args, recompute)
     opt = torch.optim.AdamW(model.trainable_parameters())
     res = args.vision.image_size
     x, y = torch.empty(batch, 3, res, res, device="meta"), torch.zeros(batch, dtype=torch.long, device="meta")
+
+    def step():
+        F.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     with LiveBytes([*model.parameters(), x]) as live:
-        for _ in range(2):
-            F.cross_entropy(model(x).float(), y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return live.peak / 2**30
+        step()
+        step()
+    with FlopCounterMode(display=False) as flops:
+        step()
+    by_module = {k: sum(v.values()) / 1e12 for k, v in flops.get_flop_counts().items()}
+    return live.peak / 2**30, {"total": flops.get_total_flops() / 1e12, "ViT": by_module.get("PneumoLLM.visual", 0),
+                               "LLaMA": by_module.get("PneumoLLM.llama", 0)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,18 +281,21 @@ def main():
     ap.add_argument("--checkpoint-vit", action="store_true")
     ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once) and time lean loading")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
-    ap.add_argument("--activations", action="store_true", help="memory kept for the backward, and the simulated peak, with and without --checkpoint-vit")
+    ap.add_argument("--meta", action="store_true", help="counted on `meta`, any size: memory kept for the backward, "
+                    "the simulated peak and the FLOPs of a training step, with and without --checkpoint-vit")
     ap.add_argument("--suite", action="store_true", help="the GPU figures: " + "; ".join(SUITE))
     ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm" (README: Ablations)')
     a = ap.parse_args()
     kw = train.pneumo_args(vars(train.parse(shlex.split(a.variant))))
     args = SIZES[a.model](**kw)
-    if a.activations:
+    if a.meta:
+        frozen = sum(2 * p.numel() for p in meta_model(args, False).parameters() if not p.requires_grad) / 2**30
+        print(f"model {a.model} {a.variant}, batch {a.batch}: frozen weights {frozen:.2f} GiB in fp16")
         for recompute in (False, True):
             kept = saved_for_backward(args, a.batch, recompute)
-            print(f"model {a.model} {a.variant}, batch {a.batch}, checkpoint-vit {recompute}: kept for the backward "
-                  + ", ".join(f"{k} {v:.2f} GiB" for k, v in kept.items())
-                  + f"; simulated peak of a training step {peak_of_a_step(args, a.batch, recompute):.2f} GiB")
+            peak, tflop = step_on_meta(args, a.batch, recompute)
+            print(f"checkpoint-vit {recompute}: kept for the backward " + ", ".join(f"{k} {v:.2f} GiB" for k, v in kept.items())
+                  + f"; simulated peak of a training step {peak:.2f} GiB; TFLOP per step " + ", ".join(f"{k} {v:.2f}" for k, v in tflop.items()))
         return
     if a.suite:
         return suite(a.model)
