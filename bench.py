@@ -125,14 +125,14 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self, tensors):
         super().__init__()
-        self.seen, self.now, self.peak = weakref.WeakKeyDictionary(), 0, 0
+        self.seen, self.now, self.peak = weakref.WeakSet(), 0, 0
         for t in tensors:
             self.add(t)
 
     def add(self, t):
         st = t.untyped_storage()
         if st not in self.seen:
-            self.seen[st] = st.nbytes()
+            self.seen.add(st)
             self.now += st.nbytes()
             self.peak = max(self.peak, self.now)
             weakref.finalize(st, self.free, st.nbytes())
