@@ -365,6 +365,7 @@ def main(argv=None):
     if not lead:
         dist.destroy_process_group()
         return None
+    print(f"trained {epoch - start} epochs in {time.time() - t0:.0f} s (validation and checkpoints included)")
     # the one and only look at the test fold
     if select == "last":
         model.save_trainable(out / "best.safetensors")
