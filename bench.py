@@ -6,8 +6,7 @@ checkpoint needed). Prints figures; nothing here is a test.
     python bench.py --model full --device cuda --dtype fp16       # ViT-L/14 + LLaMA-7B shapes
     python bench.py --prepare ../shared/data/dicom/RG1_UNCR.dcm   # prepare.py images/s, all cores
     python bench.py --load /tmp/full                              # lean loading at full size (~28 GB of disk)
-    python bench.py --model full --meta                           # memory and FLOPs of a step, counted on `meta`
-    python bench.py --suite --model full                          # on a lent GPU: every figure issue 5 asks for
+    python bench.py --suite --model full                          # on a GPU: the training configurations side by side
 """
 import argparse
 import json
@@ -19,21 +18,23 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 
+import common as C
 import pneumollm as P
 import train
 
-SIZES = {"tiny": P.tiny_args, "mid": lambda **kw: P.PneumoArgs(P.VisionArgs(256, 8, 4, 14, 224), P.LlamaArgs(dim=512, n_layers=4, n_heads=8), cls_every=2, **kw),
-         "full": P.PneumoArgs}
+
+def mid_args(**kw) -> P.PneumoArgs:  # between tiny and full: a quick look at how figures scale
+    kw["cls_blocks"] = kw.get("cls_blocks") or [2, 4, 6, 8]
+    return P.PneumoArgs(P.VisionArgs(256, 8, 4, 14, 224), P.LlamaArgs(dim=512, n_layers=4, n_heads=8), **kw)
+
+
+SIZES = {"tiny": P.tiny_args, "mid": mid_args, "full": P.PneumoArgs}
 
 
 SUITE = [  # full size, batch 16, each in a fresh process; most wanted first, in case time runs out
@@ -87,89 +88,6 @@ def bench_prepare(dicom: str, n: int):
                       "--key-file", str(Path(d, "key"))])
         s = time.perf_counter() - t
     print(f"prepare.py: {n} copies of {dicom} in {s:.1f}s = {n / s:.1f} images/s with {os.cpu_count()} workers")
-
-
-def meta_model(args, recompute: bool) -> P.PneumoLLM:  # any size, no memory: frozen fp16, trainable fp32
-    with torch.device("meta"):
-        model = P.PneumoLLM(args)
-    for p in model.parameters():
-        if not p.requires_grad:
-            p.data = p.data.half()
-    model.visual.grad_checkpointing = recompute
-    return model.train()
-
-
-def saved_for_backward(args, batch: int, recompute: bool) -> dict:
-    """GiB that autograd keeps for the backward pass (weights excluded), in the ViT and after it,
-    counted on the `meta` device, no autocast."""
-    model = meta_model(args, recompute)
-    weights, seen, part, total = {id(p) for p in model.parameters()}, {}, ["ViT"], {"ViT": 0, "after the ViT": 0}
-    model.visual.register_forward_hook(lambda *_: part.__setitem__(0, "after the ViT"))
-
-    def pack(t):  # each storage once: views share their base's memory
-        base = t._base if t._base is not None else t
-        if id(base) not in weights and id(base) not in seen:
-            seen[id(base)] = base
-            total[part[0]] += base.numel() * base.element_size() / 2**30
-        return t
-
-    res = args.vision.image_size
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.empty(batch, 3, res, res, device="meta"))
-    return total
-
-
-class LiveBytes(TorchDispatchMode):
-    """An allocator's view on `meta`: every storage an op creates counts from its creation until
-    Python frees it; `peak` is the most alive at once."""
-
-    def __init__(self, tensors):
-        super().__init__()
-        self.seen, self.now, self.peak = weakref.WeakSet(), 0, 0
-        for t in tensors:
-            self.add(t)
-
-    def add(self, t):
-        st = t.untyped_storage()
-        if st not in self.seen:
-            self.seen.add(st)
-            self.now += st.nbytes()
-            self.peak = max(self.peak, self.now)
-            weakref.finalize(st, self.free, st.nbytes())
-
-    def free(self, n: int):
-        self.now -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.add(t)
-        return out
-
-
-def step_on_meta(args, batch: int, recompute: bool) -> tuple[float, dict]:
-    """(GiB at the peak of a training step, TFLOP of its forward and backward by part), on `meta` with
-    math attention. The peak covers weights, activations, gradients and AdamW state over two steps, and is
-    an upper bound. FLOPs are counted in a separate step: the counter keeps tensors alive."""
-    model = meta_model(args, recompute)
-    opt = torch.optim.AdamW(model.trainable_parameters())
-    res = args.vision.image_size
-    x, y = torch.empty(batch, 3, res, res, device="meta"), torch.zeros(batch, dtype=torch.long, device="meta")
-
-    def step():
-        F.cross_entropy(model(x).float(), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    with LiveBytes([*model.parameters(), x]) as live:
-        step()
-        step()
-    with FlopCounterMode(display=False) as flops:
-        step()
-    by_module = {k: sum(v.values()) / 1e12 for k, v in flops.get_flop_counts().items()}
-    return live.peak / 2**30, {"total": flops.get_total_flops() / 1e12, "ViT": by_module.get("PneumoLLM.visual", 0),
-                               "LLaMA": by_module.get("PneumoLLM.llama", 0)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,35 +186,22 @@ def suite(model: str):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--prepare", metavar="DICOM", help="time prepare.py on copies of this file instead of the model")
     ap.add_argument("--n", type=int, default=32, help="copies for --prepare")
-    ap.add_argument("--model", choices=list(SIZES), default="tiny")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
-                    help="torch.compile the model; reduce-overhead also replays CUDA graphs")
-    ap.add_argument("--checkpoint-vit", action="store_true")
+    ap.add_argument("--model", choices=list(SIZES), default="tiny", help="full: ViT-L/14 + LLaMA-7B shapes, random weights")
+    ap.add_argument("--dtype", choices=list(P.DTYPES), help="frozen weights and autocast (default: fp16 on GPU, fp32 on CPU)")
+    ap.add_argument("--batch", type=int, default=16, help="images per step")
+    ap.add_argument("--iters", type=int, default=10, help="timed steps (after the warm-up)")
+    C.runtime_flags(ap)
+    ap.add_argument("--checkpoint-vit", action="store_true", help="recompute ViT activations in the backward")
     ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once) and time lean loading")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
-    ap.add_argument("--meta", action="store_true", help="counted on `meta`, any size: memory kept for the backward, "
-                    "the simulated peak and the FLOPs of a training step, with and without --checkpoint-vit")
     ap.add_argument("--suite", action="store_true", help="the GPU figures: " + "; ".join(SUITE))
     ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm" (README: Ablations)')
     a = ap.parse_args()
-    kw = train.pneumo_args(vars(train.parse(shlex.split(a.variant))))
-    args = SIZES[a.model](**kw)
-    if a.meta:
-        frozen = sum(2 * p.numel() for p in meta_model(args, False).parameters() if not p.requires_grad) / 2**30
-        print(f"model {a.model} {a.variant}, batch {a.batch}: frozen weights {frozen:.2f} GiB in fp16")
-        for recompute in (False, True):
-            kept = saved_for_backward(args, a.batch, recompute)
-            peak, tflop = step_on_meta(args, a.batch, recompute)
-            print(f"checkpoint-vit {recompute}: kept for the backward " + ", ".join(f"{k} {v:.2f} GiB" for k, v in kept.items())
-                  + f"; simulated peak of a training step {peak:.2f} GiB; TFLOP per step " + ", ".join(f"{k} {v:.2f}" for k, v in tflop.items()))
-        return
+    C.apply_threads(a.threads)
+    args = SIZES[a.model](**C.pneumo_fields(train.parse(shlex.split(a.variant))))
     if a.suite:
         return suite(a.model)
     if a.prepare:
@@ -308,8 +213,8 @@ def main():
         return write_full(Path(folder)) if step == "write" else load_full(Path(folder), step)
     device = torch.device(a.device)
     a.dtype = a.dtype or ("fp32" if device.type == "cpu" else "fp16")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    dtype = P.DTYPES[a.dtype]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device {name}, frozen {a.dtype}, torch {torch.__version__}, compile {a.compile}, checkpoint-vit {a.checkpoint_vit}, "
           f"model {a.model} {a.variant}, batch {a.batch}")
     t = time.perf_counter()

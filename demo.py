@@ -10,6 +10,7 @@ archives do: CR or DX, MONOCHROME1 or MONOCHROME2, 12-16 bits stored, with or wi
 1-3 images per patient. Patients get obviously fake names and ids (DEMO^...). Deterministic.
 """
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,10 @@ def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
         return labels
     rng = np.random.default_rng(seed)
     rows = []
+    print(f"writing {n_patients} synthetic patients (~{n_patients * 1.8:.0f} DICOMs, ~{n_patients:.0f} MB) to {folder}", file=sys.stderr)
     for p in range(n_patients):
+        if p and p % 50 == 0:
+            print(f"  {p}/{n_patients} patients", file=sys.stderr)
         disease = rng.random() < 0.6
         size_class, profusion = str(rng.choice(list("pqr"))), int(rng.integers(60, 300))
         for i in range(int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):

@@ -19,14 +19,15 @@ are always fp32; LayerNorm, RMSNorm, RoPE and softmax run in fp32. Each trainabl
 input to its own dtype and its output back, so the model runs with or without autocast.
 """
 import json
+import os
+import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
-import sentencepiece
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the authors' code normalises with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # -----------------------------------------------------------------------------------------------
 # config: defaults are the real shapes (CLIP ViT-L/14, LLaMA-7B)
@@ -79,8 +81,7 @@ class LlamaArgs:  # field names as in Meta's params.json, so LlamaArgs(**params)
 class PneumoArgs:
     vision: VisionArgs = field(default_factory=VisionArgs)
     llama: LlamaArgs = field(default_factory=LlamaArgs)
-    cls_every: int = 4  # keep the CLS token after every 4th ViT block: 24 / 4 = 6 tokens
-    cls_blocks: Optional[list] = None  # or name the 1-based blocks, e.g. [12, 24]; overrides cls_every
+    cls_blocks: Optional[list] = None  # 1-based ViT blocks whose CLS token is kept; None: every 4th (4, 8, .., 24)
     n_diag: int = 4  # K diagnosis tokens
     engine_hidden: int = 12
     adapter_hidden: int = 8
@@ -95,13 +96,13 @@ class PneumoArgs:
     llm_adapters: bool = True
     llm: bool = True  # False: no LLaMA (Table 4), the head reads the projected tokens
     encoder: str = "clip"  # "clip" | "conv": a trainable 14x14 conv stem whose patch tokens are the sources
-    question: list = field(default_factory=list)  # token ids of a fixed question, LaVIN-style (Table 5)
+    question_ids: list = field(default_factory=list)  # token ids of a fixed question, LaVIN-style (Table 5)
     train_engine: bool = True  # False: the authors' code, whose engine stays at its random init
 
     def __post_init__(self):
         if self.engine not in ("multi", "coop", "cocoop", "none") or self.encoder not in ("clip", "conv"):
             raise ValueError(f"unknown engine {self.engine!r} or encoder {self.encoder!r}")
-        if self.question and (not self.llm or self.llama.vocab_size <= 0):
+        if self.question_ids and (not self.llm or self.llama.vocab_size <= 0):
             raise ValueError("a question needs the LLM and its vocab_size (the token embedding's rows)")
         if self.encoder == "clip" and not (self.blocks() and set(self.blocks()) <= set(range(1, self.vision.layers + 1))):
             raise ValueError(f"CLS blocks {self.blocks()} must lie in 1..{self.vision.layers} (the ViT's blocks)")
@@ -109,7 +110,7 @@ class PneumoArgs:
             raise ValueError(f"engine {self.engine!r} needs at least one diagnosis token, not {self.n_diag}")
 
     def blocks(self) -> list:  # 1-based ViT blocks whose CLS token is kept, shallow to deep
-        return sorted(self.cls_blocks or range(self.cls_every, self.vision.layers + 1, self.cls_every))
+        return sorted(self.cls_blocks or range(4, self.vision.layers + 1, 4))
 
     @property
     def n_cls(self) -> int:  # source tokens: CLS tokens, or the conv stem's patch tokens
@@ -117,15 +118,11 @@ class PneumoArgs:
             return (self.vision.image_size // self.vision.patch_size) ** 2
         return len(self.blocks())
 
-    @staticmethod
-    def from_dict(d: dict) -> "PneumoArgs":
-        d = dict(d)
-        return PneumoArgs(vision=VisionArgs(**d.pop("vision")), llama=LlamaArgs(**d.pop("llama")), **d)
-
 
 def tiny_args(vocab_size=-1, **kw) -> PneumoArgs:  # a few-MB model for tests and CPU demos
     v = VisionArgs(width=64, layers=4, heads=4, patch_size=28, image_size=224)
-    return PneumoArgs(v, LlamaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=32), cls_every=1, **kw)
+    kw["cls_blocks"] = kw.get("cls_blocks") or [1, 2, 3, 4]
+    return PneumoArgs(v, LlamaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=32), **kw)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -336,7 +333,7 @@ class Llama(nn.Module):
         self.p = a.llama
         self.layers = nn.ModuleList(TransformerBlock(a) for _ in range(self.p.n_layers))
         self.norm = RMSNorm(self.p.dim, self.p.norm_eps)
-        self.tok_embeddings = nn.Embedding(self.p.vocab_size, self.p.dim) if a.question else None
+        self.tok_embeddings = nn.Embedding(self.p.vocab_size, self.p.dim) if a.question_ids else None
 
     def rope_tables(self, t: int, device):  # cos, sin (T, 1, d/2) for positions 0..T-1, fp32
         hd = self.p.dim // self.p.n_heads
@@ -444,6 +441,13 @@ class PneumoLLM(nn.Module):
         stem = [self.visual] if isinstance(self.visual, ConvStem) else []
         return adapters + stem + [m for m in (self.engine, self.proj, self.head) if m is not None]
 
+    def cast_frozen(self, dtype) -> "PneumoLLM":  # the dtype policy: CLIP/LLaMA weights in `dtype`, ours fp32
+        own = {id(p) for m in self.own_modules() for p in m.parameters()}
+        for p in self.parameters():
+            if id(p) not in own:
+                p.data = p.data.to(dtype)
+        return self
+
     def trainable_parameters(self) -> list:
         return [p for m in self.own_modules() for p in m.parameters() if p.requires_grad]
 
@@ -460,8 +464,8 @@ class PneumoLLM(nn.Module):
             h = rms_norm(h, a.llama.norm_eps)
         else:
             h = h.to(self.llama.norm.weight.dtype)
-            if a.question:  # Table 5: the question's token embeddings go first, as source tokens
-                q = self.llama.tok_embeddings(torch.tensor(a.question, device=h.device))  # (Q, D)
+            if a.question_ids:  # Table 5: the question's token embeddings go first, as source tokens
+                q = self.llama.tok_embeddings(torch.tensor(a.question_ids, device=h.device))  # (Q, D)
                 h = torch.cat([q.expand(h.shape[0], -1, -1), h], 1)  # (B, Q+T, D)
             k = diag.shape[1]
             h = self.llama(h, emitter_mask(h.shape[1] - k, k, h.device) if a.emitter and k else None)
@@ -490,9 +494,12 @@ class PneumoLLM(nn.Module):
             parent.adapter_attn = nn.Identity()
 
     def save_trainable(self, path):
-        """Only this project's own weights (a few MB), plus the config needed to rebuild the model."""
-        tensors = {n: p.detach().contiguous() for n, p in self.own_state_dict().items()}
-        save_file(tensors, str(path), metadata={"args": json.dumps(asdict(self.args))})
+        """Only this project's own weights (a few MB); a run's config.json says how to rebuild the
+        model. Written under a temporary name first: a kill never leaves half a file."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({n: p.detach().contiguous() for n, p in self.own_state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
 
     @torch.no_grad()
     def load_trainable(self, path):
@@ -501,17 +508,12 @@ class PneumoLLM(nn.Module):
             keys = set(f.keys())
             if keys != set(own):
                 diff = sorted(keys ^ set(own))[:3]
-                raise KeyError(f"{path}: trainable keys do not match this model, e.g. {diff}")
+                raise CheckpointError(f"{path}: trainable keys do not match this model, e.g. {diff}")
             for name in sorted(keys):
                 t = f.get_tensor(name)
                 if t.shape != own[name].shape:
-                    raise ValueError(f"{path}: {name} has shape {list(t.shape)}, model has {list(own[name].shape)}")
+                    raise CheckpointError(f"{path}: {name} has shape {list(t.shape)}, model has {list(own[name].shape)}")
                 own[name].copy_(t)
-
-
-def read_trainable_args(path) -> PneumoArgs:
-    with safe_open(str(path), "pt") as f:
-        return PneumoArgs.from_dict(json.loads(f.metadata()["args"]))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -538,11 +540,69 @@ LLAMA_IGNORE = [
 ]
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as given; the message names the file (scripts print one line)."""
+
+
 def _torch_load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # includes pickles that would run code: they are refused, never run
-        raise ValueError(f"{path}: not a plain tensor checkpoint, refused ({type(e).__name__}: {str(e)[:200]})") from None
+        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)  # old format: no mmap
+    except pickle.UnpicklingError as e:  # it would build something other than tensors: code, refused
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"code-bearing objects ({found[1]})" if found else "objects other than tensors"
+        raise CheckpointError(f"{path}: holds {what}; not loaded") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+
+_STORAGES = {f"{n}Storage": getattr(torch, d) for n, d in [("Half", "float16"), ("BFloat16", "bfloat16"), ("Float", "float32"),
+             ("Double", "float64"), ("Long", "int64"), ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"),
+             ("Bool", "bool")]}
+
+
+class _Inert:  # stands in for a TorchScript class (`__torch__.*`): keeps its pickled state, runs nothing
+    def __setstate__(self, state):
+        self.state = state
+
+
+def read_torchscript(path: Path) -> dict:
+    """Every tensor of a TorchScript archive (OpenAI's ViT-L-14.pt) by module path, read without running
+    any of it: `torch.jit.load` would execute the archive's code (a class's __setstate__, say). Its
+    data.pkl may build tensors (bytes from the data/ records), OrderedDicts and inert stand-ins for its
+    classes; any other global is refused."""
+    allowed = {("torch._utils", "_rebuild_tensor_v2"): lambda flat, at, size, stride, *_: flat.as_strided(size, stride, at),
+               ("collections", "OrderedDict"): OrderedDict, **{("torch", k): v for k, v in _STORAGES.items()}}
+    records = {}
+
+    class Reader(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("__torch__."):
+                return type(name, (_Inert,), {})
+            if (module, name) not in allowed:
+                raise CheckpointError(f"{path}: holds code-bearing objects ({module}.{name}); not loaded")
+            return allowed[module, name]
+
+        def persistent_load(self, pid):  # ('storage', dtype, record, location, numel) -> flat tensor
+            if pid[2] not in records:
+                raw = bytearray(archive.read(f"{prefix}data/{pid[2]}"))
+                records[pid[2]] = torch.frombuffer(raw, dtype=pid[1]) if raw else torch.empty(0, dtype=pid[1])
+            return records[pid[2]][:pid[4]]
+
+    def tensors(obj, at=""):  # the stand-ins' tensor attributes, by module path
+        state = obj.state if isinstance(getattr(obj, "state", None), dict) else {}
+        out = {at + k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        for k, v in state.items():
+            out.update(tensors(v, f"{at}{k}.") if isinstance(v, _Inert) else {})
+        return out
+
+    with zipfile.ZipFile(path) as archive:
+        prefix = next(n[:-len("data.pkl")] for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
+        try:
+            return tensors(Reader(archive.open(prefix + "data.pkl")).load())
+        except CheckpointError:
+            raise
+        except Exception as e:  # a damaged archive: say so in one line
+            raise CheckpointError(f"{path}: not a readable TorchScript archive ({type(e).__name__}: {e})") from None
 
 
 def _safetensors(files) -> dict:
@@ -562,21 +622,18 @@ def read_clip(path) -> tuple[VisionArgs, dict]:
     path = Path(path)
     if path.is_dir():
         return _read_clip_hf(path)
-    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-        # TorchScript runs no Python on load; keep the visual tensors and drop the rest at once
-        sd = {k: t for k, t in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
-    else:
-        sd = _torch_load(path)
+    torchscript = zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
+    sd = read_torchscript(path) if torchscript else _torch_load(path)
     if "conv1.weight" in sd:  # a vision-only OpenAI-layout file
         sd = {"visual." + k: t for k, t in sd.items()}
     if "visual.conv1.weight" not in sd:
-        raise KeyError(f"{path}: no visual.conv1.weight, not an OpenAI CLIP checkpoint")
+        raise CheckpointError(f"{path}: no visual.conv1.weight, not an OpenAI CLIP checkpoint")
     conv, pos = sd["visual.conv1.weight"], sd["visual.positional_embedding"]
     layers = sum(bool(re.fullmatch(r"visual\.transformer\.resblocks\.\d+\.attn\.in_proj_weight", k)) for k in sd)
     grid = round((pos.shape[0] - 1) ** 0.5)
     v = VisionArgs(conv.shape[0], layers, conv.shape[0] // 64, conv.shape[-1], conv.shape[-1] * grid)
-    # the text tower's keys are only checked against CLIP_IGNORE; its tensors are not kept
-    return v, {k: Entry(str(path), k, (lambda t=t: t) if k.startswith("visual.") else (lambda: None)) for k, t in sd.items()}
+    # the text tower's keys are listed too, to be checked against CLIP_IGNORE; its bytes stay on disk
+    return v, {k: Entry(str(path), k, lambda t=t: t) for k, t in sd.items()}
 
 
 _HF_CLIP = [  # Hugging Face name -> OpenAI name
@@ -599,7 +656,7 @@ def _read_clip_hf(folder: Path):
     v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"], c["image_size"])
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors files next to config.json")
+        raise CheckpointError(f"{folder}: no *.safetensors files next to config.json")
     out, qkv = {}, {}
     for k, e in _safetensors(files).items():
         for pat, rep in _HF_CLIP:
@@ -611,7 +668,7 @@ def _read_clip_hf(folder: Path):
             out[k] = e
     for k, parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
-            raise KeyError(f"{parts[next(iter(parts))].file}: {k} lacks one of q/k/v_proj")
+            raise CheckpointError(f"{parts[next(iter(parts))].file}: {k} lacks one of q/k/v_proj")
         out[k] = Entry(parts["q"].file, parts["q"].key, lambda p=parts: torch.cat([p[x].get() for x in "qkv"]))
     return v, out
 
@@ -624,7 +681,7 @@ def read_llama(path) -> tuple[LlamaArgs, dict]:
         return _read_llama_meta(path)
     if (path / "config.json").exists():
         return _read_llama_hf(path)
-    raise FileNotFoundError(f"{path}: neither params.json (Meta) nor config.json (Hugging Face) found")
+    raise CheckpointError(f"{path}: neither params.json (Meta) nor config.json (Hugging Face) found")
 
 
 # model-parallel shards: column-parallel weights are split along dim 0, row-parallel along dim 1,
@@ -635,16 +692,16 @@ _SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1,
 def _read_llama_meta(folder: Path):
     params = json.loads((folder / "params.json").read_text())
     if params.pop("use_scaled_rope", False):
-        raise ValueError(f"{folder}/params.json: use_scaled_rope (LLaMA-3.1) is not supported")
+        raise CheckpointError(f"{folder}/params.json: use_scaled_rope (LLaMA-3.1) is not supported")
     for k in ("max_seq_len", "max_batch_size"):  # inference-engine settings, not the model's
         params.pop(k, None)
     unknown = set(params) - {f.name for f in fields(LlamaArgs)}
     if unknown:
-        raise ValueError(f"{folder}/params.json: unknown setting(s) {sorted(unknown)}")
+        raise CheckpointError(f"{folder}/params.json: unknown setting(s) {sorted(unknown)}")
     p = LlamaArgs(**params)
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no consolidated.NN.pth next to params.json")
+        raise CheckpointError(f"{folder}: no consolidated.NN.pth next to params.json")
     shards = [_torch_load(f) for f in files]
     if len(shards) == 1:
         return p, _plain(shards[0], files[0])
@@ -674,7 +731,7 @@ def _read_llama_hf(folder: Path):
     c = json.loads((folder / "config.json").read_text())
     rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{folder}/config.json: rope scaling {rope.get('rope_type')} is not supported")
+        raise CheckpointError(f"{folder}/config.json: rope scaling {rope.get('rope_type')} is not supported")
     p = LlamaArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                   n_kv_heads=c.get("num_key_value_heads"), vocab_size=c.get("vocab_size", -1),
                   norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", rope.get("rope_theta", 1e4)),
@@ -702,14 +759,14 @@ def _load_frozen(model: nn.Module, scope: str, strip: str, entries: dict, ignore
     params = {n: p for n, p in model.named_parameters() if n.startswith(scope) and not p.requires_grad}
     for k, e in entries.items():
         if strip + k not in params and not ignored.fullmatch(k):
-            raise KeyError(f"{e.file}: unexpected key {e.key!r} (read as {k!r})")
+            raise CheckpointError(f"{e.file}: unexpected key {e.key!r} (read as {k!r})")
     for name, p in params.items():
         e = entries.get(name[len(strip):])
         if e is None:
-            raise KeyError(f"{next(iter(entries.values())).file}: missing key {name[len(strip):]!r}")
+            raise CheckpointError(f"{next(iter(entries.values())).file}: missing key {name[len(strip):]!r}")
         t = e.get()
         if t.shape != p.shape:
-            raise ValueError(f"{e.file}: {e.key!r} has shape {list(t.shape)}, the model expects {list(p.shape)}")
+            raise CheckpointError(f"{e.file}: {e.key!r} has shape {list(t.shape)}, the model expects {list(p.shape)}")
         _assign(model, name, t.to(device=device, dtype=dtype))
 
 
@@ -724,15 +781,6 @@ def materialise_own(model: PneumoLLM, device):
     assert not stuck, f"left on the meta device: {stuck[:3]}"
 
 
-def tokenize(tokenizer, text: str) -> tuple[list, int]:
-    """The question as LLaMA reads it: BOS + the pieces of LLaMA's sentencepiece `tokenizer.model`.
-    Returns (token ids, vocabulary size)."""
-    if not Path(tokenizer).is_file():
-        raise FileNotFoundError(f"{tokenizer}: no sentencepiece tokenizer.model there (it ships with LLaMA)")
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
-    return [sp.bos_id()] + sp.encode(text), sp.vocab_size()
-
-
 def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
     """Build PneumoLLM on `meta`, map the original checkpoints into it, then create this project's
     own parts (fp32) on `device`. Frozen weights: fp32 on CPU, fp16 elsewhere, unless `dtype` is
@@ -742,9 +790,9 @@ def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
     vision, clip_entries = read_clip(clip) if kw.get("encoder", "clip") == "clip" else (kw.pop("vision", VisionArgs()), {})
     llama_args, llama_entries = read_llama(llama) if llama else (LlamaArgs(), {})  # llm=False: only its width
-    if kw.get("question") and llama_args.vocab_size <= 0:  # Meta's params.json says -1
+    if kw.get("question_ids") and llama_args.vocab_size <= 0:  # Meta's params.json says -1
         if "tok_embeddings.weight" not in llama_entries:
-            raise KeyError(f"{llama}: no tok_embeddings.weight, which the question (text branch) needs")
+            raise CheckpointError(f"{llama}: no tok_embeddings.weight, which the question (text branch) needs")
         llama_args.vocab_size = llama_entries["tok_embeddings.weight"].get().shape[0]
     with torch.device("meta"):
         model = PneumoLLM(PneumoArgs(vision=vision, llama=llama_args, **kw))

@@ -48,6 +48,10 @@ class Skip(Exception):
     """An input that cannot be prepared; the run reports it and goes on."""
 
 
+class UserError(Exception):
+    """A mistake in the user's input (a file, a flag): the scripts print its one line and exit with 2."""
+
+
 # ------------------------------------------------------------------------------------------------
 # reading: DICOM through pydicom's own LUT functions, PNG/JPEG through Pillow -> float [0, 1], bright = dense
 
@@ -68,7 +72,7 @@ def read_dicom(path: Path) -> np.ndarray:
     except Exception as e:
         name = ds.file_meta.TransferSyntaxUID.name
         hint = " (needs a decoder plug-in: pip install pylibjpeg pylibjpeg-libjpeg)" if "Lossless" in name else ""
-        raise Skip(f"pixel data not decodable: {name}{hint}" if hint or "ompress" in str(e) else f"pixel data not decodable ({str(e)[:80]})")
+        raise Skip(f"pixel data not decodable: {name}{hint}" if hint or "ompress" in str(e) else f"pixel data not decodable ({first_line(e)})")
     if arr.ndim == 3:  # multi-frame grey: the first frame, as documented
         arr = arr[0]
     if arr.ndim != 2:
@@ -202,11 +206,15 @@ def safe_prepare(job):
     except Skip as e:
         return job[0], None, str(e)
     except Exception as e:  # an unexpected failure on one file must not lose the others
-        return job[0], None, f"{type(e).__name__}: {str(e)[:120]}"
+        return job[0], None, f"{type(e).__name__}: {first_line(e)}"
 
 
 # ------------------------------------------------------------------------------------------------
 # labels, patients, folds
+
+
+def first_line(e: Exception) -> str:  # an error's message, whole but on one line
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def pseudonym(key: bytes, kind: str, value: str, n=16) -> str:
@@ -224,11 +232,11 @@ def read_key(path: Path) -> bytes:
 def pick(cols, given, candidates, what, path):
     if given:
         if given not in cols:
-            raise SystemExit(f"{path}: no column {given!r} (columns: {', '.join(cols)})")
+            raise UserError(f"{path}: no column {given!r} (columns: {', '.join(cols)})")
         return given
     found = next((c for c in cols if c in candidates or c.lower() in candidates), None)
     if found is None and what != "patient":
-        raise SystemExit(f"{path}: no {what} column found among {', '.join(cols)}; name it with --{what}-col")
+        raise UserError(f"{path}: no {what} column found among {', '.join(cols)}; name it with --{what}-col")
     return found
 
 
@@ -248,13 +256,13 @@ def read_labels(a):
     for i, r in enumerate(rows, start=2):
         name, label = (r.get(ic) or "").strip(), (r.get(lc) or "").strip()
         if not label:
-            raise SystemExit(f"{a.labels}:{i}: missing label for {name!r}")
+            raise UserError(f"{a.labels}:{i}: missing label for {name!r}")
         if name in seen:
-            raise SystemExit(f"{a.labels}:{i}: duplicate row for {name!r}")
+            raise UserError(f"{a.labels}:{i}: duplicate row for {name!r}")
         seen.add(name)
         path = files.get(name) or (by_name.get(name) or [None])[0]
         if path is None:
-            raise SystemExit(f"{a.labels}:{i}: no file {name!r} under {a.images}")
+            raise UserError(f"{a.labels}:{i}: no file {name!r} under {a.images}")
         if "|" in label:  # several findings: one canonical order, so that equal sets are equal strings
             label = "|".join(sorted({x.strip() for x in label.split("|") if x.strip()}))
         items.append(dict(path=path, rel=name, label=label, patient=(r.get(pc) or "").strip() if pc else ""))
@@ -329,7 +337,7 @@ def run(a) -> int:
         it["id"] = pseudonym(key, "image", it["rel"])
         mask = masks.get(Path(it["rel"]).stem) if a.masks else None
         if a.masks and mask is None:
-            raise SystemExit(f"{a.masks}: no mask for {it['rel']!r}")
+            raise UserError(f"{a.masks}: no mask for {it['rel']!r}")
         jobs.append((it["path"], out / "images" / f"{it['id']}.png", a.crop, mask, a.size))
     per_class = ", ".join(f"{n}: {sum(has(it['label'], n) for it in items)}" for n in names)
     print(f"preparing {len(jobs)} images ({per_class}) with {a.workers} workers")
@@ -391,8 +399,15 @@ def main(argv=None):
         a.images, a.labels, a.out = src, src / "labels.csv", a.out or "data/demo"
     if not (a.images and a.labels and a.out):
         ap.error("give --images, --labels and --out (or --demo)")
+    for flag, value, least in (("--folds", a.folds, 1), ("--workers", a.workers, 1), ("--size", a.size, 8)):
+        if value < least:
+            ap.error(f"{flag} {value}: give {least} or more")
     return run(a)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

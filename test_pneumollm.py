@@ -134,7 +134,7 @@ def llama_files(request, tmp_path_factory):
 
 def load(clip, llama, **kw):
     torch.manual_seed(0)
-    return P.from_pretrained(clip, llama, "cpu", cls_every=1, **kw).eval()
+    return P.from_pretrained(clip, llama, "cpu", **dict(dict(cls_blocks=[1, 2, 3, 4]), **kw)).eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,16 +193,16 @@ def test_unknown_and_missing_keys_fail_naming_key_and_file(clip_files, llama_fil
     (tmp_path / "extra").mkdir()
     (tmp_path / "extra/params.json").write_text((llama_files["meta"] / "params.json").read_text())
     torch.save({**sd, "layers.0.attention.wz.weight": torch.zeros(2)}, tmp_path / "extra/consolidated.00.pth")
-    with pytest.raises(KeyError, match=r"consolidated\.00\.pth: unexpected key 'layers\.0\.attention\.wz\.weight'"):
+    with pytest.raises(P.CheckpointError, match=r"consolidated\.00\.pth: unexpected key 'layers\.0\.attention\.wz\.weight'"):
         load(clip_files["pt"], tmp_path / "extra")
     (tmp_path / "missing").mkdir()
     (tmp_path / "missing/params.json").write_text((llama_files["meta"] / "params.json").read_text())
     torch.save({k: t for k, t in sd.items() if k != "layers.1.ffn_norm.weight"}, tmp_path / "missing/consolidated.00.pth")
-    with pytest.raises(KeyError, match=r"consolidated\.00\.pth: missing key 'layers\.1\.ffn_norm\.weight'"):
+    with pytest.raises(P.CheckpointError, match=r"consolidated\.00\.pth: missing key 'layers\.1\.ffn_norm\.weight'"):
         load(clip_files["pt"], tmp_path / "missing")
     bad = dict(clip_files["sd"], **{"visual.ln_pre.weight": torch.ones(127)})
     torch.save(bad, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"bad\.pt: 'visual\.ln_pre\.weight' has shape \[127\], the model expects \[128\]"):
+    with pytest.raises(P.CheckpointError, match=r"bad\.pt: 'visual\.ln_pre\.weight' has shape \[127\], the model expects \[128\]"):
         load(tmp_path / "bad.pt", llama_files["meta"])
 
 
@@ -219,9 +219,9 @@ def test_pickle_that_runs_code_is_refused(clip_files, llama_files, tmp_path, mon
     with open(tmp_path / "evil/consolidated.00.pth", "wb") as f:
         pickle.dump({"norm.weight": Exploit()}, f)
     torch.save({"x": Exploit()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="not a plain tensor checkpoint, refused"):
+    with pytest.raises(P.CheckpointError, match=r"consolidated\.00\.pth: holds objects other than tensors; not loaded$"):
         load(clip_files["pt"], tmp_path / "evil")
-    with pytest.raises(ValueError, match=r"evil\.pt: not a plain tensor checkpoint"):
+    with pytest.raises(P.CheckpointError, match=r"evil\.pt: holds code-bearing objects \(\w+\.system\); not loaded$"):
         load(tmp_path / "evil.pt", llama_files["meta"])
     assert not flag.exists()
 
@@ -328,7 +328,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     perturb_adapters(model)
     model.save_trainable(tmp_path / "t.safetensors")
     assert (tmp_path / "t.safetensors").stat().st_size < 2_000_000
-    fresh = P.PneumoLLM(P.read_trainable_args(tmp_path / "t.safetensors")).eval()
+    fresh = P.PneumoLLM(P.tiny_args()).eval()
     fresh.load_state_dict({n: t for n, t in model.state_dict().items()})  # same frozen weights
     tiny(seed=5).save_trainable(tmp_path / "other.safetensors")
     fresh.load_trainable(tmp_path / "other.safetensors")
@@ -337,10 +337,10 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(img), model(img))
     save_file({"head.weight": torch.zeros(2, 64)}, str(tmp_path / "few.safetensors"))
-    with pytest.raises(KeyError, match=r"few\.safetensors: trainable keys do not match"):
+    with pytest.raises(P.CheckpointError, match=r"few\.safetensors: trainable keys do not match"):
         fresh.load_trainable(tmp_path / "few.safetensors")
     tiny(n_classes=3).save_trainable(tmp_path / "three.safetensors")
-    with pytest.raises(ValueError, match=r"three\.safetensors: head\.weight has shape \[3, 64\], model has \[2, 64\]"):
+    with pytest.raises(P.CheckpointError, match=r"three\.safetensors: head\.weight has shape \[3, 64\], model has \[2, 64\]"):
         fresh.load_trainable(tmp_path / "three.safetensors")
 
 
@@ -463,10 +463,10 @@ def test_label_file_problems_fail_before_any_work(tmp_path):
     cases = [([("a.png", "1"), ("b.png", "0")], "no file 'b.png'"), ([("a.png", "1"), ("a.png", "0")], "duplicate row for 'a.png'"),
              ([("a.png", "")], "missing label for 'a.png'")]
     for rows, msg in cases:
-        with pytest.raises(SystemExit, match=msg):
+        with pytest.raises(prepare.UserError, match=msg):
             run_prepare(tmp_path, tmp_path / "in", rows)
         assert not (tmp_path / "out/images").exists() or not any((tmp_path / "out/images").iterdir())
-    with pytest.raises(SystemExit, match="no column 'grade'"):
+    with pytest.raises(prepare.UserError, match="no column 'grade'"):
         run_prepare(tmp_path, tmp_path / "in", [("a.png", "1")], "--label-col", "grade")
 
 
@@ -539,6 +539,7 @@ def test_demo_generator_is_deterministic(tmp_path):
 # metrics against scikit-learn
 
 
+import common as C
 import eval as ev
 import train
 
@@ -550,7 +551,7 @@ def test_binary_metrics_match_sklearn_with_ties():
     y = rng.integers(0, 2, 200)
     score = np.round(np.clip(0.3 * y + rng.normal(0.35, 0.25, 200), 0, 1), 1)  # heavy ties
     prob = np.stack([1 - score, score], 1)
-    m = ev.metrics(y, prob)
+    m = C.metrics(y, prob)
     pred = prob.argmax(1)
     assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, score), abs=1e-12)
     assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, pos_label=1))
@@ -562,7 +563,7 @@ def test_binary_metrics_match_sklearn_with_ties():
     f2, t2, _ = sklearn_metrics.roc_curve(y, score, drop_intermediate=False)
     np.testing.assert_allclose(fpr, f2)
     np.testing.assert_allclose(tpr, t2)
-    assert ev.roc_auc(np.array([0, 0, 1, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert C.roc_auc(np.array([0, 0, 1, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
 
 
 def test_multiclass_metrics_match_sklearn_macro():
@@ -570,7 +571,7 @@ def test_multiclass_metrics_match_sklearn_macro():
     y = rng.integers(0, 3, 150)
     logits = rng.normal(size=(150, 3)) + 1.5 * np.eye(3)[y]
     prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    m = ev.metrics(y, prob)
+    m = C.metrics(y, prob)
     assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, prob, multi_class="ovr", average="macro"))
     assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, prob.argmax(1), average="macro"))
 
@@ -579,22 +580,22 @@ def test_multilabel_metrics_match_sklearn_per_finding_macro():
     rng = np.random.default_rng(2)
     y = (rng.random((200, 3)) < [0.2, 0.5, 0.7]).astype(np.float32)
     prob = 1 / (1 + np.exp(-(rng.normal(size=(200, 3)) + 2 * y - 1)))
-    m, pred = ev.metrics(y, prob), prob > 0.5
+    m, pred = C.metrics(y, prob), prob > 0.5
     assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, prob, average="macro"))
     assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, average="macro"))
     assert m["specificity"] == pytest.approx(sklearn_metrics.recall_score(1 - y, ~pred, average="macro"))
     assert m["accuracy"] == pytest.approx(1 - sklearn_metrics.hamming_loss(y, pred))
     assert m["avg"] == pytest.approx(np.mean([m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")]))
     assert np.array(m["confusion"]).shape == (3, 2, 2)
-    ci = ev.bootstrap(y, prob, n=50)
+    ci = ev.bootstrap(y, prob, np.arange(len(y)) // 2, n=50)
     assert all(lo <= m[k] <= hi for k, (lo, hi) in ci.items())
 
 
 def test_one_class_edge_cases_raise_clear_errors():
     with pytest.raises(ValueError, match="only one class"):
-        ev.roc_auc(np.ones(5), np.linspace(0, 1, 5))
+        C.roc_auc(np.ones(5), np.linspace(0, 1, 5))
     with pytest.raises(ValueError, match=r"every class present; counts per class: \[0, 4\]"):
-        ev.metrics(np.ones(4, int), np.full((4, 2), 0.5))
+        C.metrics(np.ones(4, int), np.full((4, 2), 0.5))
 
 
 # ================================================================================================
@@ -628,35 +629,37 @@ def test_tiny_training_beats_chance_and_eval_scores_a_real_dicom(demo_data, tmp_
         assert re.search(r"RG1_UNCR\.dcm: P\(pneumoconiosis\) = [01]\.\d{3}", capsys.readouterr().out)
 
 
-def test_kill_and_resume_equals_uninterrupted(demo_data, tmp_path, monkeypatch):
+def test_kill_and_resume_equals_uninterrupted(demo_data, tmp_path, monkeypatch, capsys):
     args = ["--epochs", "3", "--val-frac", "0.2"]
     full = train.main(train_args(demo_data, tmp_path / "full", *args))
-    real_save, saves = train.save_atomic, []
+    real_save, saves = train.Training.save, []
 
-    def killed_after_epoch_2(obj, path, model=None):
-        real_save(obj, path, model)
-        saves.append(path.name)
-        if saves.count("state.pt") == 2:
+    def killed_after_epoch_2(self, out):
+        real_save(self, out)
+        saves.append(self.epoch)
+        if len(saves) == 2:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(train, "save_atomic", killed_after_epoch_2)
+    monkeypatch.setattr(train.Training, "save", killed_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(demo_data, tmp_path / "resumed", *args))
-    monkeypatch.setattr(train, "save_atomic", real_save)
-    resumed = train.main(train_args(demo_data, tmp_path / "resumed", *args, "--resume"))
+    monkeypatch.setattr(train.Training, "save", real_save)
+    capsys.readouterr()
+    resumed = train.main(train_args(demo_data, tmp_path / "resumed", *args))  # the same command again
+    assert "resuming the interrupted run after epoch 2 of 3" in capsys.readouterr().out
     assert resumed == full
     assert (tmp_path / "full/last.safetensors").read_bytes() == (tmp_path / "resumed/last.safetensors").read_bytes()
     assert (tmp_path / "full/log.jsonl").read_text() == (tmp_path / "resumed/log.jsonl").read_text()
 
 
 def test_test_fold_is_loaded_only_for_the_final_evaluation(demo_data, tmp_path, monkeypatch):
-    calls, real = [], train.Data.images
+    calls, real = [], C.Data.images
 
     def spy(self, rows):
         calls.append(({int(r["fold"]) for r in rows}, (tmp_path / "run/state.pt").exists()))
         return real(self, rows)
 
-    monkeypatch.setattr(train.Data, "images", spy)
+    monkeypatch.setattr(C.Data, "images", spy)
     train.main(train_args(demo_data, tmp_path / "run", "--epochs", "2", "--fold", "2"))
     with_test = [i for i, (folds, _) in enumerate(calls) if 2 in folds]
     assert with_test == [len(calls) - 1] and calls[-1] == ({2}, True)  # once, last, after training
@@ -676,7 +679,7 @@ def test_non_finite_steps_are_skipped_and_an_all_bad_epoch_stops(demo_data, tmp_
     assert rec["skipped"] == 1 and np.isfinite(rec["loss"])
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "one/last.safetensors").values())
     monkeypatch.setattr(train, "loss_fn", lambda logits, y, cfg: real(logits, y, cfg) * float("nan"))
-    with pytest.raises(SystemExit, match="every step of epoch 1 had a non-finite loss"):
+    with pytest.raises(prepare.UserError, match="every step of epoch 1 had a non-finite loss"):
         train.main(train_args(demo_data, tmp_path / "all", "--epochs", "1", "--val-frac", "0"))
 
 
@@ -697,14 +700,14 @@ def test_multilabel_set_prepares_trains_and_evaluates(demo_data, tmp_path):
     m = train.main(train_args(out, tmp_path / "run/fold1", "--epochs", "2", "--val-frac", "0.2"))
     assert set(m) >= {"sensitivity", "specificity", "accuracy", "auc", "avg"} and np.array(m["confusion"]).shape == (2, 2, 2)
     pred = list(_csv.DictReader(open(tmp_path / "run/fold1/predictions.csv")))
-    probs = np.array([[float(q) for q in p["probability"].split()] for p in pred])
+    probs = np.array([[float(p["p_opacity"]), float(p["p_pneumoconiosis"])] for p in pred])
     assert probs.shape == (len(pred), 2) and not np.allclose(probs.sum(1), 1)  # two sigmoids, not a softmax
     assert all(set(p["prediction"].split("|")) <= {"", "opacity", "pneumoconiosis"} for p in pred)
     assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1"]) == 0
 
 
 def test_missing_checkpoint_gives_the_download_message(demo_data, tmp_path):
-    with pytest.raises(SystemExit, match=r"(?s)nope/ViT-L-14\.pt not found.*--model tiny"):
+    with pytest.raises(prepare.UserError, match=r"nope/ViT-L-14\.pt not found: .*--model tiny runs without them"):
         train.main(["--data", str(demo_data), "--out", str(tmp_path), "--clip", "nope/ViT-L-14.pt", "--llama", "nope/llama"])
 
 
@@ -740,15 +743,15 @@ VARIANTS = {  # train.py flags
     "published": [], "no-llm": ["--no-llm"], "simplified": ["--engine", "none", "--no-emitter"],
     "no-adapters": ["--engine", "none", "--no-emitter", "--no-vit-adapters", "--no-llm-adapters"],
     "coop": ["--engine", "coop", "--no-emitter"], "cocoop": ["--engine", "cocoop"], "no-emitter": ["--no-emitter"],
-    "no-vit-adapters": ["--no-vit-adapters"], "no-llm-adapters": ["--no-llm-adapters"], "k16": ["--diag-tokens", "16"],
+    "no-vit-adapters": ["--no-vit-adapters"], "no-llm-adapters": ["--no-llm-adapters"], "k16": ["--n-diag", "16"],
     "cls-blocks": ["--cls-blocks", "2,3"], "conv": ["--encoder", "conv"], "authors": ["--authors-code"],
 }
 
 
 def tiny_variant(flags, seed=0):
-    cfg = vars(train.parse(["--model", "tiny", *flags]))
+    cfg = dict(train.parse(["--model", "tiny", *flags]), multi_label=False)
     torch.manual_seed(seed)
-    return P.PneumoLLM(P.tiny_args(**train.pneumo_args(cfg))), cfg
+    return P.PneumoLLM(P.tiny_args(**C.pneumo_fields(cfg))), cfg
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -782,7 +785,7 @@ def test_impossible_ablations_fail_with_a_message(capsys):
     with pytest.raises(ValueError, match="unknown engine 'coopp'"):
         P.PneumoArgs(engine="coopp")
     with pytest.raises(ValueError, match="a question needs the LLM"):
-        P.PneumoArgs(question=[1, 2])  # vocab_size unknown
+        P.PneumoArgs(question_ids=[1, 2])  # vocab_size unknown
     for flags, msg in [(["--question", "x", "--no-llm"], "cannot go with --no-llm"), (["--cls-blocks", "12;24"], "block numbers")]:
         with pytest.raises(SystemExit):
             train.parse(flags)
@@ -848,7 +851,7 @@ QUESTION = "Does the patient have pneumoconiosis?"
 def test_text_branch_prepends_the_checkpoints_question_embeddings(clip_files, llama_files, tmp_path, fmt):
     import sentencepiece as spm
     tok = write_tokenizer(tmp_path / "tokenizer.model", 40)  # the tiny LLaMA's vocabulary
-    ids, vocab = P.tokenize(tok, QUESTION)
+    ids, vocab = C.tokenize(tok, QUESTION)
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     assert ids[0] == sp.bos_id() == 1 and sp.decode(ids[1:]) == QUESTION and vocab == sp.vocab_size() <= 40
     folder = llama_files.get(fmt)
@@ -856,15 +859,15 @@ def test_text_branch_prepends_the_checkpoints_question_embeddings(clip_files, ll
         folder = shutil.copytree(llama_files["meta"], tmp_path / "meta")
         params = json.loads((folder / "params.json").read_text())
         (folder / "params.json").write_text(json.dumps(dict(params, vocab_size=-1)))
-    model = load(clip_files["pt"], folder, question=ids)
+    model = load(clip_files["pt"], folder, question_ids=ids)
     assert model.llama.tok_embeddings.weight.shape == (40, 64)
     h, mask = tokens_into_llama(model, torch.randn(2, 3, 56, 56))
     q, n = len(ids), model.args.n_cls
     assert h.shape == (2, q + n + 4, 64)
     assert torch.equal(h[:, :q], llama_files["sd"]["tok_embeddings.weight"][ids].expand(2, -1, -1))
     assert torch.equal(mask, P.emitter_mask(q + n, 4))  # the question is a source: nobody reads the diagnosis tokens
-    with pytest.raises(FileNotFoundError, match=r"nope/tokenizer\.model: no sentencepiece"):
-        P.tokenize(tmp_path / "nope/tokenizer.model", QUESTION)
+    with pytest.raises(prepare.UserError, match=r"nope/tokenizer\.model: no sentencepiece"):
+        C.tokenize(tmp_path / "nope/tokenizer.model", QUESTION)
 
 
 def test_no_llm_and_conv_stem_read_only_what_they_use(clip_files, llama_files):
@@ -884,7 +887,7 @@ def test_any_clip_size_is_inferred_from_the_file(clip_files, tmp_path):
     vision, _ = P.read_clip(tmp_path / "ViT-84px.pt")
     assert vision == P.VisionArgs(128, 4, 2, 14, 84)
     model = P.PneumoLLM(P.PneumoArgs(vision, P.LlamaArgs(dim=64, n_layers=1, n_heads=4, multiple_of=32)))
-    x = train.normalise(torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8), dict(norm="clip"), 84)
+    x = C.normalise(torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8), dict(norm="clip"), 84)
     assert x.shape == (2, 3, 84, 84) and model(x).shape == (2, 2)
 
 
@@ -897,8 +900,8 @@ def test_readme_ablation_table_counts_are_the_real_shapes_counts():
     rows = re.findall(r"^\| `([^`]*)` \|.*\| ([\d,]+) \|[^|]*\|$", text, re.M)
     assert len(rows) >= 18
     for flags, count in rows:
-        cfg = vars(train.parse(shlex.split(flags.replace("(defaults)", ""))))
-        kw = dict(train.pneumo_args(cfg), question=[1, 2, 3] if cfg["question"] else [])
+        cfg = train.parse(shlex.split(flags.replace("(defaults)", "")))
+        kw = dict(C.pneumo_fields(cfg), question_ids=[1, 2, 3] if cfg["question"] else [])
         with torch.device("meta"):
             model = P.PneumoLLM(P.PneumoArgs(CLIP_SHAPES[Path(cfg["clip"]).name], P.LlamaArgs(vocab_size=32000), **kw))
         assert f"{sum(p.numel() for p in model.trainable_parameters()):,}" == count, flags
@@ -911,8 +914,8 @@ def test_authors_code_flag_reproduces_their_choices(demo_data, tmp_path, capsys)
     assert json.loads((out / "metrics.json").read_text())["selected_on"] == "test"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["norm"] == "imagenet" and cfg["authors_code"]
-    fresh = train.build(cfg, 2)  # the same seed: the engine as initialised, which must not have moved
-    trained, _ = train.load_trained(cfg, out / "best.safetensors", with_data=False)
+    fresh = C.build(cfg)  # the same seed: the engine as initialised, which must not have moved
+    trained, _ = C.load_run(out)
     assert all(torch.equal(a, b) for a, b in zip(fresh.engine.parameters(), trained.engine.parameters()))
     assert not torch.equal(fresh.proj.fc1.weight, trained.proj.fc1.weight)
 
@@ -923,12 +926,12 @@ def test_combined_ablation_flags_survive_the_run_and_the_reload(demo_data, tmp_p
     flags = ["--question", QUESTION, "--tokenizer", str(tok), "--engine", "cocoop", "--cls-blocks", "2,4", "--no-vit-adapters"]
     train.main(train_args(demo_data, out, "--epochs", "1", *flags))
     cfg = json.loads((out / "config.json").read_text())
-    model, data = train.load_trained(cfg, out / "best.safetensors")
+    model, _ = C.load_run(out)
     a = model.args
-    assert (a.question, a.engine, a.blocks(), a.vit_adapters) == (cfg["question_ids"], "cocoop", [2, 4], False)
-    rows, images, _ = data.split(1, 0)["test"]
-    prob = train.predict(model, images, cfg)[:, 1]
-    saved = [float(r["probability"]) for r in _csv.DictReader(open(out / "predictions.csv"))]
+    assert (a.question_ids, a.engine, a.blocks(), a.vit_adapters) == (cfg["question_ids"], "cocoop", [2, 4], False)
+    data = C.Data(demo_data)
+    prob = C.predict(model, data.images(data.split(1, 0)["test"]), cfg)[:, 1]
+    saved = [float(r["p_pneumoconiosis"]) for r in _csv.DictReader(open(out / "predictions.csv"))]
     np.testing.assert_allclose(prob, saved, atol=2e-6)
 
 
@@ -995,16 +998,3 @@ def test_compiled_training_step_is_one_graph_and_matches_eager():
         grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters()]))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
     assert (grads[1] - grads[0]).norm() < 1e-4 * grads[0].norm() and grads[0].norm() > 0
-
-
-def test_bench_live_bytes_counts_storages_from_creation_to_free():
-    import bench  # the simulated memory peak behind README's projection for --checkpoint-vit
-    x = torch.empty(1024, device="meta")  # 4 KiB
-    with bench.LiveBytes([x]) as live:
-        a = x * 2  # 8 KiB alive
-        b = a.view(32, 32)  # a view: no new storage
-        del a, b  # 4 KiB
-        c = torch.cat([x, x])  # 12 KiB: the peak
-        del c
-        d = x.half()  # 6 KiB
-    assert (live.peak, live.now, d.shape) == (12288, 6144, (1024,))
