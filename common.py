@@ -116,13 +116,21 @@ def build(cfg: dict) -> P.PneumoLLM:
     torch.manual_seed(cfg["seed"])
     kw = dict(pneumo_fields(cfg), n_classes=len(cfg["classes"]))
     if cfg["model"] == "tiny":
-        return P.PneumoLLM(P.tiny_args(vocab_size=cfg.get("vocab_size", -1), **kw)).to(device).cast_frozen(dtype)
+        return cast_frozen(P.PneumoLLM(P.tiny_args(vocab_size=cfg.get("vocab_size", -1), **kw)).to(device), dtype)
     for path, needed in ((cfg["clip"], kw["encoder"] == "clip"), (cfg["llama"], kw["llm"])):
         if needed and not Path(path).exists():
             raise UserError(f"{path} not found: PneumoLLM needs OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as Meta or "
                             "Hugging Face ship it (--llama); README 'The real model' says what to put where; "
                             "--model tiny runs without them")
     return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype, **kw)
+
+
+def cast_frozen(model: P.PneumoLLM, dtype) -> P.PneumoLLM:  # from_pretrained's dtype policy for a random model
+    own = {id(p) for m in model.own_modules() for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in own:  # CLIP's and LLaMA's weights in `dtype`; this project's stay fp32
+            p.data = p.data.to(dtype)
+    return model
 
 
 def finished(run: Path) -> bool:

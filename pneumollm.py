@@ -1,32 +1,31 @@
 """
-PneumoLLM in one file: a frozen CLIP ViT and a frozen LLaMA, tuned with tiny RepAdapters, that
-classify chest radiographs (Song et al., "PneumoLLM: Harnessing the Power of Large Language Model
-for Pneumoconiosis Diagnosis", Medical Image Analysis 2024).
+PneumoLLM in one file (Song et al., "PneumoLLM: Harnessing the Power of Large Language Model for
+Pneumoconiosis Diagnosis", Medical Image Analysis 2024): a frozen CLIP ViT and a frozen LLaMA,
+tuned with tiny RepAdapters, that classify chest radiographs.
 
-    image -> CLIP ViT (adapter before every attention) -> raw CLS token after every k-th block
-          -> contextual multi-token engine (K diagnosis tokens, Eq. 1) -> projection MLP
-          -> LLaMA blocks (adapter before every attention, information-emitter mask, Eq. 2)
-          -> final RMSNorm -> mean over tokens -> linear head -> logits
+    image -> CLIP ViT (adapter before every attention) -> raw CLS token after every 4th block
+          -> multi-token engine (K diagnosis tokens, Eq. 1) -> projection MLP -> LLaMA blocks
+          (adapter before every attention, emitter mask, Eq. 2) -> RMSNorm -> token mean -> head
 
-Checkpoints are read as published, with no conversion step: OpenAI's `ViT-L-14.pt` (TorchScript or a
-plain state dict) or a Hugging Face CLIP folder; Meta's LLaMA folder (`params.json` +
-`consolidated.NN.pth`, any number of shards) or a Hugging Face LLaMA folder (`*.safetensors`).
-Module paths equal the OpenAI / Meta checkpoint keys. See ../shared/SPEC.md for every detail. Each
-ablation of the paper (Tables 4-6, Fig. 6) is one PneumoArgs field; README.md lists them.
+Checkpoints are read as published, with no conversion step (OpenAI's or Hugging Face's CLIP, Meta's
+or Hugging Face's LLaMA; README: The real model), never by running code from a file. Module paths
+equal OpenAI's / Meta's keys. ../shared/SPEC.md pins every detail; each ablation of the paper
+(Tables 4-6, Fig. 6) is a PneumoArgs field.
 
-Dtype policy, stated once: frozen weights are fp16/bf16 on GPU and fp32 on CPU; trainable weights
-are always fp32; LayerNorm, RMSNorm, RoPE and softmax run in fp32. Each trainable module casts its
-input to its own dtype and its output back, so the model runs with or without autocast.
+Dtype policy, stated once: frozen weights fp16/bf16 on GPU, on CPU as the checkpoint stores them;
+trainable weights fp32; LayerNorm, RMSNorm, RoPE and softmax in fp32. Each trainable module casts
+its input to its own dtype and its output back, so the model runs with or without autocast.
 """
 import json
 import os
 import pickle
 import re
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
+from functools import partial
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -68,20 +67,16 @@ class LlamaArgs:  # field names as in Meta's params.json, so LlamaArgs(**params)
     ffn_hidden: Optional[int] = None  # set from Hugging Face's intermediate_size; else Meta's rule
     rope_halves: bool = False  # Hugging Face's q/k row order (see rope()); Meta's is interleaved
 
-    def hidden_dim(self) -> int:  # Meta's FeedForward sizing: 2/3 of 4*dim, rounded up
-        if self.ffn_hidden:
-            return self.ffn_hidden
-        h = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            h = int(self.ffn_dim_multiplier * h)
-        return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+    def hidden_dim(self) -> int:  # Meta's FeedForward sizing: 2/3 of 4*dim, times the multiplier, rounded up
+        h = int((self.ffn_dim_multiplier or 1) * int(2 * 4 * self.dim / 3))
+        return self.ffn_hidden or self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
 
 
 @dataclass
 class PneumoArgs:
     vision: VisionArgs = field(default_factory=VisionArgs)
     llama: LlamaArgs = field(default_factory=LlamaArgs)
-    cls_blocks: Optional[list] = None  # 1-based ViT blocks whose CLS token is kept; None: every 4th (4, 8, .., 24)
+    cls_blocks: Optional[list] = None  # 1-based ViT blocks whose CLS token is kept; None: 4, 8, .., 24
     n_diag: int = 4  # K diagnosis tokens
     engine_hidden: int = 12
     adapter_hidden: int = 8
@@ -104,8 +99,9 @@ class PneumoArgs:
             raise ValueError(f"unknown engine {self.engine!r} or encoder {self.encoder!r}")
         if self.question_ids and (not self.llm or self.llama.vocab_size <= 0):
             raise ValueError("a question needs the LLM and its vocab_size (the token embedding's rows)")
-        if self.encoder == "clip" and not (self.blocks() and set(self.blocks()) <= set(range(1, self.vision.layers + 1))):
-            raise ValueError(f"CLS blocks {self.blocks()} must lie in 1..{self.vision.layers} (the ViT's blocks)")
+        b = self.blocks()
+        if self.encoder == "clip" and not (b and 1 <= b[0] <= b[-1] <= self.vision.layers):
+            raise ValueError(f"CLS blocks {b} must lie in 1..{self.vision.layers} (the ViT's blocks)")
         if self.n_diag < 1 and self.engine != "none":
             raise ValueError(f"engine {self.engine!r} needs at least one diagnosis token, not {self.n_diag}")
 
@@ -114,9 +110,8 @@ class PneumoArgs:
 
     @property
     def n_cls(self) -> int:  # source tokens: CLS tokens, or the conv stem's patch tokens
-        if self.encoder == "conv":
-            return (self.vision.image_size // self.vision.patch_size) ** 2
-        return len(self.blocks())
+        grid = self.vision.image_size // self.vision.patch_size
+        return grid * grid if self.encoder == "conv" else len(self.blocks())
 
 
 def tiny_args(vocab_size=-1, **kw) -> PneumoArgs:  # a few-MB model for tests and CPU demos
@@ -133,10 +128,6 @@ class LayerNorm(nn.LayerNorm):  # CLIP's: computed in fp32 whatever the weights'
     def forward(self, x):
         w, b = self.weight.float(), self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
-
-
-def quick_gelu(x):  # CLIP's GELU approximation
-    return x * torch.sigmoid(1.702 * x)
 
 
 def rms_norm(x, eps: float):  # in fp32, no weight
@@ -181,10 +172,9 @@ class RepAdapter(nn.Module):
         y = torch.einsum("...gi,goi->...go", h, w).flatten(-2) + self.up_bias  # (..., C)
         return x + y.to(x.dtype)
 
-    def dense(self):  # the adapter as x -> M x + c, in fp32: M (C, C), c (C,)
-        up = torch.block_diag(*self.up_weight.float().chunk(self.groups, 0))  # (C, h)
-        m = torch.eye(up.shape[0], device=up.device) + up @ self.down.weight.float()
-        return m, up @ self.down.bias.float() + self.up_bias.float()
+    def factors(self):  # the adapter as x -> x + U D x + c, in fp32: U (C, h) block-diagonal, D (h, C), c (C,)
+        up = torch.block_diag(*self.up_weight.float().chunk(self.groups, 0))
+        return up, self.down.weight.float(), up @ self.down.bias.float() + self.up_bias.float()
 
 
 def make_adapter(dim: int, a: PneumoArgs, on: bool) -> nn.Module:
@@ -222,15 +212,15 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.adapter_attn(self.ln_1(x)))
-        h = quick_gelu(self.mlp.c_fc(self.ln_2(x)))
+        h = self.mlp.c_fc(self.ln_2(x))
+        h = h * torch.sigmoid(1.702 * h)  # QuickGELU, CLIP's approximation
         return x + self.mlp.c_proj(h)
 
 
 class VisionTransformer(nn.Module):
-    """CLIP's vision tower up to the residual stream: returns the raw CLS token (no ln_post, no
-    proj) after each of the blocks `a.blocks()`, shallow to deep; blocks past the last are skipped.
-    `grad_checkpointing` keeps only each block's input for the backward pass and recomputes the rest
-    (the ViT's activations are most of the training memory; about +25 % time)."""
+    """CLIP's vision tower up to the residual stream: the raw CLS token (no ln_post, no proj) after each
+    of the blocks `a.blocks()`, shallow to deep; later blocks are skipped. `grad_checkpointing` keeps
+    only each block's input for the backward and recomputes the rest (less memory, about +25 % time)."""
 
     def __init__(self, a: PneumoArgs):
         super().__init__()
@@ -241,7 +231,8 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(v.width**-0.5 * torch.randn(grid * grid + 1, v.width))
         self.ln_pre = LayerNorm(v.width)
         # blocks past the last kept one are loaded but never run, so they get no adapter
-        blocks = [ResidualAttentionBlock(v.width, v.heads, a, a.vit_adapters and i < self.keep[-1]) for i in range(v.layers)]
+        blocks = [ResidualAttentionBlock(v.width, v.heads, a, a.vit_adapters and i < self.keep[-1]) 
+                  for i in range(v.layers)]
         self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(blocks)))
         self.grad_checkpointing = False
 
@@ -272,11 +263,10 @@ class ConvStem(nn.Module):  # Fig. 6a's "Conv14": one trainable patchify conv, n
 
 
 def rope(x, cos, sin, halves: bool):  # x (B, T, h, d); rotates pair i by angle i
-    """Meta's rows hold the pairs interleaved, (x0, x1), (x2, x3), ... (its complex view); Hugging
-    Face's files permute the q/k rows so that pair i is (x_i, x_{i+d/2}) (`rotate_half`). Both are
-    used as stored: no copy of the weights to re-order them."""
+    """Meta's rows hold the pairs interleaved, (x0, x1), (x2, x3), ...; Hugging Face's files permute q/k
+    rows so that pair i is (x_i, x_{i+d/2}) (`rotate_half`). Both are used as stored: no re-ordered copy."""
     xf = x.float()
-    x0, x1 = xf.unflatten(-1, (2, -1)).unbind(-2) if halves else xf.unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, h, d/2)
+    x0, x1 = xf.unflatten(-1, (2, -1)).unbind(-2) if halves else xf.unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -2 if halves else -1).flatten(-2).type_as(x)
 
 
@@ -291,8 +281,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(p.n_heads * hd, p.dim, bias=False)
 
     def forward(self, x, cos, sin, mask):  # x (B, T, D), mask (T, T) additive
-        q = rope(self.wq(x).unflatten(-1, (self.n_heads, -1)), cos, sin, self.halves).transpose(1, 2)  # (B, h, T, d)
-        k = rope(self.wk(x).unflatten(-1, (self.n_kv, -1)), cos, sin, self.halves).transpose(1, 2)  # (B, kv, T, d)
+        q = rope(self.wq(x).unflatten(-1, (self.n_heads, -1)), cos, sin, self.halves).transpose(1, 2)  # B h T d
+        k = rope(self.wk(x).unflatten(-1, (self.n_kv, -1)), cos, sin, self.halves).transpose(1, 2)  # B kv T d
         v = self.wv(x).unflatten(-1, (self.n_kv, -1)).transpose(1, 2)
         if self.n_kv != self.n_heads:  # kv head j serves query heads j*r .. j*r + r - 1
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv, 1) for t in (k, v))
@@ -352,10 +342,7 @@ class Llama(nn.Module):
 # PneumoLLM's own parts: engine, projection, emitter mask, head
 
 
-class MultiTokenEngine(nn.Module):
-    """Eq. 1: each diagnosis token is a softmax-weighted (convex) combination of the n CLS tokens,
-    with weights scored from the CLS tokens themselves."""
-
+class MultiTokenEngine(nn.Module):  # Eq. 1: each diagnosis token is a convex combination of the CLS tokens
     def __init__(self, width: int, hidden: int, k: int):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, k)
@@ -367,15 +354,15 @@ class MultiTokenEngine(nn.Module):
 
 
 class LearnedTokens(nn.Module):
-    """The prompt-learning baselines of Table 6. CoOp: K context tokens learned once and shared by
-    every image. CoCoOp (`conditional`): the same tokens plus one shift per image, computed by a
-    small meta-net from the image feature (here the deepest CLS token); names as in CoCoOp's code."""
+    """Table 6's prompt-learning baselines. CoOp: K tokens learned once, shared by every image. CoCoOp
+    (`conditional`): plus a per-image shift from a meta-net on the deepest CLS token (CoCoOp's names)."""
 
     def __init__(self, width: int, k: int, conditional: bool):
         super().__init__()
         self.ctx = nn.Parameter(torch.empty(k, width))
-        self.meta_net = nn.Sequential(OrderedDict(linear1=nn.Linear(width, width // 16), relu=nn.ReLU(),
-                                                  linear2=nn.Linear(width // 16, width))) if conditional else None
+        hidden = width // 16
+        layers = OrderedDict(linear1=nn.Linear(width, hidden), relu=nn.ReLU(), linear2=nn.Linear(hidden, width))
+        self.meta_net = nn.Sequential(layers) if conditional else None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -434,19 +421,11 @@ class PneumoLLM(nn.Module):
             self.engine.requires_grad_(False)
 
     def own_modules(self) -> list:
-        """What this project creates rather than reads from CLIP/LLaMA, chosen by module, never by
-        matching names: adapters, (conv stem,) engine, projection, head. All saved; all trained
-        except the engine under train_engine=False."""
+        """What this project creates rather than reads from CLIP/LLaMA, chosen by module, never by name:
+        adapters, (conv stem,) engine, projection, head. All saved; trained unless train_engine=False."""
         adapters = [m for m in self.modules() if isinstance(m, RepAdapter)]
         stem = [self.visual] if isinstance(self.visual, ConvStem) else []
         return adapters + stem + [m for m in (self.engine, self.proj, self.head) if m is not None]
-
-    def cast_frozen(self, dtype) -> "PneumoLLM":  # the dtype policy: CLIP/LLaMA weights in `dtype`, ours fp32
-        own = {id(p) for m in self.own_modules() for p in m.parameters()}
-        for p in self.parameters():
-            if id(p) not in own:
-                p.data = p.data.to(dtype)
-        return self
 
     def trainable_parameters(self) -> list:
         return [p for m in self.own_modules() for p in m.parameters() if p.requires_grad]
@@ -473,29 +452,26 @@ class PneumoLLM(nn.Module):
 
     @torch.no_grad()
     def merge_adapters(self):
-        """Re-parameterisation: fold every adapter into the q/k/v projections after it, W' = W M,
-        b' = W c + b, and drop it. Inference then costs exactly the frozen backbone."""
+        """Re-parameterisation: fold each adapter x -> x + U D x + c into the q/k/v projection after it,
+        W' = W + (W U) D (rank h: no C x C product), b' = W c + b, and drop it: inference costs the frozen
+        backbone alone. It writes q/k/v: on a CPU, private copies of memory-mapped pages (eval.py skips it)."""
         vit = self.visual.transformer.resblocks if isinstance(self.visual, VisionTransformer) else []
         llm = self.llama.layers if self.llama is not None else []
-        for block in vit:
+        targets = [(b, [(b.attn, "in_proj_weight", "in_proj_bias")]) for b in vit]
+        targets += [(b, [(getattr(b.attention, w), "weight", "bias") for w in ("wq", "wk", "wv")]) for b in llm]
+        for block, linears in targets:
             if isinstance(block.adapter_attn, RepAdapter):
-                m, c = block.adapter_attn.dense()
-                w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
-                b.copy_(w.float() @ c + b.float())
-                w.copy_(w.float() @ m)
-        for layer in llm:
-            if isinstance(layer.adapter_attn, RepAdapter):
-                m, c = layer.adapter_attn.dense()
-                for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
-                    w = lin.weight
-                    lin.bias = nn.Parameter((w.float() @ c).to(w.dtype), requires_grad=False)
-                    w.copy_(w.float() @ m)
-        for parent in [*vit, *llm]:
-            parent.adapter_attn = nn.Identity()
+                up, down, c = block.adapter_attn.factors()
+                for m, w_name, b_name in linears:
+                    w, b = getattr(m, w_name), getattr(m, b_name)
+                    bias = w.float() @ c + (0 if b is None else b.float())
+                    setattr(m, b_name, nn.Parameter(bias.to(w.dtype), requires_grad=False))
+                    w.copy_(w.float() + (w.float() @ up) @ down)
+                block.adapter_attn = nn.Identity()
 
     def save_trainable(self, path):
-        """Only this project's own weights (a few MB); a run's config.json says how to rebuild the
-        model. Written under a temporary name first: a kill never leaves half a file."""
+        """Only this project's own weights (a few MB), written under a temporary name first: a kill never
+        leaves half a file. A run's config.json says how to rebuild the model."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         save_file({n: p.detach().contiguous() for n, p in self.own_state_dict().items()}, str(tmp))
@@ -512,7 +488,7 @@ class PneumoLLM(nn.Module):
             for name in sorted(keys):
                 t = f.get_tensor(name)
                 if t.shape != own[name].shape:
-                    raise CheckpointError(f"{path}: {name} has shape {list(t.shape)}, model has {list(own[name].shape)}")
+                    raise CheckpointError(f"{path}: {name} is {list(t.shape)}, expected {list(own[name].shape)}")
                 own[name].copy_(t)
 
 
@@ -520,11 +496,7 @@ class PneumoLLM(nn.Module):
 # loaders: read the original files lazily; a checkpoint key maps to (file, original key, getter)
 
 
-@dataclass
-class Entry:
-    file: str
-    key: str  # the key as the file spells it, for error messages
-    get: Callable[[], torch.Tensor]
+Entry = namedtuple("Entry", "file key get")  # key: as the file spells it, for messages; get() -> the tensor
 
 
 # What the checkpoints hold that this model deliberately does not use (full-match regexes).
@@ -545,19 +517,21 @@ class CheckpointError(ValueError):
 
 
 def _torch_load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)  # old format: no mmap
-    except pickle.UnpicklingError as e:  # it would build something other than tensors: code, refused
+    try:  # torch.save's zip format is memory-mapped; an old plain pickle cannot be
+        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except pickle.UnpicklingError as e:  # it would build more than tensors (e.g. run code): refused
         found = re.search(r"GLOBAL (\S+)", str(e))
         what = f"code-bearing objects ({found[1]})" if found else "objects other than tensors"
         raise CheckpointError(f"{path}: holds {what}; not loaded") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
 
 
-_STORAGES = {f"{n}Storage": getattr(torch, d) for n, d in [("Half", "float16"), ("BFloat16", "bfloat16"), ("Float", "float32"),
-             ("Double", "float64"), ("Long", "int64"), ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"),
-             ("Bool", "bool")]}
+_SAFE_GLOBALS = {f"torch.{n}Storage": getattr(torch, d) for n, d in zip(  # a storage class stands for its dtype
+    "Half BFloat16 Float Double Int Long Short Char Byte Bool".split(),
+    "float16 bfloat16 float32 float64 int32 int64 int16 int8 uint8 bool".split())}
+_SAFE_GLOBALS["collections.OrderedDict"] = OrderedDict
+_SAFE_GLOBALS["torch._utils._rebuild_tensor_v2"] = lambda t, at, size, stride, *_: t.as_strided(size, stride, at)
 
 
 class _Inert:  # stands in for a TorchScript class (`__torch__.*`): keeps its pickled state, runs nothing
@@ -565,28 +539,23 @@ class _Inert:  # stands in for a TorchScript class (`__torch__.*`): keeps its pi
         self.state = state
 
 
-def read_torchscript(path: Path) -> dict:
-    """Every tensor of a TorchScript archive (OpenAI's ViT-L-14.pt) by module path, read without running
-    any of it: `torch.jit.load` would execute the archive's code (a class's __setstate__, say). Its
-    data.pkl may build tensors (bytes from the data/ records), OrderedDicts and inert stand-ins for its
-    classes; any other global is refused."""
-    allowed = {("torch._utils", "_rebuild_tensor_v2"): lambda flat, at, size, stride, *_: flat.as_strided(size, stride, at),
-               ("collections", "OrderedDict"): OrderedDict, **{("torch", k): v for k, v in _STORAGES.items()}}
-    records = {}
+def read_torchscript(path: Path) -> Optional[dict]:
+    """Every tensor of a TorchScript archive (OpenAI's ViT-L-14.pt) by module path, or None if `path`
+    is not one; read without running any of it (`torch.jit.load` would run the archive's code, a
+    class's __setstate__ say). Its data.pkl may build tensors (from the data/ records), OrderedDicts
+    and inert stand-ins for its classes; any other global is refused."""
 
     class Reader(pickle.Unpickler):
         def find_class(self, module, name):
             if module.startswith("__torch__."):
-                return type(name, (_Inert,), {})
-            if (module, name) not in allowed:
+                return _Inert
+            if f"{module}.{name}" not in _SAFE_GLOBALS:
                 raise CheckpointError(f"{path}: holds code-bearing objects ({module}.{name}); not loaded")
-            return allowed[module, name]
+            return _SAFE_GLOBALS[f"{module}.{name}"]
 
         def persistent_load(self, pid):  # ('storage', dtype, record, location, numel) -> flat tensor
-            if pid[2] not in records:
-                raw = bytearray(archive.read(f"{prefix}data/{pid[2]}"))
-                records[pid[2]] = torch.frombuffer(raw, dtype=pid[1]) if raw else torch.empty(0, dtype=pid[1])
-            return records[pid[2]][:pid[4]]
+            raw = bytearray(archive.read(f"{prefix}data/{pid[2]}"))
+            return torch.frombuffer(raw, dtype=pid[1])[:pid[4]] if raw else torch.empty(0, dtype=pid[1])
 
     def tensors(obj, at=""):  # the stand-ins' tensor attributes, by module path
         state = obj.state if isinstance(getattr(obj, "state", None), dict) else {}
@@ -595,82 +564,38 @@ def read_torchscript(path: Path) -> dict:
             out.update(tensors(v, f"{at}{k}.") if isinstance(v, _Inert) else {})
         return out
 
+    if not zipfile.is_zipfile(path):
+        return None
     with zipfile.ZipFile(path) as archive:
-        prefix = next(n[:-len("data.pkl")] for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
+        top = [n for n in archive.namelist() if n.count("/") == 1]  # <name>/data.pkl, <name>/constants.pkl, ...
+        if not any(n.endswith("/constants.pkl") for n in top):
+            return None  # a zip from torch.save, for _torch_load
+        prefix = next(n[:-len("data.pkl")] for n in top if n.endswith("/data.pkl"))
         try:
             return tensors(Reader(archive.open(prefix + "data.pkl")).load())
         except CheckpointError:
             raise
-        except Exception as e:  # a damaged archive: say so in one line
-            raise CheckpointError(f"{path}: not a readable TorchScript archive ({type(e).__name__}: {e})") from None
-
-
-def _safetensors(files) -> dict:
-    out = {}
-    for file in files:
-        f = safe_open(str(file), "pt")
-        out.update({k: Entry(str(file), k, (lambda f=f, k=k: f.get_tensor(k))) for k in f.keys()})
-    return out
-
-
-def _plain(sd: dict, file) -> dict:
-    return {k: Entry(str(file), k, (lambda t=t: t)) for k, t in sd.items()}
+        except Exception as e:  # a damaged archive: one line
+            raise CheckpointError(f"{path}: not a readable TorchScript archive ({type(e).__name__})") from None
 
 
 def read_clip(path) -> tuple[VisionArgs, dict]:
     """OpenAI's TorchScript `ViT-L-14.pt`, an OpenAI-layout state dict, or a Hugging Face folder."""
     path = Path(path)
     if path.is_dir():
-        return _read_clip_hf(path)
-    torchscript = zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
-    sd = read_torchscript(path) if torchscript else _torch_load(path)
+        from hf import read_clip_hf  # here, not at the top: hf.py builds on this module
+        return read_clip_hf(path)
+    sd = read_torchscript(path) or _torch_load(path)
     if "conv1.weight" in sd:  # a vision-only OpenAI-layout file
         sd = {"visual." + k: t for k, t in sd.items()}
     if "visual.conv1.weight" not in sd:
         raise CheckpointError(f"{path}: no visual.conv1.weight, not an OpenAI CLIP checkpoint")
     conv, pos = sd["visual.conv1.weight"], sd["visual.positional_embedding"]
-    layers = sum(bool(re.fullmatch(r"visual\.transformer\.resblocks\.\d+\.attn\.in_proj_weight", k)) for k in sd)
+    layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     grid = round((pos.shape[0] - 1) ** 0.5)
     v = VisionArgs(conv.shape[0], layers, conv.shape[0] // 64, conv.shape[-1], conv.shape[-1] * grid)
     # the text tower's keys are listed too, to be checked against CLIP_IGNORE; its bytes stay on disk
     return v, {k: Entry(str(path), k, lambda t=t: t) for k, t in sd.items()}
-
-
-_HF_CLIP = [  # Hugging Face name -> OpenAI name
-    (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"),
-    (r"vision_model\.embeddings\.patch_embedding\.weight", "visual.conv1.weight"),
-    (r"vision_model\.embeddings\.position_embedding\.weight", "visual.positional_embedding"),
-    (r"vision_model\.pre_layrnorm\.", "visual.ln_pre."),
-    (r"vision_model\.post_layernorm\.", "visual.ln_post."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.", r"visual.transformer.resblocks.\1."),
-    (r"self_attn\.out_proj\.", "attn.out_proj."),
-    (r"layer_norm(\d)\.", r"ln_\1."),
-    (r"mlp\.fc1\.", "mlp.c_fc."),
-    (r"mlp\.fc2\.", "mlp.c_proj."),
-]
-
-
-def _read_clip_hf(folder: Path):
-    cfg = json.loads((folder / "config.json").read_text())
-    c = cfg.get("vision_config", cfg)
-    v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"], c["image_size"])
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors files next to config.json")
-    out, qkv = {}, {}
-    for k, e in _safetensors(files).items():
-        for pat, rep in _HF_CLIP:
-            k = re.sub(pat, rep, k)
-        m = re.fullmatch(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
-        if m:  # q, k, v are fused into nn.MultiheadAttention's in_proj, in that order
-            qkv.setdefault(f"{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = e
-        else:
-            out[k] = e
-    for k, parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise CheckpointError(f"{parts[next(iter(parts))].file}: {k} lacks one of q/k/v_proj")
-        out[k] = Entry(parts["q"].file, parts["q"].key, lambda p=parts: torch.cat([p[x].get() for x in "qkv"]))
-    return v, out
 
 
 def read_llama(path) -> tuple[LlamaArgs, dict]:
@@ -680,12 +605,12 @@ def read_llama(path) -> tuple[LlamaArgs, dict]:
     if (path / "params.json").exists():
         return _read_llama_meta(path)
     if (path / "config.json").exists():
-        return _read_llama_hf(path)
+        from hf import read_llama_hf  # here, not at the top: hf.py builds on this module
+        return read_llama_hf(path)
     raise CheckpointError(f"{path}: neither params.json (Meta) nor config.json (Hugging Face) found")
 
 
-# model-parallel shards: column-parallel weights are split along dim 0, row-parallel along dim 1,
-# norms and rope.freqs are replicated
+# model-parallel shards: column-parallel weights split along dim 0, row-parallel along 1; the rest replicated
 _SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
@@ -693,8 +618,7 @@ def _read_llama_meta(folder: Path):
     params = json.loads((folder / "params.json").read_text())
     if params.pop("use_scaled_rope", False):
         raise CheckpointError(f"{folder}/params.json: use_scaled_rope (LLaMA-3.1) is not supported")
-    for k in ("max_seq_len", "max_batch_size"):  # inference-engine settings, not the model's
-        params.pop(k, None)
+    params = {k: v for k, v in params.items() if k not in ("max_seq_len", "max_batch_size")}  # not the model's
     unknown = set(params) - {f.name for f in fields(LlamaArgs)}
     if unknown:
         raise CheckpointError(f"{folder}/params.json: unknown setting(s) {sorted(unknown)}")
@@ -704,45 +628,12 @@ def _read_llama_meta(folder: Path):
         raise CheckpointError(f"{folder}: no consolidated.NN.pth next to params.json")
     shards = [_torch_load(f) for f in files]
     if len(shards) == 1:
-        return p, _plain(shards[0], files[0])
+        return p, {k: Entry(str(files[0]), k, lambda t=t: t) for k, t in shards[0].items()}
     out = {}
     for k in shards[0]:
         dim = _SHARD_DIM.get(k.split(".")[-2] if k.endswith(".weight") else k)
-        get = (lambda k=k, d=dim: torch.cat([s[k] for s in shards], d)) if dim is not None else (lambda k=k: shards[0][k])
+        get = partial(torch.cat, [s[k] for s in shards], dim) if dim is not None else (lambda t=shards[0][k]: t)
         out[k] = Entry(str(files[0]), k, get)
-    return p, out
-
-
-_HF_LLAMA = [  # Hugging Face name -> Meta name
-    (r"model\.embed_tokens\.", "tok_embeddings."),
-    (r"model\.norm\.", "norm."),
-    (r"lm_head\.", "output."),
-    (r"model\.layers\.", "layers."),
-    (r"self_attn\.([qkvo])_proj\.", r"attention.w\1."),
-    (r"mlp\.gate_proj\.", "feed_forward.w1."),
-    (r"mlp\.down_proj\.", "feed_forward.w2."),
-    (r"mlp\.up_proj\.", "feed_forward.w3."),
-    (r"input_layernorm\.", "attention_norm."),
-    (r"post_attention_layernorm\.", "ffn_norm."),
-]
-
-
-def _read_llama_hf(folder: Path):
-    c = json.loads((folder / "config.json").read_text())
-    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"{folder}/config.json: rope scaling {rope.get('rope_type')} is not supported")
-    p = LlamaArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                  n_kv_heads=c.get("num_key_value_heads"), vocab_size=c.get("vocab_size", -1),
-                  norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", rope.get("rope_theta", 1e4)),
-                  ffn_hidden=c["intermediate_size"], rope_halves=True)
-    index = folder / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    out = {}
-    for k, e in _safetensors([folder / n for n in names]).items():
-        for pat, rep in _HF_LLAMA:
-            k = re.sub(pat, rep, k)
-        out[k] = e
     return p, out
 
 
@@ -752,9 +643,8 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
 
 
 def _load_frozen(model: nn.Module, scope: str, strip: str, entries: dict, ignore: list, device, dtype):
-    """Copy a checkpoint into the frozen parameters under `scope` (parameter name = `strip` + key),
-    loudly: every unexpected key (unless ignored above), every missing key and every shape
-    mismatch is an error naming the key and the file."""
+    """Copy a checkpoint into the frozen parameters under `scope` (name = `strip` + key), loudly: an
+    unexpected key (unless ignored above), a missing key or a shape mismatch names the key and file."""
     ignored = re.compile("|".join(f"(?:{p})" for p in ignore))
     params = {n: p for n, p in model.named_parameters() if n.startswith(scope) and not p.requires_grad}
     for k, e in entries.items():
@@ -766,7 +656,7 @@ def _load_frozen(model: nn.Module, scope: str, strip: str, entries: dict, ignore
             raise CheckpointError(f"{next(iter(entries.values())).file}: missing key {name[len(strip):]!r}")
         t = e.get()
         if t.shape != p.shape:
-            raise CheckpointError(f"{e.file}: {e.key!r} has shape {list(t.shape)}, the model expects {list(p.shape)}")
+            raise CheckpointError(f"{e.file}: {e.key!r} is {list(t.shape)}, expected {list(p.shape)}")
         _assign(model, name, t.to(device=device, dtype=dtype))
 
 
@@ -783,12 +673,13 @@ def materialise_own(model: PneumoLLM, device):
 
 def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
     """Build PneumoLLM on `meta`, map the original checkpoints into it, then create this project's
-    own parts (fp32) on `device`. Frozen weights: fp32 on CPU, fp16 elsewhere, unless `dtype` is
-    given. `kw` are PneumoArgs fields. Ablations read only what they use: encoder="conv" ignores
-    `clip`; llm=False loads no LLaMA weight (`llama` may be None: the width is then 4096)."""
+    own parts (fp32) on `device`. Frozen weights: as stored on CPU (memory-mapped, no copy), fp16
+    elsewhere, unless `dtype` is given. `kw` are PneumoArgs fields. Ablations read only what they use:
+    encoder="conv" ignores `clip`; llm=False reads no LLaMA (`llama` may be None: the width is then 4096)."""
     device = torch.device(device)
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    vision, clip_entries = read_clip(clip) if kw.get("encoder", "clip") == "clip" else (kw.pop("vision", VisionArgs()), {})
+    dtype = dtype or (None if device.type == "cpu" else torch.float16)
+    clip_used = kw.get("encoder", "clip") == "clip"
+    vision, clip_entries = read_clip(clip) if clip_used else (kw.pop("vision", VisionArgs()), {})
     llama_args, llama_entries = read_llama(llama) if llama else (LlamaArgs(), {})  # llm=False: only its width
     if kw.get("question_ids") and llama_args.vocab_size <= 0:  # Meta's params.json says -1
         if "tok_embeddings.weight" not in llama_entries:
@@ -804,5 +695,5 @@ def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
     n = sum(p.numel() for p in model.trainable_parameters())
     vit = f"{clip}: ViT {vision.width}x{vision.layers}" if clip_entries else "conv stem (no CLIP)"
     llm = f"{llama}: LLaMA {llama_args.dim}x{llama_args.n_layers}" if model.llama is not None else "no LLM"
-    print(f"loaded {vit} + {llm}, frozen {dtype} on {device}, {n:,} trainable")
+    print(f"loaded {vit} + {llm}, frozen {dtype or 'as stored'} on {device}, {n:,} trainable")
     return model

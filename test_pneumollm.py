@@ -202,7 +202,7 @@ def test_unknown_and_missing_keys_fail_naming_key_and_file(clip_files, llama_fil
         load(clip_files["pt"], tmp_path / "missing")
     bad = dict(clip_files["sd"], **{"visual.ln_pre.weight": torch.ones(127)})
     torch.save(bad, tmp_path / "bad.pt")
-    with pytest.raises(P.CheckpointError, match=r"bad\.pt: 'visual\.ln_pre\.weight' has shape \[127\], the model expects \[128\]"):
+    with pytest.raises(P.CheckpointError, match=r"bad\.pt: 'visual\.ln_pre\.weight' is \[127\], expected \[128\]"):
         load(tmp_path / "bad.pt", llama_files["meta"])
 
 
@@ -340,7 +340,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     with pytest.raises(P.CheckpointError, match=r"few\.safetensors: trainable keys do not match"):
         fresh.load_trainable(tmp_path / "few.safetensors")
     tiny(n_classes=3).save_trainable(tmp_path / "three.safetensors")
-    with pytest.raises(P.CheckpointError, match=r"three\.safetensors: head\.weight has shape \[3, 64\], model has \[2, 64\]"):
+    with pytest.raises(P.CheckpointError, match=r"three\.safetensors: head\.weight is \[3, 64\], expected \[2, 64\]"):
         fresh.load_trainable(tmp_path / "three.safetensors")
 
 
