@@ -185,7 +185,7 @@ def suite(model: str):
         print(f"== {flags}\n" + "\n".join(lines), flush=True)
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--prepare", metavar="DICOM", help="time prepare.py on copies of this file instead of the model")
     ap.add_argument("--n", type=int, default=32, help="copies for --prepare")
@@ -199,18 +199,11 @@ def main():
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--suite", action="store_true", help="the GPU figures: " + "; ".join(SUITE))
     ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm" (README: Ablations)')
-    a = ap.parse_args()
-    C.apply_threads(a.threads)
-    args = SIZES[a.model](**C.pneumo_fields(train.parse(shlex.split(a.variant))))
-    if a.suite:
-        return suite(a.model)
-    if a.prepare:
-        return bench_prepare(a.prepare, a.n)
-    if a.load:
-        return bench_load(a.load)
-    if a.load_step:
-        step, folder = a.load_step
-        return write_full(Path(folder)) if step == "write" else load_full(Path(folder), step)
+    return ap
+
+
+def bench_model(a):
+    """A training step and inference (with adapters, then merged) at the size and variant asked for."""
     device = torch.device(a.device)
     a.dtype = a.dtype or ("fp32" if device.type == "cpu" else "fp16")
     dtype = P.DTYPES[a.dtype]
@@ -218,7 +211,7 @@ def main():
     print(f"device {name}, frozen {a.dtype}, torch {torch.__version__}, compile {a.compile}, checkpoint-vit {a.checkpoint_vit}, "
           f"model {a.model} {a.variant}, batch {a.batch}")
     t = time.perf_counter()
-    model = random_model(args, device, dtype)
+    model = random_model(SIZES[a.model](**C.pneumo_fields(train.parse(shlex.split(a.variant)))), device, dtype)
     model.visual.grad_checkpointing = a.checkpoint_vit
     print(f"built in {time.perf_counter() - t:.1f}s, {sum(p.numel() for p in model.trainable_parameters()):,} trainable")
     fwd = torch.compile(model, mode=a.compile) if a.compile else model
@@ -258,6 +251,21 @@ def main():
     fwd = torch.compile(model, mode=a.compile) if a.compile else model
     s_merged = timed(infer, device, warm, a.iters)[1]
     print(f"inference: {a.batch / s_unmerged:.1f} images/s with adapters, {a.batch / s_merged:.1f} images/s merged")
+
+
+def main():
+    a = parser().parse_args()
+    C.apply_threads(a.threads)
+    if a.suite:
+        return suite(a.model)
+    if a.prepare:
+        return bench_prepare(a.prepare, a.n)
+    if a.load:
+        return bench_load(a.load)
+    if a.load_step:
+        step, folder = a.load_step
+        return write_full(Path(folder)) if step == "write" else load_full(Path(folder), step)
+    return bench_model(a)
 
 
 if __name__ == "__main__":

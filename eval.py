@@ -142,7 +142,7 @@ def score_images(runs: Path, fold: int, images: list, device) -> int:
     return int(len(failed) == len(images))
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--runs", default="out/demo", help="folder holding fold1/, fold2/, ... from train.py")
     ap.add_argument("--fold", type=int, default=1, help="the fold to score (or whose model scores --image)")
@@ -151,7 +151,11 @@ def main(argv=None):
     ap.add_argument("--image", nargs="+", help="DICOM/PNG/JPEG files to score with fold --fold's model")
     ap.add_argument("--device", help="for --image (default: the run's)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch, for --image")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     runs = Path(a.runs)
     if a.image:
         C.apply_threads(a.threads)

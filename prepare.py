@@ -376,21 +376,29 @@ def run(a) -> int:
     return 0
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--images", help="folder of DICOM / PNG / JPEG files (searched recursively)")
     ap.add_argument("--labels", help="CSV naming each image, its label and optionally its patient")
     ap.add_argument("--out", help="output folder, e.g. data/NAME")
     ap.add_argument("--demo", action="store_true", help="write synthetic DICOM phantoms and prepare them into data/demo")
-    ap.add_argument("--image-col"), ap.add_argument("--label-col"), ap.add_argument("--patient-col")
+    ap.add_argument("--image-col", help="the label file's column of image names (default: found by name, e.g. image)")
+    ap.add_argument("--label-col", help="the label file's column of labels (default: found by name, e.g. label)")
+    ap.add_argument("--patient-col", help="the label file's column of patient ids (default: found by name, else the DICOM's "
+                    "PatientID, else each image is its own patient)")
     ap.add_argument("--multi-label", action="store_true", help="labels list findings as a|b (automatic when a label has |)")
-    ap.add_argument("--crop", choices=["lungs", "none"], default="lungs")
+    ap.add_argument("--crop", choices=["lungs", "none"], default="lungs", help="crop to the lungs (see the docstring) or not")
     ap.add_argument("--masks", help="folder of lung-mask PNGs named like the images, or a CheXmask-style CSV")
-    ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--folds", type=int, default=5, help="patient-level stratified folds")
+    ap.add_argument("--seed", type=int, default=20, help="fold assignment (train.py's --seed is 20 too: the paper's seed)")
+    ap.add_argument("--size", type=int, default=224, help="output side in pixels")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
     ap.add_argument("--key-file", default="~/.config/pneumollm/pseudonym.key", help="secret for pseudonyms; keep it out of the data folder")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     a = ap.parse_args(argv)
     if a.demo:
         import demo
@@ -401,7 +409,7 @@ def main(argv=None):
         ap.error("give --images, --labels and --out (or --demo)")
     for flag, value, least in (("--folds", a.folds, 1), ("--workers", a.workers, 1), ("--size", a.size, 8)):
         if value < least:
-            ap.error(f"{flag} {value}: give {least} or more")
+            raise UserError(f"{flag} {value}: give {least} or more")
     return run(a)
 
 

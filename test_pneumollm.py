@@ -2,6 +2,7 @@
 component, loaders on tiny files in the exact original formats, and the model's own invariants."""
 import json
 import os
+import math
 import pickle
 import re
 
@@ -87,6 +88,16 @@ def meta_from_hf_qk(w, heads):
     return w[idx]
 
 
+# Meta's llama/model.py builds each weight with one of fairscale's model-parallel layers; each layer type
+# splits its weight along its own dimension (norms and rope.freqs are plain tensors: every shard holds them)
+META_LAYERS = {"wq": "ColumnParallelLinear", "wk": "ColumnParallelLinear", "wv": "ColumnParallelLinear",
+               "wo": "RowParallelLinear", "w1": "ColumnParallelLinear", "w2": "RowParallelLinear",
+               "w3": "ColumnParallelLinear", "output": "ColumnParallelLinear", "tok_embeddings": "ParallelEmbedding"}
+SPLIT_DIM = {"ColumnParallelLinear": 0,  # output features split: each shard's weight is (out / p, in)
+             "RowParallelLinear": 1,  # input features split: (out, in / p)
+             "ParallelEmbedding": 1}  # embedding dimension split: (vocab, dim / p)
+
+
 def write_llama(d, n_kv_heads):
     cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=n_kv_heads, intermediate_size=192, vocab_size=40,
@@ -120,9 +131,8 @@ def write_llama(d, n_kv_heads):
     for s in range(2):
         shard = {}
         for k, t in meta.items():
-            kind = k.split(".")[-2] if k.endswith(".weight") else k
-            dim = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}.get(kind)
-            shard[k] = t.clone() if dim is None else t.chunk(2, dim)[s].clone()
+            layer = META_LAYERS.get(k.split(".")[-2] if k.endswith(".weight") else k)  # None: replicated
+            shard[k] = t.clone() if layer is None else t.chunk(2, SPLIT_DIM[layer])[s].clone()
         torch.save(shard, d / f"meta2/consolidated.0{s}.pth")
     return dict(hf=d / "hf", hf_sharded=d / "hf_sharded", meta=d / "meta", meta2=d / "meta2", ref=hf.model, sd=meta)
 
@@ -270,29 +280,46 @@ def test_grouped_up_projection_keeps_groups_apart():
     assert torch.count_nonzero(y[0, :4]) == 4 and torch.count_nonzero(y[0, 4:]) == 0
 
 
+NO = float("-inf")
+
+
+def eq2(n, t):  # Eq. 2 row by row: every token (CLS or diagnosis) may read the n CLS columns, nothing else
+    return torch.tensor([[0.0] * n + [NO] * (t - n)] * t)
+
+
 def test_emitter_mask_hides_diagnosis_tokens_from_every_row():
-    mask = P.emitter_mask(6, 4)
-    assert mask.shape == (10, 10)
-    assert torch.isinf(mask[:, 6:]).all() and (mask[:, :6] == 0).all()
-    assert not torch.isinf(mask).all(-1).any()  # no row fully masked
+    by_hand = torch.tensor([[0, 0, 0, NO, NO],  # CLS 1..3 read CLS 1..3
+                            [0, 0, 0, NO, NO],
+                            [0, 0, 0, NO, NO],
+                            [0, 0, 0, NO, NO],  # diagnosis tokens read the CLS tokens, not themselves
+                            [0, 0, 0, NO, NO]])
+    assert torch.equal(P.emitter_mask(3, 2), by_hand) and torch.equal(eq2(3, 5), by_hand)
     model = tiny()
     perturb_adapters(model)
     h = torch.randn(2, 10, 64)
     h2 = h.clone()
     h2[:, 6:] = torch.randn(2, 4, 64)
     with torch.no_grad():
-        a, b = model.llama(h, P.emitter_mask(6, 4)), model.llama(h2, P.emitter_mask(6, 4))
+        a, b = model.llama(h, eq2(6, 10)), model.llama(h2, eq2(6, 10))
     assert torch.equal(a[:, :6], b[:, :6])
     assert not torch.allclose(a[:, 6:], b[:, 6:])
 
 
 def test_engine_tokens_are_convex_combinations_of_cls():
-    engine = P.MultiTokenEngine(64, 12, 4)
-    cls = torch.randn(3, 6, 64)
+    """Eq. 1: each diagnosis token is sum_i w_i cls_i with w >= 0 and sum w = 1. The n CLS tokens are
+    linearly independent in W dimensions, so w is read back from the output alone (least squares),
+    without recomputing the engine."""
+    torch.manual_seed(0)
+    engine = P.MultiTokenEngine(64, 12, 4).double()
+    with torch.no_grad():
+        engine.fc2.weight.mul_(30)  # sharp weights, far from uniform
+    cls = torch.randn(3, 6, 64, dtype=torch.float64)
     diag = engine(cls)
-    w = engine.fc2(torch.relu(engine.fc1(cls))).transpose(1, 2).softmax(-1)  # (B, K, n)
     assert diag.shape == (3, 4, 64)
-    torch.testing.assert_close(diag, torch.einsum("bkn,bnw->bkw", w, cls))
+    w = torch.linalg.lstsq(cls.transpose(1, 2), diag.transpose(1, 2)).solution.transpose(1, 2)  # (B, K, n)
+    torch.testing.assert_close(torch.einsum("bkn,bnw->bkw", w, cls), diag)  # in the CLS tokens' span
+    assert (w > -1e-9).all() and torch.allclose(w.sum(-1), torch.ones(3, 4, dtype=torch.float64))
+    assert w.max() > 0.6
 
 
 def test_trainable_set_and_gradients():
@@ -807,7 +834,7 @@ def test_tokens_and_mask_that_reach_the_llm(name, t, masked):
     h, mask = tokens_into_llama(model.eval(), torch.randn(2, 3, 224, 224))
     n = model.args.n_cls
     assert h.shape == (2, t, 64) and n == {"simplified": 4, "cls-blocks": 2, "conv": 64}.get(name, 4)
-    assert torch.equal(mask, P.emitter_mask(n, t - n)) if masked else mask is None
+    assert torch.equal(mask, eq2(n, t)) if masked else mask is None
 
 
 def test_coop_tokens_are_shared_and_cocoop_tokens_follow_the_image():
@@ -865,7 +892,7 @@ def test_text_branch_prepends_the_checkpoints_question_embeddings(clip_files, ll
     q, n = len(ids), model.args.n_cls
     assert h.shape == (2, q + n + 4, 64)
     assert torch.equal(h[:, :q], llama_files["sd"]["tok_embeddings.weight"][ids].expand(2, -1, -1))
-    assert torch.equal(mask, P.emitter_mask(q + n, 4))  # the question is a source: nobody reads the diagnosis tokens
+    assert torch.equal(mask, eq2(q + n, q + n + 4))  # the question is a source: nobody reads the diagnosis tokens
     with pytest.raises(prepare.UserError, match=r"nope/tokenizer\.model: no sentencepiece"):
         C.tokenize(tmp_path / "nope/tokenizer.model", QUESTION)
 
@@ -998,3 +1025,154 @@ def test_compiled_training_step_is_one_graph_and_matches_eager():
         grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters()]))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
     assert (grads[1] - grads[0]).norm() < 1e-4 * grads[0].norm() and grads[0].norm() > 0
+
+
+# ================================================================================================
+# the recipe, line by line: each test fails when its line of SPEC/paper is broken; numbers come from
+# the paper and SPEC, or are computed here by hand
+
+
+def test_adapter_dropout_is_p_0_1_in_training_and_off_in_eval():
+    model = tiny()
+    adapters = [m for m in model.modules() if isinstance(m, P.RepAdapter)]
+    a = adapters[0]
+    with torch.no_grad():
+        a.down.bias.fill_(1.0)  # every hidden unit on, so that a zero is a dropped unit
+        a.up_weight.fill_(0.1)
+    dropped = []
+    a.dropout.register_forward_hook(lambda m, i, out: dropped.append((out == 0).float().mean().item()))
+    x = torch.randn(4000, 64) * 1e-3
+    model.train()
+    train_out = [a(x), a(x)]
+    assert abs(dropped[0] - 0.1) < 0.005 and abs(dropped[1] - 0.1) < 0.005  # 32,000 units: sd 0.0017
+    assert not torch.equal(*train_out)  # new masks every call
+    model.eval()
+    out = a(x)
+    h = x @ a.down.weight.T + a.down.bias  # by hand, no dropout: each group of 4 hidden units feeds 32 channels
+    y = torch.cat([h[:, :4] @ a.up_weight[:32].T, h[:, 4:] @ a.up_weight[32:].T], 1) + a.up_bias
+    torch.testing.assert_close(out, x + y)
+    assert dropped[-1] == 0.0 and all(m.dropout.p == 0.1 for m in adapters)
+    built = P.PneumoLLM(P.tiny_args(**C.pneumo_fields(train.parse(["--model", "tiny"]))))  # train.py's default too
+    assert {m.dropout.p for m in built.modules() if isinstance(m, P.RepAdapter)} == {0.1}
+
+
+def test_head_means_all_tokens_then_a_bias_free_linear_layer():
+    model = tiny()
+    perturb_adapters(model)
+    seen = {}
+    model.llama.register_forward_hook(lambda m, i, out: seen.update(h=out))
+    with torch.no_grad():
+        logits = model(torch.randn(3, 3, 224, 224))
+    h = seen["h"]
+    assert h.shape == (3, 4 + 4, 64)  # T = n + K: 4 CLS tokens (tiny ViT) and 4 diagnosis tokens
+    assert model.head.bias is None
+    torch.testing.assert_close(logits, (h.sum(1) / 8) @ model.head.weight.T)
+
+
+def test_normalisation_constants_and_grey_to_three_channels():
+    grey = torch.full((1, 1, 224, 224), 128, dtype=torch.uint8)
+    clip = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CLIP's, SPEC step 1
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert train.parse([])["norm"] == "clip" and train.parse(["--norm", "imagenet"])["norm"] == "imagenet"
+    for norm, (mean, std) in (("clip", clip), ("imagenet", imagenet)):
+        x = C.normalise(grey, dict(norm=norm), 224)
+        assert x.shape == (1, 3, 224, 224)
+        for c in range(3):
+            assert torch.allclose(x[0, c], torch.tensor((128 / 255 - mean[c]) / std[c]), atol=1e-6)
+    img = torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8)
+    x = C.normalise(img, dict(norm="clip"), 224)
+    rgb = x * torch.tensor(clip[1]).view(1, 3, 1, 1) + torch.tensor(clip[0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(rgb, (img.float() / 255).expand(-1, 3, -1, -1), atol=1e-6, rtol=0)
+
+
+def xavier_bound(w):  # nn.init.xavier_uniform_: U(-b, b) with b = sqrt(6 / (fan_in + fan_out))
+    return (6 / (w.shape[0] + w.shape[1])) ** 0.5
+
+
+def default_bound(w):  # nn.Linear's default init: U(-b, b) with b = 1 / sqrt(fan_in), weight and bias alike
+    return w.shape[1] ** -0.5
+
+
+def uniform_with_bound(t, b):  # all inside, and the largest close to the bound (n draws: max ~ b (1 - 1/n))
+    return t.abs().max() <= b and t.abs().max() > 0.9 * b and abs(t.std() - b / 3 ** 0.5) < 0.15 * b
+
+
+def check_init(model):
+    adapters = [m for m in model.modules() if isinstance(m, P.RepAdapter)]
+    assert len(adapters) == 4 + 2
+    for a in adapters:  # down xavier + zero bias, up zero: the adapter starts as the identity
+        assert uniform_with_bound(a.down.weight, xavier_bound(a.down.weight)) and not a.down.bias.any()
+        assert not a.up_weight.any() and not a.up_bias.any()
+    for fc in (model.proj.fc1, model.proj.fc2):  # xavier, zero biases
+        assert uniform_with_bound(fc.weight, xavier_bound(fc.weight)) and not fc.bias.any()
+    for fc in (model.engine.fc1, model.engine.fc2, model.head):  # PyTorch's default, as the authors' code
+        b = default_bound(fc.weight)
+        assert uniform_with_bound(fc.weight, b) and (fc.bias is None or (fc.bias.abs().max() <= b and fc.bias.any()))
+
+
+def test_initialisation_of_everything_trained(clip_files, llama_files):
+    check_init(tiny())
+    check_init(load(clip_files["pt"], llama_files["meta"]))  # built on meta, then materialised
+
+
+def test_adamw_settings_and_weight_decay_groups():
+    model = tiny()
+    cfg = dict(train.parse(["--model", "tiny"]), multi_label=False)
+    opt = train.Training(model, cfg).opt
+    trainable = model.trainable_parameters()
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in trainable) and len(seen) == len(set(seen))  # each exactly once
+    for g in opt.param_groups:
+        assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8
+        assert all((p.dim() >= 2) == (g["weight_decay"] == 0.02) for p in g["params"])
+        assert g["weight_decay"] in (0.0, 0.02)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.02}
+
+
+def test_learning_rate_schedule_at_known_iterations(demo_data, tmp_path, monkeypatch):
+    cfg, ipe = train.parse([]), 32  # the paper: 504 images / 16 = 32 steps per epoch, 100 epochs
+    assert train.lr_at(0, cfg, ipe) == pytest.approx(5e-7)
+    assert train.lr_at(2 * ipe, cfg, ipe) == pytest.approx(3e-4)  # end of the 2-epoch warmup
+    assert train.lr_at(ipe, cfg, ipe) == pytest.approx((5e-7 + 3e-4) / 2)  # halfway up, linearly
+    mid = 2 * ipe + (100 * ipe - 2 * ipe) // 2
+    assert train.lr_at(mid, cfg, ipe) == pytest.approx((3e-4 + 1e-7) / 2)  # the cosine's midpoint
+    assert train.lr_at(100 * ipe, cfg, ipe) == pytest.approx(1e-7)
+    seen, real = [], torch.amp.GradScaler.step  # and the training loop uses it at every step
+
+    def spy(self, opt, *args, **kw):
+        seen.append(opt.param_groups[0]["lr"])
+        return real(self, opt, *args, **kw)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", spy)
+    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "3", "--warmup-epochs", "1"))
+    n = len(seen) // 3
+    warm = [5e-7 + (3e-4 - 5e-7) * i / n for i in range(n)]
+    cos = [1e-7 + 0.5 * (3e-4 - 1e-7) * (1 + math.cos(math.pi * i / (2 * n))) for i in range(2 * n)]
+    np.testing.assert_allclose(seen, warm + cos, rtol=1e-12)
+
+
+def test_validation_patients_are_disjoint_from_training_and_test(demo_data):
+    data = C.Data(demo_data)
+    for fold in data.folds:
+        s = data.split(fold, 0.1, 20)
+        pats = {k: {r["patient"] for r in rows} for k, rows in s.items()}
+        assert pats["val"] and not pats["val"] & pats["train"] and not pats["val"] & pats["test"]
+        assert not pats["train"] & pats["test"]
+        assert len(s["train"]) + len(s["val"]) + len(s["test"]) == len(data.rows)
+        assert 0.05 < len(s["val"]) / (len(s["train"]) + len(s["val"])) < 0.2
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32():
+    """The CPU's bf16 path (frozen weights in bf16, autocast) gives logits within 3 % of their scale of
+    fp32's (1.3 % measured on this model)."""
+    model = tiny()
+    perturb_adapters(model)
+    x = C.normalise(torch.randint(0, 256, (8, 1, 224, 224), dtype=torch.uint8), dict(norm="clip"), 224)
+    with torch.no_grad():
+        fp32 = model(x)
+        C.cast_frozen(model, torch.bfloat16)
+        with C.autocast(dict(device="cpu", dtype="bf16")):
+            bf16 = model(x).float()
+    assert model.visual.conv1.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
+    err = (bf16 - fp32).abs().max() / fp32.abs().max()
+    assert 0 < err < 0.03

@@ -34,7 +34,7 @@ RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors",
              "predictions.csv", "eval.json", "roc.png", "reliability.png")
 
 
-def parse(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", default="data/demo", help="a folder written by prepare.py")
     ap.add_argument("--fold", type=int, default=1, help="the test fold; the others train")
@@ -75,7 +75,12 @@ def parse(argv=None) -> dict:
     g.add_argument("--tokenizer", help="LLaMA's tokenizer.model (default: in --llama or its parent folder)")
     g.add_argument("--authors-code", action="store_true", help="reproduce the authors' code, NOT the paper: engine frozen at "
                    "random init, ImageNet normalisation, BCE on one-hot targets, epoch chosen ON THE TEST FOLD (a leak)")
-    cfg = vars(ap.parse_args(argv))
+    return ap
+
+
+def parse(argv=None) -> dict:
+    """The run's settings, under the flags' names; impossible combinations are refused here."""
+    cfg = vars(parser().parse_args(argv))
     cfg["dtype"] = cfg["dtype"] or ("fp32" if cfg["device"] == "cpu" else "fp16")
     cfg["out"] = cfg["out"] or f"out/{Path(cfg['data']).name}/fold{cfg['fold']}"
     if cfg["authors_code"]:
@@ -83,11 +88,11 @@ def parse(argv=None) -> dict:
     elif cfg["val_frac"] == 0:
         cfg["select"] = "last"
     if cfg["question"] and not cfg["llm"]:
-        ap.error("--question feeds the LLM, so it cannot go with --no-llm")
-    try:  # impossible combinations fail here, with the field's message
+        raise UserError("--question feeds the LLM, so it cannot go with --no-llm")
+    try:
         P.PneumoArgs(**C.pneumo_fields(dict(cfg, question_ids=[])))
-    except ValueError as e:
-        ap.error(str(e))
+    except ValueError as e:  # e.g. --cls-blocks outside the ViT, --n-diag 0
+        raise UserError(f"{e} (check the ablation flags)") from None
     return cfg
 
 
