@@ -645,7 +645,7 @@ def train_args(data, out, *extra):
 
 @pytest.mark.slow
 def test_tiny_training_beats_chance_and_eval_scores_a_real_dicom(demo_data, tmp_path, capsys):
-    m = train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "12", "--lr", "3e-3"))
+    m = train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "20", "--lr", "3e-3"))
     assert m["auc"] > 0.6
     pred = list(_csv.DictReader(open(tmp_path / "fold1/predictions.csv")))
     assert len(pred) == json.loads((tmp_path / "fold1/metrics.json").read_text())["n_test"]
@@ -813,10 +813,13 @@ def test_impossible_ablations_fail_with_a_message(capsys):
         P.PneumoArgs(engine="coopp")
     with pytest.raises(ValueError, match="a question needs the LLM"):
         P.PneumoArgs(question_ids=[1, 2])  # vocab_size unknown
-    for flags, msg in [(["--question", "x", "--no-llm"], "cannot go with --no-llm"), (["--cls-blocks", "12;24"], "block numbers")]:
-        with pytest.raises(SystemExit):
+    for flags, msg in [(["--question", "x", "--no-llm"], "cannot go with --no-llm"), (["--n-diag", "0"], "diagnosis token"),
+                       (["--cls-blocks", "4,30"], r"CLS blocks \[4, 30\] must lie in 1\.\.24")]:
+        with pytest.raises(prepare.UserError, match=msg):
             train.parse(flags)
-        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse(["--cls-blocks", "12;24"])
+    assert "give 1-based block numbers" in capsys.readouterr().err
 
 
 def tokens_into_llama(model, img):
