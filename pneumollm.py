@@ -519,12 +519,10 @@ class CheckpointError(ValueError):
 def _torch_load(path: Path) -> dict:
     try:  # torch.save's zip format is memory-mapped; an old plain pickle cannot be
         return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-    except pickle.UnpicklingError as e:  # it would build more than tensors (e.g. run code): refused
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"code-bearing objects ({found[1]})" if found else "objects other than tensors"
-        raise CheckpointError(f"{path}: holds {what}; not loaded") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # it would build more than tensors (e.g. run code), or it is damaged: refused
+        found = re.search(r"GLOBAL (\S+)", str(e)) or re.search(r"error: \s*(\S[^\n]*)", str(e))
+        kind = "holds code-bearing objects" if "GLOBAL" in str(e) else "is not a plain tensor checkpoint"
+        raise CheckpointError(f"{path}: {kind} ({found[1] if found else type(e).__name__}); not loaded") from None
 
 
 _SAFE_GLOBALS = {f"torch.{n}Storage": getattr(torch, d) for n, d in zip(  # a storage class stands for its dtype
@@ -585,7 +583,7 @@ def read_clip(path) -> tuple[VisionArgs, dict]:
     if path.is_dir():
         from hf import read_clip_hf  # here, not at the top: hf.py builds on this module
         return read_clip_hf(path)
-    sd = read_torchscript(path) or _torch_load(path)
+    sd = ts if (ts := read_torchscript(path)) is not None else _torch_load(path)  # {} is an empty archive
     if "conv1.weight" in sd:  # a vision-only OpenAI-layout file
         sd = {"visual." + k: t for k, t in sd.items()}
     if "visual.conv1.weight" not in sd:

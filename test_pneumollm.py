@@ -229,7 +229,7 @@ def test_pickle_that_runs_code_is_refused(clip_files, llama_files, tmp_path, mon
     with open(tmp_path / "evil/consolidated.00.pth", "wb") as f:
         pickle.dump({"norm.weight": Exploit()}, f)
     torch.save({"x": Exploit()}, tmp_path / "evil.pt")
-    with pytest.raises(P.CheckpointError, match=r"consolidated\.00\.pth: holds objects other than tensors; not loaded$"):
+    with pytest.raises(P.CheckpointError, match=r"consolidated\.00\.pth: is not a plain tensor checkpoint \(Unsupported operand 149\); not loaded$"):
         load(clip_files["pt"], tmp_path / "evil")
     with pytest.raises(P.CheckpointError, match=r"evil\.pt: holds code-bearing objects \(\w+\.system\); not loaded$"):
         load(tmp_path / "evil.pt", llama_files["meta"])
@@ -1179,3 +1179,161 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
     assert model.visual.conv1.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
     err = (bf16 - fp32).abs().max() / fp32.abs().max()
     assert 0 < err < 0.03
+
+
+# ================================================================================================
+# nothing in a file runs; run folders never lose work; every user mistake is one line and exit 2
+
+
+def test_torchscript_archive_is_read_without_running_it(clip_files):
+    theirs = torch.jit.load(str(clip_files["jit"])).state_dict()  # the oracle, on the test's own benign file
+    ours = P.read_torchscript(clip_files["jit"])
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype, k
+    assert P.read_torchscript(clip_files["pt"]) is None  # torch.save's zip: not TorchScript
+
+
+class Evil(nn.Module):  # a "CLIP" whose TorchScript __setstate__ writes a file when the archive is loaded
+    def __init__(self, path: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 4, 4, bias=False)
+        self.path = path
+
+    def forward(self, x):
+        return self.conv1(x)
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return self.conv1.weight, self.path, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        torch.save(state[0], state[1])
+        self.path, self.training = state[1], state[2]
+
+
+def test_torchscript_that_runs_code_is_never_run(tmp_path, llama_files):
+    root = nn.Module()
+    root.visual = Evil(str(tmp_path / "written"))
+    torch.jit.save(torch.jit.script(root), str(tmp_path / "ViT-L-14.pt"))
+    with pytest.raises(P.CheckpointError, match=r"ViT-L-14\.pt: no visual\.conv1\.weight") as e:
+        P.from_pretrained(tmp_path / "ViT-L-14.pt", llama_files["meta"])
+    assert "\n" not in str(e.value) and not (tmp_path / "written").exists()
+    with pytest.raises(RuntimeError):  # what the loader avoids: torch.jit.load runs __setstate__
+        torch.jit.load(str(tmp_path / "ViT-L-14.pt"))
+    assert (tmp_path / "written").exists()
+
+
+def test_refusals_are_one_line_and_never_suggest_turning_the_safety_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("PWNED", str(tmp_path / "pwned"))
+    torch.save({"x": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(P.CheckpointError) as e:
+        P.read_clip(tmp_path / "evil.pt")
+    msg = str(e.value)
+    assert msg == f"{tmp_path / 'evil.pt'}: holds code-bearing objects (posix.system); not loaded"
+    assert "weights_only" not in msg
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(P.CheckpointError, match=r"junk\.pt: is not a plain tensor checkpoint \(Unsupported operand 110\); not loaded$"):
+        P.read_clip(tmp_path / "junk.pt")
+
+
+def test_a_run_folder_resumes_refuses_or_keeps_but_never_overwrites(demo_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(train_args(demo_data, out, "--epochs", "1"))
+    log = (out / "log.jsonl").read_text()
+    with pytest.raises(prepare.UserError, match=r"run holds a run with other settings \(epochs 1 there, 2 now\): pass "
+                                                r"another --out, or --restart to discard it"):
+        train.main(train_args(demo_data, out, "--epochs", "2"))
+    capsys.readouterr()
+    again = train.main(train_args(demo_data, out, "--epochs", "1", "--threads", "2"))  # runtime flags may differ
+    assert "this run is finished" in capsys.readouterr().out and again == json.loads((out / "metrics.json").read_text())["metrics"]
+    assert (out / "log.jsonl").read_text() == log
+    train.main(train_args(demo_data, out, "--epochs", "2", "--restart"))
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+
+
+def test_unfinished_runs_are_not_evaluated_and_the_table_names_missing_folds(demo_data, tmp_path, monkeypatch, capsys):
+    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "1"))
+    real_save = train.Training.save
+
+    def killed(self, out):
+        real_save(self, out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Training, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(demo_data, tmp_path / "fold2", "--epochs", "3", "--fold", "2"))
+    with pytest.raises(prepare.UserError, match=r"fold2: training stopped at epoch 1 of 3; run the same train\.py command"):
+        ev.main(["--runs", str(tmp_path), "--fold", "2"])
+    with pytest.raises(prepare.UserError, match=r"fold3: no run there; train it first"):
+        ev.main(["--runs", str(tmp_path), "--fold", "3", "--image", "x.png"])
+    capsys.readouterr()
+    assert ev.main(["--runs", str(tmp_path), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\| 1 \| [\d.]+ \|", out, re.M) and "not finished, left out: fold 2, 3, 4, 5" in out
+    assert json.loads((tmp_path / "table.json").read_text())["missing"] == [2, 3, 4, 5]
+
+
+def test_refused_runs_leave_no_folder_behind(demo_data, tmp_path):
+    for flags, msg in [(["--fold", "6"], r"--fold 6: .* has folds \[1, 2, 3, 4, 5\]"),
+                       (["--model", "full", "--clip", str(tmp_path / "nope.pt")], "nope.pt not found"),
+                       (["--val-frac", "0.5", "--epochs", "1"], None)]:
+        out = tmp_path / "out" / "fold"
+        if msg is None:  # a validation split holding one class: checked before any training
+            one = shutil.copytree(demo_data, tmp_path / "one_normal")
+            rows = manifest(one)
+            normal = next(r["patient"] for r in rows if r["label"] == "normal" and r["fold"] != "1")
+            kept = [r for r in rows if r["label"] != "normal" or r["fold"] == "1" or r["patient"] == normal]
+            (one / "manifest.csv").write_text("image,label,patient,fold\n" + "".join(
+                f"{r['image']},{r['label']},{r['patient']},{r['fold']}\n" for r in kept))
+            flags, msg = ["--data", str(one), *flags], r"split of fold 1 \(\d+ images\) has no images of normal"
+        with pytest.raises(prepare.UserError, match=msg):
+            train.main(train_args(demo_data, out, *flags))
+        assert not (tmp_path / "out").exists()
+
+
+def run_script(*args, cwd=None):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, *args], cwd=cwd or Path(__file__).parent, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
+    here = Path(__file__).parent
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "manifest.csv").write_text("image,label,patient,fold\n")
+    write_labels(tmp_path / "labels.csv", [("a.png", "x")])
+    cases = [
+        (["eval.py", "--runs", str(tmp_path / "none"), "--fold", "1"], "no run there"),
+        (["eval.py", "--runs", str(tmp_path / "none"), "--image", "a.png"], "no run there"),
+        (["train.py", "--data", str(bare), "--model", "tiny", "--out", str(tmp_path / "o")], "meta.json not found"),
+        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "p"),
+          "--folds", "0"], "--folds 0: give 1 or more"),
+        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "p"),
+          "--workers", "0"], "--workers 0: give 1 or more"),
+    ]
+    for args, msg in cases:
+        r = run_script(*[str(here / args[0]), *args[1:]], cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "o").exists()
+
+
+def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp_path):
+    import bench
+    for script in (train, ev, prepare, bench):
+        ap = script.parser()
+        assert all(a.help for a in ap._actions), script.__name__
+        text = ap.format_help()
+        assert isinstance(ap.formatter_class, type) and "(default:" in text, script.__name__
+    text = train.parser().format_help()
+    for flag, default in [("--epochs", "100"), ("--model", "full"), ("--lr", "0.0003"), ("--seed", "20")]:
+        assert re.search(rf"{flag} .*?\(default: {re.escape(default)}\)", text, re.S), flag
+    try:
+        train.main(train_args(demo_data, tmp_path / "run", "--epochs", "1", "--threads", "1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(2)
