@@ -39,9 +39,10 @@ def cli(main):
 def runtime_flags(ap):
     """Flags that change where and how fast a run goes, not what it computes."""
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--threads", type=int, help="CPU threads for torch; 1-2 is often fastest on a busy or small machine "
-                    "(default: torch's choice, one per core)")
-    ap.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+    ap.add_argument("--threads", type=int, help="CPU threads for torch; 1-2 is often fastest on a busy or small "
+                    "machine (default: torch's choice, one per core)")
+    ap.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead",
+                                                                       "max-autotune"],
                     help="torch.compile the model; reduce-overhead also replays CUDA graphs (GPU)")
 
 
@@ -61,8 +62,8 @@ class Data:
         self.folder = Path(folder)
         for name in ("manifest.csv", "meta.json"):
             if not (self.folder / name).exists():
-                raise UserError(f"{self.folder / name} not found: prepare the data first (`python prepare.py --demo`, "
-                                f"or --images/--labels/--out {self.folder})")
+                raise UserError(f"{self.folder / name} not found: prepare the data first (python prepare.py "
+                                f"--demo, or --images/--labels/--out {self.folder})")
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self.classes, self.multi_label = self.meta["classes"], self.meta.get("multi_label", False)
         with open(self.folder / "manifest.csv", newline="") as f:
@@ -83,7 +84,8 @@ class Data:
         rest = [r for r in self.rows if int(r["fold"]) != fold]
         out = {"test": test, "train": rest, "val": []}
         if val_frac > 0:
-            inner = make_folds([r["patient"] for r in rest], [r["label"] for r in rest], max(2, round(1 / val_frac)), seed)
+            k = max(2, round(1 / val_frac))  # inner folds; the first is the validation split
+            inner = make_folds([r["patient"] for r in rest], [r["label"] for r in rest], k, seed)
             out["train"] = [r for r, f in zip(rest, inner) if f != 1]
             out["val"] = [r for r, f in zip(rest, inner) if f == 1]
         seen = {r["patient"] for r in out["train"] + out["val"]}
@@ -97,7 +99,8 @@ class Data:
 def encode_labels(labels: list, classes: list, multi_label: bool) -> np.ndarray:
     """Class indices (N,), or multi-hot (N, C) for multi-label sets (findings written a|b)."""
     if multi_label:
-        return np.array([[c in label.split("|") for c in classes] for label in labels], np.float32).reshape(-1, len(classes))
+        hot = [[c in label.split("|") for c in classes] for label in labels]
+        return np.array(hot, np.float32).reshape(-1, len(classes))
     return np.array([classes.index(label) for label in labels], np.int64)
 
 
@@ -107,7 +110,8 @@ def encode_labels(labels: list, classes: list, multi_label: bool) -> np.ndarray:
 
 def pneumo_fields(cfg: dict) -> dict:
     """The PneumoArgs fields that a run's config sets (flags carry the fields' names; --llama is a path)."""
-    return {f.name: cfg[f.name] for f in fields(P.PneumoArgs) if f.name in cfg and f.name not in ("vision", "llama")}
+    names = {f.name for f in fields(P.PneumoArgs)} - {"vision", "llama"}
+    return {k: cfg[k] for k in names if k in cfg}
 
 
 def build(cfg: dict) -> P.PneumoLLM:
@@ -119,9 +123,9 @@ def build(cfg: dict) -> P.PneumoLLM:
         return cast_frozen(P.PneumoLLM(P.tiny_args(vocab_size=cfg.get("vocab_size", -1), **kw)).to(device), dtype)
     for path, needed in ((cfg["clip"], kw["encoder"] == "clip"), (cfg["llama"], kw["llm"])):
         if needed and not Path(path).exists():
-            raise UserError(f"{path} not found: PneumoLLM needs OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as Meta or "
-                            "Hugging Face ship it (--llama); README 'The real model' says what to put where; "
-                            "--model tiny runs without them")
+            raise UserError(f"{path} not found: PneumoLLM needs OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as "
+                            "Meta or Hugging Face ship it (--llama); README 'The real model' says what to put "
+                            "where; --model tiny runs without them")
     return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype, **kw)
 
 
@@ -162,7 +166,8 @@ def tokenize(tokenizer, text: str) -> tuple[list, int]:
     """The question as LLaMA reads it: BOS + the pieces of LLaMA's sentencepiece `tokenizer.model`.
     Returns (token ids, vocabulary size)."""
     if not Path(tokenizer).is_file():
-        raise UserError(f"{tokenizer}: no sentencepiece tokenizer.model there (it ships with LLaMA); pass --tokenizer")
+        raise UserError(f"{tokenizer}: no sentencepiece tokenizer.model there (it ships with LLaMA); "
+                        "pass --tokenizer")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
     return [sp.bos_id()] + sp.encode(text), sp.vocab_size()
 
@@ -225,7 +230,8 @@ def metrics(y, prob) -> dict:
     y, prob = np.asarray(y), np.asarray(prob, dtype=float)
     if y.ndim == 2:
         per = [metrics(y[:, c].astype(int), np.stack([1 - prob[:, c], prob[:, c]], 1)) for c in range(y.shape[1])]
-        return dict({k: float(np.mean([m[k] for m in per])) for k in METRICS}, confusion=[m["confusion"] for m in per])
+        macro = {k: float(np.mean([m[k] for m in per])) for k in METRICS}
+        return dict(macro, confusion=[m["confusion"] for m in per])
     n_classes = prob.shape[1]
     counts = np.bincount(y, minlength=n_classes)
     if counts.min() == 0:
@@ -239,6 +245,7 @@ def metrics(y, prob) -> dict:
         tn = [cm.sum() - cm[c].sum() - cm[:, c].sum() + cm[c, c] for c in range(n_classes)]
         spec = np.mean([tn[c] / (cm.sum() - cm[c].sum()) for c in range(n_classes)])
         sens, auc = recall.mean(), np.mean([roc_auc(y == c, prob[:, c]) for c in range(n_classes)])
-    out = dict(sensitivity=float(sens), specificity=float(spec), accuracy=float(cm.diagonal().sum() / cm.sum()), auc=float(auc))
+    acc = cm.diagonal().sum() / cm.sum()
+    out = dict(sensitivity=float(sens), specificity=float(spec), accuracy=float(acc), auc=float(auc))
     out["avg"] = float(np.mean(list(out.values())))
     return dict(out, confusion=cm.tolist())

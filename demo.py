@@ -104,7 +104,8 @@ def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
         return labels
     rng = np.random.default_rng(seed)
     rows = []
-    print(f"writing {n_patients} synthetic patients (~{n_patients * 1.8:.0f} DICOMs, ~{n_patients:.0f} MB) to {folder}", file=sys.stderr)
+    print(f"writing {n_patients} synthetic patients (~{n_patients * 1.8:.0f} DICOMs, ~{n_patients:.0f} MB) "
+          f"to {folder}", file=sys.stderr)
     for p in range(n_patients):
         if p and p % 50 == 0:
             print(f"  {p}/{n_patients} patients", file=sys.stderr)

@@ -35,7 +35,8 @@ _HF_CLIP = [  # Hugging Face name -> OpenAI name
 def read_clip_hf(folder: Path) -> tuple[VisionArgs, dict]:
     cfg = json.loads((folder / "config.json").read_text())
     c = cfg.get("vision_config", cfg)
-    v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"], c["image_size"])
+    v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"],
+                   c["image_size"])
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors files next to config.json")
@@ -58,7 +59,8 @@ def read_clip_hf(folder: Path) -> tuple[VisionArgs, dict]:
 _HF_LLAMA = [  # Hugging Face name -> Meta name
     (r"model\.embed_tokens\.", "tok_embeddings."), (r"model\.norm\.", "norm."), (r"lm_head\.", "output."),
     (r"model\.layers\.", "layers."), (r"self_attn\.([qkvo])_proj\.", r"attention.w\1."),
-    (r"mlp\.gate_proj\.", "feed_forward.w1."), (r"mlp\.down_proj\.", "feed_forward.w2."), (r"mlp\.up_proj\.", "feed_forward.w3."),
+    (r"mlp\.gate_proj\.", "feed_forward.w1."), (r"mlp\.down_proj\.", "feed_forward.w2."),
+    (r"mlp\.up_proj\.", "feed_forward.w3."),
     (r"input_layernorm\.", "attention_norm."), (r"post_attention_layernorm\.", "ffn_norm."),
 ]
 
@@ -70,10 +72,13 @@ def read_llama_hf(folder: Path) -> tuple[LlamaArgs, dict]:
         raise CheckpointError(f"{folder}/config.json: rope scaling {rope.get('rope_type')} is not supported")
     p = LlamaArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                   n_kv_heads=c.get("num_key_value_heads"), vocab_size=c.get("vocab_size", -1),
-                  norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", rope.get("rope_theta", 1e4)),
+                  norm_eps=c.get("rms_norm_eps", 1e-6),
+                  rope_theta=c.get("rope_theta", rope.get("rope_theta", 1e4)),
                   ffn_hidden=c["intermediate_size"], rope_halves=True)
     index = folder / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    names = ["model.safetensors"]
+    if index.exists():  # sharded: the index maps every key to its file
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out = {}
     for k, e in _safetensors([folder / n for n in names]).items():
         for pat, rep in _HF_LLAMA:

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -35,7 +36,8 @@ RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors",
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", default="data/demo", help="a folder written by prepare.py")
     ap.add_argument("--fold", type=int, default=1, help="the test fold; the others train")
     ap.add_argument("--model", choices=["full", "tiny"], default="full",
@@ -54,27 +56,34 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup-lr", type=float, default=5e-7, help="learning rate at step 0")
     r.add_argument("--weight-decay", type=float, default=0.02, help="AdamW decay of the >=2-D trainable tensors")
     r.add_argument("--seed", type=int, default=20, help="initialisation, data order and the validation split")
-    r.add_argument("--dtype", choices=list(P.DTYPES), help="frozen weights and autocast (default: fp16 on GPU, fp32 on CPU)")
+    r.add_argument("--dtype", choices=list(P.DTYPES),
+                   help="frozen weights and autocast (default: fp16 on GPU, fp32 on CPU)")
     r.add_argument("--norm", choices=["clip", "imagenet"], default="clip", help="imagenet = the authors' code")
     r.add_argument("--val-frac", type=float, default=0.1, help="training patients held out to choose the epoch")
-    r.add_argument("--select", choices=["val", "last"], default="val", help="the epoch kept: best on validation, or the last")
+    r.add_argument("--select", choices=["val", "last"], default="val",
+                   help="the epoch kept: the best on validation, or the last")
     C.runtime_flags(ap)
-    ap.add_argument("--checkpoint-vit", action="store_true", help="recompute ViT activations in the backward: less memory, ~25%% slower")
-    g = ap.add_argument_group("ablations (README: Ablations); flags are PneumoArgs fields, defaults are PneumoLLM as published")
+    ap.add_argument("--checkpoint-vit", action="store_true",
+                    help="recompute ViT activations in the backward: less memory, ~25%% slower")
+    g = ap.add_argument_group("ablations (README: Ablations)",
+                              "flags named after PneumoArgs fields; the defaults are PneumoLLM as published")
+    on = dict(action=argparse.BooleanOptionalAction, default=True)  # --x / --no-x
     g.add_argument("--engine", choices=["multi", "coop", "cocoop", "none"], default="multi", help="Table 6")
     g.add_argument("--n-diag", type=int, default=4, help="K diagnosis tokens, Fig. 6b")
-    g.add_argument("--cls-blocks", type=blocks, help="1-based ViT blocks giving CLS tokens, e.g. 12,24 (default: every 4th)")
-    g.add_argument("--emitter", action=argparse.BooleanOptionalAction, default=True, help="Eq. 2's mask (Table 6)")
-    g.add_argument("--vit-adapters", action=argparse.BooleanOptionalAction, default=True, help="Table 6")
-    g.add_argument("--llm-adapters", action=argparse.BooleanOptionalAction, default=True, help="Table 6")
-    g.add_argument("--llm", action=argparse.BooleanOptionalAction, default=True, help="Table 4: --no-llm never reads LLaMA")
-    g.add_argument("--encoder", choices=["clip", "conv"], default="clip", help="Fig. 6a; any CLIP ViT file works for clip")
+    g.add_argument("--cls-blocks", type=blocks, help="1-based ViT blocks giving CLS tokens, e.g. 12,24 "
+                   "(default: 4, 8, ..)")
+    g.add_argument("--emitter", **on, help="Eq. 2's mask (Table 6)")
+    g.add_argument("--vit-adapters", **on, help="Table 6")
+    g.add_argument("--llm-adapters", **on, help="Table 6")
+    g.add_argument("--llm", **on, help="Table 4: --no-llm reads no LLaMA")
+    g.add_argument("--encoder", choices=["clip", "conv"], default="clip", help="Fig. 6a (clip: any CLIP ViT file)")
     g.add_argument("--adapter-dropout", type=float, default=0.1, help="dropout inside every adapter")
-    g.add_argument("--train-engine", action=argparse.BooleanOptionalAction, default=True, help="the authors' code: no")
-    g.add_argument("--question", help='Table 5, LaVIN-style text input, e.g. "Does the patient have pneumoconiosis?"')
+    g.add_argument("--train-engine", **on, help="the authors' code: no")
+    g.add_argument("--question", help='Table 5, LaVIN-style text, e.g. "Does the patient have pneumoconiosis?"')
     g.add_argument("--tokenizer", help="LLaMA's tokenizer.model (default: in --llama or its parent folder)")
-    g.add_argument("--authors-code", action="store_true", help="reproduce the authors' code, NOT the paper: engine frozen at "
-                   "random init, ImageNet normalisation, BCE on one-hot targets, epoch chosen ON THE TEST FOLD (a leak)")
+    g.add_argument("--authors-code", action="store_true", help="reproduce the authors' code, NOT the paper: "
+                   "engine frozen at random init, ImageNet normalisation, BCE on one-hot targets, epoch chosen "
+                   "ON THE TEST FOLD")
     return ap
 
 
@@ -105,8 +114,8 @@ def blocks(text: str) -> list:
 def tokenize_question(cfg: dict):
     """Adds question_ids and vocab_size to cfg, so that the run can be rebuilt without the tokenizer."""
     llama = Path(cfg["llama"])
-    path = cfg["tokenizer"] or next((p for p in (llama / "tokenizer.model", llama.parent / "tokenizer.model") if p.exists()),
-                                    llama / "tokenizer.model")
+    near = [p for p in (llama / "tokenizer.model", llama.parent / "tokenizer.model") if p.exists()]
+    path = cfg["tokenizer"] or (near + [llama / "tokenizer.model"])[0]
     cfg["question_ids"], cfg["vocab_size"] = C.tokenize(path, cfg["question"])
     print(f"question {cfg['question']!r}: {len(cfg['question_ids'])} tokens (with BOS)")
 
@@ -123,7 +132,8 @@ def claim(out: Path, cfg: dict) -> str:
     diff = [k for k in sorted(set(old) | set(cfg)) if k not in RUNTIME and old.get(k) != cfg.get(k)]
     if diff:
         said = "; ".join(f"{k} {old.get(k)!r} there, {cfg.get(k)!r} now" for k in diff[:4])
-        raise UserError(f"{out} holds a run with other settings ({said}): pass another --out, or --restart to discard it")
+        raise UserError(f"{out} holds a run with other settings ({said}): pass another --out, "
+                        "or --restart to discard it")
     return "finished" if C.finished(out) else "resume" if (out / "state.pt").exists() else "new"
 
 
@@ -139,12 +149,16 @@ def check_classes(data: C.Data, split: dict, cfg: dict):
     """Before any training: the metrics that choose the epoch need every class in the validation split."""
     for part in ("train", "val") if cfg["select"] != "last" else ("train",):
         y = data.labels(split[part])
-        missing = [c for i, c in enumerate(data.classes) if (y[:, i].min() == 1 or y[:, i].max() == 0 if data.multi_label
-                                                               else not (y == i).any())]
-        if missing:
+        if data.multi_label:  # each finding needs images with it and images without it
+            lacking = (y.min(0) == 1) | (y.max(0) == 0)
+        else:
+            lacking = np.bincount(y, minlength=len(data.classes)) == 0
+        if lacking.any():
             what = "images with and without" if data.multi_label else "images of"
-            hint = "raise --val-frac or pass --select last" if part == "val" else "check the labels in the data folder"
-            raise UserError(f"the {part} split of fold {cfg['fold']} ({len(y)} images) has no {what} {', '.join(missing)}: {hint}")
+            missing = ", ".join(c for c, m in zip(data.classes, lacking) if m)
+            hint = "raise --val-frac or pass --select last" if part == "val" else "check the data folder's labels"
+            raise UserError(f"the {part} split of fold {cfg['fold']} ({len(y)} images) has no {what} {missing}: "
+                            + hint)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,13 +183,14 @@ class Ranks:
     def wrap(self, model, device):
         if self.world == 1:
             return model
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def share(self, idx) -> tuple:  # this process's part of a global batch, and its weight in the global mean
         mine = idx[self.rank::self.world]
         if not len(mine):  # nothing left for this process: it still joins the gradient all-reduce
             return idx[:1], 0.0
-        return mine, len(mine) * self.world / len(idx)  # DDP averages over processes: this makes it the global mean
+        return mine, len(mine) * self.world / len(idx)  # DDP averages over processes: so it is the global mean
 
     def gather(self, losses, bad):  # the epoch's figures over every process
         if self.world > 1:
@@ -185,7 +200,8 @@ class Ranks:
         return losses, bad
 
     def close(self):
-        if self.world > 1:
+        if self.world > 1:  # together: a process that leaves while another still works aborts gloo
+            dist.barrier()
             dist.destroy_process_group()
 
 
@@ -219,7 +235,8 @@ class Training:
         params = model.trainable_parameters()
         groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
                   dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-        self.opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95), eps=1e-8, fused=self.device.type == "cuda")
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95), eps=1e-8, fused=fused)
         # on every dtype, so that a step with inf/NaN gradients is skipped; with the fused AdamW on a
         # GPU the check stays on the device, without a host sync (the scaling itself matters in fp16)
         self.scaler = torch.amp.GradScaler(self.device.type)
@@ -228,8 +245,8 @@ class Training:
 
     def save(self, out: Path):
         self.model.save_trainable(out / "last.safetensors")
-        st = dict(opt=self.opt.state_dict(), scaler=self.scaler.state_dict(), gen=self.gen.get_state(), rng=torch.get_rng_state(),
-                  epoch=self.epoch, best=self.best, best_epoch=self.best_epoch)
+        st = dict(opt=self.opt.state_dict(), scaler=self.scaler.state_dict(), gen=self.gen.get_state(),
+                  rng=torch.get_rng_state(), epoch=self.epoch, best=self.best, best_epoch=self.best_epoch)
         if self.device.type == "cuda":
             st["cuda_rng"] = torch.cuda.get_rng_state()
         torch.save(st, out / "state.tmp")
@@ -273,7 +290,8 @@ def train_epoch(t: Training, fwd, x: torch.Tensor, y: torch.Tensor, ranks: Ranks
     losses, bad = ranks.gather(losses, bad)
     n_bad = int(bad.item())
     if n_bad == ipe:
-        raise UserError(f"every step of epoch {t.epoch} had a non-finite loss; stopping (try --dtype bf16/fp32 or a lower --lr)")
+        raise UserError(f"every step of epoch {t.epoch} had a non-finite loss; stopping "
+                        "(try --dtype bf16/fp32 or a lower --lr)")
     if n_bad:
         print(f"epoch {t.epoch}: {n_bad} step(s) with a non-finite loss skipped", file=sys.stderr)
     return dict(epoch=t.epoch, loss=losses.item() / (ipe - n_bad), lr=lr, **({"skipped": n_bad} if n_bad else {}))
@@ -303,7 +321,8 @@ def final_test(model: P.PneumoLLM, data: C.Data, rows: list, cfg: dict, epoch: i
         w = csv.writer(f)
         w.writerow(["image", "patient", "label", *(f"p_{c}" for c in cfg["classes"]), "prediction"])
         for r, p in zip(rows, prob):
-            pred = "|".join(c for c, q in zip(cfg["classes"], p) if q > 0.5) if cfg["multi_label"] else cfg["classes"][int(p.argmax())]
+            found = [c for c, q in zip(cfg["classes"], p) if q > 0.5]
+            pred = "|".join(found) if cfg["multi_label"] else cfg["classes"][int(p.argmax())]
             w.writerow([Path(r["image"]).stem, r["patient"], r["label"], *(f"{q:.6f}" for q in p), pred])
     os.replace(out / "predictions.tmp", out / "predictions.csv")
     print(f"test fold {cfg['fold']} ({len(rows)} images, epoch {epoch} chosen on {cfg['select']}): "
@@ -322,12 +341,14 @@ def setup(argv) -> tuple:
     C.apply_threads(cfg["threads"])
     data = C.Data(cfg["data"])
     settings = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
-    cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"], size=int(settings["size"]))
+    cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"],
+               size=int(settings["size"]))
     if cfg["question"]:
         tokenize_question(cfg)
     split = data.split(cfg["fold"], 0 if cfg["select"] == "test" else cfg["val_frac"], cfg["seed"])
     if cfg["select"] == "test":
-        print("WARNING: the epoch is chosen ON THE TEST FOLD, as in the authors' code: its test metrics are optimistic", file=sys.stderr)
+        print("WARNING: the epoch is chosen ON THE TEST FOLD, as in the authors' code: its test metrics are "
+              "optimistic", file=sys.stderr)
         split["val"] = split["test"]
     check_classes(data, split, cfg)
     return cfg, data, split, claim(Path(cfg["out"]), cfg)
@@ -376,7 +397,8 @@ def main(argv=None):
     print(f"trained {n} epoch{'s' * (n != 1)} in {time.time() - t0:.0f} s (validation and checkpoints included)")
     if cfg["select"] == "last":
         model.save_trainable(out / "best.safetensors")
-    return final_test(model, data, split["test"], cfg, t.best_epoch if cfg["select"] != "last" else cfg["epochs"], out)
+    chosen = t.best_epoch if cfg["select"] != "last" else cfg["epochs"]
+    return final_test(model, data, split["test"], cfg, chosen, out)
 
 
 if __name__ == "__main__":
