@@ -114,13 +114,15 @@ def pneumo_fields(cfg: dict) -> dict:
     return {k: cfg[k] for k in names if k in cfg}
 
 
-def build(cfg: dict) -> P.PneumoLLM:
-    """The run's model with fresh trainable weights (seeded): tiny and random, or from the checkpoints."""
-    device, dtype = torch.device(cfg["device"]), P.DTYPES[cfg["dtype"]]
+def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
+    """The run's model with fresh trainable weights (seeded): tiny and random, or from the checkpoints,
+    whose frozen weights are cast to the run's dtype, or kept as stored (memory-mapped, no copy)."""
+    device, dtype = torch.device(cfg["device"]), None if as_stored else P.DTYPES[cfg["dtype"]]
     torch.manual_seed(cfg["seed"])
     kw = dict(pneumo_fields(cfg), n_classes=len(cfg["classes"]))
     if cfg["model"] == "tiny":
-        return cast_frozen(P.PneumoLLM(P.tiny_args(vocab_size=cfg.get("vocab_size", -1), **kw)).to(device), dtype)
+        model = P.PneumoLLM(P.tiny_args(vocab_size=cfg.get("vocab_size", -1), **kw)).to(device)
+        return cast_frozen(model, dtype) if dtype else model
     for path, needed in ((cfg["clip"], kw["encoder"] == "clip"), (cfg["llama"], kw["llm"])):
         if needed and not Path(path).exists():
             raise UserError(f"{path} not found: PneumoLLM needs OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as "
@@ -153,11 +155,13 @@ def check_finished(run: Path, fold: int):
                     "again to finish it (it resumes)")
 
 
-def load_run(run: Path, device=None) -> tuple[P.PneumoLLM, dict]:
-    """A finished run's model with the weights of its chosen epoch, and its config."""
+def load_run(run: Path, device=None, keep_checkpoint_dtype=False) -> tuple[P.PneumoLLM, dict]:
+    """A finished run's model with the weights of its chosen epoch, and its config. On a CPU,
+    keep_checkpoint_dtype scores with the frozen weights as the checkpoints store them: memory-mapped,
+    never copied (LLaMA-7B in fp32 would need 27 GB)."""
     cfg = json.loads((run / "config.json").read_text())
     cfg["device"] = device or cfg["device"]
-    model = build(cfg)
+    model = build(cfg, as_stored=keep_checkpoint_dtype and cfg["device"] == "cpu")
     model.load_trainable(run / "best.safetensors")
     return model, cfg
 

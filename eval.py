@@ -1,18 +1,27 @@
 """
-Metrics as the paper reports them: sensitivity (recall of disease), specificity (recall of normal),
-accuracy, ROC AUC and AVG (their mean), with 95 % bootstrap intervals and the confusion matrix. Read
-from the predictions.csv that train.py writes when a run finishes: no model is rebuilt, except to
-score new images.
+Evaluation a reader can act on, from the predictions.csv that train.py writes when a run finishes
+(no model is rebuilt, except to score new images):
 
-    python eval.py --fold 1                  # fold 1's test set
+    python eval.py --fold 1                  # fold 1's test set: the paper's figures, and what comes next
     python eval.py --all                     # the finished folds as the paper's Table 2 (markdown + JSON)
-    python eval.py --fold 1 --image a.dcm    # probabilities for new images with fold 1's model
+    python eval.py --fold 1 --image a.dcm    # new images, with fold 1's model and operating point
 
-Multi-class label sets get macro-averaged metrics (sensitivity = mean recall over classes,
-specificity = mean one-vs-rest specificity, AUC = mean one-vs-rest AUC). Multi-label sets get each
-finding's binary metrics (positive when its sigmoid > 0.5), macro-averaged; accuracy is then the
-per-finding accuracy (1 - Hamming loss). Intervals resample patients, not images: the images of one
-patient are not independent.
+- The paper's figures, unchanged: sensitivity (recall of disease), specificity, accuracy, ROC AUC
+  and AVG (their mean) at the argmax, for comparison with Table 2.
+- An operating point chosen on the run's validation split, never on the test fold: Youden's J, or
+  the highest threshold reaching --sensitivity there. It is applied unchanged to the test fold:
+  sensitivity, specificity, accuracy, PPV, NPV and F1. Multi-label sets get one threshold per finding
+  (one-vs-rest), macro-averaged; multi-class sets keep the argmax.
+- Calibration: Brier score and expected calibration error (15 equal-width bins of the predicted
+  probability of each class: of disease in the binary case), reliability.png; --calibrate fits a
+  temperature on validation and reports both.
+- 95 % intervals resample patients, not images (one patient's images are not independent).
+- A baseline to beat: logistic regression on the 32x32 grey image, trained on exactly the run's
+  training patients; its AUC, and the paired difference, next to the model's.
+
+Multi-class metrics are macro averages (sensitivity = mean recall, specificity = mean one-vs-rest
+specificity, AUC = mean one-vs-rest AUC). Multi-label sets get each finding's binary metrics
+(positive when its sigmoid > 0.5), macro-averaged; accuracy is the per-finding accuracy.
 """
 import argparse
 import csv
@@ -27,128 +36,429 @@ import common as C
 from prepare import UserError
 
 
-def read_run(run: Path, fold: int) -> tuple:
-    """(config, predictions.csv rows, labels, probabilities (N, C)) of a finished run."""
-    C.check_finished(run, fold)
-    cfg = json.loads((run / "config.json").read_text())
-    with open(run / "predictions.csv", newline="") as f:
+def read_predictions(path: Path, cfg: dict) -> tuple:  # (rows, labels, probabilities (N, C))
+    with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     prob = np.array([[float(r[f"p_{c}"]) for c in cfg["classes"]] for r in rows]).reshape(len(rows), -1)
-    return cfg, rows, C.encode_labels([r["label"] for r in rows], cfg["classes"], cfg["multi_label"]), prob
+    return rows, C.encode_labels([r["label"] for r in rows], cfg["classes"], cfg["multi_label"]), prob
+
+
+def as_binary(y, prob, multi_label: bool) -> list:
+    """[(name, y (N,) 0/1, p (N,))]: the disease score of a binary set, or each finding of a multi-label set."""
+    if multi_label:
+        return [(c, y[:, c], prob[:, c]) for c in range(prob.shape[1])]
+    return [("", y, prob[:, 1])] if prob.shape[1] == 2 else []
+
+
+# ------------------------------------------------------------------------------------------------
+# operating point and calibration
 
 
 def roc_curve(y, score):
-    """(fpr, tpr) points from the highest threshold down, one point per distinct score."""
+    """(fpr, tpr, thresholds) from the highest threshold down, one point per distinct score."""
     y, score = np.asarray(y).astype(bool), np.asarray(score)
     order = np.argsort(-score, kind="mergesort")
     y, s = y[order], score[order]
     last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
     tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)], np.r_[np.inf, s[last]]
+
+
+def choose_threshold(y, score, sensitivity=None) -> float:
+    """On validation: maximise Youden's J (sensitivity + specificity - 1), or take the highest
+    threshold whose sensitivity reaches `sensitivity`. Positive means score >= threshold."""
+    fpr, tpr, thr = roc_curve(y, score)
+    if sensitivity is None:
+        return float(thr[np.argmax(tpr - fpr)])
+    return float(thr[np.argmax(tpr >= sensitivity)])
+
+
+def at_threshold(y, score, t: float) -> dict:
+    y, pred = np.asarray(y).astype(bool), np.asarray(score) >= t
+    tp, tn, fp, fn = (y & pred).sum(), (~y & ~pred).sum(), (~y & pred).sum(), (y & ~pred).sum()
+    ratio = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
+    return dict(sensitivity=ratio(tp, tp + fn), specificity=ratio(tn, tn + fp), accuracy=ratio(tp + tn, len(y)),
+                ppv=ratio(tp, tp + fp), npv=ratio(tn, tn + fn), f1=ratio(2 * tp, 2 * tp + fp + fn))
+
+
+def calibration(y, prob, multi_label: bool, bins=15) -> dict:
+    """Brier score: the mean squared difference between a probability and its 0/1 outcome, for the
+    disease class of a binary set (each finding of a multi-label set, averaged; multi-class: summed
+    over classes). ECE: over 15 equal-width bins of that probability, |mean predicted - observed
+    frequency| weighted by the share of images in the bin, summed (averaged over findings/classes)."""
+    hot = y if multi_label else np.eye(prob.shape[1])[y]
+    cols = [1] if prob.shape[1] == 2 and not multi_label else list(range(prob.shape[1]))
+    sq = (prob - hot)[:, cols] ** 2
+    brier = sq.sum(1).mean() if not multi_label and len(cols) > 1 else sq.mean()
+    eces = []
+    for c in cols:
+        b = np.minimum((prob[:, c] * bins).astype(int), bins - 1)
+        eces.append(sum(abs(prob[b == i, c].mean() - hot[b == i, c].mean()) * (b == i).mean() for i in np.unique(b)))
+    return dict(brier=float(brier), ece=float(np.mean(eces)))
+
+
+def with_temperature(prob, t: float, multi_label: bool):
+    """Softmax(log p / T) (sigmoid(logit / T) per finding for multi-label sets): T > 1 softens."""
+    p = np.clip(prob, 1e-7, 1 - 1e-7)
+    if multi_label:
+        return 1 / (1 + np.exp(-np.log(p / (1 - p)) / t))
+    z = np.log(p) / t
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def fit_temperature(y, prob, multi_label: bool) -> float:
+    """The T that minimises the validation set's negative log-likelihood, on a fine log grid."""
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 601))
+    hot = y if multi_label else np.eye(prob.shape[1])[y]
+    nll = [-(hot * np.log(np.clip(q, 1e-12, 1)) + (1 - hot) * np.log(np.clip(1 - q, 1e-12, 1)) * multi_label).sum()
+           for q in (with_temperature(prob, t, multi_label) for t in grid)]
+    return float(grid[int(np.argmin(nll))])
+
+
+# ------------------------------------------------------------------------------------------------
+# intervals and the baseline
+
+
+def resamples(patients, y, n_classes: int, n=1000, seed=0) -> list:
+    """Image indices of n bootstrap resamples of the patients (each drawn patient brings all its
+    images); resamples lacking a class (a finding's 0s or 1s) are redrawn."""
+    rng, y = np.random.default_rng(seed), np.asarray(y)
+    _, of = np.unique(np.asarray(patients), return_inverse=True)
+    images_of = [np.flatnonzero(of == p) for p in range(of.max() + 1)]
+    out = []
+    while len(out) < n:
+        i = np.concatenate([images_of[p] for p in rng.integers(0, len(images_of), len(images_of))])
+        if (np.unique(y[i]).size == n_classes) if y.ndim == 1 else np.ptp(y[i], 0).all():
+            out.append(i)
+    return out
+
+
+def interval(values) -> list:
+    return [float(v) for v in np.percentile(values, [2.5, 97.5])]
 
 
 def bootstrap(y, prob, patients, n=1000, seed=0) -> dict:
-    """95 % percentile intervals over resampled patients (each drawn patient brings all its images);
-    resamples lacking a class are redrawn."""
-    rng, y, prob = np.random.default_rng(seed), np.asarray(y), np.asarray(prob)
-    _, of = np.unique(np.asarray(patients), return_inverse=True)
-    images_of = [np.flatnonzero(of == p) for p in range(of.max() + 1)]
-    draws = []
-    while len(draws) < n:
-        i = np.concatenate([images_of[p] for p in rng.integers(0, len(images_of), len(images_of))])
-        present = np.unique(y[i]).size == prob.shape[1] if y.ndim == 1 else np.ptp(y[i], 0).all()  # multi-label: 0s and 1s
-        if present:
-            m = C.metrics(y[i], prob[i])
-            draws.append([m[k] for k in C.METRICS])
-    lo, hi = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
-    return {k: [float(a), float(b)] for k, a, b in zip(C.METRICS, lo, hi)}
+    """95 % percentile intervals of the paper's metrics over patient resamples."""
+    draws = [C.metrics(y[i], prob[i]) for i in resamples(patients, y, prob.shape[1], n, seed)]
+    return {k: interval([d[k] for d in draws]) for k in C.METRICS}
 
 
-def report(m: dict, ci: dict = None) -> str:
-    return "  ".join(f"{k} {100 * m[k]:.2f}" + (f" [{100 * ci[k][0]:.1f}, {100 * ci[k][1]:.1f}]" if ci else "") for k in C.METRICS)
+def pixels(data: C.Data, rows) -> np.ndarray:  # (N, 1024): the 32x32 grey image in [0, 1]
+    return np.stack([np.asarray(Image.open(data.folder / r["image"]).convert("L").resize((32, 32), Image.BILINEAR),
+                                np.float32).ravel() / 255 for r in rows])
 
 
-def draw_roc(path: Path, y, score, title: str):
-    fpr, tpr = roc_curve(y, score)
-    size, pad = 400, 40
+def fit_logistic(x, y, n_classes: int, multi_label: bool, l2: float):
+    """Logistic regression (softmax, or one sigmoid per finding) by L-BFGS in torch; deterministic.
+    Returns a function from features to probabilities."""
+    import torch
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    xt, yt = torch.tensor((x - mean) / std), torch.tensor(y)
+    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+    loss_of = torch.nn.functional.binary_cross_entropy_with_logits if multi_label else torch.nn.functional.cross_entropy
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(xt @ w + b, yt) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = w.detach().numpy(), b.detach().numpy()
+
+    def predict(features):
+        z = ((features - mean) / std) @ w + b
+        return 1 / (1 + np.exp(-z)) if multi_label else np.exp(z - z.max(1, keepdims=True)) / np.exp(
+            z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+    return predict
+
+
+def baseline(cfg: dict, test_rows: list) -> np.ndarray:
+    """The test fold's probabilities from logistic regression on 32x32 pixels, trained on the run's
+    own training split (the same patients as the model), its L2 strength chosen on the run's validation
+    split (the AUC) when there is one."""
+    data = C.Data(cfg["data"])
+    split = data.split(cfg["fold"], cfg["val_frac"] if cfg["select"] != "test" else 0, cfg["seed"])
+    x, y = pixels(data, split["train"]), data.labels(split["train"])
+    fits = {l2: fit_logistic(x, y, len(cfg["classes"]), cfg["multi_label"], l2) for l2 in (1e-4, 1e-2, 1.0)}
+    best = 1e-2
+    if split["val"]:
+        xv, yv = pixels(data, split["val"]), data.labels(split["val"])
+        best = max(fits, key=lambda l2: C.metrics(yv, fits[l2](xv))["auc"])
+    by_name = {Path(r["image"]).stem: r for r in split["test"]}  # predictions.csv names images by pseudonym
+    return fits[best](pixels(data, [by_name[r["image"]] for r in test_rows]))
+
+
+# ------------------------------------------------------------------------------------------------
+# pictures (Pillow only)
+
+
+def frame(title: str, xlabel: str, ylabel: str, size=400, pad=50):
+    """A white canvas with a square plot area, ticks at 0, 0.2, .., 1 and a light grid; returns the
+    canvas, its drawer and a function from (x, y) in [0, 1] to pixels."""
     im = Image.new("RGB", (size + 2 * pad, size + 2 * pad), "white")
     d = ImageDraw.Draw(im)
-    d.rectangle([pad, pad, pad + size, pad + size], outline="black")
-    d.line([(pad, pad + size), (pad + size, pad)], fill=(180, 180, 180))
-    d.line([(pad + f * size, pad + size - t * size) for f, t in zip(fpr, tpr)], fill=(200, 30, 30), width=3)
-    d.text((pad, 10), title, fill="black")
-    d.text((pad + size // 2 - 60, pad + size + 12), "1 - specificity", fill="black")
-    d.text((4, pad + size // 2), "sens.", fill="black")
+    xy = lambda x, y: (pad + x * size, pad + size - y * size)  # noqa: E731
+    for v in np.linspace(0, 1, 6):
+        d.line([xy(v, 0), xy(v, 1)], fill=(235, 235, 235))
+        d.line([xy(0, v), xy(1, v)], fill=(235, 235, 235))
+        d.text((xy(v, 0)[0] - 8, pad + size + 6), f"{v:.1f}", fill="black")
+        d.text((pad - 28, xy(0, v)[1] - 6), f"{v:.1f}", fill="black")
+    d.text((pad, 12), title, fill="black")
+    d.text((pad + size // 2 - 40, pad + size + 24), xlabel, fill="black")
+    d.text((6, 26), ylabel, fill="black")
+    return im, d, xy
+
+
+def outline(d, xy):  # the plot's border and its diagonal, drawn over the data
+    d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    d.line([xy(0, 0), xy(1, 1)], fill=(150, 150, 150))
+
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
+
+
+def draw_roc(path: Path, curves: list, title: str, band=None, point=None):
+    """curves: [(label, fpr, tpr)], the last drawn thickest; band: (fpr grid, lower, upper) tpr;
+    point: (fpr, tpr, label) of the operating point."""
+    im, d, xy = frame(title, "1 - specificity", "sensitivity")
+    if band is not None:
+        grid, lo, hi = band
+        d.polygon([xy(f, t) for f, t in zip(grid, hi)] + [xy(f, t) for f, t in zip(grid[::-1], lo[::-1])],
+                  fill=(255, 205, 205))
+    outline(d, xy)
+    for i, (label, fpr, tpr) in enumerate(curves):
+        last = i == len(curves) - 1
+        colour = (200, 30, 30) if last else COLOURS[i % len(COLOURS)]
+        d.line([xy(f, t) for f, t in zip(fpr, tpr)], fill=colour, width=3 if last else 1)
+        d.text((xy(0.45, 0)[0], xy(0, 0.05 + 0.06 * (len(curves) - 1 - i))[1]), label, fill=colour)
+    if point is not None:
+        x, y = xy(point[0], point[1])
+        d.ellipse([x - 5, y - 5, x + 5, y + 5], outline="black", width=2)
+        d.text((x + 8, y + 4), point[2], fill="black")
     im.save(path)
+
+
+def draw_reliability(path: Path, score, y, title: str, bins=15):
+    im, d, xy = frame(title, "predicted probability", "observed frequency")
+    b = np.minimum((np.asarray(score) * bins).astype(int), bins - 1)
+    for i in np.unique(b):
+        lo, hi = i / bins, (i + 1) / bins
+        d.rectangle([xy(lo, y[b == i].mean()), xy(hi, 0)], fill=(120, 160, 220), outline=(40, 70, 140))
+        d.text((xy(lo, 0)[0] + 2, xy(0, 1)[1] - 12), str(int((b == i).sum())), fill=(90, 90, 90))
+    outline(d, xy)
+    d.text((xy(0, 0)[0], xy(0, 0)[1] + 36), "bars: observed frequency per bin; numbers above: images per bin",
+           fill="black")
+    im.save(path)
+
+
+def roc_band(y, score, draws, grid=np.linspace(0, 1, 101)):  # pointwise 95 % band of tpr over fpr
+    tprs = []
+    for i in draws:
+        fpr, tpr, _ = roc_curve(y[i], score[i])
+        tprs.append(np.interp(grid, fpr, tpr))
+    lo, hi = np.percentile(tprs, [2.5, 97.5], axis=0)
+    return grid, lo, hi
 
 
 # ------------------------------------------------------------------------------------------------
 
 
-def eval_fold(runs: Path, fold: int) -> dict:
-    run = runs / f"fold{fold}"
+def read_run(run: Path, fold: int) -> tuple:
+    """(config, predictions.csv rows, labels, probabilities) of a finished run."""
+    C.check_finished(run, fold)
+    cfg = json.loads((run / "config.json").read_text())
+    return (cfg, *read_predictions(run / "predictions.csv", cfg))
+
+
+def operating_point(run: Path, cfg: dict, sensitivity=None) -> dict:
+    """Thresholds chosen on the run's validation predictions, never on the test fold; saved with the run
+    (operating_point.json), which eval.py --image applies."""
+    if cfg["multi_label"] is False and len(cfg["classes"]) > 2:
+        return dict(rule="argmax (multi-class: no threshold)", thresholds={})
+    if not (run / "val_predictions.csv").exists():
+        return dict(rule="0.5 (the run has no validation split to choose a threshold on)",
+                    thresholds={c: 0.5 for c in (cfg["classes"] if cfg["multi_label"] else cfg["classes"][1:])})
+    _, yv, pv = read_predictions(run / "val_predictions.csv", cfg)
+    names = cfg["classes"] if cfg["multi_label"] else cfg["classes"][1:]
+    rule = "Youden's J" if sensitivity is None else f"sensitivity >= {sensitivity}"
+    thresholds = {n: choose_threshold(y, s, sensitivity) for n, (_, y, s) in zip(names, as_binary(yv, pv, cfg["multi_label"]))}
+    point = dict(rule=f"{rule} on the validation split ({len(yv)} images)", thresholds=thresholds)
+    (run / "operating_point.json").write_text(json.dumps(point, indent=1))
+    return point
+
+
+def evaluate(run: Path, fold: int, a) -> dict:
+    """Everything about one finished fold, as eval.json holds it."""
     cfg, rows, y, prob = read_run(run, fold)
-    m, ci = C.metrics(y, prob), bootstrap(y, prob, [r["patient"] for r in rows])
+    ml, patients = cfg["multi_label"], [r["patient"] for r in rows]
+    draws = resamples(patients, y, prob.shape[1])
+    m, model_draws = C.metrics(y, prob), [C.metrics(y[i], prob[i]) for i in draws]
+    out = dict(fold=fold, images=len(y), patients=len(set(patients)), intervals="95 %, 1000 resamples of patients",
+               paper=dict(metrics=m, ci95={k: interval([d[k] for d in model_draws]) for k in C.METRICS}))
+    point = operating_point(run, cfg, a.sensitivity)
+    out["operating_point"] = dict(point, per_finding={n: at_threshold(yb, s, point["thresholds"][n])
+                                                      for (_, yb, s), n in zip(as_binary(y, prob, ml), point["thresholds"])})
+    out["calibration"] = dict(bins=15, test=calibration(y, prob, ml))
+    if a.calibrate and (run / "val_predictions.csv").exists():
+        _, yv, pv = read_predictions(run / "val_predictions.csv", cfg)
+        t = fit_temperature(yv, pv, ml)
+        out["calibration"].update(temperature=t, calibrated=calibration(y, with_temperature(prob, t, ml), ml))
+    pb = baseline(cfg, rows)
+    base_auc = [C.metrics(y[i], pb[i])["auc"] for i in draws]
+    diff = interval([d["auc"] - b for d, b in zip(model_draws, base_auc)])
+    verdict = ("beats" if diff[0] > 0 else "does NOT beat" if m["auc"] <= C.metrics(y, pb)["auc"]
+               else "is not clearly better than")
+    out["baseline"] = dict(what="logistic regression on the 32x32 grey image, trained on the run's training patients",
+                           auc=C.metrics(y, pb)["auc"], auc_ci95=interval(base_auc), model_minus_baseline_ci95=diff,
+                           verdict=f"the model {verdict} the baseline")
+    return dict(out, _curves=(cfg, y, prob, draws))
+
+
+def pct(v) -> str:
+    return f"{100 * v:.1f}"
+
+
+def report(out: dict, cfg: dict) -> str:
+    m, ci = out["paper"]["metrics"], out["paper"]["ci95"]
+    lines = [f"fold {out['fold']}: {out['images']} test images of {out['patients']} patients; 95 % intervals "
+             "resample patients",
+             "  the paper's figures (argmax): " + "  ".join(f"{k} {pct(m[k])} [{pct(ci[k][0])}, {pct(ci[k][1])}]"
+                                                           for k in C.METRICS)]
     layout = "per finding [[tn, fp], [fn, tp]]" if cfg["multi_label"] else "rows true, cols predicted"
-    print(f"fold {fold} ({len(y)} test images, {len({r['patient'] for r in rows})} patients; 95 % intervals resample "
-          f"patients): {report(m, ci)}\nconfusion ({layout}, {cfg['classes']}): {m['confusion']}")
-    (run / "eval.json").write_text(json.dumps(dict(metrics=m, ci95=ci, ci_resamples="patients"), indent=1))
-    if prob.shape[1] == 2 and not cfg["multi_label"]:
-        draw_roc(run / "roc.png", y == 1, prob[:, 1], f"fold {fold}: AUC {m['auc']:.3f}")
-    return m
+    lines.append(f"  confusion ({layout}, {cfg['classes']}): {m['confusion']}")
+    op = out["operating_point"]
+    for name, r in op["per_finding"].items():
+        lines.append(f"  operating point for {name} ({op['rule']}: P >= {op['thresholds'][name]:.3f}): "
+                     + "  ".join(f"{k} {pct(v)}" for k, v in r.items()))
+    if not op["per_finding"]:
+        lines.append(f"  operating point: {op['rule']}")
+    cal = out["calibration"]
+    lines.append(f"  calibration: Brier {cal['test']['brier']:.3f}, ECE {cal['test']['ece']:.3f} (15 bins)"
+                 + (f"; with temperature {cal['temperature']:.2f} fitted on validation: Brier "
+                    f"{cal['calibrated']['brier']:.3f}, ECE {cal['calibrated']['ece']:.3f}" if "temperature" in cal else ""))
+    b = out["baseline"]
+    lines.append(f"  baseline ({b['what']}): AUC {pct(b['auc'])} [{pct(b['auc_ci95'][0])}, {pct(b['auc_ci95'][1])}]; "
+                 f"model - baseline AUC [{pct(b['model_minus_baseline_ci95'][0])}, "
+                 f"{pct(b['model_minus_baseline_ci95'][1])}]: {b['verdict']}")
+    return "\n".join(lines)
 
 
-def table(runs: Path, n_folds: int) -> int:
-    done = [f for f in range(1, n_folds + 1) if C.finished(runs / f"fold{f}")]
-    missing = [f for f in range(1, n_folds + 1) if f not in done]
+def eval_fold(runs: Path, fold: int, a) -> dict:
+    run = runs / f"fold{fold}"
+    out = evaluate(run, fold, a)
+    cfg, y, prob, draws = out.pop("_curves")
+    print(report(out, cfg))
+    (run / "eval.json").write_text(json.dumps(out, indent=1))
+    for name, yb, score in as_binary(y, prob, cfg["multi_label"])[:1]:  # binary: disease; multi-label: first finding
+        t = out["operating_point"]["thresholds"][name or cfg["classes"][1]]
+        r = at_threshold(yb, score, t)
+        fpr, tpr, _ = roc_curve(yb, score)
+        draw_roc(run / "roc.png", [(f"AUC {out['paper']['metrics']['auc']:.3f}", fpr, tpr)],
+                 f"fold {fold}: ROC of P({name or cfg['classes'][1]}), 95 % band over patients",
+                 roc_band(yb, score, draws), (1 - r["specificity"], r["sensitivity"], f"operating point {t:.2f}"))
+        draw_reliability(run / "reliability.png", score, yb, f"fold {fold}: reliability of P({name or cfg['classes'][1]})")
+    return out
+
+
+def table(runs: Path, a) -> int:
+    done = [f for f in range(1, a.folds + 1) if C.finished(runs / f"fold{f}")]
+    missing = [f for f in range(1, a.folds + 1) if f not in done]
     if not done:
-        raise UserError(f"{runs}: no finished fold among fold1..fold{n_folds}; train them with python train.py --fold N")
-    per = {f: C.metrics(*read_run(runs / f"fold{f}", f)[2:]) for f in done}
-    vals = np.array([[m[k] for k in C.METRICS] for m in per.values()]) * 100
-    sd = vals.std(0, ddof=1) if len(done) > 1 else np.full(len(C.METRICS), np.nan)
-    lines = ["| fold | Sens. | Spec. | Acc. | AUC | AVG |", "|---|---|---|---|---|---|"]
-    lines += [f"| {f} | " + " | ".join(f"{100 * m[k]:.2f}" for k in C.METRICS) + " |" for f, m in per.items()]
-    lines.append("| mean ± sd | " + " | ".join(f"{mu:.2f} ± {s:.2f}" for mu, s in zip(vals.mean(0), sd)) + " |")
+        raise UserError(f"{runs}: no finished fold among fold1..fold{a.folds}; train them with python train.py --fold N")
+    per = {f: evaluate(runs / f"fold{f}", f, a) for f in done}
+    vals = np.array([[o["paper"]["metrics"][k] for k in C.METRICS] + [o["baseline"]["auc"]] for o in per.values()]) * 100
+    sd = vals.std(0, ddof=1) if len(done) > 1 else np.full(vals.shape[1], np.nan)
+    lines = ["| fold | Sens. | Spec. | Acc. | AUC | AVG | baseline AUC |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {f} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for f, row in zip(per, vals)]
+    lines.append("| mean ± sd | " + " | ".join(f"{mu:.2f} ± {s:.2f}" if len(done) > 1 else f"{mu:.2f}"
+                                           for mu, s in zip(vals.mean(0), sd)) + " |")
+    pooled = pool(runs, per)
+    lines.append(f"\npooled over {len(done)} fold(s): AUC {pct(pooled['auc'])} (model), {pct(pooled['baseline_auc'])} "
+                 "(baseline: logistic regression on 32x32 pixels, same training patients)")
+    lines += [f"fold {f}: {o['baseline']['verdict']}" for f, o in per.items()]
     if missing:
-        lines.append(f"\nnot finished, left out: fold {', '.join(map(str, missing))}")
+        lines.append(f"not finished, left out: fold {', '.join(map(str, missing))}")
     text = "\n".join(lines)
     print(text)
     (runs / "table.md").write_text(text + "\n")
-    summary = dict(folds=per, missing=missing, mean=dict(zip(C.METRICS, vals.mean(0))), sd=dict(zip(C.METRICS, sd)))
+    summary = dict(folds={f: {k: v for k, v in o.items() if k != "_curves"} for f, o in per.items()}, missing=missing,
+                   mean=dict(zip([*C.METRICS, "baseline_auc"], vals.mean(0))), pooled=pooled)
     (runs / "table.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 
-def score_images(runs: Path, fold: int, images: list, device) -> int:
+def pool(runs: Path, per: dict) -> dict:
+    """Every fold's test predictions together: the pooled AUC and roc.png with each fold's curve."""
+    curves, ys, scores = [], [], []
+    for f, o in per.items():
+        cfg, y, prob, _ = o["_curves"]
+        for _, yb, s in as_binary(y, prob, cfg["multi_label"])[:1]:
+            curves.append((f"fold {f}", *roc_curve(yb, s)[:2]))
+            ys.append(yb)
+            scores.append(s)
+    if not ys:
+        return dict(auc=float("nan"), baseline_auc=float("nan"))
+    y, s = np.concatenate(ys), np.concatenate(scores)
+    auc = C.roc_auc(y, s)
+    draw_roc(runs / "roc.png", curves + [(f"pooled: AUC {auc:.3f}", *roc_curve(y, s)[:2])], "every fold's ROC, and pooled")
+    return dict(auc=auc, baseline_auc=float(np.mean([o["baseline"]["auc"] for o in per.values()])))
+
+
+def score_images(runs: Path, a) -> int:
     import torch
 
     import prepare
-    run = runs / f"fold{fold}"
-    C.check_finished(run, fold)
-    model, cfg = C.load_run(run, device)
+    run = runs / f"fold{a.fold}"
+    C.check_finished(run, a.fold)
+    model, cfg = C.load_run(run, a.device, keep_checkpoint_dtype=True)
+    point = operating_point(run, cfg, a.sensitivity)
+    if cfg.get("synthetic"):
+        print("NOTE: this model was trained on the synthetic demo set: it is a demo, not for diagnosis")
     failed = []
-    for p in images:
+    for n, p in enumerate(a.image, 1):
         try:  # exactly prepare.py's pipeline: read, window, 8 bits, lung crop, resize
-            img, _ = prepare.preprocess(Path(p), cfg["crop"], cfg["size"])
+            img, fell_back = prepare.preprocess(Path(p), cfg["crop"], cfg["size"])
         except prepare.Skip as e:
             failed.append(f"{p}: {e}")
             continue
+        if a.save_crops:
+            Path(a.save_crops).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(Path(a.save_crops) / f"crop{n}.png")
         prob = C.predict(model, torch.tensor(img)[None, None], cfg)[0]
-        binary = len(prob) == 2 and not cfg["multi_label"]
-        print(f"{p}: P({cfg['classes'][-1]}) = {prob[-1]:.3f}" if binary else f"{p}: " + ", ".join(
-            f"{c} {q:.3f}" for c, q in zip(cfg["classes"], prob)))
+        crop = "fell back (no lungs found)" if fell_back else "none" if cfg["crop"] == "none" else "lungs found"
+        print(f"{p}: " + describe(prob, cfg, point) + f"; lung crop: {crop}"
+              + (f"; crop saved as crop{n}.png" if a.save_crops else ""))
     for line in failed:
         print(f"skipped {line}", file=sys.stderr)
-    return int(len(failed) == len(images))
+    return int(len(failed) == len(a.image))
+
+
+def describe(prob, cfg: dict, point: dict) -> str:
+    if not point["thresholds"]:  # multi-class: the argmax
+        return ", ".join(f"P({c}) = {q:.3f}" for c, q in zip(cfg["classes"], prob)) + f": {cfg['classes'][prob.argmax()]}"
+    words = []
+    for name, t in point["thresholds"].items():
+        q = prob[cfg["classes"].index(name)]
+        words.append(f"P({name}) = {q:.3f}, {'positive' if q >= t else 'negative'} at the run's threshold {t:.3f}")
+    return "; ".join(words)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--runs", default="out/demo", help="folder holding fold1/, fold2/, ... from train.py")
     ap.add_argument("--fold", type=int, default=1, help="the fold to score (or whose model scores --image)")
     ap.add_argument("--all", action="store_true", help="every finished fold of 1..--folds, as the paper's Table 2")
     ap.add_argument("--folds", type=int, default=5, help="how many folds --all expects")
+    ap.add_argument("--sensitivity", type=float, help="choose the threshold reaching this sensitivity on validation "
+                    "(default: Youden's J)")
+    ap.add_argument("--calibrate", action="store_true", help="also fit a temperature on validation and report both")
     ap.add_argument("--image", nargs="+", help="DICOM/PNG/JPEG files to score with fold --fold's model")
+    ap.add_argument("--save-crops", metavar="DIR", help="with --image: write the crop the model saw")
     ap.add_argument("--device", help="for --image (default: the run's)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch, for --image")
     return ap
@@ -156,13 +466,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     a = parser().parse_args(argv)
+    if a.sensitivity is not None and not 0 < a.sensitivity <= 1:
+        raise UserError(f"--sensitivity {a.sensitivity}: give a fraction in (0, 1], e.g. 0.9")
     runs = Path(a.runs)
     if a.image:
         C.apply_threads(a.threads)
-        return score_images(runs, a.fold, a.image, a.device)
+        return score_images(runs, a)
     if a.all:
-        return table(runs, a.folds)
-    eval_fold(runs, a.fold)
+        return table(runs, a)
+    eval_fold(runs, a.fold, a)
     return 0
 
 

@@ -653,7 +653,9 @@ def test_tiny_training_beats_chance_and_eval_scores_a_real_dicom(demo_data, tmp_
     assert (tmp_path / "fold1/roc.png").exists()
     if SHARED:
         assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", os.path.join(DICOM, "RG1_UNCR.dcm")]) == 0
-        assert re.search(r"RG1_UNCR\.dcm: P\(pneumoconiosis\) = [01]\.\d{3}", capsys.readouterr().out)
+        out = capsys.readouterr().out
+        assert re.search(r"RG1_UNCR\.dcm: P\(pneumoconiosis\) = [01]\.\d{3}, (positive|negative) at the run's "
+                         r"threshold [01]\.\d{3}; lung crop: (lungs found|fell back)", out)
 
 
 def test_kill_and_resume_equals_uninterrupted(demo_data, tmp_path, monkeypatch, capsys):
@@ -1337,3 +1339,81 @@ def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(2)
+
+
+# ================================================================================================
+# evaluation a clinician-researcher can act on
+
+
+def test_operating_point_is_chosen_on_validation_and_applied_to_test(demo_data, tmp_path, monkeypatch, capsys):
+    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "2"))
+    seen, real = [], ev.choose_threshold
+    monkeypatch.setattr(ev, "choose_threshold", lambda y, s, sens=None: seen.append(np.asarray(y)) or real(y, s, sens))
+    ev.main(["--runs", str(tmp_path), "--fold", "1"])
+    val = [r["label"] == "pneumoconiosis" for r in _csv.DictReader(open(tmp_path / "fold1/val_predictions.csv"))]
+    assert len(seen) == 1 and seen[0].tolist() == val  # the validation labels, never the test fold's
+    out = json.loads((tmp_path / "fold1/eval.json").read_text())
+    t = json.loads((tmp_path / "fold1/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
+    pred = list(_csv.DictReader(open(tmp_path / "fold1/predictions.csv")))
+    y = np.array([r["label"] == "pneumoconiosis" for r in pred])
+    p = np.array([float(r["p_pneumoconiosis"]) for r in pred])
+    tp, fp, fn, tn = (y & (p >= t)).sum(), (~y & (p >= t)).sum(), (y & (p < t)).sum(), (~y & (p < t)).sum()
+    got = out["operating_point"]["per_finding"]["pneumoconiosis"]
+    assert got["sensitivity"] == pytest.approx(tp / (tp + fn)) and got["specificity"] == pytest.approx(tn / (tn + fp))
+    assert got["ppv"] == pytest.approx(tp / (tp + fp)) and got["npv"] == pytest.approx(tn / (tn + fn))
+    assert got["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    yv = np.array(val)
+    pv = np.array([float(r["p_pneumoconiosis"]) for r in _csv.DictReader(open(tmp_path / "fold1/val_predictions.csv"))])
+    youden = max(((pv[yv] >= c).mean() + (pv[~yv] < c).mean() - 1, c) for c in np.unique(pv))  # by hand, over cut-offs
+    assert (pv[yv] >= t).mean() + (pv[~yv] < t).mean() - 1 == pytest.approx(youden[0])
+    ev.main(["--runs", str(tmp_path), "--fold", "1", "--sensitivity", "0.9"])
+    t90 = json.loads((tmp_path / "fold1/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
+    assert (pv[yv] >= t90).mean() >= 0.9 and not any((pv[yv] >= c).mean() >= 0.9 for c in np.unique(pv) if c > t90)
+    for name in ("roc.png", "reliability.png"):
+        assert Image.open(tmp_path / "fold1" / name).size == (500, 500)
+
+
+def test_calibration_figures_by_hand():
+    y = np.array([0, 1, 1, 1, 0])
+    p1 = np.array([0.13, 0.14, 0.15, 0.8, 0.6])
+    prob = np.stack([1 - p1, p1], 1)
+    cal = ev.calibration(y, prob, False)
+    assert cal["brier"] == pytest.approx((0.13 ** 2 + 0.86 ** 2 + 0.85 ** 2 + 0.2 ** 2 + 0.6 ** 2) / 5)
+    # bins of width 1/15: 0.13 in bin 1, {0.14, 0.15} in bin 2 (mean 0.145, both positive), 0.6 in 9, 0.8 in 12
+    assert cal["ece"] == pytest.approx((0.13 + 2 * abs(0.145 - 1) + 0.6 + 0.2) / 5)
+    assert ev.with_temperature(np.array([[0.2, 0.8]]), 2.0, False)[0, 1] == pytest.approx(0.8 ** 0.5 / (0.2 ** 0.5 + 0.8 ** 0.5))
+    rng = np.random.default_rng(0)  # outcomes drawn from calibrated logits z, scores from 2 z: T = 2 undoes it
+    z = rng.normal(0, 2, 4000)
+    yy = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)
+    sharp = 1 / (1 + np.exp(-2 * z))
+    t = ev.fit_temperature(yy, np.stack([1 - sharp, sharp], 1), False)
+    assert 1.7 < t < 2.3
+
+
+def test_bootstrap_resamples_patients_not_images():
+    patients = ["a", "a", "a", "b", "c", "c", "d", "e", "e", "f"]
+    y = np.array([0, 0, 0, 1, 1, 1, 0, 1, 1, 0])
+    groups = {p: [i for i, q in enumerate(patients) if q == p] for p in set(patients)}
+    sizes = set()
+    for idx in ev.resamples(patients, y, 2, n=200):
+        counts = np.bincount(idx, minlength=len(y))
+        for p, members in groups.items():  # a drawn patient brings all its images, as often as it is drawn
+            assert len(set(counts[members])) == 1, p
+        assert sum(counts[m[0]] for m in groups.values()) == len(groups)  # as many patients as there are
+        sizes.add(len(idx))
+    assert len(sizes) > 3  # so the number of images varies
+
+
+def test_baseline_is_trained_on_the_training_patients_only(demo_data, tmp_path, monkeypatch):
+    train.main(train_args(demo_data, tmp_path / "fold2", "--epochs", "1", "--fold", "2"))
+    trained_on, real = [], ev.fit_logistic
+    monkeypatch.setattr(ev, "fit_logistic", lambda x, y, *a: trained_on.append(x) or real(x, y, *a))
+    seen, real_pixels = [], ev.pixels
+    monkeypatch.setattr(ev, "pixels", lambda data, rows: seen.append(rows) or real_pixels(data, rows))
+    ev.main(["--runs", str(tmp_path), "--fold", "2"])
+    split = C.Data(demo_data).split(2, 0.1, 20)
+    assert [r["image"] for r in seen[0]] == [r["image"] for r in split["train"]]  # what the fits saw
+    assert all(x.shape == (len(split["train"]), 32 * 32) for x in trained_on) and len(trained_on) == 3
+    assert {r["fold"] for r in seen[0]} == {"1", "3", "4", "5"}
+    out = json.loads((tmp_path / "fold2/eval.json").read_text())["baseline"]
+    assert 0 <= out["auc"] <= 1 and out["verdict"].startswith("the model ")

@@ -32,7 +32,7 @@ from prepare import UserError
 
 RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
 RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors", "state.pt", "metrics.json",
-             "predictions.csv", "eval.json", "roc.png", "reliability.png")
+             "val_predictions.csv", "predictions.csv", "eval.json", "roc.png", "reliability.png")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -310,21 +310,34 @@ def validate_and_save(t: Training, rec: dict, val_x, val_y, out: Path):
     t.save(out)
 
 
-def final_test(model: P.PneumoLLM, data: C.Data, rows: list, cfg: dict, epoch: int, out: Path) -> dict:
-    """The one and only look at the test fold: metrics.json, then predictions.csv (the run is finished)."""
-    model.load_trainable(out / "best.safetensors")
-    y, prob = data.labels(rows), C.predict(model, data.images(rows), cfg)
-    m = C.metrics(y, prob)
-    meta = dict(fold=cfg["fold"], selected_on=cfg["select"], epoch=epoch, n_test=len(rows), metrics=m)
-    (out / "metrics.json").write_text(json.dumps(meta, indent=1))
-    with open(out / "predictions.tmp", "w", newline="") as f:
+def write_predictions(path: Path, rows: list, prob, cfg: dict):
+    """One row per image: pseudonym, patient, label, the probability of each class, the argmax (or > 0.5)
+    prediction. Written under a temporary name first."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "patient", "label", *(f"p_{c}" for c in cfg["classes"]), "prediction"])
         for r, p in zip(rows, prob):
             found = [c for c, q in zip(cfg["classes"], p) if q > 0.5]
             pred = "|".join(found) if cfg["multi_label"] else cfg["classes"][int(p.argmax())]
             w.writerow([Path(r["image"]).stem, r["patient"], r["label"], *(f"{q:.6f}" for q in p), pred])
-    os.replace(out / "predictions.tmp", out / "predictions.csv")
+    os.replace(tmp, path)
+
+
+def final_test(model: P.PneumoLLM, data: C.Data, split: dict, cfg: dict, epoch: int, out: Path) -> dict:
+    """The one and only look at the test fold, with the chosen epoch's weights. Writes the validation
+    split's predictions (eval.py chooses its operating point there), metrics.json, then predictions.csv:
+    the run is finished."""
+    model.load_trainable(out / "best.safetensors")
+    if split["val"] and cfg["select"] != "test":
+        val = C.predict(model, data.images(split["val"]), cfg)
+        write_predictions(out / "val_predictions.csv", split["val"], val, cfg)
+    rows = split["test"]
+    y, prob = data.labels(rows), C.predict(model, data.images(rows), cfg)
+    m = C.metrics(y, prob)
+    meta = dict(fold=cfg["fold"], selected_on=cfg["select"], epoch=epoch, n_test=len(rows), metrics=m)
+    (out / "metrics.json").write_text(json.dumps(meta, indent=1))
+    write_predictions(out / "predictions.csv", rows, prob, cfg)
     print(f"test fold {cfg['fold']} ({len(rows)} images, epoch {epoch} chosen on {cfg['select']}): "
           + "  ".join(f"{k} {100 * m[k]:.2f}" for k in C.METRICS))
     layout = "per finding [[tn, fp], [fn, tp]]" if cfg["multi_label"] else "rows true, cols predicted"
@@ -342,7 +355,7 @@ def setup(argv) -> tuple:
     data = C.Data(cfg["data"])
     settings = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
     cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"],
-               size=int(settings["size"]))
+               size=int(settings["size"]), synthetic=settings.get("demo") == "True")
     if cfg["question"]:
         tokenize_question(cfg)
     split = data.split(cfg["fold"], 0 if cfg["select"] == "test" else cfg["val_frac"], cfg["seed"])
@@ -398,7 +411,7 @@ def main(argv=None):
     if cfg["select"] == "last":
         model.save_trainable(out / "best.safetensors")
     chosen = t.best_epoch if cfg["select"] != "last" else cfg["epochs"]
-    return final_test(model, data, split["test"], cfg, chosen, out)
+    return final_test(model, data, split, cfg, chosen, out)
 
 
 if __name__ == "__main__":
