@@ -586,7 +586,7 @@ def test_binary_metrics_match_sklearn_with_ties():
     assert m["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, pred))
     assert m["confusion"] == sklearn_metrics.confusion_matrix(y, pred).tolist()
     assert m["avg"] == pytest.approx(np.mean([m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")]))
-    fpr, tpr = ev.roc_curve(y, score)
+    fpr, tpr, _ = ev.roc_curve(y, score)
     f2, t2, _ = sklearn_metrics.roc_curve(y, score, drop_intermediate=False)
     np.testing.assert_allclose(fpr, f2)
     np.testing.assert_allclose(tpr, t2)
