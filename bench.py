@@ -5,7 +5,7 @@ checkpoint needed). Prints figures; nothing here is a test.
     python bench.py --model tiny                                  # CPU
     python bench.py --model full --device cuda --dtype fp16       # ViT-L/14 + LLaMA-7B shapes
     python bench.py --prepare ../shared/data/dicom/RG1_UNCR.dcm   # prepare.py images/s, all cores
-    python bench.py --load /tmp/full                              # lean loading at full size (~28 GB of disk)
+    python bench.py --load /tmp/full                              # real-size scoring on a CPU (~28 GB of disk)
     python bench.py --suite --model full                          # on a GPU: the training configurations side by side
 """
 import argparse
@@ -156,26 +156,34 @@ def status(key: str) -> float:  # GiB, from /proc/self/status: VmRSS (now) or Vm
 
 
 def load_full(d: Path, llama: str):
-    """In a fresh process: load, then read one value in every page of every weight, and report."""
+    """In a fresh process, as eval.py --image on a CPU: load with the frozen weights as stored
+    (memory-mapped, no copy), adapters unmerged, then score two images one at a time; report."""
     size = sum(f.stat().st_size for f in [d / "ViT-L-14.pt", *(d / llama).glob("*")]) / 2**30
     t = time.perf_counter()
-    model = P.from_pretrained(d / "ViT-L-14.pt", d / llama, "cpu", torch.float16)
-    s, after_load = time.perf_counter() - t, status("VmHWM")
-    with torch.no_grad():  # 2,048 fp16 values per 4 KiB page
-        total = sum(p.detach().flatten()[::2048].float().sum().item() for p in model.parameters())
-    print(f"{llama}: files {size:.2f} GiB, loaded in {s:.1f}s, peak RSS {after_load:.2f} GiB after loading, "
-          f"{status('VmHWM'):.2f} GiB after reading every page ({status('VmHWM') / size:.2f}x the files; now "
-          f"{status('RssAnon'):.2f} GiB private + {status('RssFile'):.2f} GiB mapped from the files; checksum {total:.1f})")
+    model = P.from_pretrained(d / "ViT-L-14.pt", d / llama, "cpu").eval()
+    start, after_load = time.perf_counter() - t, status("VmHWM")
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    seconds = []
+    with torch.no_grad():
+        for _ in range(2):  # the first reads the weights from the page cache or the disk
+            t = time.perf_counter()
+            p = model(x).float().softmax(-1)[0, 1].item()
+            seconds.append(time.perf_counter() - t)
+    print(f"{llama}: files {size:.2f} GiB; start-up {start:.1f} s (peak RSS {after_load:.2f} GiB); one image "
+          f"{seconds[0]:.1f} s, then {seconds[1]:.1f} s (P = {p:.3f}); peak RSS {status('VmHWM'):.2f} GiB = "
+          f"{status('VmHWM') / size:.2f}x the files (now {status('RssAnon'):.2f} GiB private, "
+          f"{status('RssFile'):.2f} GiB mapped from the files); {torch.get_num_threads()} threads")
 
 
-def bench_load(folder: str):
+def bench_load(folder: str, threads):
     d = Path(folder)
+    flags = ["--threads", str(threads)] if threads else []
     if not (d / "ViT-L-14.pt").exists():
         t = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--load-step", "write", folder], check=True)
         print(f"wrote random full-size checkpoints to {d} in {time.perf_counter() - t:.0f}s")
     for llama in ("llama-7b", "llama-7b-hf"):  # each in a fresh process, so that its peak RSS is its own
-        subprocess.run([sys.executable, __file__, "--load-step", llama, folder], check=True)
+        subprocess.run([sys.executable, __file__, "--load-step", llama, folder, *flags], check=True)
 
 
 def suite(model: str):
@@ -195,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--iters", type=int, default=10, help="timed steps (after the warm-up)")
     C.runtime_flags(ap)
     ap.add_argument("--checkpoint-vit", action="store_true", help="recompute ViT activations in the backward")
-    ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once) and time lean loading")
+    ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once); time loading and scoring on a CPU")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--suite", action="store_true", help="the GPU figures: " + "; ".join(SUITE))
     ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm" (README: Ablations)')
@@ -261,7 +269,7 @@ def main():
     if a.prepare:
         return bench_prepare(a.prepare, a.n)
     if a.load:
-        return bench_load(a.load)
+        return bench_load(a.load, a.threads)
     if a.load_step:
         step, folder = a.load_step
         return write_full(Path(folder)) if step == "write" else load_full(Path(folder), step)

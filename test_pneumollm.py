@@ -586,10 +586,11 @@ def test_binary_metrics_match_sklearn_with_ties():
     assert m["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, pred))
     assert m["confusion"] == sklearn_metrics.confusion_matrix(y, pred).tolist()
     assert m["avg"] == pytest.approx(np.mean([m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")]))
-    fpr, tpr, _ = ev.roc_curve(y, score)
-    f2, t2, _ = sklearn_metrics.roc_curve(y, score, drop_intermediate=False)
+    fpr, tpr, thr = ev.roc_curve(y, score)
+    f2, t2, th2 = sklearn_metrics.roc_curve(y, score, drop_intermediate=False)
     np.testing.assert_allclose(fpr, f2)
     np.testing.assert_allclose(tpr, t2)
+    np.testing.assert_allclose(thr, th2)
     assert C.roc_auc(np.array([0, 0, 1, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
 
 
