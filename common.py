@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import pneumollm as P
+from audit import roc_auc  # noqa: F401 (numpy only, so prepare.py's audit uses it too)
 from prepare import UserError, make_folds
 
 METRICS = ("sensitivity", "specificity", "accuracy", "auc", "avg")
@@ -210,21 +211,6 @@ def predict(model, images, cfg, batch=32) -> np.ndarray:  # (N, C): softmax, or 
 
 # ------------------------------------------------------------------------------------------------
 # the paper's metrics (checked against scikit-learn in the tests)
-
-
-def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """Mann-Whitney U with average ranks for ties: P(score of a positive > score of a negative)."""
-    y = np.asarray(y).astype(bool)
-    if y.all() or not y.any():
-        raise ValueError("ROC AUC is undefined: the labels hold only one class")
-    order = np.argsort(score, kind="mergesort")
-    s = np.asarray(score)[order]
-    first = np.r_[0, np.nonzero(np.diff(s))[0] + 1]  # where each run of tied scores starts
-    last = np.r_[first[1:], len(s)] - 1
-    ranks = np.empty(len(s))
-    ranks[order] = np.repeat((first + last) / 2 + 1, last - first + 1)  # average rank over each run
-    n_pos, n_neg = y.sum(), (~y).sum()
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def metrics(y, prob) -> dict:

@@ -8,6 +8,7 @@ ILO-like sizes (p < 1.5 mm, q 1.5-3 mm, r 3-10 mm at 0.7 mm pixels; one size per
 mostly in the upper and middle zones, with a profusion that varies per patient. Files vary as real
 archives do: CR or DX, MONOCHROME1 or MONOCHROME2, 12-16 bits stored, with or without window tags,
 1-3 images per patient. Patients get obviously fake names and ids (DEMO^...). Deterministic.
+truth.npz records each image's lung box and opacity mask, for tests (nothing else reads it).
 """
 import csv
 import sys
@@ -32,8 +33,9 @@ def smooth_noise(rng, n, scale):
     return np.asarray(Image.fromarray(small).resize((SIZE, SIZE), Image.BICUBIC)) * scale
 
 
-def phantom(rng, disease: bool, size_class: str, profusion: int) -> np.ndarray:
-    """Attenuation image in [0, 1] (bright = dense), (SIZE, SIZE) float32."""
+def phantom(rng, disease: bool, size_class: str, profusion: int) -> tuple:
+    """Attenuation image in [0, 1] (bright = dense), (SIZE, SIZE) float32; and, for tests only, the
+    lung fields and the opacities as (SIZE, SIZE) masks."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     c, s = SIZE / 2 + rng.normal(0, 8), SIZE / 512 * (1 + rng.normal(0, 0.04))
     img = np.where(ellipse(yy, xx, 270, c, 250 * s, 215 * s), 0.55, 0.04).astype(np.float32)
@@ -51,6 +53,7 @@ def phantom(rng, disease: bool, size_class: str, profusion: int) -> np.ndarray:
         img += 0.15 * ellipse(yy, xx, 95, c + side * 80 * s, 7, 75 * s)
     img = np.maximum(img, 0.68 * ellipse(yy, xx, 320, c + 25, 95 * s, 85 * s))  # heart
     img = np.maximum(img, 0.62 * (np.abs(xx - c) < 28 * s) * (yy > 40))  # mediastinum and spine
+    opacities = np.zeros_like(lungs)
     if disease:
         lo, hi = NODULE_RADIUS_MM[size_class]
         ys, xs = np.nonzero(lungs & (yy < 300))  # upper and middle zones mostly
@@ -61,9 +64,11 @@ def phantom(rng, disease: bool, size_class: str, profusion: int) -> np.ndarray:
             r = rng.uniform(lo, hi) / SPACING
             y, x, h = py[i], px[i], int(3 * r) + 2
             sl = np.s_[max(0, y - h):y + h, max(0, x - h):x + h]
-            img[sl] += 0.5 * np.exp(-((yy[sl] - y) ** 2 + (xx[sl] - x) ** 2) / (2 * (r / 1.5) ** 2))
+            bump = 0.5 * np.exp(-((yy[sl] - y) ** 2 + (xx[sl] - x) ** 2) / (2 * (r / 1.5) ** 2))
+            img[sl] += bump
+            opacities[sl] |= bump > 0.05
     img += rng.normal(0, 0.015, img.shape).astype(np.float32)
-    return np.clip(img, 0, 1)
+    return np.clip(img, 0, 1), lungs, opacities
 
 
 def to_dicom(path: Path, img: np.ndarray, rng, patient: int, image: int):
@@ -103,7 +108,7 @@ def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
     if labels.exists():
         return labels
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, truth = [], dict(names=[], lung_boxes=[], opacities=[])
     print(f"writing {n_patients} synthetic patients (~{n_patients * 1.8:.0f} DICOMs, ~{n_patients:.0f} MB) "
           f"to {folder}", file=sys.stderr)
     for p in range(n_patients):
@@ -113,8 +118,15 @@ def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
         size_class, profusion = str(rng.choice(list("pqr"))), int(rng.integers(60, 300))
         for i in range(int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):
             name = f"demo_{p:04d}_{i}.dcm"
-            to_dicom(folder / name, phantom(rng, disease, size_class, profusion), rng, p, i)
+            img, lungs, opacities = phantom(rng, disease, size_class, profusion)
+            to_dicom(folder / name, img, rng, p, i)
             rows.append((name, "pneumoconiosis" if disease else "normal"))
+            ys, xs = np.nonzero(lungs)
+            truth["names"].append(name)
+            truth["lung_boxes"].append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))  # left, top, right, bottom
+            truth["opacities"].append(np.packbits(opacities))
+    # for the tests only (prepare.py and the model never read it): where the lungs and opacities are
+    np.savez_compressed(folder / "truth.npz", **{k: np.array(v) for k, v in truth.items()})
     tmp = labels.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("image", "label"), *rows])  # patients come from the DICOM tags

@@ -421,7 +421,7 @@ def score_images(runs: Path, a) -> int:
     failed = []
     for n, p in enumerate(a.image, 1):
         try:  # exactly prepare.py's pipeline: read, window, 8 bits, lung crop, resize
-            img, fell_back = prepare.preprocess(Path(p), cfg["crop"], cfg["size"])
+            img, how, _ = prepare.preprocess(Path(p), cfg["crop"], cfg["size"])
         except prepare.Skip as e:
             failed.append(f"{p}: {e}")
             continue
@@ -429,7 +429,7 @@ def score_images(runs: Path, a) -> int:
             Path(a.save_crops).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(Path(a.save_crops) / f"crop{n}.png")
         prob = C.predict(model, torch.tensor(img)[None, None], cfg)[0]
-        crop = "fell back (no lungs found)" if fell_back else "none" if cfg["crop"] == "none" else "lungs found"
+        crop = {"lungs": "lungs found", "fallback": "fell back to the thorax (no lungs found)"}.get(how, how)
         print(f"{p}: " + describe(prob, cfg, point) + f"; lung crop: {crop}"
               + (f"; crop saved as crop{n}.png" if a.save_crops else ""))
     for line in failed:

@@ -1,25 +1,28 @@
 """
-From a folder of radiographs (DICOM, PNG, JPEG) and a label list to cropped 224 px PNGs in
+From a folder of radiographs (DICOM, PNG, JPEG, TIFF) and a label list to cropped 224 px PNGs in
 patient-level folds, as in PneumoLLM §4.1: window with the DICOM's own VOI settings, to 8 bits,
 crop to the lungs, resize.
 
-    python prepare.py --images DIR --labels labels.csv --out data/NAME
+    python prepare.py --images DIR --labels labels.csv --out data/NAME [--classes normal,disease]
     python prepare.py --demo        # synthetic DICOM phantoms -> data/demo (see demo.py)
 
 Labels are one class per image, or several findings per image written a|b (multi-label: the classes
-are the findings, and a "normal"/"No Finding" image has none of them).
+are the findings, and a "normal"/"No Finding" image has none of them). --classes declares the label
+set and its order; without it, two spellings of one label (case, spaces) are an error.
 
-Writes data/NAME/{images/*.png, manifest.csv, meta.json, preview.png}. No patient identifier from
-the input reaches an output: images and patients are named by keyed hashes (HMAC-SHA256) whose key
-lives outside the output folder (--key-file), so the names are stable across runs but cannot be
-reversed from the outputs alone.
+Writes data/NAME/{images/*.png (+ one .json record each), manifest.csv, meta.json, preview.png}.
+Nothing from the input that could name a patient reaches the folder: images and patients are named
+by keyed hashes (HMAC-SHA256) whose key lives outside it (--key-file); the pseudonym -> source file
+mapping is written beside the key (or to --mapping), never into the folder.
 
-Lung crop (--crop lungs): on a 256 px copy, dark pixels (below Otsu's threshold) that are not
-connected to the image border are the lungs (air outside the body touches the border; air inside
-the chest does not); the crop is the box holding the central 98% of them in each direction, plus a
-5% margin. It fails when a lung touches the border (tight collimation) or the body does not fill
-the frame; then, or when the box is implausibly small, it keeps the whole image and counts a
-fallback in meta.json. For better crops pass precomputed masks (--masks).
+meta.json also holds a shortcut audit: what the acquisition says per class (view, size, bit depth,
+photometric interpretation, manufacturer, model, pixel spacing, lung crop status), and how well a
+logistic regression on those attributes alone separates the classes (cross-validated by fold). At
+0.65 or more it warns: a model can learn the acquisition instead of the disease.
+
+A folder holds one preparation: a rerun with the same settings adds what is missing and reuses the
+rest; other settings are refused (--restart redoes everything); a second run into the same folder
+at the same time is refused (a lock file). Lung crop: lungcrop.py (its docstring says where it fails).
 """
 import argparse
 import csv
@@ -28,6 +31,7 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
 from multiprocessing import Pool
@@ -35,13 +39,17 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg"}
-IMAGE_COLS, LABEL_COLS = ("image", "file", "filename", "path", "Image Index"), ("label", "class", "diagnosis", "target")
-PATIENT_COLS = ("patient", "patient_id", "Patient ID", "subject")
+import audit
+from lungcrop import lung_box, thorax_box
+
+IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+IMAGE_COLS, LABEL_COLS = ("image", "file", "filename", "path", "image index"), ("label", "class", "diagnosis", "target")
+PATIENT_COLS, VIEW_COLS = ("patient", "patient_id", "patient id", "subject"), ("view", "view position", "viewposition")
 NORMAL_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative", "no"}
+SETTINGS = ("crop", "size", "masks", "multi_label", "classes")  # what the images and labels depend on
 
 
 class Skip(Exception):
@@ -52,11 +60,15 @@ class UserError(Exception):
     """A mistake in the user's input (a file, a flag): the scripts print its one line and exit with 2."""
 
 
+def first_line(e: Exception) -> str:  # an error's message, whole but on one line
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 # ------------------------------------------------------------------------------------------------
-# reading: DICOM through pydicom's own LUT functions, PNG/JPEG through Pillow -> float [0, 1], bright = dense
+# reading -> float [0, 1], bright = dense, and what the file says about its acquisition
 
 
-def read_dicom(path: Path) -> np.ndarray:
+def read_dicom(path: Path) -> tuple:
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as e:
@@ -72,7 +84,8 @@ def read_dicom(path: Path) -> np.ndarray:
     except Exception as e:
         name = ds.file_meta.TransferSyntaxUID.name
         hint = " (needs a decoder plug-in: pip install pylibjpeg pylibjpeg-libjpeg)" if "Lossless" in name else ""
-        raise Skip(f"pixel data not decodable: {name}{hint}" if hint or "ompress" in str(e) else f"pixel data not decodable ({first_line(e)})")
+        raise Skip(f"pixel data not decodable: {name}{hint}" if hint or "ompress" in str(e)
+                   else f"pixel data not decodable ({first_line(e)})")
     if arr.ndim == 3:  # multi-frame grey: the first frame, as documented
         arr = arr[0]
     if arr.ndim != 2:
@@ -82,60 +95,46 @@ def read_dicom(path: Path) -> np.ndarray:
         y = apply_voi_lut(x, ds, index=0).astype(np.float64)  # the first window when there are several
         ends = np.array([x.min() - 1e6, x.max() + 1e6]).astype(x.dtype if x.dtype.kind == "f" else np.int64)
         lo, hi = sorted(apply_voi_lut(ends, ds, index=0).astype(float))  # the VOI's output range
+        y = np.clip((y - lo) / max(hi - lo, 1e-6), 0, 1)
     else:  # no VOI in the file: a robust range
-        y = x.astype(np.float64)
-        lo, hi = np.percentile(y, [0.5, 99.5])
-    y = np.clip((y - lo) / max(hi - lo, 1e-6), 0, 1)
+        y = robust_window(x)
     # MONOCHROME1 (low = white) or an INVERSE presentation LUT: either says invert; never twice
     if ds.get("PhotometricInterpretation") == "MONOCHROME1" or ds.get("PresentationLUTShape") == "INVERSE":
         y = 1 - y
-    return y
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return y, dict(view=str(ds.get("ViewPosition", "") or ""), bits=int(ds.get("BitsStored", 0) or 0),
+                   photometric=str(ds.get("PhotometricInterpretation", "")), manufacturer=str(ds.get("Manufacturer", "")),
+                   model=str(ds.get("ManufacturerModelName", "")), spacing=float(spacing[0]) if spacing else None)
 
 
-def read_image(path: Path) -> np.ndarray:
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        try:
-            with Image.open(path) as im:
-                img = np.asarray(im.convert("L"), dtype=np.float64) / 255
-        except Exception as e:
-            raise Skip(f"not a readable image ({type(e).__name__})")
-    else:
-        img = read_dicom(path)
+def robust_window(x) -> np.ndarray:  # 0.5-99.5 percentiles to [0, 1]: for files that carry no window
+    y = np.asarray(x, np.float64)
+    lo, hi = np.percentile(y, [0.5, 99.5])
+    return np.clip((y - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def read_picture(path: Path) -> tuple:
+    """PNG/JPEG/TIFF. 16-bit and float files are windowed like a DICOM without VOI tags (an 8-bit
+    conversion would clip them); colour files are converted to grey."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                return robust_window(np.asarray(im)), dict(bits=16 if im.mode.startswith("I;16") else 32)
+            return np.asarray(im.convert("L"), np.float64) / 255, dict(bits=8)
+    except Exception as e:
+        raise Skip(f"not a readable image ({type(e).__name__})")
+
+
+def read_image(path: Path) -> tuple:  # (image in [0, 1], acquisition attributes)
+    img, attrs = read_picture(path) if path.suffix.lower() in IMAGE_SUFFIXES - {".dcm", ".dicom", ".dic", ""} \
+        else read_dicom(path)
     if min(img.shape) < 8:
         raise Skip(f"image of {img.shape[1]}x{img.shape[0]} pixels is too small")
-    return img
+    return img, dict(attrs, width=img.shape[1], height=img.shape[0])
 
 
 # ------------------------------------------------------------------------------------------------
-# cropping
-
-
-def otsu(img: np.ndarray) -> float:
-    hist = np.bincount(img.ravel(), minlength=256).astype(float)
-    w = np.cumsum(hist)
-    mu = np.cumsum(hist * np.arange(256))
-    between = (mu[-1] * w - mu * w[-1]) ** 2 / np.maximum(w * (w[-1] - w), 1)
-    return float(np.argmax(between))
-
-
-def lung_box(img8: np.ndarray):
-    """Box (left, top, right, bottom) of the lung fields, or None when not found."""
-    h, w = img8.shape
-    small = Image.fromarray(img8).resize((256, 256), Image.BILINEAR).filter(ImageFilter.BoxBlur(2))
-    a = np.asarray(small)
-    dark = Image.fromarray(((a < otsu(a)) * 255).astype(np.uint8)).copy()  # own buffer: floodfill writes in place
-    for x, y in [(i, 0) for i in range(256)] + [(i, 255) for i in range(256)] + [(0, i) for i in range(256)] + [(255, i) for i in range(256)]:
-        if dark.getpixel((x, y)) == 255:  # air outside the body: connected to the border
-            ImageDraw.floodfill(dark, (x, y), 0)
-    ys, xs = np.nonzero(np.asarray(dark))
-    if len(xs) < 0.03 * 256 * 256:
-        return None
-    (x0, x1), (y0, y1) = np.percentile(xs, [1, 99]), np.percentile(ys, [1, 99])
-    if (x1 - x0) < 0.3 * 256 or (y1 - y0) < 0.3 * 256:
-        return None
-    mx, my = 0.05 * (x1 - x0), 0.05 * (y1 - y0)
-    box = (max(0, x0 - mx), max(0, y0 - my), min(256, x1 + mx), min(256, y1 + my))
-    return tuple(int(round(v * s / 256)) for v, s in zip(box, (w, h, w, h)))
+# one image (runs in a worker): crop, resize, and a record of what was done
 
 
 def mask_box(mask: np.ndarray, margin=0.05):
@@ -161,60 +160,55 @@ def load_masks(spec: str) -> dict:
     p = Path(spec)
     if p.is_dir():
         return {m.stem: m for m in p.rglob("*.png")}
-    out = {}
-    with open(p, newline="") as f:
-        for row in csv.DictReader(f):
-            key = Path(row.get("ImageID") or row.get("dicom_id") or row["image"]).stem
-            out[key] = (row["Left Lung"] + " " + row["Right Lung"], int(row["Height"]), int(row["Width"]))
-    return out
+    return {Path(r.get("ImageID") or r.get("dicom_id") or r["image"]).stem:
+            (r["Left Lung"] + " " + r["Right Lung"], int(r["Height"]), int(r["Width"])) for r in read_table(p)[0]}
 
 
-# ------------------------------------------------------------------------------------------------
-# one image (runs in a worker)
-
-
-def preprocess(path: Path, crop="lungs", size=224, mask=None):
-    """read -> 8 bits -> crop -> resize: a (size, size) uint8 array, and whether the lung crop fell back."""
-    img8 = (read_image(path) * 255 + 0.5).astype(np.uint8)
-    box = None
+def preprocess(path: Path, crop="lungs", size=224, mask=None) -> tuple:
+    """read -> 8 bits -> crop -> resize: a (size, size) uint8 array, how it was cropped (lungs,
+    fallback: the thorax with fixed margins, mask, none) and the acquisition attributes."""
+    img, attrs = read_image(path)
+    img8 = (img * 255 + 0.5).astype(np.uint8)
+    box, how = None, crop
     if mask is not None:
         m = np.asarray(Image.open(mask)) > 0 if isinstance(mask, Path) else rle_mask(*mask)
         if m.shape[:2] != img8.shape:
             raise Skip(f"mask is {m.shape[:2]}, image is {img8.shape}")
-        box = mask_box(m if m.ndim == 2 else m.any(-1))
+        box, how = mask_box(m if m.ndim == 2 else m.any(-1)), "mask"
     elif crop == "lungs":
         box = lung_box(img8)
+        box, how = (box, "lungs") if box else (thorax_box(img8.shape), "fallback")
     im = Image.fromarray(img8)
     im = (im.crop(box) if box else im).resize((size, size), Image.LANCZOS)  # Lanczos: anti-aliased
-    return np.asarray(im), crop != "none" and box is None
+    return np.asarray(im), how, dict(attrs, box=[int(v) for v in box] if box else None)
 
 
-def prepare_one(job):
+def prepare_one(job) -> dict:
+    """Writes images/<id>.png and its record (<id>.json: crop status, attributes); a finished image is
+    not redone, its record is read back."""
     path, out_png, crop, mask, size = job
-    if out_png.exists():  # idempotent: finished images are not redone
-        return False
-    img, fell_back = preprocess(path, crop, size, mask)
+    record = out_png.with_suffix(".json")
+    if out_png.exists() and record.exists():
+        return json.loads(record.read_text())
+    img, how, attrs = preprocess(path, crop, size, mask)
     tmp = out_png.with_suffix(".tmp")
     Image.fromarray(img).save(tmp, format="PNG")  # no text chunks: nothing but pixels
-    os.replace(tmp, out_png)  # atomic: a crash never leaves half an image
-    return fell_back
+    write_atomic(record, json.dumps(dict(attrs, crop=how)))
+    os.replace(tmp, out_png)  # the image last: with it on disk, the record is too
+    return dict(attrs, crop=how)
 
 
 def safe_prepare(job):
     try:
-        return job[0], prepare_one(job), None
+        return job, prepare_one(job), None
     except Skip as e:
-        return job[0], None, str(e)
+        return job, None, str(e)
     except Exception as e:  # an unexpected failure on one file must not lose the others
-        return job[0], None, f"{type(e).__name__}: {first_line(e)}"
+        return job, None, f"{type(e).__name__}: {first_line(e)}"
 
 
 # ------------------------------------------------------------------------------------------------
 # labels, patients, folds
-
-
-def first_line(e: Exception) -> str:  # an error's message, whole but on one line
-    return (str(e).strip().splitlines() or [""])[0]
 
 
 def pseudonym(key: bytes, kind: str, value: str, n=16) -> str:
@@ -229,49 +223,88 @@ def read_key(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def pick(cols, given, candidates, what, path):
+def read_table(path: Path) -> tuple:
+    """(rows, columns) of a CSV: Excel's "CSV UTF-8" (a byte-order mark) and ;- or tab-separated files too."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not readable as a UTF-8 CSV ({type(e).__name__})")
+    first = text.splitlines()[0] if text.strip() else ""
+    delimiter = max(",;\t", key=first.count)
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    return list(reader), [c.strip() for c in reader.fieldnames or []]
+
+
+def pick(cols, given, candidates, what, path, needed=True):
     if given:
         if given not in cols:
             raise UserError(f"{path}: no column {given!r} (columns: {', '.join(cols)})")
         return given
-    found = next((c for c in cols if c in candidates or c.lower() in candidates), None)
-    if found is None and what != "patient":
+    found = next((c for c in cols if c.lower() in candidates), None)
+    if found is None and needed:
         raise UserError(f"{path}: no {what} column found among {', '.join(cols)}; name it with --{what}-col")
     return found
 
 
-def read_labels(a):
-    """All label-file problems are errors before any work is done."""
-    with open(a.labels, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        ic, lc = pick(cols, a.image_col, IMAGE_COLS, "image", a.labels), pick(cols, a.label_col, LABEL_COLS, "label", a.labels)
-        pc = pick(cols, a.patient_col, PATIENT_COLS, "patient", a.labels)
-        rows = list(reader)
-    files = {str(p.relative_to(a.images)): p for p in Path(a.images).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+def find_files(images: Path) -> dict:
+    """{relative path: file} under --images, and {base name: [files]} to match bare names."""
+    files = {str(p.relative_to(images)): p for p in images.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
     by_name = {}
     for rel, p in files.items():
-        by_name.setdefault(Path(rel).name, []).append(p)
+        by_name.setdefault(Path(rel).name, []).append(rel)
+    return files, by_name
+
+
+def read_labels(a) -> tuple:
+    """(items, classes). Every label-file problem is an error before any work is done."""
+    rows, cols = read_table(a.labels)
+    ic, lc = pick(cols, a.image_col, IMAGE_COLS, "image", a.labels), pick(cols, a.label_col, LABEL_COLS, "label", a.labels)
+    pc = pick(cols, a.patient_col, PATIENT_COLS, "patient", a.labels, needed=False)
+    vc = pick(cols, a.view_col, VIEW_COLS, "view", a.labels, needed=False)
+    files, by_name = find_files(Path(a.images))
     items, seen = [], set()
     for i, r in enumerate(rows, start=2):
+        r = {k.strip() if k else k: v for k, v in r.items()}
         name, label = (r.get(ic) or "").strip(), (r.get(lc) or "").strip()
         if not label:
             raise UserError(f"{a.labels}:{i}: missing label for {name!r}")
         if name in seen:
             raise UserError(f"{a.labels}:{i}: duplicate row for {name!r}")
         seen.add(name)
-        path = files.get(name) or (by_name.get(name) or [None])[0]
-        if path is None:
-            raise UserError(f"{a.labels}:{i}: no file {name!r} under {a.images}")
+        matches = [name] if name in files else by_name.get(name, [])
+        if len(matches) != 1:
+            raise UserError(f"{a.labels}:{i}: " + (f"no file {name!r} under {a.images}" if not matches else
+                            f"{name!r} matches {' and '.join(matches[:2])} under {a.images}: give the relative path"))
         if "|" in label:  # several findings: one canonical order, so that equal sets are equal strings
             label = "|".join(sorted({x.strip() for x in label.split("|") if x.strip()}))
-        items.append(dict(path=path, rel=name, label=label, patient=(r.get(pc) or "").strip() if pc else ""))
-    if a.multi_label or any("|" in it["label"] for it in items):  # classes are the findings; "normal" is none of them
-        a.multi_label = True
-        names = sorted({x for it in items for x in it["label"].split("|") if x.lower() not in NORMAL_NAMES})
-        return items, names
-    names = sorted({it["label"] for it in items}, key=lambda s: (int(s), s) if s.lstrip("-").isdigit() else (s.lower() not in NORMAL_NAMES, s))
-    return items, names
+        items.append(dict(path=files[matches[0]], rel=matches[0], label=label, line=i,
+                          patient=(r.get(pc) or "").strip() if pc else "", view=(r.get(vc) or "").strip() if vc else ""))
+    return items, label_set(items, a)
+
+
+def label_set(items: list, a) -> list:
+    """The classes, in order: --classes as given (unknown labels are an error listing their rows), or
+    sorted with the normal class first; two spellings of one label are an error naming both."""
+    a.multi_label = a.multi_label or any("|" in it["label"] for it in items)
+    names = {x for it in items for x in (it["label"].split("|") if a.multi_label else [it["label"]])}
+    if a.classes:
+        declared = [c.strip() for c in a.classes.split(",")]
+        unknown = [it for it in items if any(x not in declared and not (a.multi_label and x.lower() in NORMAL_NAMES)
+                                             for x in it["label"].split("|"))]
+        if unknown:
+            lines = ", ".join(f"{it['line']} ({it['label']!r})" for it in unknown[:5])
+            raise UserError(f"{a.labels}: labels not in --classes {a.classes!r} on {len(unknown)} row(s), e.g. line {lines}")
+        return [c for c in declared if not (a.multi_label and c.lower() in NORMAL_NAMES)]
+    spelled = {}
+    for n in names:
+        spelled.setdefault(" ".join(n.lower().split()), []).append(n)
+    twins = [sorted(v) for v in spelled.values() if len(v) > 1]
+    if twins:
+        raise UserError(f"{a.labels}: {' and '.join(repr(s) for s in twins[0])} differ only in case or spaces: fix the "
+                        "file, or declare the labels with --classes")
+    if a.multi_label:  # classes are the findings; "normal" is none of them
+        return sorted(n for n in names if n.lower() not in NORMAL_NAMES)
+    return sorted(names, key=lambda s: (int(s), s) if s.lstrip("-").isdigit() else (s.lower() not in NORMAL_NAMES, s))
 
 
 def has(label: str, name: str) -> bool:  # single-label: equality; multi-label: one of the findings
@@ -306,18 +339,7 @@ def make_folds(patients: list, labels: list, k: int, seed: int) -> list:
 
 
 # ------------------------------------------------------------------------------------------------
-
-
-def contact_sheet(out: Path, rows: list, names: list, per_class=8, tile=112):
-    sheet = Image.new("L", (per_class * tile + 120, len(names) * tile), 0)
-    draw = ImageDraw.Draw(sheet)
-    for ci, name in enumerate(names):
-        draw.text((6, ci * tile + tile // 2), str(name)[:16], fill=255)
-        picks = [r for r in rows if has(r["label"], name)][:per_class]
-        for j, r in enumerate(picks):
-            with Image.open(out / r["image"]) as im:
-                sheet.paste(im.resize((tile, tile), Image.LANCZOS), (120 + j * tile, ci * tile))
-    sheet.save(out / "preview.png")
+# the output folder: one preparation, one writer
 
 
 def write_atomic(path: Path, text: str):
@@ -326,90 +348,193 @@ def write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def run(a) -> int:
-    out = Path(a.out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    items, names = read_labels(a)
-    key = read_key(Path(a.key_file).expanduser())
-    masks = load_masks(a.masks) if a.masks else {}
-    jobs = []
-    for it in items:
-        it["id"] = pseudonym(key, "image", it["rel"])
-        mask = masks.get(Path(it["rel"]).stem) if a.masks else None
-        if a.masks and mask is None:
-            raise UserError(f"{a.masks}: no mask for {it['rel']!r}")
-        jobs.append((it["path"], out / "images" / f"{it['id']}.png", a.crop, mask, a.size))
-    per_class = ", ".join(f"{n}: {sum(has(it['label'], n) for it in items)}" for n in names)
-    print(f"preparing {len(jobs)} images ({per_class}) with {a.workers} workers")
-    done, skipped, fallbacks, t0, last = {}, {}, 0, time.time(), time.time()
-    with Pool(a.workers) as pool:
-        for i, (path, fell_back, err) in enumerate(pool.imap_unordered(safe_prepare, jobs, chunksize=4), 1):
+def settings_of(a) -> dict:  # what the folder's images and labels depend on; no paths (they can name patients)
+    return dict(crop=a.crop, size=a.size, masks=bool(a.masks), multi_label=bool(a.multi_label), classes=a.classes or "")
+
+
+def claim_folder(out: Path, a):
+    """Refuse other settings than the folder's (unless --restart, which empties it), and a second writer."""
+    meta = out / "meta.json"
+    if meta.exists() and not a.restart:
+        old = json.loads(meta.read_text()).get("settings", {})
+        diff = [f"{k} {old.get(k)!r} there, {v!r} now" for k, v in settings_of(a).items() if str(old.get(k)) != str(v)]
+        if diff:
+            raise UserError(f"{out} was prepared with other settings ({'; '.join(diff)}): pass another --out, "
+                            "or --restart to prepare it again from scratch")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = int(lock.read_text() or 0)
+        if pid and pid_alive(pid):
+            raise UserError(f"{out} is being prepared by another prepare.py (process {pid}); wait for it, or use "
+                            "another --out") from None
+        lock.unlink()  # left by a run that died
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    if a.restart:
+        shutil.rmtree(out / "images", ignore_errors=True)
+    (out / "images").mkdir(exist_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def contact_sheet(out: Path, rows: list, names: list, per_class=8, tile=112):
+    """preview.png: a row of crops per class, each labelled with its pseudonym; fallback crops framed red."""
+    sheet = Image.new("RGB", (per_class * tile + 120, len(names) * tile), 0)
+    draw = ImageDraw.Draw(sheet)
+    for ci, name in enumerate(names):
+        draw.text((6, ci * tile + tile // 2), str(name)[:16], fill="white")
+        mine = [r for r in rows if has(r["label"], name)]
+        shown = [r for r in mine if r["crop"] == "fallback"][:2] + [r for r in mine if r["crop"] != "fallback"]
+        for j, r in enumerate(shown[:per_class]):  # up to two fallbacks first, so that they are seen
+            x, y = 120 + j * tile, ci * tile
+            with Image.open(out / r["image"]) as im:
+                sheet.paste(im.convert("RGB").resize((tile, tile), Image.LANCZOS), (x, y))
+            if r["crop"] == "fallback":
+                draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline=(230, 30, 30), width=3)
+                draw.text((x + 4, y + tile - 24), "fallback", fill=(255, 80, 80))
+            draw.text((x + 4, y + tile - 12), Path(r["image"]).stem[:12], fill=(255, 220, 0))
+    sheet.save(out / "preview.png")
+
+
+def process(jobs: list, workers: int) -> tuple:
+    """({source: record}, {source: why it was skipped}), with a progress line every 2 s."""
+    done, skipped, t0, last = {}, {}, time.time(), time.time()
+    with Pool(workers) as pool:
+        for i, (job, record, err) in enumerate(pool.imap_unordered(safe_prepare, jobs, chunksize=4), 1):
             if err:
-                skipped[str(path)] = err
-                print(f"skip {path}: {err}", file=sys.stderr)
+                skipped[job[0]] = (job[1].stem, err)
+                print(f"skip {job[1].stem}: {err}", file=sys.stderr)
             else:
-                done[path], fallbacks = True, fallbacks + bool(fell_back)
+                done[job[0]] = record
             if time.time() - last > 2 or i == len(jobs):
                 rate, last = i / max(time.time() - t0, 1e-9), time.time()
                 print(f"{i}/{len(jobs)} images, {rate:.1f}/s, ETA {(len(jobs) - i) / rate:.0f}s", file=sys.stderr)
+    return done, skipped
+
+
+def write_mapping(a, out: Path, items: list, key_file: Path):
+    """pseudonym -> source file, for tracing a result back: beside the key, never in the data folder."""
+    path = Path(a.mapping) if a.mapping else key_file.parent / f"{out.resolve().name}.mapping.csv"
+    if path.resolve().is_relative_to(out.resolve()):
+        raise UserError(f"--mapping {path}: inside the data folder {out}; file names can name patients: put it elsewhere")
+    write_atomic(path, "image,source\n" + "".join(f"{it['id']},{it['path']}\n" for it in items))
+    return path
+
+
+def run(a) -> int:
+    out = Path(a.out)
+    items, names = read_labels(a)
+    claim_folder(out, a)
+    try:
+        return finish(a, out, items, names)
+    finally:
+        (out / ".lock").unlink(missing_ok=True)
+
+
+def finish(a, out: Path, items: list, names: list) -> int:
+    key_file = Path(a.key_file).expanduser()
+    key = read_key(key_file)
+    masks = load_masks(a.masks) if a.masks else {}
+    for it in items:
+        it["id"] = pseudonym(key, "image", it["rel"])
+        if a.masks and Path(it["rel"]).stem not in masks:
+            raise UserError(f"{a.masks}: no mask for line {it['line']} of {a.labels}")
+    jobs = [(it["path"], out / "images" / f"{it['id']}.png", a.crop, masks.get(Path(it["rel"]).stem), a.size)
+            for it in items]
+    per_class = ", ".join(f"{n}: {sum(has(it['label'], n) for it in items)}" for n in names)
+    print(f"preparing {len(jobs)} images ({per_class}) with {a.workers} workers")
+    done, skipped = process(jobs, a.workers)
+    mapping = write_mapping(a, out, items, key_file)
     kept = [it for it in items if it["path"] in done]
     if not kept:
         print(f"nothing was prepared ({len(skipped)} skipped)", file=sys.stderr)
         return 1
+    return write_outputs(a, out, kept, names, done, skipped, key, mapping)
+
+
+def write_outputs(a, out: Path, kept: list, names: list, done: dict, skipped: dict, key: bytes, mapping: Path) -> int:
     for it in kept:  # patients: the label file's column, else the DICOM's PatientID, else the image itself
         raw = it["patient"] or dicom_patient(it["path"]) or f"image:{it['rel']}"
         it["patient"] = "P" + pseudonym(key, "patient", raw, 12)
+        it.update(done[it["path"]], view=it["view"] or done[it["path"]].get("view", ""))
     folds = make_folds([it["patient"] for it in kept], [it["label"] for it in kept], a.folds, a.seed)
-    rows = [dict(image=f"images/{it['id']}.png", label=it["label"], patient=it["patient"], fold=f) for it, f in zip(kept, folds)]
-    write_atomic(out / "manifest.csv", "image,label,patient,fold\n" + "".join(f"{r['image']},{r['label']},{r['patient']},{r['fold']}\n" for r in rows))
+    rows = [dict(image=f"images/{it['id']}.png", label=it["label"], patient=it["patient"], fold=f, crop=it["crop"])
+            for it, f in zip(kept, folds)]
+    write_atomic(out / "manifest.csv", "image,label,patient,fold,crop\n" + "".join(
+        f"{r['image']},{r['label']},{r['patient']},{r['fold']},{r['crop']}\n" for r in rows))
     counts = {str(f): {n: sum(r["fold"] == f and has(r["label"], n) for r in rows) for n in names} for f in range(1, a.folds + 1)}
-    settings = {k: str(v) for k, v in vars(a).items() if k not in ("key_file",)}
-    meta = dict(settings=settings, classes=names, multi_label=a.multi_label, counts=counts, prepared=len(rows), crop_fallbacks=fallbacks,
-                skipped=skipped, versions=dict(numpy=np.__version__, pydicom=pydicom.__version__, pillow=Image.__version__))
+    report = audit.shortcut_audit(kept, names, folds, a.multi_label)
+    crops = {n: {c: sum(has(it["label"], n) and it["crop"] == c for it in kept) for c in ("lungs", "fallback", "mask", "none")}
+             for n in names}
+    meta = dict(settings=settings_of(a), demo=a.demo, classes=names, multi_label=a.multi_label, counts=counts,
+                prepared=len(rows), crops=crops, skipped={pid: why for pid, why in skipped.values()}, audit=report,
+                versions=dict(numpy=np.__version__, pydicom=pydicom.__version__, pillow=Image.__version__))
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     contact_sheet(out, rows, names)
-    print(f"{len(rows)} prepared into {out}, {len(skipped)} skipped, {fallbacks} crop fallbacks (whole image kept)")
+    print(f"{len(rows)} prepared into {out}, {len(skipped)} skipped; pseudonym -> source file: {mapping}")
+    for n, c in crops.items():
+        total = sum(c.values())
+        print(f"  {n}: lung crop found on {c['lungs']}/{total}, fell back to the thorax on {c['fallback']} "
+              f"({100 * c['fallback'] / max(total, 1):.1f} %)")
     for f, c in counts.items():
         print(f"  fold {f}: {sum(c.values()):4d} images  " + "  ".join(f"{n}: {v}" for n, v in c.items()))
-    for path, err in skipped.items():
-        print(f"  skipped {path}: {err}")
+    print(audit.describe(report))
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--images", help="folder of DICOM / PNG / JPEG files (searched recursively)")
-    ap.add_argument("--labels", help="CSV naming each image, its label and optionally its patient")
+    ap.add_argument("--images", help="folder of DICOM / PNG / JPEG / TIFF files (searched recursively)")
+    ap.add_argument("--labels", help="CSV naming each image, its label and optionally its patient and view")
     ap.add_argument("--out", help="output folder, e.g. data/NAME")
     ap.add_argument("--demo", action="store_true", help="write synthetic DICOM phantoms and prepare them into data/demo")
+    ap.add_argument("--classes", help="the label set in order, e.g. normal,pneumoconiosis (default: the labels found)")
     ap.add_argument("--image-col", help="the label file's column of image names (default: found by name, e.g. image)")
     ap.add_argument("--label-col", help="the label file's column of labels (default: found by name, e.g. label)")
-    ap.add_argument("--patient-col", help="the label file's column of patient ids (default: found by name, else the DICOM's "
-                    "PatientID, else each image is its own patient)")
+    ap.add_argument("--patient-col", help="the label file's column of patient ids (default: found by name, else the "
+                    "DICOM's PatientID, else each image is its own patient)")
+    ap.add_argument("--view-col", help="the label file's column of view positions, e.g. AP/PA (default: found by "
+                    "name, else the DICOM's ViewPosition)")
     ap.add_argument("--multi-label", action="store_true", help="labels list findings as a|b (automatic when a label has |)")
-    ap.add_argument("--crop", choices=["lungs", "none"], default="lungs", help="crop to the lungs (see the docstring) or not")
+    ap.add_argument("--crop", choices=["lungs", "none"], default="lungs", help="crop to the lungs (lungcrop.py) or not")
     ap.add_argument("--masks", help="folder of lung-mask PNGs named like the images, or a CheXmask-style CSV")
     ap.add_argument("--folds", type=int, default=5, help="patient-level stratified folds")
     ap.add_argument("--seed", type=int, default=20, help="fold assignment (train.py's --seed is 20 too: the paper's seed)")
     ap.add_argument("--size", type=int, default=224, help="output side in pixels")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
+    ap.add_argument("--restart", action="store_true", help="empty --out and prepare everything again")
     ap.add_argument("--key-file", default="~/.config/pneumollm/pseudonym.key", help="secret for pseudonyms; keep it out of the data folder")
+    ap.add_argument("--mapping", help="where to write the pseudonym -> source file CSV (default: beside the key file)")
     return ap
 
 
 def main(argv=None):
-    ap = parser()
-    a = ap.parse_args(argv)
+    a = parser().parse_args(argv)
+    for flag, value, least in (("--folds", a.folds, 1), ("--workers", a.workers, 1), ("--size", a.size, 8)):
+        if value < least:
+            raise UserError(f"{flag} {value}: give {least} or more")
     if a.demo:
         import demo
         src = Path(a.images or "data/demo_dicom")
         demo.write_demo(src)
         a.images, a.labels, a.out = src, src / "labels.csv", a.out or "data/demo"
     if not (a.images and a.labels and a.out):
-        ap.error("give --images, --labels and --out (or --demo)")
-    for flag, value, least in (("--folds", a.folds, 1), ("--workers", a.workers, 1), ("--size", a.size, 8)):
-        if value < least:
-            raise UserError(f"{flag} {value}: give {least} or more")
+        raise UserError("give --images, --labels and --out (or --demo)")
     return run(a)
 
 
