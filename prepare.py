@@ -427,28 +427,27 @@ def process(jobs: list, workers: int) -> tuple:
     return done, skipped
 
 
-def write_mapping(a, out: Path, items: list, key_file: Path):
-    """pseudonym -> source file, for tracing a result back: beside the key, never in the data folder."""
-    path = Path(a.mapping) if a.mapping else key_file.parent / f"{out.resolve().name}.mapping.csv"
+def mapping_path(a, out: Path) -> Path:
+    """Where the pseudonym -> source file CSV goes: beside the key (or --mapping), never in the data folder."""
+    path = Path(a.mapping) if a.mapping else Path(a.key_file).expanduser().parent / f"{out.resolve().name}.mapping.csv"
     if path.resolve().is_relative_to(out.resolve()):
         raise UserError(f"--mapping {path}: inside the data folder {out}; file names can name patients: put it elsewhere")
-    write_atomic(path, "image,source\n" + "".join(f"{it['id']},{it['path']}\n" for it in items))
     return path
 
 
 def run(a) -> int:
     out = Path(a.out)
     items, names = read_labels(a)
+    mapping = mapping_path(a, out)
     claim_folder(out, a)
     try:
-        return finish(a, out, items, names)
+        return finish(a, out, items, names, mapping)
     finally:
         (out / ".lock").unlink(missing_ok=True)
 
 
-def finish(a, out: Path, items: list, names: list) -> int:
-    key_file = Path(a.key_file).expanduser()
-    key = read_key(key_file)
+def finish(a, out: Path, items: list, names: list, mapping: Path) -> int:
+    key = read_key(Path(a.key_file).expanduser())
     masks = load_masks(a.masks) if a.masks else {}
     for it in items:
         it["id"] = pseudonym(key, "image", it["rel"])
@@ -459,7 +458,7 @@ def finish(a, out: Path, items: list, names: list) -> int:
     per_class = ", ".join(f"{n}: {sum(has(it['label'], n) for it in items)}" for n in names)
     print(f"preparing {len(jobs)} images ({per_class}) with {a.workers} workers")
     done, skipped = process(jobs, a.workers)
-    mapping = write_mapping(a, out, items, key_file)
+    write_atomic(mapping, "image,source\n" + "".join(f"{it['id']},{it['path']}\n" for it in items))
     kept = [it for it in items if it["path"] in done]
     if not kept:
         print(f"nothing was prepared ({len(skipped)} skipped)", file=sys.stderr)
@@ -487,7 +486,7 @@ def write_outputs(a, out: Path, kept: list, names: list, done: dict, skipped: di
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     contact_sheet(out, rows, names)
     print(f"{len(rows)} prepared into {out}, {len(skipped)} skipped; pseudonym -> source file: {mapping}")
-    for n, c in crops.items():
+    for n, c in crops.items() if a.crop == "lungs" and not a.masks else ():
         total = sum(c.values())
         print(f"  {n}: lung crop found on {c['lungs']}/{total}, fell back to the thorax on {c['fallback']} "
               f"({100 * c['fallback'] / max(total, 1):.1f} %)")

@@ -478,15 +478,20 @@ def test_planted_identifiers_leave_no_trace(tmp_path, capsys):
     for k, v in planted.items():
         setattr(ds, k, v)
     (tmp_path / "in").mkdir()
-    ds.save_as(tmp_path / "in/scan.dcm")
-    rc, out = run_prepare(tmp_path, tmp_path / "in", [("scan.dcm", "pneumoconiosis")])
+    name = "Zyxwquv_ACC555777_1.2.840.99887766.dcm"  # file names often hold names, accession numbers, UIDs
+    ds.save_as(tmp_path / "in" / name)
+    (tmp_path / "in/junk.dcm").write_bytes(b"not a dicom")  # a skipped file is named in meta.json too
+    rc, out = run_prepare(tmp_path, tmp_path / "in", [(name, "pneumoconiosis"), ("junk.dcm", "normal")])
     logs = capsys.readouterr()
     assert rc == 0
     blobs = [logs.out.encode(), logs.err.encode()] + [p.read_bytes() for p in out.rglob("*") if p.is_file()]
     blobs += [str(p).encode() for p in out.rglob("*")]
-    for v in planted.values():
+    for v in [*planted.values(), "junk", "99887766", str(tmp_path / "in")]:
         for token in {v, v.replace("^", " "), "Zyxwquv", "98765"}:
             assert not any(token.encode() in b for b in blobs), token
+    assert name in (tmp_path / "out.mapping.csv").read_text()  # traceable, from outside the data folder
+    with pytest.raises(prepare.UserError, match="inside the data folder"):
+        run_prepare(tmp_path, tmp_path / "in", [(name, "pneumoconiosis")], "--mapping", str(out / "map.csv"))
 
 
 def test_label_file_problems_fail_before_any_work(tmp_path):
@@ -1425,3 +1430,157 @@ def test_baseline_is_trained_on_the_training_patients_only(demo_data, tmp_path, 
     assert {r["fold"] for r in seen[0]} == {"1", "3", "4", "5"}
     out = json.loads((tmp_path / "fold2/eval.json").read_text())["baseline"]
     assert 0 <= out["auc"] <= 1 and out["verdict"].startswith("the model ")
+
+
+# ================================================================================================
+# prepare.py on real radiographs: crops, shortcut audit, labels and folders that never go silently wrong
+
+import lungcrop  # noqa: E402
+
+# Lung fields drawn by hand on shared NIH images (512 px; left, top, right, bottom): the outermost lung
+# pixels, apices to costophrenic angles, read off a 32 px grid.
+NIH_LUNGS = """image,left,top,right,bottom
+00001300_000,38,62,455,305
+00001803_017,60,115,425,350
+00002673_019,55,95,430,465
+00000573_008,28,30,480,378
+00005228_002,92,58,448,398
+00010352_022,105,45,415,322
+"""
+
+
+def iou(p, q):
+    ix, iy = max(0, min(p[2], q[2]) - max(p[0], q[0])), max(0, min(p[3], q[3]) - max(p[1], q[1]))
+    return ix * iy / ((p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - ix * iy)
+
+
+def test_components_are_scipys_connected_components():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        m = rng.random(tuple(rng.integers(1, 40, 2))) < rng.uniform(0.2, 0.7)
+        ours, (ref, n) = lungcrop.components(m), ndimage.label(m)
+        assert len(set(zip(ours[m].tolist(), ref[m].tolist()))) == n == len(set(ours[m].tolist()))
+        assert not ours[~m].any()
+
+
+def test_the_crop_holds_the_demo_phantoms_lungs(demo_data):
+    truth = np.load(demo_data.parent / "dicom/truth.npz")
+    for name, lungs in zip(truth["names"], truth["lung_boxes"]):
+        img8 = (prepare.read_image(demo_data.parent / "dicom" / name)[0] * 255 + 0.5).astype(np.uint8)
+        found, crop = lungcrop.lung_fields(img8), lungcrop.lung_box(img8)
+        assert found is not None and iou(found, lungs) >= 0.8, name
+        assert crop[0] <= lungs[0] and crop[1] <= lungs[1] and crop[2] >= lungs[2] and crop[3] >= lungs[3], name
+
+
+@needs_data
+def test_the_crop_holds_hand_drawn_nih_lungs():
+    """On real films the found fields overlap the hand-drawn ones (IoU >= 0.65; 0.70-0.90 measured) and the
+    crop cuts at most 8 % of the film from any side of them (0-32 px of 512 measured)."""
+    for r in _csv.DictReader(NIH_LUNGS.splitlines()):
+        img, _ = prepare.read_image(prepare.Path(SHARED, "nih_cxr_pneumonia/images", r["image"] + ".png"))
+        img8 = (img * 255 + 0.5).astype(np.uint8)
+        hand = [int(r[k]) for k in ("left", "top", "right", "bottom")]
+        found, crop = lungcrop.lung_fields(img8), lungcrop.lung_box(img8)
+        assert iou(found, hand) >= 0.65, r["image"]
+        assert max(crop[0] - hand[0], crop[1] - hand[1], hand[2] - crop[2], hand[3] - crop[3]) <= 0.08 * 512, r["image"]
+
+
+@needs_data
+def test_nih_set_crops_are_class_balanced_and_the_view_confounder_is_flagged(tmp_path, capsys):
+    src = os.path.join(SHARED, "nih_cxr_pneumonia")
+    rc, out = run_prepare(tmp_path, src, [(r["image"], r["label"], r["patient_id"], r["view"]) for r in
+                                          _csv.DictReader(open(os.path.join(src, "labels.csv")))],
+                          header=("image", "label", "patient_id", "view"))
+    printed = capsys.readouterr().out
+    meta, rows = json.loads((out / "meta.json").read_text()), manifest(out)
+    assert rc == 0 and len(rows) == 1000 and {r["crop"] for r in rows} <= {"lungs", "fallback"}
+    rate = {c: sum(r["crop"] == "fallback" for r in rows if r["label"] == c) / 500 for c in ("0", "1")}
+    assert sum(rate.values()) / 2 <= 0.10 and abs(rate["0"] - rate["1"]) <= 0.05  # 2.8 % and 2.2 % measured
+    assert meta["crops"]["0"]["fallback"] == round(500 * rate["0"])
+    assert meta["audit"]["per_class"]["view"] == {"0": {"AP": 342, "PA": 158}, "1": {"AP": 225, "PA": 275}}
+    assert "view" in meta["audit"]["differs"] and "FLAG view differs between classes" in printed
+    assert 0.55 < meta["audit"]["auc"]["1"] < 0.65 and not meta["audit"]["warning"]  # by hand: view alone, 0.617
+    sheet = np.asarray(Image.open(out / "preview.png").convert("RGB")).astype(int)
+    assert ((sheet[..., 0] > 200) & (sheet[..., 1] < 60) & (sheet[..., 2] < 60)).sum() > 100  # fallbacks framed red
+    pid = {r["image"]: r["patient_id"] for r in _csv.DictReader(open(os.path.join(src, "labels.csv")))}
+    assert not any(r["patient"] in pid.values() or os.path.basename(r["image"]) in {os.path.basename(k) for k in pid}
+                   for r in rows)
+
+
+def test_demo_crops_fall_back_equally_often_in_both_classes(demo_data):
+    meta = json.loads((demo_data / "meta.json").read_text())
+    rates = [c["fallback"] / sum(c.values()) for c in meta["crops"].values()]
+    assert abs(rates[0] - rates[1]) <= 0.05 and meta["demo"] is False  # the fixture is prepared without --demo
+
+
+def pngs(folder, n, value=lambda i: 100):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((64, 64), value(i), np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_acquisition_that_separates_the_classes_is_a_loud_warning(tmp_path, capsys):
+    src = pngs(tmp_path / "in", 60, lambda i: 60 + i)
+    rows = [(f"im{i}.png", "sick" if i % 2 else "well", f"p{i}", "AP" if i % 2 else "PA") for i in range(60)]
+    rc, out = run_prepare(tmp_path, src, rows, "--crop", "none", header=("image", "label", "patient", "view"))
+    report = json.loads((out / "meta.json").read_text())["audit"]
+    assert rc == 0 and report["auc"]["well"] > 0.95 and report["warning"]
+    assert "WARNING: acquisition attributes alone separate the classes" in capsys.readouterr().out
+
+
+def test_sixteen_bit_png_is_windowed_not_clipped(tmp_path):
+    x = np.linspace(1000, 3000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(x).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode.startswith("I;16")
+    img, attrs = prepare.read_image(tmp_path / "a.png")
+    lo, hi = np.percentile(x, [0.5, 99.5])  # a DICOM without VOI tags gets the same robust range
+    np.testing.assert_allclose(img, np.clip((x - lo) / (hi - lo), 0, 1))
+    assert attrs["bits"] == 16 and 0.4 < img.mean() < 0.6  # convert("L") made it all white
+
+
+def test_labels_never_go_silently_wrong(tmp_path):
+    src = pngs(tmp_path / "in", 4)
+    with pytest.raises(prepare.UserError, match=r"'Normal' and 'normal ?' differ only in case or spaces"):
+        run_prepare(tmp_path, src, [("im0.png", "Normal"), ("im1.png", "normal"), ("im2.png", "sick")])
+    with pytest.raises(prepare.UserError, match=r"labels not in --classes 'normal,sick' on 1 row\(s\), e\.g\. line 4 \('sikc'\)"):
+        run_prepare(tmp_path, src, [("im0.png", "normal"), ("im1.png", "sick"), ("im2.png", "sikc")], "--classes", "normal,sick")
+    rc, out = run_prepare(tmp_path, src, [("im0.png", "sick"), ("im1.png", "normal")], "--classes", "sick,normal", "--crop", "none",
+                          "--folds", "2")
+    assert rc == 0 and json.loads((out / "meta.json").read_text())["classes"] == ["sick", "normal"]
+    (tmp_path / "b").mkdir()
+    shutil.copy(src / "im0.png", tmp_path / "b/im0.png")
+    with pytest.raises(prepare.UserError, match=r"'im0\.png' matches b/im0\.png and in/im0\.png under .*: give the relative path"):
+        run_prepare(tmp_path, tmp_path, [("im0.png", "sick"), ("in/im1.png", "normal")])
+
+
+def test_excel_csvs_with_a_bom_or_semicolons_are_read(tmp_path):
+    src = pngs(tmp_path / "in", 2)
+    for text in ("\ufeffimage,label\nim0.png,a\nim1.png,b\n", "image;label\nim0.png;a\nim1.png;b\n"):
+        (tmp_path / "labels.csv").write_text(text, encoding="utf-8")
+        rc = prepare.main(["--images", str(src), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out"),
+                           "--key-file", str(tmp_path / "key"), "--workers", "1", "--crop", "none", "--folds", "2",
+                           "--image-col", "image", "--restart"])
+        assert rc == 0 and [r["label"] for r in manifest(tmp_path / "out")] == ["a", "b"]
+
+
+def test_a_data_folder_is_consistent_or_refused(tmp_path):
+    src = pngs(tmp_path / "in", 6, lambda i: 40 * i)
+    rows = [(f"im{i}.png", "ab"[i % 2]) for i in range(6)]
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2")
+    first = json.loads((out / "meta.json").read_text())
+    images = {p: p.read_bytes() for p in (out / "images").iterdir()}
+    with pytest.raises(prepare.UserError, match=r"out was prepared with other settings \(crop 'lungs' there, 'none' now; "
+                                                r"size 224 there, 128 now\)"):
+        run_prepare(tmp_path, src, rows, "--folds", "2", "--crop", "none", "--size", "128")
+    assert {p: p.read_bytes() for p in (out / "images").iterdir()} == images
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2")  # the same settings: images reused, records read back
+    assert rc == 0 and json.loads((out / "meta.json").read_text())["crops"] == first["crops"]
+    (out / ".lock").write_text(str(os.getppid()))  # a live process holds the folder
+    with pytest.raises(prepare.UserError, match=r"out is being prepared by another prepare\.py \(process \d+\)"):
+        run_prepare(tmp_path, src, rows, "--folds", "2")
+    (out / ".lock").write_text("999999999")  # a dead one does not
+    assert run_prepare(tmp_path, src, rows, "--folds", "2")[0] == 0 and not (out / ".lock").exists()
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2", "--crop", "none", "--size", "128", "--restart")
+    assert rc == 0 and Image.open(out / manifest(out)[0]["image"]).size == (128, 128)
