@@ -4,7 +4,7 @@ checkpoint needed). Prints figures; nothing here is a test.
 
     python bench.py --model tiny                                  # CPU
     python bench.py --model full --device cuda --dtype fp16       # ViT-L/14 + LLaMA-7B shapes
-    python bench.py --prepare ../shared/data/dicom/RG1_UNCR.dcm   # prepare.py images/s, all cores
+    python bench.py --prepare ../shared/data/nih_cxr_pneumonia/labels.csv   # prepare.py now and before
     python bench.py --load /tmp/full                              # real-size scoring on a CPU (~28 GB of disk)
     python bench.py --suite --model full                          # on a GPU: the training configurations side by side
 """
@@ -71,23 +71,23 @@ def timed(fn, device, warmup, iters) -> tuple[float, float]:
     return times[0], statistics.median(times[1 + warmup:])
 
 
-def bench_prepare(dicom: str, n: int):
-    """prepare.py's throughput on n copies of one radiograph, with every core."""
-    import shutil
+def bench_prepare(labels: str, against: str, workers: int):
+    """prepare.py's images/s on a labelled folder, side by side with commit `against` (its prepare.py
+    taken from git), each in a fresh process with the same workers, into fresh folders."""
     import tempfile
-
-    import prepare
+    labels, here = Path(labels).resolve(), Path(__file__).resolve().parent
+    n = sum(1 for _ in open(labels)) - 1
     with tempfile.TemporaryDirectory() as d:
-        src = Path(d, "in")
-        src.mkdir()
-        for i in range(n):
-            shutil.copy(dicom, src / f"{i}.dcm")
-        Path(d, "labels.csv").write_text("image,label\n" + "".join(f"{i}.dcm,{i % 2}\n" for i in range(n)))
-        t = time.perf_counter()
-        prepare.main(["--images", str(src), "--labels", str(Path(d, "labels.csv")), "--out", str(Path(d, "out")),
-                      "--key-file", str(Path(d, "key"))])
-        s = time.perf_counter() - t
-    print(f"prepare.py: {n} copies of {dicom} in {s:.1f}s = {n / s:.1f} images/s with {os.cpu_count()} workers")
+        old = Path(d, "prepare_before.py")
+        old.write_bytes(subprocess.run(["git", "show", f"{against}:prepare.py"], cwd=here, capture_output=True,
+                                       check=True).stdout)
+        for name, script in ((f"before ({against})", old), ("now", here / "prepare.py")):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, str(script), "--images", str(labels.parent), "--labels", str(labels), "--out",
+                            str(Path(d, name.split()[0])), "--key-file", str(Path(d, "key")), "--workers", str(workers)],
+                           check=True, capture_output=True, cwd=here)
+            s = time.perf_counter() - t
+            print(f"prepare.py {name}: {n} images in {s:.1f} s = {n / s:.1f} images/s with {workers} workers")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,8 +195,10 @@ def suite(model: str):
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--prepare", metavar="DICOM", help="time prepare.py on copies of this file instead of the model")
-    ap.add_argument("--n", type=int, default=32, help="copies for --prepare")
+    ap.add_argument("--prepare", metavar="LABELS", help="time prepare.py on this label file's images instead of the "
+                    "model, side by side with --against")
+    ap.add_argument("--against", default="c812046", help="the commit whose prepare.py --prepare also times")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py's processes for --prepare")
     ap.add_argument("--model", choices=list(SIZES), default="tiny", help="full: ViT-L/14 + LLaMA-7B shapes, random weights")
     ap.add_argument("--dtype", choices=list(P.DTYPES), help="frozen weights and autocast (default: fp16 on GPU, fp32 on CPU)")
     ap.add_argument("--batch", type=int, default=16, help="images per step")
@@ -267,7 +269,7 @@ def main():
     if a.suite:
         return suite(a.model)
     if a.prepare:
-        return bench_prepare(a.prepare, a.n)
+        return bench_prepare(a.prepare, a.against, a.workers)
     if a.load:
         return bench_load(a.load, a.threads)
     if a.load_step:

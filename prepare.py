@@ -120,7 +120,7 @@ def read_picture(path: Path) -> tuple:
         with Image.open(path) as im:
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 return robust_window(np.asarray(im)), dict(bits=16 if im.mode.startswith("I;16") else 32)
-            return np.asarray(im.convert("L"), np.float64) / 255, dict(bits=8)
+            return np.asarray(im.convert("L"), np.float32) / 255, dict(bits=8)
     except Exception as e:
         raise Skip(f"not a readable image ({type(e).__name__})")
 
@@ -192,7 +192,7 @@ def prepare_one(job) -> dict:
         return json.loads(record.read_text())
     img, how, attrs = preprocess(path, crop, size, mask)
     tmp = out_png.with_suffix(".tmp")
-    Image.fromarray(img).save(tmp, format="PNG")  # no text chunks: nothing but pixels
+    Image.fromarray(img).save(tmp, format="PNG", compress_level=1)  # no text chunks: nothing but pixels
     write_atomic(record, json.dumps(dict(attrs, crop=how)))
     os.replace(tmp, out_png)  # the image last: with it on disk, the record is too
     return dict(attrs, crop=how)
