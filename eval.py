@@ -418,7 +418,7 @@ def score_images(runs: Path, a) -> int:
     point = operating_point(run, cfg, a.sensitivity)
     if cfg.get("synthetic"):
         print("NOTE: this model was trained on the synthetic demo set: it is a demo, not for diagnosis")
-    failed = []
+    failed, weights = [], []
     for n, p in enumerate(a.image, 1):
         try:  # exactly prepare.py's pipeline: read, window, 8 bits, lung crop, resize
             img, how, _ = prepare.preprocess(Path(p), cfg["crop"], cfg["size"])
@@ -432,9 +432,60 @@ def score_images(runs: Path, a) -> int:
         crop = {"lungs": "lungs found", "fallback": "fell back to the thorax (no lungs found)"}.get(how, how)
         print(f"{p}: " + describe(prob, cfg, point) + f"; lung crop: {crop}"
               + (f"; crop saved as crop{n}.png" if a.save_crops else ""))
+        if a.explain is not None:
+            weights.append(explain_image(model, img, cfg, Path(a.explain_dir) / f"{Path(p).stem}.explain.png"))
     for line in failed:
         print(f"skipped {line}", file=sys.stderr)
+    if weights and weights[0] is not None:
+        import explain
+        print(explain.describe_weights(torch.cat(weights), model.visual.keep))
     return int(len(failed) == len(a.image))
+
+
+def explain_image(model, img: np.ndarray, cfg: dict, path: Path):
+    """<name>.explain.png: the crop the model saw under its Grad-CAM map; returns the engine's weights."""
+    import torch
+
+    import explain
+    x = C.normalise(torch.tensor(img)[None, None].to(cfg["device"]), cfg, model.args.vision.image_size)
+    maps, predicted, weights = explain.grad_cam(model, x)
+    heat = np.asarray(Image.fromarray(maps[0].cpu().numpy()).resize(img.shape[::-1], Image.BILINEAR))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    explain.overlay(img, heat, f"map of {cfg['classes'][int(predicted[0])]}").save(path)
+    print(f"  explanation: {path}")
+    return weights
+
+
+def explain_fold(runs: Path, a) -> int:
+    """explain.png in the run folder: K test images (true and false positives and negatives, taken in
+    turn), each under its map, captioned with its outcome, probability and pseudonym."""
+    import explain
+    run = runs / f"fold{a.fold}"
+    cfg, rows, y, prob = read_run(run, a.fold)
+    point = operating_point(run, cfg, a.sensitivity)
+    if cfg["multi_label"] or len(cfg["classes"]) != 2:
+        raise UserError("--explain with --fold shows true/false positives/negatives: binary runs only; use --image")
+    t = point["thresholds"][cfg["classes"][1]]
+    kinds = {"TP": (y == 1) & (prob[:, 1] >= t), "FP": (y == 0) & (prob[:, 1] >= t), "FN": (y == 1) & (prob[:, 1] < t),
+             "TN": (y == 0) & (prob[:, 1] < t)}
+    queues = {k: list(np.flatnonzero(m)) for k, m in kinds.items()}
+    chosen = []
+    while len(chosen) < a.explain and any(queues.values()):
+        chosen += [(k, q.pop(0)) for k, q in queues.items() if q][:a.explain - len(chosen)]
+    model, cfg = C.load_run(run, a.device, keep_checkpoint_dtype=True)
+    data = C.Data(cfg["data"])
+    by_name = {Path(r["image"]).stem: r for r in data.rows}
+    images = data.images([by_name[rows[i]["image"]] for _, i in chosen])
+    maps, _, weights = explain.grad_cam(model, C.normalise(images.to(cfg["device"]), cfg, model.args.vision.image_size))
+    tiles = []
+    for (kind, i), img, heat in zip(chosen, images[:, 0].numpy(), maps.cpu().numpy()):
+        heat = np.asarray(Image.fromarray(heat).resize(img.shape[::-1], Image.BILINEAR))
+        tiles.append(explain.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}"))
+    explain.sheet(tiles).save(run / "explain.png")
+    print(f"{run / 'explain.png'}: {len(tiles)} test images ({', '.join(k for k, _ in chosen)}) under their Grad-CAM maps")
+    if weights is not None:
+        print(explain.describe_weights(weights, model.visual.keep))
+    return 0
 
 
 def describe(prob, cfg: dict, point: dict) -> str:
@@ -459,6 +510,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calibrate", action="store_true", help="also fit a temperature on validation and report both")
     ap.add_argument("--image", nargs="+", help="DICOM/PNG/JPEG files to score with fold --fold's model")
     ap.add_argument("--save-crops", metavar="DIR", help="with --image: write the crop the model saw")
+    ap.add_argument("--explain", nargs="?", type=int, const=8, metavar="K", help="Grad-CAM maps (explain.py): with "
+                    "--image, one <name>.explain.png each; with --fold, a sheet of K test images in the run folder")
+    ap.add_argument("--explain-dir", default="explain", help="where --image --explain writes")
     ap.add_argument("--device", help="for --image (default: the run's)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch, for --image")
     return ap
@@ -474,6 +528,9 @@ def main(argv=None):
         return score_images(runs, a)
     if a.all:
         return table(runs, a)
+    if a.explain is not None:
+        C.apply_threads(a.threads)
+        return explain_fold(runs, a)
     eval_fold(runs, a.fold, a)
     return 0
 

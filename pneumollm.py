@@ -347,10 +347,11 @@ class MultiTokenEngine(nn.Module):  # Eq. 1: each diagnosis token is a convex co
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, k)
 
-    def forward(self, cls):  # (B, n, W)
-        c = cls.to(self.fc1.weight.dtype)
-        s = self.fc2(F.relu(self.fc1(c)))  # (B, n, K)
-        return (s.transpose(1, 2).softmax(-1) @ c).to(cls.dtype)  # (B, K, W)
+    def weights(self, cls):  # (B, n, W) -> (B, K, n): how much each diagnosis token takes from each CLS token
+        return self.fc2(F.relu(self.fc1(cls.to(self.fc1.weight.dtype)))).transpose(1, 2).softmax(-1)
+
+    def forward(self, cls):  # (B, n, W) -> (B, K, W)
+        return (self.weights(cls) @ cls.to(self.fc1.weight.dtype)).to(cls.dtype)
 
 
 class LearnedTokens(nn.Module):

@@ -1584,3 +1584,43 @@ def test_a_data_folder_is_consistent_or_refused(tmp_path):
     assert run_prepare(tmp_path, src, rows, "--folds", "2")[0] == 0 and not (out / ".lock").exists()
     rc, out = run_prepare(tmp_path, src, rows, "--folds", "2", "--crop", "none", "--size", "128", "--restart")
     assert rc == 0 and Image.open(out / manifest(out)[0]["image"]).size == (128, 128)
+
+
+# ================================================================================================
+# explanation maps
+
+
+def test_grad_cam_maps_are_normalised_deterministic_and_survive_merging():
+    import explain
+    model = tiny()
+    perturb_adapters(model)
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    maps, predicted, weights = explain.grad_cam(model, x)
+    assert maps.shape == (3, 224, 224) and maps.min() >= 0 and torch.allclose(maps.flatten(1).amax(1), torch.ones(3))
+    assert torch.equal(predicted, model(x).argmax(-1))
+    again, _, _ = explain.grad_cam(model, x)
+    assert torch.equal(maps, again)  # deterministic: eval mode, no dropout
+    assert weights.shape == (3, 4, 4) and torch.allclose(weights.sum(-1), torch.ones(3, 4))  # convex mixes
+    with torch.no_grad():
+        model.merge_adapters()
+    merged, _, _ = explain.grad_cam(model, x)  # no trainable weight left in the ViT: the gradient flows from the input
+    assert (merged - maps).abs().max() < 1e-3
+    with torch.no_grad():
+        model.head.weight.zero_()  # the logits no longer depend on the image
+    flat, _, _ = explain.grad_cam(model, x)
+    assert not flat.any()
+
+
+def test_explain_writes_a_map_per_image_and_a_sheet_per_fold(demo_data, tmp_path, capsys):
+    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "2"))
+    capsys.readouterr()
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--explain", "6"]) == 0
+    out = capsys.readouterr().out
+    sheet = Image.open(tmp_path / "fold1/explain.png")
+    assert sheet.size == (4 * 224, 2 * 224) and re.search(r"6 test images \(((TP|FP|FN|TN), ){5}(TP|FP|FN|TN)\)", out)
+    rows = re.findall(r"diagnosis token \d: ((?:[01]\.\d\d\s*){4})", out)
+    assert len(rows) == 4 and all(abs(sum(map(float, r.split())) - 1) < 0.03 for r in rows)
+    if SHARED:
+        assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", os.path.join(DICOM, "RG1_UNCR.dcm"), "--explain",
+                        "--explain-dir", str(tmp_path / "maps")]) == 0
+        assert Image.open(tmp_path / "maps/RG1_UNCR.explain.png").size == (224, 224)

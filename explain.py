@@ -1,0 +1,73 @@
+"""
+Why a score: which regions of the crop drove it, and which depths of the ViT the diagnosis tokens
+read. Used by eval.py --explain; nothing here runs otherwise.
+
+Grad-CAM over the ViT's patch tokens: for each block whose CLS token feeds the engine, the gradient
+of the predicted class's logit with respect to the patch tokens entering that block (those its CLS
+token reads; the patch tokens it outputs feed only later blocks), times those tokens,
+summed over channels, ReLU: a (grid, grid) map per block. The maps are averaged over those blocks
+(the diagnosis tokens mix all of them), upsampled bilinearly to the crop and scaled to [0, 1]; a map
+that is zero everywhere (a logit that does not depend on the image) stays zero. It runs with the
+adapters as trained, merged or not: the gradient flows from the input.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import pneumollm as P
+
+
+def grad_cam(model: P.PneumoLLM, x: torch.Tensor) -> tuple:
+    """x (B, 3, H, W) normalised -> (maps (B, H, W) in [0, 1], predicted classes (B,), engine weights
+    (B, K, n) or None when the engine is not the multi-token one)."""
+    if not isinstance(model.visual, P.VisionTransformer):
+        raise ValueError("explanations read the CLIP ViT's patch tokens; this run has no ViT (--encoder conv)")
+    kept, tokens, weights = model.visual.keep, {}, {}
+    hooks = [model.visual.transformer.resblocks[b - 1].register_forward_hook(  # what block b's CLS token reads
+        lambda m, i, out, b=b: tokens.__setitem__(b, i[0])) for b in kept]
+    if isinstance(model.engine, P.MultiTokenEngine):
+        hooks.append(model.engine.register_forward_hook(lambda m, i, out: weights.update(w=m.weights(i[0]).detach())))
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().clone().requires_grad_(True)).float()  # (B, C)
+            predicted = logits.argmax(-1)
+            grads = torch.autograd.grad(logits.gather(1, predicted[:, None]).sum(), [tokens[b] for b in kept])
+    finally:
+        for h in hooks:
+            h.remove()
+    maps = torch.stack([F.relu((g[:, 1:] * tokens[b][:, 1:]).float().sum(-1)) for b, g in zip(kept, grads)]).mean(0)
+    grid = int(round(maps.shape[1] ** 0.5))  # (B, L) patches -> (B, grid, grid)
+    maps = F.interpolate(maps.view(-1, 1, grid, grid), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = maps.flatten(1).amax(1)[:, None, None]
+    maps = torch.where(peak > 0, maps / peak.clamp_min(1e-30), torch.zeros_like(maps))
+    return maps.detach(), predicted, weights.get("w")
+
+
+def overlay(crop: np.ndarray, heat: np.ndarray, caption: str) -> Image.Image:
+    """The grey crop with the map over it (transparent to red to yellow), and a caption."""
+    grey = np.stack([crop.astype(float)] * 3, -1)
+    colour = np.stack([np.clip(3 * heat, 0, 1), np.clip(3 * heat - 1, 0, 1), np.clip(3 * heat - 2, 0, 1)], -1) * 255
+    alpha = 0.6 * np.clip(heat * 1.5, 0, 1)[..., None]
+    im = Image.fromarray((grey * (1 - alpha) + colour * alpha).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, 0, im.width, 13], fill=(0, 0, 0))
+    d.text((3, 1), caption, fill=(255, 255, 255))
+    return im
+
+
+def sheet(tiles: list, columns=4) -> Image.Image:
+    w, h = tiles[0].size
+    out = Image.new("RGB", (columns * w, -(-len(tiles) // columns) * h), "white")
+    for i, t in enumerate(tiles):
+        out.paste(t, ((i % columns) * w, (i // columns) * h))
+    return out
+
+
+def describe_weights(weights: torch.Tensor, blocks: list) -> str:
+    """The engine's softmax weights, averaged over the images: which ViT depths each diagnosis token reads."""
+    mean = weights.float().mean(0)  # (K, n)
+    lines = [f"engine weights over the CLS tokens after ViT blocks {blocks}, averaged over {len(weights)} image(s):"]
+    lines += [f"  diagnosis token {k + 1}: " + "  ".join(f"{v:.2f}" for v in row.tolist()) for k, row in enumerate(mean)]
+    return "\n".join(lines)
