@@ -80,7 +80,8 @@ def shortcut_audit(items: list, classes: list, folds: list, multi_label: bool) -
     """Per class: the attributes' values (counts) or means; per class vs the rest: the cross-validated
     AUC of all attributes together and of each alone; a warning at WARN_AUC or more."""
     folds = np.asarray(folds)
-    member = {c: np.array([c in it["label"].split("|") if multi_label else it["label"] == c for it in items]) for c in classes}
+    member = {c: np.array([c in it["label"].split("|") if multi_label else it["label"] == c for it in items])
+              for c in classes}
     per_class = {}
     for attr in CATEGORICAL + NUMERIC:
         vals = [it.get(attr) for it in items]
@@ -125,8 +126,8 @@ def _mean(xs):
 def describe(report: dict) -> str:
     lines = ["shortcut audit (attributes per class; README: prepare.py):"]
     for attr, per in report["per_class"].items():
-        several = len({k for v in per.values() for k in v}) > 1 if attr in CATEGORICAL else len(set(per.values())) > 1
-        if several:
+        values = {k for v in per.values() for k in v} if attr in CATEGORICAL else set(per.values())
+        if len(values) > 1:
             lines.append(f"  {attr}: " + "; ".join(f"{c} {v}" for c, v in per.items()))
     auc = ", ".join(f"{c} {v:.2f}" for c, v in report["auc"].items())
     culprits = sorted(report["auc_by_attribute"].items(), key=lambda kv: -kv[1])[:3]
@@ -135,7 +136,8 @@ def describe(report: dict) -> str:
     for attr, how in report["differs"].items():
         lines.append(f"  FLAG {attr} differs between classes ({how}): a possible confounder")
     if report["warning"]:
-        lines += ["!" * 100, f"WARNING: acquisition attributes alone separate the classes (AUC >= {WARN_AUC}). A model can "
-                  "learn them instead of the disease: balance them across classes, or report results per stratum.",
+        lines += ["!" * 100, f"WARNING: acquisition attributes alone separate the classes (AUC >= {WARN_AUC}).",
+                  "A model can learn them instead of the disease: balance them across classes, or report per "
+                  "stratum.",
                   "!" * 100]
     return "\n".join(lines)

@@ -6,7 +6,7 @@ checkpoint needed). Prints figures; nothing here is a test.
     python bench.py --model full --device cuda --dtype fp16       # ViT-L/14 + LLaMA-7B shapes
     python bench.py --prepare ../shared/data/nih_cxr_pneumonia/labels.csv   # prepare.py now and before
     python bench.py --load /tmp/full                              # real-size scoring on a CPU (~28 GB of disk)
-    python bench.py --suite --model full                          # on a GPU: the training configurations side by side
+    python bench.py --suite --model full                          # on a GPU: training configurations side by side
 """
 import argparse
 import json
@@ -38,8 +38,9 @@ SIZES = {"tiny": P.tiny_args, "mid": mid_args, "full": P.PneumoArgs}
 
 
 SUITE = [  # full size, batch 16, each in a fresh process; most wanted first, in case time runs out
-    "--dtype bf16 --compile reduce-overhead --checkpoint-vit", "--dtype bf16 --compile reduce-overhead", "--dtype bf16 --compile",
-    "--dtype fp16 --compile reduce-overhead --checkpoint-vit", "--dtype bf16", "--dtype fp16", "--dtype bf16 --checkpoint-vit"]
+    "--dtype bf16 --compile reduce-overhead --checkpoint-vit", "--dtype bf16 --compile reduce-overhead",
+    "--dtype bf16 --compile", "--dtype fp16 --compile reduce-overhead --checkpoint-vit", "--dtype bf16",
+    "--dtype fp16", "--dtype bf16 --checkpoint-vit"]
 
 
 def random_model(args, device, dtype):
@@ -83,9 +84,9 @@ def bench_prepare(labels: str, against: str, workers: int):
                                        check=True).stdout)
         for name, script in ((f"before ({against})", old), ("now", here / "prepare.py")):
             t = time.perf_counter()
-            subprocess.run([sys.executable, str(script), "--images", str(labels.parent), "--labels", str(labels), "--out",
-                            str(Path(d, name.split()[0])), "--key-file", str(Path(d, "key")), "--workers", str(workers)],
-                           check=True, capture_output=True, cwd=here)
+            flags = ["--images", labels.parent, "--labels", labels, "--out", Path(d, name.split()[0]),
+                     "--key-file", Path(d, "key"), "--workers", workers]
+            subprocess.run([sys.executable, script, *map(str, flags)], check=True, capture_output=True, cwd=here)
             s = time.perf_counter() - t
             print(f"prepare.py {name}: {n} images in {s:.1f} s = {n / s:.1f} images/s with {workers} workers")
 
@@ -102,27 +103,32 @@ def write_full(d: Path):
     """OpenAI's TorchScript ViT-L-14.pt (visual tower), Meta's llama-7b/ (one consolidated.00.pth) and a
     Hugging Face llama-7b-hf/ (5 safetensors shards + index), all fp16 with random values."""
     p, v = P.LlamaArgs(vocab_size=32000), P.VisionArgs()
-    layer = {"attention.wq.weight": (4096, 4096), "attention.wk.weight": (4096, 4096), "attention.wv.weight": (4096, 4096),
-             "attention.wo.weight": (4096, 4096), "feed_forward.w1.weight": (p.hidden_dim(), 4096),
+    layer = {f"attention.w{x}.weight": (4096, 4096) for x in "qkvo"}
+    layer.update({"feed_forward.w1.weight": (p.hidden_dim(), 4096),
              "feed_forward.w2.weight": (4096, p.hidden_dim()), "feed_forward.w3.weight": (p.hidden_dim(), 4096),
-             "attention_norm.weight": (4096,), "ffn_norm.weight": (4096,)}
-    sd = {"tok_embeddings.weight": rand(32000, 4096), "norm.weight": rand(4096), "output.weight": rand(32000, 4096)}
+             "attention_norm.weight": (4096,), "ffn_norm.weight": (4096,)})
+    sd = {"tok_embeddings.weight": rand(32000, 4096), "norm.weight": rand(4096),
+          "output.weight": rand(32000, 4096)}
     sd.update({f"layers.{i}.{k}": rand(*s) for i in range(p.n_layers) for k, s in layer.items()})
     (d / "llama-7b").mkdir(parents=True)
-    (d / "llama-7b/params.json").write_text(json.dumps(dict(dim=4096, multiple_of=256, n_heads=32, n_layers=32, norm_eps=1e-6, vocab_size=-1)))
+    params = dict(dim=4096, multiple_of=256, n_heads=32, n_layers=32, norm_eps=1e-6, vocab_size=-1)
+    (d / "llama-7b/params.json").write_text(json.dumps(params))
     torch.save(sd, d / "llama-7b/consolidated.00.pth")
     hf = {"model.embed_tokens.weight": sd.pop("tok_embeddings.weight"), "model.norm.weight": sd.pop("norm.weight"),
           "lm_head.weight": sd.pop("output.weight")}
     names = {"attention.w": "self_attn.", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
     for k in list(sd):
         new = "model." + k
         for a, b in names.items():
             new = new.replace(a, b)
         hf[re.sub(r"self_attn\.([qkvo])\.", r"self_attn.\1_proj.", new)] = sd.pop(k)
     (d / "llama-7b-hf").mkdir()
-    (d / "llama-7b-hf/config.json").write_text(json.dumps(dict(hidden_size=4096, intermediate_size=p.hidden_dim(), num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=32000, torch_dtype="float16")))
+    config = dict(hidden_size=4096, intermediate_size=p.hidden_dim(), num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=32000,
+                  torch_dtype="float16")
+    (d / "llama-7b-hf/config.json").write_text(json.dumps(config))
     keys, weight_map = list(hf), {}
     for i, chunk in enumerate([keys[j::5] for j in range(5)]):
         name = f"model-{i + 1:05d}-of-00005.safetensors"
@@ -131,13 +137,14 @@ def write_full(d: Path):
     (d / "llama-7b-hf/model.safetensors.index.json").write_text(json.dumps(dict(weight_map=weight_map)))
     grid = v.image_size // v.patch_size
     clip = {"conv1.weight": rand(v.width, 3, v.patch_size, v.patch_size), "class_embedding": rand(v.width),
-            "positional_embedding": rand(grid * grid + 1, v.width), "ln_pre.weight": rand(v.width), "ln_pre.bias": rand(v.width),
-            "ln_post.weight": rand(v.width), "ln_post.bias": rand(v.width), "proj": rand(v.width, 768)}
+            "positional_embedding": rand(grid * grid + 1, v.width), "proj": rand(v.width, 768)}
+    clip.update({f"{ln}.{x}": rand(v.width) for ln in ("ln_pre", "ln_post") for x in ("weight", "bias")})
     for i in range(v.layers):
         b, w = f"transformer.resblocks.{i}.", v.width
-        clip.update({b + "attn.in_proj_weight": rand(3 * w, w), b + "attn.in_proj_bias": rand(3 * w), b + "attn.out_proj.weight": rand(w, w),
-                     b + "attn.out_proj.bias": rand(w), b + "mlp.c_fc.weight": rand(4 * w, w), b + "mlp.c_fc.bias": rand(4 * w),
-                     b + "mlp.c_proj.weight": rand(w, 4 * w), b + "mlp.c_proj.bias": rand(w)})
+        shapes = {"attn.in_proj_weight": (3 * w, w), "attn.in_proj_bias": (3 * w,), "attn.out_proj.weight": (w, w),
+                  "attn.out_proj.bias": (w,), "mlp.c_fc.weight": (4 * w, w), "mlp.c_fc.bias": (4 * w,),
+                  "mlp.c_proj.weight": (w, 4 * w), "mlp.c_proj.bias": (w,)}
+        clip.update({b + k: rand(*s) for k, s in shapes.items()})
         clip.update({b + f"{ln}.{x}": rand(w) for ln in ("ln_1", "ln_2") for x in ("weight", "bias")})
     root = torch.nn.Module()  # a TorchScript archive with OpenAI's parameter names under visual.*
     for k, t in clip.items():
@@ -188,27 +195,31 @@ def bench_load(folder: str, threads):
 
 def suite(model: str):
     for flags in SUITE:
-        run = subprocess.run([sys.executable, __file__, "--model", model, *shlex.split(flags)], capture_output=True, text=True)
-        lines = run.stdout.splitlines() if run.returncode == 0 else [f"FAILED ({run.returncode}): {run.stderr[-600:]}"]
+        command = [sys.executable, __file__, "--model", model, *shlex.split(flags)]
+        run = subprocess.run(command, capture_output=True, text=True)
+        failed = [f"FAILED ({run.returncode}): {run.stderr[-600:]}"]
+        lines = run.stdout.splitlines() if run.returncode == 0 else failed
         print(f"== {flags}\n" + "\n".join(lines), flush=True)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--prepare", metavar="LABELS", help="time prepare.py on this label file's images instead of the "
-                    "model, side by side with --against")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--prepare", metavar="LABELS", help="time prepare.py on this label file's images, side by side "
+                    "with --against")
     ap.add_argument("--against", default="c812046", help="the commit whose prepare.py --prepare also times")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py's processes for --prepare")
-    ap.add_argument("--model", choices=list(SIZES), default="tiny", help="full: ViT-L/14 + LLaMA-7B shapes, random weights")
-    ap.add_argument("--dtype", choices=list(P.DTYPES), help="frozen weights and autocast (default: fp16 on GPU, fp32 on CPU)")
+    ap.add_argument("--model", choices=list(SIZES), default="tiny", help="full: ViT-L/14 + LLaMA-7B, random")
+    ap.add_argument("--dtype", choices=list(P.DTYPES), help="frozen weights, autocast (default: fp16 GPU, fp32 CPU)")
     ap.add_argument("--batch", type=int, default=16, help="images per step")
     ap.add_argument("--iters", type=int, default=10, help="timed steps (after the warm-up)")
     C.runtime_flags(ap)
     ap.add_argument("--checkpoint-vit", action="store_true", help="recompute ViT activations in the backward")
-    ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once); time loading and scoring on a CPU")
+    ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once); time loading "
+                    "and scoring on a CPU")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--suite", action="store_true", help="the GPU figures: " + "; ".join(SUITE))
-    ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm" (README: Ablations)')
+    ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm"')
     return ap
 
 
@@ -218,12 +229,13 @@ def bench_model(a):
     a.dtype = a.dtype or ("fp32" if device.type == "cpu" else "fp16")
     dtype = P.DTYPES[a.dtype]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device {name}, frozen {a.dtype}, torch {torch.__version__}, compile {a.compile}, checkpoint-vit {a.checkpoint_vit}, "
-          f"model {a.model} {a.variant}, batch {a.batch}")
+    print(f"device {name}, frozen {a.dtype}, torch {torch.__version__}, compile {a.compile}, "
+          f"checkpoint-vit {a.checkpoint_vit}, model {a.model} {a.variant}, batch {a.batch}")
     t = time.perf_counter()
     model = random_model(SIZES[a.model](**C.pneumo_fields(train.parse(shlex.split(a.variant)))), device, dtype)
     model.visual.grad_checkpointing = a.checkpoint_vit
-    print(f"built in {time.perf_counter() - t:.1f}s, {sum(p.numel() for p in model.trainable_parameters()):,} trainable")
+    n = sum(p.numel() for p in model.trainable_parameters())
+    print(f"built in {time.perf_counter() - t:.1f}s, {n:,} trainable")
     fwd = torch.compile(model, mode=a.compile) if a.compile else model
     res = model.args.vision.image_size
     x = torch.randn(a.batch, 3, res, res, device=device)
@@ -250,17 +262,20 @@ def bench_model(a):
     model.train()
     warm = 2 if not a.compile else 4
     first, s = timed(step, device, warm, a.iters)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    steps_100 = 100 * -(-504 // 16)
-    print(f"train step: {1000 * s:.1f} ms median, {a.batch / s:.1f} images/s, peak {'GPU' if device.type == 'cuda' else 'RSS'} memory {peak:.2f} GiB")
+    gpu = device.type == "cuda"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else rss
+    steps = 100 * -(-504 // 16) * s * 16 / a.batch  # seconds of steps for 100 epochs of 504 images at batch 16
+    print(f"train step: {1000 * s:.1f} ms median, {a.batch / s:.1f} images/s, "
+          f"peak {'GPU' if gpu else 'RSS'} memory {peak:.2f} GiB")
     print(f"first step {first:.1f} s (compilation and warm-up); projected 100 epochs on 504 images at batch 16: "
-          f"{steps_100 * s * 16 / a.batch / 60:.2f} min of steps, {(first + steps_100 * s * 16 / a.batch) / 60:.2f} min with the first step")
+          f"{steps / 60:.2f} min of steps, {(first + steps) / 60:.2f} min with the first step")
     model.eval()
     s_unmerged = timed(infer, device, 2, a.iters)[1]
     model.merge_adapters()
     fwd = torch.compile(model, mode=a.compile) if a.compile else model
     s_merged = timed(infer, device, warm, a.iters)[1]
-    print(f"inference: {a.batch / s_unmerged:.1f} images/s with adapters, {a.batch / s_merged:.1f} images/s merged")
+    print(f"inference: {a.batch / s_unmerged:.1f} images/s with adapters, {a.batch / s_merged:.1f} merged")
 
 
 def main():

@@ -123,7 +123,7 @@ def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
             rows.append((name, "pneumoconiosis" if disease else "normal"))
             ys, xs = np.nonzero(lungs)
             truth["names"].append(name)
-            truth["lung_boxes"].append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))  # left, top, right, bottom
+            truth["lung_boxes"].append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))  # left top right bottom
             truth["opacities"].append(np.packbits(opacities))
     # for the tests only (prepare.py and the model never read it): where the lungs and opacities are
     np.savez_compressed(folder / "truth.npz", **{k: np.array(v) for k, v in truth.items()})

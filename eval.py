@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+import audit
 import common as C
 from prepare import UserError
 
@@ -93,7 +94,8 @@ def calibration(y, prob, multi_label: bool, bins=15) -> dict:
     eces = []
     for c in cols:
         b = np.minimum((prob[:, c] * bins).astype(int), bins - 1)
-        eces.append(sum(abs(prob[b == i, c].mean() - hot[b == i, c].mean()) * (b == i).mean() for i in np.unique(b)))
+        gaps = [abs(prob[b == i, c].mean() - hot[b == i, c].mean()) * (b == i).mean() for i in np.unique(b)]
+        eces.append(sum(gaps))
     return dict(brier=float(brier), ece=float(np.mean(eces)))
 
 
@@ -150,29 +152,15 @@ def pixels(data: C.Data, rows) -> np.ndarray:  # (N, 1024): the 32x32 grey image
 
 
 def fit_logistic(x, y, n_classes: int, multi_label: bool, l2: float):
-    """Logistic regression (softmax, or one sigmoid per finding) by L-BFGS in torch; deterministic.
-    Returns a function from features to probabilities."""
-    import torch
+    """Logistic regression on standardised features by audit.py's Newton solver: one sigmoid per class
+    (one-vs-rest) or per finding; deterministic. Returns a function from features to probabilities."""
     mean, std = x.mean(0), x.std(0) + 1e-6
-    xt, yt = torch.tensor((x - mean) / std), torch.tensor(y)
-    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-    loss_of = torch.nn.functional.binary_cross_entropy_with_logits if multi_label else torch.nn.functional.cross_entropy
+    hot = y if multi_label else np.eye(n_classes)[y]
+    w = np.stack([audit.logistic((x - mean) / std, hot[:, c], l2, steps=10) for c in range(n_classes)], 1)
 
-    def closure():
-        opt.zero_grad()
-        loss = loss_of(xt @ w + b, yt) + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    w, b = w.detach().numpy(), b.detach().numpy()
-
-    def predict(features):
-        z = ((features - mean) / std) @ w + b
-        return 1 / (1 + np.exp(-z)) if multi_label else np.exp(z - z.max(1, keepdims=True)) / np.exp(
-            z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+    def predict(features):  # (N, F) -> (N, C)
+        p = 1 / (1 + np.exp(-np.c_[np.ones(len(features)), (features - mean) / std] @ w))
+        return p if multi_label else p / p.sum(1, keepdims=True)
     return predict
 
 
@@ -183,8 +171,8 @@ def baseline(cfg: dict, test_rows: list) -> np.ndarray:
     data = C.Data(cfg["data"])
     split = data.split(cfg["fold"], cfg["val_frac"] if cfg["select"] != "test" else 0, cfg["seed"])
     x, y = pixels(data, split["train"]), data.labels(split["train"])
-    fits = {l2: fit_logistic(x, y, len(cfg["classes"]), cfg["multi_label"], l2) for l2 in (1e-4, 1e-2, 1.0)}
-    best = 1e-2
+    fits = {l2: fit_logistic(x, y, len(cfg["classes"]), cfg["multi_label"], l2) for l2 in (1.0, 30.0, 1000.0)}
+    best = 30.0
     if split["val"]:
         xv, yv = pixels(data, split["val"]), data.labels(split["val"])
         best = max(fits, key=lambda l2: C.metrics(yv, fits[l2](xv))["auc"])
@@ -285,7 +273,8 @@ def operating_point(run: Path, cfg: dict, sensitivity=None) -> dict:
     _, yv, pv = read_predictions(run / "val_predictions.csv", cfg)
     names = cfg["classes"] if cfg["multi_label"] else cfg["classes"][1:]
     rule = "Youden's J" if sensitivity is None else f"sensitivity >= {sensitivity}"
-    thresholds = {n: choose_threshold(y, s, sensitivity) for n, (_, y, s) in zip(names, as_binary(yv, pv, cfg["multi_label"]))}
+    findings = as_binary(yv, pv, cfg["multi_label"])
+    thresholds = {n: choose_threshold(y, s, sensitivity) for n, (_, y, s) in zip(names, findings)}
     point = dict(rule=f"{rule} on the validation split ({len(yv)} images)", thresholds=thresholds)
     (run / "operating_point.json").write_text(json.dumps(point, indent=1))
     return point
@@ -300,8 +289,9 @@ def evaluate(run: Path, fold: int, a) -> dict:
     out = dict(fold=fold, images=len(y), patients=len(set(patients)), intervals="95 %, 1000 resamples of patients",
                paper=dict(metrics=m, ci95={k: interval([d[k] for d in model_draws]) for k in C.METRICS}))
     point = operating_point(run, cfg, a.sensitivity)
+    findings = zip(as_binary(y, prob, ml), point["thresholds"])
     out["operating_point"] = dict(point, per_finding={n: at_threshold(yb, s, point["thresholds"][n])
-                                                      for (_, yb, s), n in zip(as_binary(y, prob, ml), point["thresholds"])})
+                                                      for (_, yb, s), n in findings})
     out["calibration"] = dict(bins=15, test=calibration(y, prob, ml))
     if a.calibrate and (run / "val_predictions.csv").exists():
         _, yv, pv = read_predictions(run / "val_predictions.csv", cfg)
@@ -312,8 +302,9 @@ def evaluate(run: Path, fold: int, a) -> dict:
     diff = interval([d["auc"] - b for d, b in zip(model_draws, base_auc)])
     verdict = ("beats" if diff[0] > 0 else "does NOT beat" if m["auc"] <= C.metrics(y, pb)["auc"]
                else "is not clearly better than")
-    out["baseline"] = dict(what="logistic regression on the 32x32 grey image, trained on the run's training patients",
-                           auc=C.metrics(y, pb)["auc"], auc_ci95=interval(base_auc), model_minus_baseline_ci95=diff,
+    out["baseline"] = dict(what="logistic regression on the 32x32 grey image, trained on the run's training "
+                                "patients", auc=C.metrics(y, pb)["auc"], auc_ci95=interval(base_auc),
+                           model_minus_baseline_ci95=diff,
                            verdict=f"the model {verdict} the baseline")
     return dict(out, _curves=(cfg, y, prob, draws))
 
@@ -337,13 +328,15 @@ def report(out: dict, cfg: dict) -> str:
     if not op["per_finding"]:
         lines.append(f"  operating point: {op['rule']}")
     cal = out["calibration"]
-    lines.append(f"  calibration: Brier {cal['test']['brier']:.3f}, ECE {cal['test']['ece']:.3f} (15 bins)"
-                 + (f"; with temperature {cal['temperature']:.2f} fitted on validation: Brier "
-                    f"{cal['calibrated']['brier']:.3f}, ECE {cal['calibrated']['ece']:.3f}" if "temperature" in cal else ""))
+    test, after = cal["test"], ""
+    if "temperature" in cal:
+        after = (f"; with temperature {cal['temperature']:.2f} fitted on validation: Brier "
+                 f"{cal['calibrated']['brier']:.3f}, ECE {cal['calibrated']['ece']:.3f}")
+    lines.append(f"  calibration: Brier {test['brier']:.3f}, ECE {test['ece']:.3f} (15 bins)" + after)
     b = out["baseline"]
-    lines.append(f"  baseline ({b['what']}): AUC {pct(b['auc'])} [{pct(b['auc_ci95'][0])}, {pct(b['auc_ci95'][1])}]; "
-                 f"model - baseline AUC [{pct(b['model_minus_baseline_ci95'][0])}, "
-                 f"{pct(b['model_minus_baseline_ci95'][1])}]: {b['verdict']}")
+    (lo, hi), (dlo, dhi) = b["auc_ci95"], b["model_minus_baseline_ci95"]
+    lines.append(f"  baseline ({b['what']}): AUC {pct(b['auc'])} [{pct(lo)}, {pct(hi)}]; model - baseline AUC "
+                 f"[{pct(dlo)}, {pct(dhi)}]: {b['verdict']}")
     return "\n".join(lines)
 
 
@@ -353,14 +346,15 @@ def eval_fold(runs: Path, fold: int, a) -> dict:
     cfg, y, prob, draws = out.pop("_curves")
     print(report(out, cfg))
     (run / "eval.json").write_text(json.dumps(out, indent=1))
-    for name, yb, score in as_binary(y, prob, cfg["multi_label"])[:1]:  # binary: disease; multi-label: first finding
-        t = out["operating_point"]["thresholds"][name or cfg["classes"][1]]
+    for name, yb, score in as_binary(y, prob, cfg["multi_label"])[:1]:  # binary: disease; multi-label: 1st finding
+        name = name or cfg["classes"][1]
+        t = out["operating_point"]["thresholds"][name]
         r = at_threshold(yb, score, t)
         fpr, tpr, _ = roc_curve(yb, score)
         draw_roc(run / "roc.png", [(f"AUC {out['paper']['metrics']['auc']:.3f}", fpr, tpr)],
-                 f"fold {fold}: ROC of P({name or cfg['classes'][1]}), 95 % band over patients",
+                 f"fold {fold}: ROC of P({name}), 95 % band over patients",
                  roc_band(yb, score, draws), (1 - r["specificity"], r["sensitivity"], f"operating point {t:.2f}"))
-        draw_reliability(run / "reliability.png", score, yb, f"fold {fold}: reliability of P({name or cfg['classes'][1]})")
+        draw_reliability(run / "reliability.png", score, yb, f"fold {fold}: reliability of P({name})")
     return out
 
 
@@ -368,25 +362,28 @@ def table(runs: Path, a) -> int:
     done = [f for f in range(1, a.folds + 1) if C.finished(runs / f"fold{f}")]
     missing = [f for f in range(1, a.folds + 1) if f not in done]
     if not done:
-        raise UserError(f"{runs}: no finished fold among fold1..fold{a.folds}; train them with python train.py --fold N")
+        raise UserError(f"{runs}: no finished fold among fold1..fold{a.folds}; train them with "
+                        "python train.py --fold N")
     per = {f: evaluate(runs / f"fold{f}", f, a) for f in done}
-    vals = np.array([[o["paper"]["metrics"][k] for k in C.METRICS] + [o["baseline"]["auc"]] for o in per.values()]) * 100
+    vals = 100 * np.array([[o["paper"]["metrics"][k] for k in C.METRICS] + [o["baseline"]["auc"]]
+                           for o in per.values()])
     sd = vals.std(0, ddof=1) if len(done) > 1 else np.full(vals.shape[1], np.nan)
     lines = ["| fold | Sens. | Spec. | Acc. | AUC | AVG | baseline AUC |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {f} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for f, row in zip(per, vals)]
     lines.append("| mean ± sd | " + " | ".join(f"{mu:.2f} ± {s:.2f}" if len(done) > 1 else f"{mu:.2f}"
                                            for mu, s in zip(vals.mean(0), sd)) + " |")
     pooled = pool(runs, per)
-    lines.append(f"\npooled over {len(done)} fold(s): AUC {pct(pooled['auc'])} (model), {pct(pooled['baseline_auc'])} "
-                 "(baseline: logistic regression on 32x32 pixels, same training patients)")
+    lines.append(f"\npooled over {len(done)} fold(s): AUC {pct(pooled['auc'])} (model), "
+                 f"{pct(pooled['baseline_auc'])} (baseline: logistic regression on 32x32 pixels, same patients)")
     lines += [f"fold {f}: {o['baseline']['verdict']}" for f, o in per.items()]
     if missing:
         lines.append(f"not finished, left out: fold {', '.join(map(str, missing))}")
     text = "\n".join(lines)
     print(text)
     (runs / "table.md").write_text(text + "\n")
-    summary = dict(folds={f: {k: v for k, v in o.items() if k != "_curves"} for f, o in per.items()}, missing=missing,
-                   mean=dict(zip([*C.METRICS, "baseline_auc"], vals.mean(0))), pooled=pooled)
+    folds = {f: {k: v for k, v in o.items() if k != "_curves"} for f, o in per.items()}
+    summary = dict(folds=folds, missing=missing, mean=dict(zip([*C.METRICS, "baseline_auc"], vals.mean(0))),
+                   pooled=pooled)
     (runs / "table.json").write_text(json.dumps(summary, indent=1))
     return 0
 
@@ -404,7 +401,8 @@ def pool(runs: Path, per: dict) -> dict:
         return dict(auc=float("nan"), baseline_auc=float("nan"))
     y, s = np.concatenate(ys), np.concatenate(scores)
     auc = C.roc_auc(y, s)
-    draw_roc(runs / "roc.png", curves + [(f"pooled: AUC {auc:.3f}", *roc_curve(y, s)[:2])], "every fold's ROC, and pooled")
+    pooled = (f"pooled: AUC {auc:.3f}", *roc_curve(y, s)[:2])
+    draw_roc(runs / "roc.png", curves + [pooled], "every fold's ROC, and pooled")
     return dict(auc=auc, baseline_auc=float(np.mean([o["baseline"]["auc"] for o in per.values()])))
 
 
@@ -464,10 +462,12 @@ def explain_fold(runs: Path, a) -> int:
     cfg, rows, y, prob = read_run(run, a.fold)
     point = operating_point(run, cfg, a.sensitivity)
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
-        raise UserError("--explain with --fold shows true/false positives/negatives: binary runs only; use --image")
+        raise UserError("--explain with --fold shows true/false positives/negatives: binary runs only; "
+                        "use --image")
     t = point["thresholds"][cfg["classes"][1]]
-    kinds = {"TP": (y == 1) & (prob[:, 1] >= t), "FP": (y == 0) & (prob[:, 1] >= t), "FN": (y == 1) & (prob[:, 1] < t),
-             "TN": (y == 0) & (prob[:, 1] < t)}
+    positive = prob[:, 1] >= t
+    kinds = {"TP": (y == 1) & positive, "FP": (y == 0) & positive, "FN": (y == 1) & ~positive,
+             "TN": (y == 0) & ~positive}
     queues = {k: list(np.flatnonzero(m)) for k, m in kinds.items()}
     chosen = []
     while len(chosen) < a.explain and any(queues.values()):
@@ -476,13 +476,15 @@ def explain_fold(runs: Path, a) -> int:
     data = C.Data(cfg["data"])
     by_name = {Path(r["image"]).stem: r for r in data.rows}
     images = data.images([by_name[rows[i]["image"]] for _, i in chosen])
-    maps, _, weights = explain.grad_cam(model, C.normalise(images.to(cfg["device"]), cfg, model.args.vision.image_size))
+    x = C.normalise(images.to(cfg["device"]), cfg, model.args.vision.image_size)
+    maps, _, weights = explain.grad_cam(model, x)
     tiles = []
     for (kind, i), img, heat in zip(chosen, images[:, 0].numpy(), maps.cpu().numpy()):
         heat = np.asarray(Image.fromarray(heat).resize(img.shape[::-1], Image.BILINEAR))
         tiles.append(explain.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}"))
     explain.sheet(tiles).save(run / "explain.png")
-    print(f"{run / 'explain.png'}: {len(tiles)} test images ({', '.join(k for k, _ in chosen)}) under their Grad-CAM maps")
+    kinds_shown = ", ".join(k for k, _ in chosen)
+    print(f"{run / 'explain.png'}: {len(tiles)} test images ({kinds_shown}) under their Grad-CAM maps")
     if weights is not None:
         print(explain.describe_weights(weights, model.visual.keep))
     return 0
@@ -490,7 +492,8 @@ def explain_fold(runs: Path, a) -> int:
 
 def describe(prob, cfg: dict, point: dict) -> str:
     if not point["thresholds"]:  # multi-class: the argmax
-        return ", ".join(f"P({c}) = {q:.3f}" for c, q in zip(cfg["classes"], prob)) + f": {cfg['classes'][prob.argmax()]}"
+        each = ", ".join(f"P({c}) = {q:.3f}" for c, q in zip(cfg["classes"], prob))
+        return f"{each}: {cfg['classes'][prob.argmax()]}"
     words = []
     for name, t in point["thresholds"].items():
         q = prob[cfg["classes"].index(name)]
@@ -505,13 +508,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fold", type=int, default=1, help="the fold to score (or whose model scores --image)")
     ap.add_argument("--all", action="store_true", help="every finished fold of 1..--folds, as the paper's Table 2")
     ap.add_argument("--folds", type=int, default=5, help="how many folds --all expects")
-    ap.add_argument("--sensitivity", type=float, help="choose the threshold reaching this sensitivity on validation "
-                    "(default: Youden's J)")
-    ap.add_argument("--calibrate", action="store_true", help="also fit a temperature on validation and report both")
+    ap.add_argument("--sensitivity", type=float, help="choose the threshold reaching this sensitivity on "
+                    "validation (default: Youden's J)")
+    ap.add_argument("--calibrate", action="store_true", help="also fit a temperature on validation; report both")
     ap.add_argument("--image", nargs="+", help="DICOM/PNG/JPEG files to score with fold --fold's model")
     ap.add_argument("--save-crops", metavar="DIR", help="with --image: write the crop the model saw")
-    ap.add_argument("--explain", nargs="?", type=int, const=8, metavar="K", help="Grad-CAM maps (explain.py): with "
-                    "--image, one <name>.explain.png each; with --fold, a sheet of K test images in the run folder")
+    ap.add_argument("--explain", nargs="?", type=int, const=8, metavar="K", help="Grad-CAM maps (explain.py): "
+                    "with --image, one <name>.explain.png each; with --fold, a sheet of K test images")
     ap.add_argument("--explain-dir", default="explain", help="where --image --explain writes")
     ap.add_argument("--device", help="for --image (default: the run's)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch, for --image")

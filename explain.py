@@ -27,7 +27,8 @@ def grad_cam(model: P.PneumoLLM, x: torch.Tensor) -> tuple:
     hooks = [model.visual.transformer.resblocks[b - 1].register_forward_hook(  # what block b's CLS token reads
         lambda m, i, out, b=b: tokens.__setitem__(b, i[0])) for b in kept]
     if isinstance(model.engine, P.MultiTokenEngine):
-        hooks.append(model.engine.register_forward_hook(lambda m, i, out: weights.update(w=m.weights(i[0]).detach())))
+        keep = lambda m, i, out: weights.update(w=m.weights(i[0]).detach())  # noqa: E731
+        hooks.append(model.engine.register_forward_hook(keep))
     model.eval()
     try:
         with torch.enable_grad():
@@ -37,9 +38,11 @@ def grad_cam(model: P.PneumoLLM, x: torch.Tensor) -> tuple:
     finally:
         for h in hooks:
             h.remove()
-    maps = torch.stack([F.relu((g[:, 1:] * tokens[b][:, 1:]).float().sum(-1)) for b, g in zip(kept, grads)]).mean(0)
+    maps = torch.stack([F.relu((g[:, 1:] * tokens[b][:, 1:]).float().sum(-1)) for b, g in zip(kept, grads)])
+    maps = maps.mean(0)  # (B, L): patches, over the blocks
     grid = int(round(maps.shape[1] ** 0.5))  # (B, L) patches -> (B, grid, grid)
-    maps = F.interpolate(maps.view(-1, 1, grid, grid), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    maps = F.interpolate(maps.view(-1, 1, grid, grid), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    maps = maps[:, 0]
     peak = maps.flatten(1).amax(1)[:, None, None]
     maps = torch.where(peak > 0, maps / peak.clamp_min(1e-30), torch.zeros_like(maps))
     return maps.detach(), predicted, weights.get("w")
@@ -48,7 +51,7 @@ def grad_cam(model: P.PneumoLLM, x: torch.Tensor) -> tuple:
 def overlay(crop: np.ndarray, heat: np.ndarray, caption: str) -> Image.Image:
     """The grey crop with the map over it (transparent to red to yellow), and a caption."""
     grey = np.stack([crop.astype(float)] * 3, -1)
-    colour = np.stack([np.clip(3 * heat, 0, 1), np.clip(3 * heat - 1, 0, 1), np.clip(3 * heat - 2, 0, 1)], -1) * 255
+    colour = 255 * np.stack([np.clip(3 * heat - k, 0, 1) for k in range(3)], -1)
     alpha = 0.6 * np.clip(heat * 1.5, 0, 1)[..., None]
     im = Image.fromarray((grey * (1 - alpha) + colour * alpha).astype(np.uint8))
     d = ImageDraw.Draw(im)
@@ -68,6 +71,8 @@ def sheet(tiles: list, columns=4) -> Image.Image:
 def describe_weights(weights: torch.Tensor, blocks: list) -> str:
     """The engine's softmax weights, averaged over the images: which ViT depths each diagnosis token reads."""
     mean = weights.float().mean(0)  # (K, n)
-    lines = [f"engine weights over the CLS tokens after ViT blocks {blocks}, averaged over {len(weights)} image(s):"]
-    lines += [f"  diagnosis token {k + 1}: " + "  ".join(f"{v:.2f}" for v in row.tolist()) for k, row in enumerate(mean)]
+    lines = [f"engine weights over the CLS tokens after ViT blocks {blocks}, averaged over {len(weights)} "
+             "image(s):"]
+    lines += [f"  diagnosis token {k + 1}: " + "  ".join(f"{v:.2f}" for v in row.tolist())
+              for k, row in enumerate(mean)]
     return "\n".join(lines)

@@ -100,7 +100,8 @@ def lung_pair(a: np.ndarray, t: float) -> Optional[np.ndarray]:
     np.minimum.at(top, ids, _ROW[sel])
     np.maximum.at(bottom, ids, _ROW[sel])
     ok = (touch <= 0.02 * N) & (cy > 0.15 * N) & (cy < 0.7 * N)
-    left, right = np.flatnonzero(ok & (cx > 0.08 * N) & (cx < N / 2)), np.flatnonzero(ok & (cx >= N / 2) & (cx < 0.92 * N))
+    left = np.flatnonzero(ok & (cx > 0.08 * N) & (cx < N / 2))
+    right = np.flatnonzero(ok & (cx >= N / 2) & (cx < 0.92 * N))
     if not len(left) or not len(right):
         return None
     l, r = left[np.argmax(area[big[left]])], right[np.argmax(area[big[right]])]

@@ -46,8 +46,10 @@ import audit
 from lungcrop import lung_box, thorax_box
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-IMAGE_COLS, LABEL_COLS = ("image", "file", "filename", "path", "image index"), ("label", "class", "diagnosis", "target")
-PATIENT_COLS, VIEW_COLS = ("patient", "patient_id", "patient id", "subject"), ("view", "view position", "viewposition")
+IMAGE_COLS = ("image", "file", "filename", "path", "image index")  # label-file columns, found by name
+LABEL_COLS = ("label", "class", "diagnosis", "target")
+PATIENT_COLS = ("patient", "patient_id", "patient id", "subject")
+VIEW_COLS = ("view", "view position", "viewposition")
 NORMAL_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative", "no"}
 SETTINGS = ("crop", "size", "masks", "multi_label", "classes")  # what the images and labels depend on
 
@@ -102,9 +104,11 @@ def read_dicom(path: Path) -> tuple:
     if ds.get("PhotometricInterpretation") == "MONOCHROME1" or ds.get("PresentationLUTShape") == "INVERSE":
         y = 1 - y
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    return y, dict(view=str(ds.get("ViewPosition", "") or ""), bits=int(ds.get("BitsStored", 0) or 0),
-                   photometric=str(ds.get("PhotometricInterpretation", "")), manufacturer=str(ds.get("Manufacturer", "")),
-                   model=str(ds.get("ManufacturerModelName", "")), spacing=float(spacing[0]) if spacing else None)
+    tag = lambda name: str(ds.get(name, "") or "")  # noqa: E731
+    return y, dict(view=tag("ViewPosition"), bits=int(ds.get("BitsStored", 0) or 0),
+                   photometric=tag("PhotometricInterpretation"), manufacturer=tag("Manufacturer"),
+                   model=tag("ManufacturerModelName"),
+                   spacing=float(spacing[0]) if spacing else None)
 
 
 def robust_window(x) -> np.ndarray:  # 0.5-99.5 percentiles to [0, 1]: for files that carry no window
@@ -248,7 +252,8 @@ def pick(cols, given, candidates, what, path, needed=True):
 
 def find_files(images: Path) -> dict:
     """{relative path: file} under --images, and {base name: [files]} to match bare names."""
-    files = {str(p.relative_to(images)): p for p in images.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    files = {str(p.relative_to(images)): p for p in images.rglob("*")
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
     by_name = {}
     for rel, p in files.items():
         by_name.setdefault(Path(rel).name, []).append(rel)
@@ -258,7 +263,8 @@ def find_files(images: Path) -> dict:
 def read_labels(a) -> tuple:
     """(items, classes). Every label-file problem is an error before any work is done."""
     rows, cols = read_table(a.labels)
-    ic, lc = pick(cols, a.image_col, IMAGE_COLS, "image", a.labels), pick(cols, a.label_col, LABEL_COLS, "label", a.labels)
+    ic = pick(cols, a.image_col, IMAGE_COLS, "image", a.labels)
+    lc = pick(cols, a.label_col, LABEL_COLS, "label", a.labels)
     pc = pick(cols, a.patient_col, PATIENT_COLS, "patient", a.labels, needed=False)
     vc = pick(cols, a.view_col, VIEW_COLS, "view", a.labels, needed=False)
     files, by_name = find_files(Path(a.images))
@@ -272,13 +278,16 @@ def read_labels(a) -> tuple:
             raise UserError(f"{a.labels}:{i}: duplicate row for {name!r}")
         seen.add(name)
         matches = [name] if name in files else by_name.get(name, [])
-        if len(matches) != 1:
-            raise UserError(f"{a.labels}:{i}: " + (f"no file {name!r} under {a.images}" if not matches else
-                            f"{name!r} matches {' and '.join(matches[:2])} under {a.images}: give the relative path"))
+        if not matches:
+            raise UserError(f"{a.labels}:{i}: no file {name!r} under {a.images}")
+        if len(matches) > 1:
+            raise UserError(f"{a.labels}:{i}: {name!r} matches {' and '.join(matches[:2])} under {a.images}: "
+                            "give the relative path")
         if "|" in label:  # several findings: one canonical order, so that equal sets are equal strings
             label = "|".join(sorted({x.strip() for x in label.split("|") if x.strip()}))
-        items.append(dict(path=files[matches[0]], rel=matches[0], label=label, line=i,
-                          patient=(r.get(pc) or "").strip() if pc else "", view=(r.get(vc) or "").strip() if vc else ""))
+        column = lambda c: (r.get(c) or "").strip() if c else ""  # noqa: E731
+        items.append(dict(path=files[matches[0]], rel=matches[0], label=label, line=i, patient=column(pc),
+                          view=column(vc)))
     return items, label_set(items, a)
 
 
@@ -289,22 +298,24 @@ def label_set(items: list, a) -> list:
     names = {x for it in items for x in (it["label"].split("|") if a.multi_label else [it["label"]])}
     if a.classes:
         declared = [c.strip() for c in a.classes.split(",")]
-        unknown = [it for it in items if any(x not in declared and not (a.multi_label and x.lower() in NORMAL_NAMES)
-                                             for x in it["label"].split("|"))]
+        known = lambda x: x in declared or (a.multi_label and x.lower() in NORMAL_NAMES)  # noqa: E731
+        unknown = [it for it in items if not all(known(x) for x in it["label"].split("|"))]
         if unknown:
             lines = ", ".join(f"{it['line']} ({it['label']!r})" for it in unknown[:5])
-            raise UserError(f"{a.labels}: labels not in --classes {a.classes!r} on {len(unknown)} row(s), e.g. line {lines}")
+            raise UserError(f"{a.labels}: labels not in --classes {a.classes!r} on {len(unknown)} row(s), "
+                            f"e.g. line {lines}")
         return [c for c in declared if not (a.multi_label and c.lower() in NORMAL_NAMES)]
     spelled = {}
     for n in names:
         spelled.setdefault(" ".join(n.lower().split()), []).append(n)
     twins = [sorted(v) for v in spelled.values() if len(v) > 1]
     if twins:
-        raise UserError(f"{a.labels}: {' and '.join(repr(s) for s in twins[0])} differ only in case or spaces: fix the "
-                        "file, or declare the labels with --classes")
+        raise UserError(f"{a.labels}: {' and '.join(repr(s) for s in twins[0])} differ only in case or spaces: "
+                        "fix the file, or declare the labels with --classes")
     if a.multi_label:  # classes are the findings; "normal" is none of them
         return sorted(n for n in names if n.lower() not in NORMAL_NAMES)
-    return sorted(names, key=lambda s: (int(s), s) if s.lstrip("-").isdigit() else (s.lower() not in NORMAL_NAMES, s))
+    order = lambda s: (int(s), s) if s.lstrip("-").isdigit() else (s.lower() not in NORMAL_NAMES, s)  # noqa: E731
+    return sorted(names, key=order)  # numbers in order; else the normal class first
 
 
 def has(label: str, name: str) -> bool:  # single-label: equality; multi-label: one of the findings
@@ -349,7 +360,8 @@ def write_atomic(path: Path, text: str):
 
 
 def settings_of(a) -> dict:  # what the folder's images and labels depend on; no paths (they can name patients)
-    return dict(crop=a.crop, size=a.size, masks=bool(a.masks), multi_label=bool(a.multi_label), classes=a.classes or "")
+    return dict(crop=a.crop, size=a.size, masks=bool(a.masks), multi_label=bool(a.multi_label),
+                classes=a.classes or "")
 
 
 def claim_folder(out: Path, a):
@@ -357,7 +369,8 @@ def claim_folder(out: Path, a):
     meta = out / "meta.json"
     if meta.exists() and not a.restart:
         old = json.loads(meta.read_text()).get("settings", {})
-        diff = [f"{k} {old.get(k)!r} there, {v!r} now" for k, v in settings_of(a).items() if str(old.get(k)) != str(v)]
+        diff = [f"{k} {old.get(k)!r} there, {v!r} now" for k, v in settings_of(a).items()
+                if str(old.get(k)) != str(v)]
         if diff:
             raise UserError(f"{out} was prepared with other settings ({'; '.join(diff)}): pass another --out, "
                             "or --restart to prepare it again from scratch")
@@ -429,9 +442,11 @@ def process(jobs: list, workers: int) -> tuple:
 
 def mapping_path(a, out: Path) -> Path:
     """Where the pseudonym -> source file CSV goes: beside the key (or --mapping), never in the data folder."""
-    path = Path(a.mapping) if a.mapping else Path(a.key_file).expanduser().parent / f"{out.resolve().name}.mapping.csv"
+    beside_key = Path(a.key_file).expanduser().parent / f"{out.resolve().name}.mapping.csv"
+    path = Path(a.mapping) if a.mapping else beside_key
     if path.resolve().is_relative_to(out.resolve()):
-        raise UserError(f"--mapping {path}: inside the data folder {out}; file names can name patients: put it elsewhere")
+        raise UserError(f"--mapping {path}: inside the data folder {out}; file names can name patients: "
+                        "put it elsewhere")
     return path
 
 
@@ -466,7 +481,7 @@ def finish(a, out: Path, items: list, names: list, mapping: Path) -> int:
     return write_outputs(a, out, kept, names, done, skipped, key, mapping)
 
 
-def write_outputs(a, out: Path, kept: list, names: list, done: dict, skipped: dict, key: bytes, mapping: Path) -> int:
+def write_outputs(a, out: Path, kept: list, names: list, done: dict, skipped: dict, key: bytes, mapping) -> int:
     for it in kept:  # patients: the label file's column, else the DICOM's PatientID, else the image itself
         raw = it["patient"] or dicom_patient(it["path"]) or f"image:{it['rel']}"
         it["patient"] = "P" + pseudonym(key, "patient", raw, 12)
@@ -476,10 +491,11 @@ def write_outputs(a, out: Path, kept: list, names: list, done: dict, skipped: di
             for it, f in zip(kept, folds)]
     write_atomic(out / "manifest.csv", "image,label,patient,fold,crop\n" + "".join(
         f"{r['image']},{r['label']},{r['patient']},{r['fold']},{r['crop']}\n" for r in rows))
-    counts = {str(f): {n: sum(r["fold"] == f and has(r["label"], n) for r in rows) for n in names} for f in range(1, a.folds + 1)}
+    counts = {str(f): {n: sum(r["fold"] == f and has(r["label"], n) for r in rows) for n in names}
+              for f in range(1, a.folds + 1)}
     report = audit.shortcut_audit(kept, names, folds, a.multi_label)
-    crops = {n: {c: sum(has(it["label"], n) and it["crop"] == c for it in kept) for c in ("lungs", "fallback", "mask", "none")}
-             for n in names}
+    crops = {n: {c: sum(has(it["label"], n) and it["crop"] == c for it in kept)
+                 for c in ("lungs", "fallback", "mask", "none")} for n in names}
     meta = dict(settings=settings_of(a), demo=a.demo, classes=names, multi_label=a.multi_label, counts=counts,
                 prepared=len(rows), crops=crops, skipped={pid: why for pid, why in skipped.values()}, audit=report,
                 versions=dict(numpy=np.__version__, pydicom=pydicom.__version__, pillow=Image.__version__))
@@ -497,28 +513,30 @@ def write_outputs(a, out: Path, kept: list, names: list, done: dict, skipped: di
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--images", help="folder of DICOM / PNG / JPEG / TIFF files (searched recursively)")
     ap.add_argument("--labels", help="CSV naming each image, its label and optionally its patient and view")
     ap.add_argument("--out", help="output folder, e.g. data/NAME")
-    ap.add_argument("--demo", action="store_true", help="write synthetic DICOM phantoms and prepare them into data/demo")
-    ap.add_argument("--classes", help="the label set in order, e.g. normal,pneumoconiosis (default: the labels found)")
-    ap.add_argument("--image-col", help="the label file's column of image names (default: found by name, e.g. image)")
+    ap.add_argument("--demo", action="store_true", help="write synthetic DICOM phantoms, prepare them (data/demo)")
+    ap.add_argument("--classes", help="the label set in order, e.g. normal,pneumoconiosis (default: those found)")
+    ap.add_argument("--image-col", help="the label file's column of image names (default: found by name)")
     ap.add_argument("--label-col", help="the label file's column of labels (default: found by name, e.g. label)")
-    ap.add_argument("--patient-col", help="the label file's column of patient ids (default: found by name, else the "
-                    "DICOM's PatientID, else each image is its own patient)")
+    ap.add_argument("--patient-col", help="the label file's column of patient ids (default: found by name, else "
+                    "the DICOM's PatientID, else each image is its own patient)")
     ap.add_argument("--view-col", help="the label file's column of view positions, e.g. AP/PA (default: found by "
                     "name, else the DICOM's ViewPosition)")
-    ap.add_argument("--multi-label", action="store_true", help="labels list findings as a|b (automatic when a label has |)")
-    ap.add_argument("--crop", choices=["lungs", "none"], default="lungs", help="crop to the lungs (lungcrop.py) or not")
+    ap.add_argument("--multi-label", action="store_true", help="labels list findings as a|b (automatic with a |)")
+    ap.add_argument("--crop", choices=["lungs", "none"], default="lungs", help="crop to the lungs (lungcrop.py)")
     ap.add_argument("--masks", help="folder of lung-mask PNGs named like the images, or a CheXmask-style CSV")
     ap.add_argument("--folds", type=int, default=5, help="patient-level stratified folds")
-    ap.add_argument("--seed", type=int, default=20, help="fold assignment (train.py's --seed is 20 too: the paper's seed)")
+    ap.add_argument("--seed", type=int, default=20, help="fold assignment (train.py's --seed too: the paper's)")
     ap.add_argument("--size", type=int, default=224, help="output side in pixels")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
     ap.add_argument("--restart", action="store_true", help="empty --out and prepare everything again")
-    ap.add_argument("--key-file", default="~/.config/pneumollm/pseudonym.key", help="secret for pseudonyms; keep it out of the data folder")
-    ap.add_argument("--mapping", help="where to write the pseudonym -> source file CSV (default: beside the key file)")
+    ap.add_argument("--key-file", default="~/.config/pneumollm/pseudonym.key",
+                    help="secret for pseudonyms; keep it out of the data folder")
+    ap.add_argument("--mapping", help="where to write the pseudonym -> source file CSV (default: beside the key)")
     return ap
 
 
