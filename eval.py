@@ -306,7 +306,7 @@ def evaluate(run: Path, fold: int, a) -> dict:
                                 "patients", auc=C.metrics(y, pb)["auc"], auc_ci95=interval(base_auc),
                            model_minus_baseline_ci95=diff,
                            verdict=f"the model {verdict} the baseline")
-    return dict(out, _curves=(cfg, y, prob, draws))
+    return dict(out, _curves=(cfg, y, prob, draws, pb))
 
 
 def pct(v) -> str:
@@ -343,7 +343,7 @@ def report(out: dict, cfg: dict) -> str:
 def eval_fold(runs: Path, fold: int, a) -> dict:
     run = runs / f"fold{fold}"
     out = evaluate(run, fold, a)
-    cfg, y, prob, draws = out.pop("_curves")
+    cfg, y, prob, draws, _ = out.pop("_curves")
     print(report(out, cfg))
     (run / "eval.json").write_text(json.dumps(out, indent=1))
     for name, yb, score in as_binary(y, prob, cfg["multi_label"])[:1]:  # binary: disease; multi-label: 1st finding
@@ -389,21 +389,22 @@ def table(runs: Path, a) -> int:
 
 
 def pool(runs: Path, per: dict) -> dict:
-    """Every fold's test predictions together: the pooled AUC and roc.png with each fold's curve."""
-    curves, ys, scores = [], [], []
+    """Every fold's test predictions together (the model's and the baseline's): pooled AUCs, and roc.png
+    with each fold's curve (binary: disease; multi-label: the first finding)."""
+    curves, ys, scores, base = [], [], [], []
     for f, o in per.items():
-        cfg, y, prob, _ = o["_curves"]
-        for _, yb, s in as_binary(y, prob, cfg["multi_label"])[:1]:
+        cfg, y, prob, _, pb = o["_curves"]
+        model_and_baseline = zip(as_binary(y, prob, cfg["multi_label"])[:1], as_binary(y, pb, cfg["multi_label"]))
+        for (_, yb, s), (_, _, b) in model_and_baseline:
             curves.append((f"fold {f}", *roc_curve(yb, s)[:2]))
-            ys.append(yb)
-            scores.append(s)
+            ys, scores, base = ys + [yb], scores + [s], base + [b]
     if not ys:
         return dict(auc=float("nan"), baseline_auc=float("nan"))
     y, s = np.concatenate(ys), np.concatenate(scores)
     auc = C.roc_auc(y, s)
     pooled = (f"pooled: AUC {auc:.3f}", *roc_curve(y, s)[:2])
     draw_roc(runs / "roc.png", curves + [pooled], "every fold's ROC, and pooled")
-    return dict(auc=auc, baseline_auc=float(np.mean([o["baseline"]["auc"] for o in per.values()])))
+    return dict(auc=auc, baseline_auc=C.roc_auc(y, np.concatenate(base)))
 
 
 def score_images(runs: Path, a) -> int:
