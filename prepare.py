@@ -51,7 +51,6 @@ LABEL_COLS = ("label", "class", "diagnosis", "target")
 PATIENT_COLS = ("patient", "patient_id", "patient id", "subject")
 VIEW_COLS = ("view", "view position", "viewposition")
 NORMAL_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative", "no"}
-SETTINGS = ("crop", "size", "masks", "multi_label", "classes")  # what the images and labels depend on
 
 
 class Skip(Exception):
