@@ -265,7 +265,7 @@ def read_run(run: Path, fold: int) -> tuple:
 def operating_point(run: Path, cfg: dict, sensitivity=None) -> dict:
     """Thresholds chosen on the run's validation predictions, never on the test fold; saved with the run
     (operating_point.json), which eval.py --image applies."""
-    if cfg["multi_label"] is False and len(cfg["classes"]) > 2:
+    if not cfg["multi_label"] and len(cfg["classes"]) > 2:
         return dict(rule="argmax (multi-class: no threshold)", thresholds={})
     if not (run / "val_predictions.csv").exists():
         return dict(rule="0.5 (the run has no validation split to choose a threshold on)",

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 import audit
-from lungcrop import lung_box, thorax_box
+from lungcrop import lung_box, mask_box, rle_mask, thorax_box
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 IMAGE_COLS = ("image", "file", "filename", "path", "image index")  # label-file columns, found by name
@@ -138,24 +138,6 @@ def read_image(path: Path) -> tuple:  # (image in [0, 1], acquisition attributes
 
 # ------------------------------------------------------------------------------------------------
 # one image (runs in a worker): crop, resize, and a record of what was done
-
-
-def mask_box(mask: np.ndarray, margin=0.05):
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    mx, my = margin * (x1 - x0), margin * (y1 - y0)
-    h, w = mask.shape
-    return (int(max(0, x0 - mx)), int(max(0, y0 - my)), int(min(w, x1 + mx)), int(min(h, y1 + my)))
-
-
-def rle_mask(rle: str, h: int, w: int) -> np.ndarray:  # CheXmask: 1-based (start, length) pairs, row-major
-    runs = np.array(rle.split(), dtype=np.int64)
-    flat = np.zeros(h * w, bool)
-    for start, length in zip(runs[::2] - 1, runs[1::2]):
-        flat[start:start + length] = True
-    return flat.reshape(h, w)
 
 
 def load_masks(spec: str) -> dict:

@@ -394,6 +394,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+import lungcrop
 import prepare
 
 SHARED = next((p for p in [os.environ.get("PNEUMOLLM_SHARED_DATA", ""), os.path.join(os.path.dirname(__file__), "../shared/data"),
@@ -768,7 +769,7 @@ def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
     assert rc == 0 and crop.shape == (20, 20) and crop[:, 0].mean() < crop[:, -1].mean()  # the gradient fills the crop
     flat = np.flatnonzero(mask.ravel())  # CheXmask RLE: 1-based starts, row by row
     runs = " ".join(f"{s + 1} 20" for s in flat[::20])
-    assert np.array_equal(prepare.rle_mask(runs, 40, 60), mask > 0)
+    assert np.array_equal(lungcrop.rle_mask(runs, 40, 60), mask > 0)
     write_labels(tmp_path / "chexmask.csv", [("a.png", runs, "", 40, 60)], ("ImageID", "Left Lung", "Right Lung", "Height", "Width"))
     shutil.rmtree(out)
     rc, out = run_prepare(tmp_path, src, [("a.png", "1")], "--masks", str(tmp_path / "chexmask.csv"), "--size", "20", "--folds", "1")
@@ -1435,7 +1436,6 @@ def test_baseline_is_trained_on_the_training_patients_only(demo_data, tmp_path, 
 # ================================================================================================
 # prepare.py on real radiographs: crops, shortcut audit, labels and folders that never go silently wrong
 
-import lungcrop  # noqa: E402
 
 # Lung fields drawn by hand on shared NIH images (512 px; left, top, right, bottom): the outermost lung
 # pixels, apices to costophrenic angles, read off a 32 px grid.
