@@ -30,10 +30,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import audit
 import common as C
+import plots
 from prepare import UserError
 
 
@@ -180,69 +181,6 @@ def baseline(cfg: dict, test_rows: list) -> np.ndarray:
     return fits[best](pixels(data, [by_name[r["image"]] for r in test_rows]))
 
 
-# ------------------------------------------------------------------------------------------------
-# pictures (Pillow only)
-
-
-def frame(title: str, xlabel: str, ylabel: str, size=400, pad=50):
-    """A white canvas with a square plot area, ticks at 0, 0.2, .., 1 and a light grid; returns the
-    canvas, its drawer and a function from (x, y) in [0, 1] to pixels."""
-    im = Image.new("RGB", (size + 2 * pad, size + 2 * pad), "white")
-    d = ImageDraw.Draw(im)
-    xy = lambda x, y: (pad + x * size, pad + size - y * size)  # noqa: E731
-    for v in np.linspace(0, 1, 6):
-        d.line([xy(v, 0), xy(v, 1)], fill=(235, 235, 235))
-        d.line([xy(0, v), xy(1, v)], fill=(235, 235, 235))
-        d.text((xy(v, 0)[0] - 8, pad + size + 6), f"{v:.1f}", fill="black")
-        d.text((pad - 28, xy(0, v)[1] - 6), f"{v:.1f}", fill="black")
-    d.text((pad, 12), title, fill="black")
-    d.text((pad + size // 2 - 40, pad + size + 24), xlabel, fill="black")
-    d.text((6, 26), ylabel, fill="black")
-    return im, d, xy
-
-
-def outline(d, xy):  # the plot's border and its diagonal, drawn over the data
-    d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
-    d.line([xy(0, 0), xy(1, 1)], fill=(150, 150, 150))
-
-
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
-
-
-def draw_roc(path: Path, curves: list, title: str, band=None, point=None):
-    """curves: [(label, fpr, tpr)], the last drawn thickest; band: (fpr grid, lower, upper) tpr;
-    point: (fpr, tpr, label) of the operating point."""
-    im, d, xy = frame(title, "1 - specificity", "sensitivity")
-    if band is not None:
-        grid, lo, hi = band
-        d.polygon([xy(f, t) for f, t in zip(grid, hi)] + [xy(f, t) for f, t in zip(grid[::-1], lo[::-1])],
-                  fill=(255, 205, 205))
-    outline(d, xy)
-    for i, (label, fpr, tpr) in enumerate(curves):
-        last = i == len(curves) - 1
-        colour = (200, 30, 30) if last else COLOURS[i % len(COLOURS)]
-        d.line([xy(f, t) for f, t in zip(fpr, tpr)], fill=colour, width=3 if last else 1)
-        d.text((xy(0.45, 0)[0], xy(0, 0.05 + 0.06 * (len(curves) - 1 - i))[1]), label, fill=colour)
-    if point is not None:
-        x, y = xy(point[0], point[1])
-        d.ellipse([x - 5, y - 5, x + 5, y + 5], outline="black", width=2)
-        d.text((x + 8, y + 4), point[2], fill="black")
-    im.save(path)
-
-
-def draw_reliability(path: Path, score, y, title: str, bins=15):
-    im, d, xy = frame(title, "predicted probability", "observed frequency")
-    b = np.minimum((np.asarray(score) * bins).astype(int), bins - 1)
-    for i in np.unique(b):
-        lo, hi = i / bins, (i + 1) / bins
-        d.rectangle([xy(lo, y[b == i].mean()), xy(hi, 0)], fill=(120, 160, 220), outline=(40, 70, 140))
-        d.text((xy(lo, 0)[0] + 2, xy(0, 1)[1] - 12), str(int((b == i).sum())), fill=(90, 90, 90))
-    outline(d, xy)
-    d.text((xy(0, 0)[0], xy(0, 0)[1] + 36), "bars: observed frequency per bin; numbers above: images per bin",
-           fill="black")
-    im.save(path)
-
-
 def roc_band(y, score, draws, grid=np.linspace(0, 1, 101)):  # pointwise 95 % band of tpr over fpr
     tprs = []
     for i in draws:
@@ -351,10 +289,10 @@ def eval_fold(runs: Path, fold: int, a) -> dict:
         t = out["operating_point"]["thresholds"][name]
         r = at_threshold(yb, score, t)
         fpr, tpr, _ = roc_curve(yb, score)
-        draw_roc(run / "roc.png", [(f"AUC {out['paper']['metrics']['auc']:.3f}", fpr, tpr)],
+        plots.draw_roc(run / "roc.png", [(f"AUC {out['paper']['metrics']['auc']:.3f}", fpr, tpr)],
                  f"fold {fold}: ROC of P({name}), 95 % band over patients",
                  roc_band(yb, score, draws), (1 - r["specificity"], r["sensitivity"], f"operating point {t:.2f}"))
-        draw_reliability(run / "reliability.png", score, yb, f"fold {fold}: reliability of P({name})")
+        plots.draw_reliability(run / "reliability.png", score, yb, f"fold {fold}: reliability of P({name})")
     return out
 
 
@@ -403,7 +341,7 @@ def pool(runs: Path, per: dict) -> dict:
     y, s = np.concatenate(ys), np.concatenate(scores)
     auc = C.roc_auc(y, s)
     pooled = (f"pooled: AUC {auc:.3f}", *roc_curve(y, s)[:2])
-    draw_roc(runs / "roc.png", curves + [pooled], "every fold's ROC, and pooled")
+    plots.draw_roc(runs / "roc.png", curves + [pooled], "every fold's ROC, and pooled")
     return dict(auc=auc, baseline_auc=C.roc_auc(y, np.concatenate(base)))
 
 
@@ -450,7 +388,7 @@ def explain_image(model, img: np.ndarray, cfg: dict, path: Path):
     maps, predicted, weights = explain.grad_cam(model, x)
     heat = np.asarray(Image.fromarray(maps[0].cpu().numpy()).resize(img.shape[::-1], Image.BILINEAR))
     path.parent.mkdir(parents=True, exist_ok=True)
-    explain.overlay(img, heat, f"map of {cfg['classes'][int(predicted[0])]}").save(path)
+    plots.overlay(img, heat, f"map of {cfg['classes'][int(predicted[0])]}").save(path)
     print(f"  explanation: {path}")
     return weights
 
@@ -482,8 +420,8 @@ def explain_fold(runs: Path, a) -> int:
     tiles = []
     for (kind, i), img, heat in zip(chosen, images[:, 0].numpy(), maps.cpu().numpy()):
         heat = np.asarray(Image.fromarray(heat).resize(img.shape[::-1], Image.BILINEAR))
-        tiles.append(explain.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}"))
-    explain.sheet(tiles).save(run / "explain.png")
+        tiles.append(plots.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}"))
+    plots.sheet(tiles).save(run / "explain.png")
     kinds_shown = ", ".join(k for k, _ in chosen)
     print(f"{run / 'explain.png'}: {len(tiles)} test images ({kinds_shown}) under their Grad-CAM maps")
     if weights is not None:

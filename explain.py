@@ -10,10 +10,8 @@ summed over channels, ReLU: a (grid, grid) map per block. The maps are averaged 
 that is zero everywhere (a logit that does not depend on the image) stays zero. It runs with the
 adapters as trained, merged or not: the gradient flows from the input.
 """
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import pneumollm as P
 
@@ -46,26 +44,6 @@ def grad_cam(model: P.PneumoLLM, x: torch.Tensor) -> tuple:
     peak = maps.flatten(1).amax(1)[:, None, None]
     maps = torch.where(peak > 0, maps / peak.clamp_min(1e-30), torch.zeros_like(maps))
     return maps.detach(), predicted, weights.get("w")
-
-
-def overlay(crop: np.ndarray, heat: np.ndarray, caption: str) -> Image.Image:
-    """The grey crop with the map over it (transparent to red to yellow), and a caption."""
-    grey = np.stack([crop.astype(float)] * 3, -1)
-    colour = 255 * np.stack([np.clip(3 * heat - k, 0, 1) for k in range(3)], -1)
-    alpha = 0.6 * np.clip(heat * 1.5, 0, 1)[..., None]
-    im = Image.fromarray((grey * (1 - alpha) + colour * alpha).astype(np.uint8))
-    d = ImageDraw.Draw(im)
-    d.rectangle([0, 0, im.width, 13], fill=(0, 0, 0))
-    d.text((3, 1), caption, fill=(255, 255, 255))
-    return im
-
-
-def sheet(tiles: list, columns=4) -> Image.Image:
-    w, h = tiles[0].size
-    out = Image.new("RGB", (columns * w, -(-len(tiles) // columns) * h), "white")
-    for i, t in enumerate(tiles):
-        out.paste(t, ((i % columns) * w, (i // columns) * h))
-    return out
 
 
 def describe_weights(weights: torch.Tensor, blocks: list) -> str:

@@ -1,0 +1,87 @@
+"""
+The pictures eval.py writes, with Pillow alone: ROC curves (ticks, a bootstrap band, the operating
+point), reliability diagrams, and explanation overlays and contact sheets.
+"""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def frame(title: str, xlabel: str, ylabel: str, size=400, pad=50):
+    """A white canvas with a square plot area, ticks at 0, 0.2, .., 1 and a light grid; returns the
+    canvas, its drawer and a function from (x, y) in [0, 1] to pixels."""
+    im = Image.new("RGB", (size + 2 * pad, size + 2 * pad), "white")
+    d = ImageDraw.Draw(im)
+    xy = lambda x, y: (pad + x * size, pad + size - y * size)  # noqa: E731
+    for v in np.linspace(0, 1, 6):
+        d.line([xy(v, 0), xy(v, 1)], fill=(235, 235, 235))
+        d.line([xy(0, v), xy(1, v)], fill=(235, 235, 235))
+        d.text((xy(v, 0)[0] - 8, pad + size + 6), f"{v:.1f}", fill="black")
+        d.text((pad - 28, xy(0, v)[1] - 6), f"{v:.1f}", fill="black")
+    d.text((pad, 12), title, fill="black")
+    d.text((pad + size // 2 - 40, pad + size + 24), xlabel, fill="black")
+    d.text((6, 26), ylabel, fill="black")
+    return im, d, xy
+
+
+def outline(d, xy):  # the plot's border and its diagonal, drawn over the data
+    d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    d.line([xy(0, 0), xy(1, 1)], fill=(150, 150, 150))
+
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
+
+
+def draw_roc(path: Path, curves: list, title: str, band=None, point=None):
+    """curves: [(label, fpr, tpr)], the last drawn thickest; band: (fpr grid, lower, upper) tpr;
+    point: (fpr, tpr, label) of the operating point."""
+    im, d, xy = frame(title, "1 - specificity", "sensitivity")
+    if band is not None:
+        grid, lo, hi = band
+        d.polygon([xy(f, t) for f, t in zip(grid, hi)] + [xy(f, t) for f, t in zip(grid[::-1], lo[::-1])],
+                  fill=(255, 205, 205))
+    outline(d, xy)
+    for i, (label, fpr, tpr) in enumerate(curves):
+        last = i == len(curves) - 1
+        colour = (200, 30, 30) if last else COLOURS[i % len(COLOURS)]
+        d.line([xy(f, t) for f, t in zip(fpr, tpr)], fill=colour, width=3 if last else 1)
+        d.text((xy(0.45, 0)[0], xy(0, 0.05 + 0.06 * (len(curves) - 1 - i))[1]), label, fill=colour)
+    if point is not None:
+        x, y = xy(point[0], point[1])
+        d.ellipse([x - 5, y - 5, x + 5, y + 5], outline="black", width=2)
+        d.text((x + 8, y + 4), point[2], fill="black")
+    im.save(path)
+
+
+def draw_reliability(path: Path, score, y, title: str, bins=15):
+    im, d, xy = frame(title, "predicted probability", "observed frequency")
+    b = np.minimum((np.asarray(score) * bins).astype(int), bins - 1)
+    for i in np.unique(b):
+        lo, hi = i / bins, (i + 1) / bins
+        d.rectangle([xy(lo, y[b == i].mean()), xy(hi, 0)], fill=(120, 160, 220), outline=(40, 70, 140))
+        d.text((xy(lo, 0)[0] + 2, xy(0, 1)[1] - 12), str(int((b == i).sum())), fill=(90, 90, 90))
+    outline(d, xy)
+    d.text((xy(0, 0)[0], xy(0, 0)[1] + 36), "bars: observed frequency per bin; numbers above: images per bin",
+           fill="black")
+    im.save(path)
+
+
+def overlay(crop: np.ndarray, heat: np.ndarray, caption: str) -> Image.Image:
+    """The grey crop with the map over it (transparent to red to yellow), and a caption."""
+    grey = np.stack([crop.astype(float)] * 3, -1)
+    colour = 255 * np.stack([np.clip(3 * heat - k, 0, 1) for k in range(3)], -1)
+    alpha = 0.6 * np.clip(heat * 1.5, 0, 1)[..., None]
+    im = Image.fromarray((grey * (1 - alpha) + colour * alpha).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, 0, im.width, 13], fill=(0, 0, 0))
+    d.text((3, 1), caption, fill=(255, 255, 255))
+    return im
+
+
+def sheet(tiles: list, columns=4) -> Image.Image:
+    w, h = tiles[0].size
+    out = Image.new("RGB", (columns * w, -(-len(tiles) // columns) * h), "white")
+    for i, t in enumerate(tiles):
+        out.paste(t, ((i % columns) * w, (i // columns) * h))
+    return out
