@@ -1624,3 +1624,15 @@ def test_explain_writes_a_map_per_image_and_a_sheet_per_fold(demo_data, tmp_path
         assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", os.path.join(DICOM, "RG1_UNCR.dcm"), "--explain",
                         "--explain-dir", str(tmp_path / "maps")]) == 0
         assert Image.open(tmp_path / "maps/RG1_UNCR.explain.png").size == (224, 224)
+
+
+def test_a_model_trained_on_the_demo_says_it_is_not_for_diagnosis(demo_data, tmp_path, capsys):
+    data = shutil.copytree(demo_data, tmp_path / "data")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps(dict(meta, demo=True)))  # as prepare.py --demo writes it
+    train.main(train_args(data, tmp_path / "fold1", "--epochs", "1"))
+    assert json.loads((tmp_path / "fold1/config.json").read_text())["synthetic"] is True
+    image = next((data / "images").glob("*.png"))
+    capsys.readouterr()
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(image)]) == 0
+    assert "trained on the synthetic demo set: it is a demo, not for diagnosis" in capsys.readouterr().out

@@ -356,7 +356,7 @@ def setup(argv) -> tuple:
     data = C.Data(cfg["data"])
     settings = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
     cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"],
-               size=int(settings["size"]), synthetic=settings.get("demo") == "True")
+               size=int(settings["size"]), synthetic=bool(data.meta.get("demo")))
     if cfg["question"]:
         tokenize_question(cfg)
     split = data.split(cfg["fold"], 0 if cfg["select"] == "test" else cfg["val_frac"], cfg["seed"])
