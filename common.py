@@ -161,7 +161,8 @@ def load_run(run: Path, device=None, keep_checkpoint_dtype=False) -> tuple[P.Pne
     keep_checkpoint_dtype scores with the frozen weights as the checkpoints store them: memory-mapped,
     never copied (LLaMA-7B in fp32 would need 27 GB)."""
     cfg = json.loads((run / "config.json").read_text())
-    cfg["device"] = device or cfg["device"]
+    trained_on = cfg["device"] if cfg["device"] == "cpu" or torch.cuda.is_available() else "cpu"  # no GPU here
+    cfg["device"] = device or trained_on
     model = build(cfg, as_stored=keep_checkpoint_dtype and cfg["device"] == "cpu")
     model.load_trainable(run / "best.safetensors")
     return model, cfg

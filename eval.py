@@ -357,6 +357,9 @@ def score_images(runs: Path, a) -> int:
         print("NOTE: this model was trained on the synthetic demo set: it is a demo, not for diagnosis")
     failed, weights = [], []
     for n, p in enumerate(a.image, 1):
+        if not Path(p).is_file():
+            failed.append(f"{p}: no such file")
+            continue
         try:  # exactly prepare.py's pipeline: read, window, 8 bits, lung crop, resize
             img, how, _ = prepare.preprocess(Path(p), cfg["crop"], cfg["size"])
         except prepare.Skip as e:
@@ -376,7 +379,7 @@ def score_images(runs: Path, a) -> int:
     if weights and weights[0] is not None:
         import explain
         print(explain.describe_weights(torch.cat(weights), model.visual.keep))
-    return int(len(failed) == len(a.image))
+    return 2 if len(failed) == len(a.image) else 0  # nothing scored: a mistake in the input
 
 
 def explain_image(model, img: np.ndarray, cfg: dict, path: Path):

@@ -1633,6 +1633,8 @@ def test_a_model_trained_on_the_demo_says_it_is_not_for_diagnosis(demo_data, tmp
     train.main(train_args(data, tmp_path / "fold1", "--epochs", "1"))
     assert json.loads((tmp_path / "fold1/config.json").read_text())["synthetic"] is True
     image = next((data / "images").glob("*.png"))
+    cfg = json.loads((tmp_path / "fold1/config.json").read_text())  # trained on a GPU, scored where there may be none
+    (tmp_path / "fold1/config.json").write_text(json.dumps(dict(cfg, device="cuda:0", dtype="fp16")))
     capsys.readouterr()
     assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(image)]) == 0
     assert "trained on the synthetic demo set: it is a demo, not for diagnosis" in capsys.readouterr().out
