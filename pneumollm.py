@@ -22,8 +22,8 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict, namedtuple
-from functools import partial
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Optional
 

@@ -1,8 +1,8 @@
 """Tests: tiny random weights, CPU, fp32, no network. Parity against transformers for every borrowed
 component, loaders on tiny files in the exact original formats, and the model's own invariants."""
 import json
-import os
 import math
+import os
 import pickle
 import re
 
