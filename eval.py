@@ -201,21 +201,19 @@ def read_run(run: Path, fold: int) -> tuple:
 
 
 def operating_point(run: Path, cfg: dict, sensitivity=None) -> dict:
-    """Thresholds chosen on the run's validation predictions, never on the test fold; saved with the run
-    (operating_point.json), which eval.py --image applies."""
+    """Thresholds chosen on the run's validation predictions, never on the test fold (the same rule
+    gives the same thresholds to --fold, --image and --explain; --fold saves them: operating_point.json)."""
     if not cfg["multi_label"] and len(cfg["classes"]) > 2:
         return dict(rule="argmax (multi-class: no threshold)", thresholds={})
+    names = cfg["classes"] if cfg["multi_label"] else cfg["classes"][1:]
     if not (run / "val_predictions.csv").exists():
         return dict(rule="0.5 (the run has no validation split to choose a threshold on)",
-                    thresholds={c: 0.5 for c in (cfg["classes"] if cfg["multi_label"] else cfg["classes"][1:])})
+                    thresholds={c: 0.5 for c in names})
     _, yv, pv = read_predictions(run / "val_predictions.csv", cfg)
-    names = cfg["classes"] if cfg["multi_label"] else cfg["classes"][1:]
     rule = "Youden's J" if sensitivity is None else f"sensitivity >= {sensitivity}"
     findings = as_binary(yv, pv, cfg["multi_label"])
     thresholds = {n: choose_threshold(y, s, sensitivity) for n, (_, y, s) in zip(names, findings)}
-    point = dict(rule=f"{rule} on the validation split ({len(yv)} images)", thresholds=thresholds)
-    (run / "operating_point.json").write_text(json.dumps(point, indent=1))
-    return point
+    return dict(rule=f"{rule} on the validation split ({len(yv)} images)", thresholds=thresholds)
 
 
 def evaluate(run: Path, fold: int, a) -> dict:
@@ -227,6 +225,7 @@ def evaluate(run: Path, fold: int, a) -> dict:
     out = dict(fold=fold, images=len(y), patients=len(set(patients)), intervals="95 %, 1000 resamples of patients",
                paper=dict(metrics=m, ci95={k: interval([d[k] for d in model_draws]) for k in C.METRICS}))
     point = operating_point(run, cfg, a.sensitivity)
+    (run / "operating_point.json").write_text(json.dumps(point, indent=1))
     findings = zip(as_binary(y, prob, ml), point["thresholds"])
     out["operating_point"] = dict(point, per_finding={n: at_threshold(yb, s, point["thresholds"][n])
                                                       for (_, yb, s), n in findings})
@@ -236,12 +235,11 @@ def evaluate(run: Path, fold: int, a) -> dict:
         t = fit_temperature(yv, pv, ml)
         out["calibration"].update(temperature=t, calibrated=calibration(y, with_temperature(prob, t, ml), ml))
     pb = baseline(cfg, rows)
-    base_auc = [C.metrics(y[i], pb[i])["auc"] for i in draws]
+    auc, base_auc = C.metrics(y, pb)["auc"], [C.metrics(y[i], pb[i])["auc"] for i in draws]
     diff = interval([d["auc"] - b for d, b in zip(model_draws, base_auc)])
-    verdict = ("beats" if diff[0] > 0 else "does NOT beat" if m["auc"] <= C.metrics(y, pb)["auc"]
-               else "is not clearly better than")
+    verdict = "beats" if diff[0] > 0 else "does NOT beat" if m["auc"] <= auc else "is not clearly better than"
     out["baseline"] = dict(what="logistic regression on the 32x32 grey image, trained on the run's training "
-                                "patients", auc=C.metrics(y, pb)["auc"], auc_ci95=interval(base_auc),
+                                "patients", auc=auc, auc_ci95=interval(base_auc),
                            model_minus_baseline_ci95=diff,
                            verdict=f"the model {verdict} the baseline")
     return dict(out, _curves=(cfg, y, prob, draws, pb))
@@ -387,11 +385,9 @@ def explain_image(model, img: np.ndarray, cfg: dict, path: Path):
     import torch
 
     import explain
-    x = C.normalise(torch.tensor(img)[None, None].to(cfg["device"]), cfg, model.args.vision.image_size)
-    maps, predicted, weights = explain.grad_cam(model, x)
-    heat = np.asarray(Image.fromarray(maps[0].cpu().numpy()).resize(img.shape[::-1], Image.BILINEAR))
+    heats, predicted, weights = explain.explain_images(model, torch.tensor(img)[None, None], cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plots.overlay(img, heat, f"map of {cfg['classes'][int(predicted[0])]}").save(path)
+    plots.overlay(img, heats[0], f"map of {cfg['classes'][int(predicted[0])]}").save(path)
     print(f"  explanation: {path}")
     return weights
 
@@ -418,12 +414,9 @@ def explain_fold(runs: Path, a) -> int:
     data = C.Data(cfg["data"])
     by_name = {Path(r["image"]).stem: r for r in data.rows}
     images = data.images([by_name[rows[i]["image"]] for _, i in chosen])
-    x = C.normalise(images.to(cfg["device"]), cfg, model.args.vision.image_size)
-    maps, _, weights = explain.grad_cam(model, x)
-    tiles = []
-    for (kind, i), img, heat in zip(chosen, images[:, 0].numpy(), maps.cpu().numpy()):
-        heat = np.asarray(Image.fromarray(heat).resize(img.shape[::-1], Image.BILINEAR))
-        tiles.append(plots.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}"))
+    heats, _, weights = explain.explain_images(model, images, cfg)
+    tiles = [plots.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}")
+             for (kind, i), img, heat in zip(chosen, images[:, 0].numpy(), heats)]
     plots.sheet(tiles).save(run / "explain.png")
     kinds_shown = ", ".join(k for k, _ in chosen)
     print(f"{run / 'explain.png'}: {len(tiles)} test images ({kinds_shown}) under their Grad-CAM maps")

@@ -10,9 +10,12 @@ summed over channels, ReLU: a (grid, grid) map per block. The maps are averaged 
 that is zero everywhere (a logit that does not depend on the image) stays zero. It runs with the
 adapters as trained, merged or not: the gradient flows from the input.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import common as C
 import pneumollm as P
 
 
@@ -44,6 +47,16 @@ def grad_cam(model: P.PneumoLLM, x: torch.Tensor) -> tuple:
     peak = maps.flatten(1).amax(1)[:, None, None]
     maps = torch.where(peak > 0, maps / peak.clamp_min(1e-30), torch.zeros_like(maps))
     return maps.detach(), predicted, weights.get("w")
+
+
+def explain_images(model: P.PneumoLLM, images: torch.Tensor, cfg: dict) -> tuple:
+    """images (B, 1, H, W) uint8, as prepared -> (maps (B, H, W) in [0, 1] at the images' size, predicted
+    classes, engine weights or None)."""
+    x = C.normalise(images.to(cfg["device"]), cfg, model.args.vision.image_size)
+    maps, predicted, weights = grad_cam(model, x)
+    size = tuple(images.shape[-1:-3:-1])  # (W, H): the model may read another size (e.g. ViT-L/14@336)
+    heats = np.stack([np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps.cpu().numpy()])
+    return heats, predicted, weights
 
 
 def describe_weights(weights: torch.Tensor, blocks: list) -> str:
