@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,23 +73,30 @@ def timed(fn, device, warmup, iters) -> tuple[float, float]:
     return times[0], statistics.median(times[1 + warmup:])
 
 
-def bench_prepare(labels: str, against: str, workers: int):
+def bench_prepare(labels: str, against: str, workers: int, repeat: int):
     """prepare.py's images/s on a labelled folder, side by side with commit `against` (its prepare.py
-    taken from git), each in a fresh process with the same workers, into fresh folders."""
+    taken from git): each in a fresh process with the same workers, into a fresh folder, taking turns
+    `repeat` times; the medians and their ratio."""
     import tempfile
     labels, here = Path(labels).resolve(), Path(__file__).resolve().parent
     n = sum(1 for _ in open(labels)) - 1
+    rates = {f"before ({against})": [], "now": []}
     with tempfile.TemporaryDirectory() as d:
         old = Path(d, "prepare_before.py")
         old.write_bytes(subprocess.run(["git", "show", f"{against}:prepare.py"], cwd=here, capture_output=True,
                                        check=True).stdout)
-        for name, script in ((f"before ({against})", old), ("now", here / "prepare.py")):
-            t = time.perf_counter()
-            flags = ["--images", labels.parent, "--labels", labels, "--out", Path(d, name.split()[0]),
-                     "--key-file", Path(d, "key"), "--workers", workers]
-            subprocess.run([sys.executable, script, *map(str, flags)], check=True, capture_output=True, cwd=here)
-            s = time.perf_counter() - t
-            print(f"prepare.py {name}: {n} images in {s:.1f} s = {n / s:.1f} images/s with {workers} workers")
+        for i in range(repeat):
+            for name, script in zip(rates, (old, here / "prepare.py")):
+                out = Path(d, f"{name.split()[0]}{i}")
+                flags = ["--images", labels.parent, "--labels", labels, "--out", out, "--key-file", Path(d, "key"),
+                         "--workers", workers]
+                t = time.perf_counter()
+                subprocess.run([sys.executable, script, *map(str, flags)], check=True, capture_output=True, cwd=here)
+                rates[name].append(n / (time.perf_counter() - t))
+                shutil.rmtree(out)
+                print(f"prepare.py {name}: {n} images, {rates[name][-1]:.1f} images/s with {workers} workers")
+    before, now = (statistics.median(r) for r in rates.values())
+    print(f"median of {repeat}: {before:.1f} images/s before, {now:.1f} now = {now / before:.2f}x")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,6 +217,7 @@ def parser() -> argparse.ArgumentParser:
                     "with --against")
     ap.add_argument("--against", default="c812046", help="the commit whose prepare.py --prepare also times")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py's processes for --prepare")
+    ap.add_argument("--repeat", type=int, default=3, help="--prepare: runs of each, taking turns (medians)")
     ap.add_argument("--model", choices=list(SIZES), default="tiny", help="full: ViT-L/14 + LLaMA-7B, random")
     ap.add_argument("--dtype", choices=list(P.DTYPES), help="frozen weights, autocast (default: fp16 GPU, fp32 CPU)")
     ap.add_argument("--batch", type=int, default=16, help="images per step")
@@ -284,7 +293,7 @@ def main():
     if a.suite:
         return suite(a.model)
     if a.prepare:
-        return bench_prepare(a.prepare, a.against, a.workers)
+        return bench_prepare(a.prepare, a.against, a.workers, a.repeat)
     if a.load:
         return bench_load(a.load, a.threads)
     if a.load_step:

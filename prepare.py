@@ -10,7 +10,7 @@ Labels are one class per image, or several findings per image written a|b (multi
 are the findings, and a "normal"/"No Finding" image has none of them). --classes declares the label
 set and its order; without it, two spellings of one label (case, spaces) are an error.
 
-Writes data/NAME/{images/*.png (+ one .json record each), manifest.csv, meta.json, preview.png}.
+Writes data/NAME/{images/*.png, records.jsonl (one line per image), manifest.csv, meta.json, preview.png}.
 Nothing from the input that could name a patient reaches the folder: images and patients are named
 by keyed hashes (HMAC-SHA256) whose key lives outside it (--key-file); the pseudonym -> source file
 mapping is written beside the key (or to --mapping), never into the folder.
@@ -118,17 +118,18 @@ def robust_window(x) -> np.ndarray:  # 0.5-99.5 percentiles to [0, 1]: for files
 
 def read_picture(path: Path) -> tuple:
     """PNG/JPEG/TIFF. 16-bit and float files are windowed like a DICOM without VOI tags (an 8-bit
-    conversion would clip them); colour files are converted to grey."""
+    conversion would clip them); colour files are converted to grey; 8-bit grey ones are kept as
+    they are (uint8: no window to apply)."""
     try:
         with Image.open(path) as im:
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 return robust_window(np.asarray(im)), dict(bits=16 if im.mode.startswith("I;16") else 32)
-            return np.asarray(im.convert("L"), np.float32) / 255, dict(bits=8)
+            return np.asarray(im if im.mode == "L" else im.convert("L")), dict(bits=8)
     except Exception as e:
         raise Skip(f"not a readable image ({type(e).__name__})")
 
 
-def read_image(path: Path) -> tuple:  # (image in [0, 1], acquisition attributes)
+def read_image(path: Path) -> tuple:  # (image: float in [0, 1] or 8-bit as stored, acquisition attributes)
     img, attrs = read_picture(path) if path.suffix.lower() in IMAGE_SUFFIXES - {".dcm", ".dicom", ".dic", ""} \
         else read_dicom(path)
     if min(img.shape) < 8:
@@ -153,7 +154,7 @@ def preprocess(path: Path, crop="lungs", size=224, mask=None) -> tuple:
     """read -> 8 bits -> crop -> resize: a (size, size) uint8 array, how it was cropped (lungs,
     fallback: the thorax with fixed margins, mask, none) and the acquisition attributes."""
     img, attrs = read_image(path)
-    img8 = (img * 255 + 0.5).astype(np.uint8)
+    img8 = img if img.dtype == np.uint8 else (img * 255 + 0.5).astype(np.uint8)
     box, how = None, crop
     if mask is not None:
         m = np.asarray(Image.open(mask)) > 0 if isinstance(mask, Path) else rle_mask(*mask)
@@ -169,17 +170,12 @@ def preprocess(path: Path, crop="lungs", size=224, mask=None) -> tuple:
 
 
 def prepare_one(job) -> dict:
-    """Writes images/<id>.png and its record (<id>.json: crop status, attributes); a finished image is
-    not redone, its record is read back."""
+    """Writes images/<id>.png; returns its record (crop status, attributes) for records.jsonl."""
     path, out_png, crop, mask, size = job
-    record = out_png.with_suffix(".json")
-    if out_png.exists() and record.exists():
-        return json.loads(record.read_text())
     img, how, attrs = preprocess(path, crop, size, mask)
     tmp = out_png.with_suffix(".tmp")
-    Image.fromarray(img).save(tmp, format="PNG", compress_level=1)  # no text chunks: nothing but pixels
-    write_atomic(record, json.dumps(dict(attrs, crop=how)))
-    os.replace(tmp, out_png)  # the image last: with it on disk, the record is too
+    Image.fromarray(img).save(tmp, format="PNG", compress_type=3)  # zlib RLE: fast, small; no text chunks
+    os.replace(tmp, out_png)  # atomic: a crash never leaves half an image
     return dict(attrs, crop=how)
 
 
@@ -370,6 +366,7 @@ def claim_folder(out: Path, a):
     os.close(fd)
     if a.restart:
         shutil.rmtree(out / "images", ignore_errors=True)
+        (out / "records.jsonl").unlink(missing_ok=True)
     (out / "images").mkdir(exist_ok=True)
 
 
@@ -405,16 +402,34 @@ def contact_sheet(out: Path, rows: list, names: list, per_class=8, tile=112):
     sheet.save(out / "preview.png")
 
 
-def process(jobs: list, workers: int) -> tuple:
-    """({source: record}, {source: why it was skipped}), with a progress line every 2 s."""
+def read_records(log: Path) -> dict:
+    """{image id: record} of the images that earlier runs finished (a line cut off by a crash is ignored)."""
+    records = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records[r.pop("image")] = r
+    return records
+
+
+def process(jobs: list, workers: int, log: Path) -> tuple:
+    """({image id: record}, {image id: why it was skipped}), with a progress line every 2 s. Each record
+    is appended to `log` as its image is finished: a run that is stopped loses no finished image."""
     done, skipped, t0, last = {}, {}, time.time(), time.time()
-    with Pool(workers) as pool:
+    with Pool(workers) as pool, open(log, "a") as f:
+        if f.tell() and not log.read_text().endswith("\n"):
+            f.write("\n")  # after a line cut off by a crash
         for i, (job, record, err) in enumerate(pool.imap_unordered(safe_prepare, jobs, chunksize=4), 1):
+            name = job[1].stem
             if err:
-                skipped[job[0]] = (job[1].stem, err)
-                print(f"skip {job[1].stem}: {err}", file=sys.stderr)
+                skipped[name] = err
+                print(f"skip {name}: {err}", file=sys.stderr)
             else:
-                done[job[0]] = record
+                done[name] = record
+                f.write(json.dumps(dict(record, image=name)) + "\n")
+                f.flush()
             if time.time() - last > 2 or i == len(jobs):
                 rate, last = i / max(time.time() - t0, 1e-9), time.time()
                 print(f"{i}/{len(jobs)} images, {rate:.1f}/s, ETA {(len(jobs) - i) / rate:.0f}s", file=sys.stderr)
@@ -451,11 +466,16 @@ def finish(a, out: Path, items: list, names: list, mapping: Path) -> int:
             raise UserError(f"{a.masks}: no mask for line {it['line']} of {a.labels}")
     jobs = [(it["path"], out / "images" / f"{it['id']}.png", a.crop, masks.get(Path(it["rel"]).stem), a.size)
             for it in items]
+    log = out / "records.jsonl"
+    before = {i: r for i, r in read_records(log).items() if (out / "images" / f"{i}.png").exists()}
+    jobs = [job for job in jobs if job[1].stem not in before]
     per_class = ", ".join(f"{n}: {sum(has(it['label'], n) for it in items)}" for n in names)
-    print(f"preparing {len(jobs)} images ({per_class}) with {a.workers} workers")
-    done, skipped = process(jobs, a.workers)
+    print(f"{len(items)} images ({per_class}): {len(before)} finished before, preparing {len(jobs)} with "
+          f"{a.workers} workers")
+    done, skipped = process(jobs, a.workers, log)
+    done.update(before)
     write_atomic(mapping, "image,source\n" + "".join(f"{it['id']},{it['path']}\n" for it in items))
-    kept = [it for it in items if it["path"] in done]
+    kept = [it for it in items if it["id"] in done]
     if not kept:
         print(f"nothing was prepared ({len(skipped)} skipped)", file=sys.stderr)
         return 1
@@ -466,7 +486,7 @@ def write_outputs(a, out: Path, kept: list, names: list, done: dict, skipped: di
     for it in kept:  # patients: the label file's column, else the DICOM's PatientID, else the image itself
         raw = it["patient"] or dicom_patient(it["path"]) or f"image:{it['rel']}"
         it["patient"] = "P" + pseudonym(key, "patient", raw, 12)
-        it.update(done[it["path"]], view=it["view"] or done[it["path"]].get("view", ""))
+        it.update(done[it["id"]], view=it["view"] or done[it["id"]].get("view", ""))
     folds = make_folds([it["patient"] for it in kept], [it["label"] for it in kept], a.folds, a.seed)
     rows = [dict(image=f"images/{it['id']}.png", label=it["label"], patient=it["patient"], fold=f, crop=it["crop"])
             for it, f in zip(kept, folds)]
@@ -478,7 +498,7 @@ def write_outputs(a, out: Path, kept: list, names: list, done: dict, skipped: di
     crops = {n: {c: sum(has(it["label"], n) and it["crop"] == c for it in kept)
                  for c in ("lungs", "fallback", "mask", "none")} for n in names}
     meta = dict(settings=settings_of(a), demo=a.demo, classes=names, multi_label=a.multi_label, counts=counts,
-                prepared=len(rows), crops=crops, skipped={pid: why for pid, why in skipped.values()}, audit=report,
+                prepared=len(rows), crops=crops, skipped=skipped, audit=report,
                 versions=dict(numpy=np.__version__, pydicom=pydicom.__version__, pillow=Image.__version__))
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     contact_sheet(out, rows, names)
