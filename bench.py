@@ -91,7 +91,8 @@ def bench_prepare(labels: str, against: str, workers: int, repeat: int):
                 flags = ["--images", labels.parent, "--labels", labels, "--out", out, "--key-file", Path(d, "key"),
                          "--workers", workers]
                 t = time.perf_counter()
-                subprocess.run([sys.executable, script, *map(str, flags)], check=True, capture_output=True, cwd=here)
+                subprocess.run([sys.executable, script, *map(str, flags)], check=True, capture_output=True,
+                               cwd=here)
                 rates[name].append(n / (time.perf_counter() - t))
                 shutil.rmtree(out)
                 print(f"prepare.py {name}: {n} images, {rates[name][-1]:.1f} images/s with {workers} workers")

@@ -2,9 +2,9 @@
 Where prepare.py crops: the classical lung crop (numpy and Pillow only, about 1.4 ms per radiograph),
 its fallback, and the box of a given lung mask (--masks).
 
-On a 128 px copy (box means, then bilinear), the lung fields are the two large dark regions, one each side of the midline, in
-the upper three quarters of the film, that touch neither the film's sides nor its bottom (the top
-only in its middle fifths, where apices are cut by collimation). Dark is below a threshold: Otsu's
+On a 128 px copy (box means, then bilinear), the lung fields are the two large dark regions, one
+each side of the midline, in the upper three quarters of the film, that touch neither the film's
+sides nor its bottom (the top only in its middle fifths, where apices are cut by collimation). Dark is below a threshold: Otsu's
 on the film's central part first, then lower ones (which cut the lungs off the dark air and soft
 tissue they touch), then higher ones (lungs brighter than the background). Portable AP films
 darken towards the top; when no threshold separates the lungs, the same search runs on the film
