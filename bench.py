@@ -14,7 +14,6 @@ import os
 import re
 import resource
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -76,7 +75,8 @@ def timed(fn, device, warmup, iters) -> tuple[float, float]:
 def bench_prepare(labels: str, against: str, workers: int, repeat: int):
     """prepare.py's images/s on a labelled folder, side by side with commit `against` (its prepare.py
     taken from git): each in a fresh process with the same workers, into a fresh folder, taking turns
-    `repeat` times; the medians and their ratio."""
+    `repeat` times; the medians and their ratio. Folders are deleted only at the end: ext4 is slow to
+    create files for minutes after thousands were deleted, which would slow whichever run came next."""
     import tempfile
     labels, here = Path(labels).resolve(), Path(__file__).resolve().parent
     n = sum(1 for _ in open(labels)) - 1
@@ -94,7 +94,6 @@ def bench_prepare(labels: str, against: str, workers: int, repeat: int):
                 subprocess.run([sys.executable, script, *map(str, flags)], check=True, capture_output=True,
                                cwd=here)
                 rates[name].append(n / (time.perf_counter() - t))
-                shutil.rmtree(out)
                 print(f"prepare.py {name}: {n} images, {rates[name][-1]:.1f} images/s with {workers} workers")
     before, now = (statistics.median(r) for r in rates.values())
     print(f"median of {repeat}: {before:.1f} images/s before, {now:.1f} now = {now / before:.2f}x")

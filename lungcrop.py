@@ -1,5 +1,5 @@
 """
-Where prepare.py crops: the classical lung crop (numpy and Pillow only, about 1.4 ms per radiograph),
+Where prepare.py crops: the classical lung crop (numpy and Pillow only, about 1.3 ms per radiograph),
 its fallback, and the box of a given lung mask (--masks).
 
 On a 128 px copy (box means, then bilinear), the lung fields are the two large dark regions, one
@@ -27,11 +27,15 @@ from PIL import Image, ImageFilter
 N = 128  # the working size
 
 
-def otsu(img: np.ndarray) -> float:
-    hist = np.bincount(img.ravel(), minlength=256).astype(float)
-    w, mu = np.cumsum(hist), np.cumsum(hist * np.arange(256))
-    between = (mu[-1] * w - mu * w[-1]) ** 2 / np.maximum(w * (w[-1] - w), 1)
-    return float(np.argmax(between))
+def levels(img: np.ndarray) -> tuple:
+    """Otsu's threshold of a uint8 image and its 8th and 75th percentiles (numpy's, linear), from one
+    histogram: the k-th smallest pixel is the first grey level whose cumulative count exceeds k."""
+    hist = np.bincount(img.ravel(), minlength=256)
+    count, mu = np.cumsum(hist), np.cumsum(hist * np.arange(256.0))
+    between = (mu[-1] * count - mu * count[-1]) ** 2 / np.maximum(count * (count[-1] - count), 1)
+    rank = np.array([0.08, 0.75]) * (count[-1] - 1)
+    below, above = (np.searchsorted(count, k, "right") for k in (np.floor(rank), np.floor(rank) + 1))
+    return float(np.argmax(between)), *(below + (rank - np.floor(rank)) * (above - below))
 
 
 def runs(mask: np.ndarray) -> tuple:
@@ -116,7 +120,7 @@ def lung_pair(a: np.ndarray, t: float) -> Optional[np.ndarray]:
 
 def _search(a: np.ndarray):  # (x0, y0, x1, y1) of the lungs in `a`, or None
     centre = a[N // 10:-N // 10, N // 10:-N // 10]
-    mid, low, high = otsu(centre), *np.percentile(centre, [8, 75])
+    mid, low, high = levels(centre)
     thresholds = [*np.linspace(mid, low, 10), *np.linspace(mid, high, 6)[1:]]
     for i, t in enumerate(thresholds):
         seed = lung_pair(a, t)

@@ -173,9 +173,8 @@ def prepare_one(job) -> dict:
     """Writes images/<id>.png; returns its record (crop status, attributes) for records.jsonl."""
     path, out_png, crop, mask, size = job
     img, how, attrs = preprocess(path, crop, size, mask)
-    tmp = out_png.with_suffix(".tmp")
-    Image.fromarray(img).save(tmp, format="PNG", compress_type=3)  # zlib RLE: fast, small; no text chunks
-    os.replace(tmp, out_png)  # atomic: a crash never leaves half an image
+    # zlib RLE: fast and small; no text chunks. Half an image (a crash) has no record: it is redone
+    Image.fromarray(img).save(out_png, format="PNG", compress_type=3)
     return dict(attrs, crop=how)
 
 

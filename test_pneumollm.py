@@ -1454,6 +1454,18 @@ def iou(p, q):
     return ix * iy / ((p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - ix * iy)
 
 
+def test_levels_are_otsus_threshold_and_numpys_percentiles():
+    rng = np.random.default_rng(0)
+    images = [np.full((3, 4), 7, np.uint8), np.r_[np.full(40, 60), np.full(60, 190)].astype(np.uint8).reshape(10, 10)]
+    for img in images + [rng.integers(0, 256, tuple(rng.integers(1, 60, 2))).astype(np.uint8) for _ in range(50)]:
+        t, p8, p75 = lungcrop.levels(img)
+        np.testing.assert_allclose([p8, p75], np.percentile(img, [8, 75]), rtol=0, atol=1e-9)
+        v = img.ravel().astype(float)  # Otsu by its definition: the split (<= t | > t) of largest between-class variance
+        var = [(v <= k).mean() * (v > k).mean() * (v[v <= k].mean() - v[v > k].mean()) ** 2
+               if 0 < (v <= k).sum() < v.size else 0 for k in range(256)]
+        assert t == int(np.argmax(var))
+
+
 def test_runs_are_scipys_connected_components():
     ndimage = pytest.importorskip("scipy.ndimage")
     rng = np.random.default_rng(0)
