@@ -1348,6 +1348,7 @@ def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp
     text = train.parser().format_help()
     for flag, default in [("--epochs", "100"), ("--model", "full"), ("--lr", "0.0003"), ("--seed", "20")]:
         assert re.search(rf"{flag} .*?\(default: {re.escape(default)}\)", text, re.S), flag
+    assert prepare.parser().get_default("seed") == train.parser().get_default("seed") == 20  # one fold seed
     try:
         train.main(train_args(demo_data, tmp_path / "run", "--epochs", "1", "--threads", "1"))
         assert torch.get_num_threads() == 1
