@@ -213,13 +213,14 @@ def suite(model: str):
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--prepare", metavar="LABELS", help="time prepare.py on this label file's images, side by side "
-                    "with --against")
+    ap.add_argument("--prepare", metavar="LABELS", help="time prepare.py on this label file's images, side by "
+                    "side with --against")
     ap.add_argument("--against", default="c812046", help="the commit whose prepare.py --prepare also times")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py's processes for --prepare")
     ap.add_argument("--repeat", type=int, default=3, help="--prepare: runs of each, taking turns (medians)")
     ap.add_argument("--model", choices=list(SIZES), default="tiny", help="full: ViT-L/14 + LLaMA-7B, random")
-    ap.add_argument("--dtype", choices=list(P.DTYPES), help="frozen weights, autocast (default: fp16 GPU, fp32 CPU)")
+    ap.add_argument("--dtype", choices=list(P.DTYPES),
+                    help="frozen weights, autocast (default: fp16 GPU, fp32 CPU)")
     ap.add_argument("--batch", type=int, default=16, help="images per step")
     ap.add_argument("--iters", type=int, default=10, help="timed steps (after the warm-up)")
     C.runtime_flags(ap)

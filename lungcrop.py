@@ -4,14 +4,14 @@ its fallback, and the box of a given lung mask (--masks).
 
 On a 128 px copy (box means, then bilinear), the lung fields are the two large dark regions, one
 each side of the midline, in the upper three quarters of the film, that touch neither the film's
-sides nor its bottom (the top only in its middle fifths, where apices are cut by collimation). Dark is below a threshold: Otsu's
-on the film's central part first, then lower ones (which cut the lungs off the dark air and soft
-tissue they touch), then higher ones (lungs brighter than the background). Portable AP films
-darken towards the top; when no threshold separates the lungs, the same search runs on the film
-minus its wide-scale brightness (a Gaussian blur of an eighth of its size). The box holds both
-lungs, regrown a little at a threshold above the one that separated them, plus 8 % each side and
-above and 16 % below: the lateral edges (under the ribs) and the bases (behind the diaphragm domes)
-are brighter than the rest of the lungs and are often found short.
+sides nor its bottom (the top only in its middle fifths, where apices are cut by collimation). Dark
+is below a threshold: Otsu's on the film's central part first, then lower ones (which cut the lungs
+off the dark air and soft tissue they touch), then higher ones (lungs brighter than the background).
+Portable AP films darken towards the top; when no threshold separates the lungs, the same search
+runs on the film minus its wide-scale brightness (a Gaussian blur of an eighth of its size). The box
+holds both lungs, regrown a little at a threshold above the one that separated them, plus 8 % each
+side and above and 16 % below: the lateral edges (under the ribs) and the bases (behind the
+diaphragm domes) are brighter than the rest of the lungs and are often found short.
 
 Where it fails: lungs that merge with the air outside the body at every threshold, a lung white
 from consolidation or effusion (one dark region only), films that are not frontal chests. Then

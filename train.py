@@ -32,8 +32,8 @@ from prepare import UserError
 
 RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
 RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors", "state.pt", "metrics.json",
-             "val_predictions.csv", "predictions.csv", "eval.json", "operating_point.json", "roc.png", "reliability.png",
-             "explain.png")
+             "val_predictions.csv", "predictions.csv", "eval.json", "operating_point.json", "roc.png",
+             "reliability.png", "explain.png")
 
 
 def parser() -> argparse.ArgumentParser:
