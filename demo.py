@@ -4,11 +4,15 @@ phantoms written as real DICOM files, normal vs pneumoconiosis-like.
 
 Each phantom has a body outline, two lung fields with smooth parenchymal texture, a heart and
 mediastinum, a spine, ribs and clavicles, detector noise. Disease adds small rounded opacities with
-ILO-like sizes (p < 1.5 mm, q 1.5-3 mm, r 3-10 mm at 0.7 mm pixels; one size per patient) placed
-mostly in the upper and middle zones, with a profusion that varies per patient. Files vary as real
-archives do: CR or DX, MONOCHROME1 or MONOCHROME2, 12-16 bits stored, with or without window tags,
-1-3 images per patient. Patients get obviously fake names and ids (DEMO^...). Deterministic.
-truth.npz records each image's lung box and opacity mask, for tests (nothing else reads it).
+ILO-like sizes (p < 1.5 mm, q 1.5-3 mm, r 3-10 mm at 0.7 mm pixels; one size per patient) in the
+upper zones (the top third of the lung fields, where silicosis and coal workers' pneumoconiosis
+start), with a profusion that varies per patient. Files vary as real archives do: CR or DX,
+MONOCHROME1 or MONOCHROME2, 12-16 bits stored, with or without window tags, 1-3 images per patient.
+The window is set from the anatomy, as an exposure would be, never from the opacities, and they
+stay fainter than the heart, so neither the window nor a percentile range of the pixels depends on
+the disease: a model cannot learn the diagnosis from the contrast. Patients get obviously fake
+names and ids (DEMO^...). Deterministic. truth.npz records each image's lung box and opacity mask,
+for tests (nothing else reads it).
 """
 import csv
 import sys
@@ -34,8 +38,9 @@ def smooth_noise(rng, n, scale):
 
 
 def phantom(rng, disease: bool, size_class: str, profusion: int) -> tuple:
-    """Attenuation image in [0, 1] (bright = dense), (SIZE, SIZE) float32; and, for tests only, the
-    lung fields and the opacities as (SIZE, SIZE) masks."""
+    """Attenuation images in [0, 1] (bright = dense), (SIZE, SIZE) float32, with and without the
+    opacities (the second sets the window); and, for tests only, the lung fields and the opacities
+    as (SIZE, SIZE) masks."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     c, s = SIZE / 2 + rng.normal(0, 8), SIZE / 512 * (1 + rng.normal(0, 0.04))
     img = np.where(ellipse(yy, xx, 270, c, 250 * s, 215 * s), 0.55, 0.04).astype(np.float32)
@@ -53,31 +58,31 @@ def phantom(rng, disease: bool, size_class: str, profusion: int) -> tuple:
         img += 0.15 * ellipse(yy, xx, 95, c + side * 80 * s, 7, 75 * s)
     img = np.maximum(img, 0.68 * ellipse(yy, xx, 320, c + 25, 95 * s, 85 * s))  # heart
     img = np.maximum(img, 0.62 * (np.abs(xx - c) < 28 * s) * (yy > 40))  # mediastinum and spine
-    opacities = np.zeros_like(lungs)
+    opacities, nodules = np.zeros_like(lungs), np.zeros_like(img)
     if disease:
         lo, hi = NODULE_RADIUS_MM[size_class]
-        ys, xs = np.nonzero(lungs & (yy < 300))  # upper and middle zones mostly
-        ys2, xs2 = np.nonzero(lungs)
-        picks = [(ys, xs)] * int(0.85 * profusion) + [(ys2, xs2)] * (profusion - int(0.85 * profusion))
-        for py, px in picks:
+        rows = np.flatnonzero(lungs.any(1))
+        py, px = np.nonzero(lungs & (yy < rows[0] + (rows[-1] - rows[0]) / 3))  # the upper zones
+        for _ in range(profusion):
             i = rng.integers(len(py))
             r = rng.uniform(lo, hi) / SPACING
             y, x, h = py[i], px[i], int(3 * r) + 2
             sl = np.s_[max(0, y - h):y + h, max(0, x - h):x + h]
-            bump = 0.5 * np.exp(-((yy[sl] - y) ** 2 + (xx[sl] - x) ** 2) / (2 * (r / 1.5) ** 2))
-            img[sl] += bump
+            bump = 0.3 * np.exp(-((yy[sl] - y) ** 2 + (xx[sl] - x) ** 2) / (2 * (r / 1.5) ** 2))
+            nodules[sl] = np.maximum(nodules[sl], bump)  # overlapping nodules do not pile up
             opacities[sl] |= bump > 0.05
     img += rng.normal(0, 0.015, img.shape).astype(np.float32)
-    return np.clip(img, 0, 1), lungs, opacities
+    return np.clip(img + nodules, 0, 1), np.clip(img, 0, 1), lungs, opacities
 
 
-def to_dicom(path: Path, img: np.ndarray, rng, patient: int, image: int):
+def to_dicom(path: Path, img: np.ndarray, anatomy: np.ndarray, rng, patient: int, image: int):
     modality = "CR" if rng.random() < 0.5 else "DX"
     mono1, bits = rng.random() < 0.4, int(rng.choice([12, 14, 15, 16]))
     top = 2**bits - 1
-    stored = np.round(img * top * rng.uniform(0.8, 1.0)).astype(np.uint16)
+    gain = top * rng.uniform(0.8, 1.0)
+    stored, plain = (np.round(a * gain).astype(np.uint16) for a in (img, anatomy))
     if mono1:
-        stored = (top - stored).astype(np.uint16)
+        stored, plain = (top - stored).astype(np.uint16), (top - plain).astype(np.uint16)
     meta = FileMetaDataset()
     uid = generate_uid(entropy_srcs=[f"demo-{patient}-{image}"])
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SOP_CLASS[modality], uid
@@ -94,8 +99,8 @@ def to_dicom(path: Path, img: np.ndarray, rng, patient: int, image: int):
     ds.Rows, ds.Columns, ds.PixelSpacing = SIZE, SIZE, [SPACING, SPACING]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if mono1 else "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-    if rng.random() < 0.6:  # a window over the exposed range; else the reader falls back to percentiles
-        lo, hi = np.percentile(stored, [1, 99.5])
+    if rng.random() < 0.6:  # a window over the anatomy's range; else the reader falls back to percentiles
+        lo, hi = np.percentile(plain, [1, 99.5])
         ds.WindowCenter, ds.WindowWidth = f"{(lo + hi) / 2:.1f}", f"{hi - lo:.1f}"
     ds.PixelData = stored.tobytes()
     ds.save_as(path, enforce_file_format=True)
@@ -115,11 +120,11 @@ def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
         if p and p % 50 == 0:
             print(f"  {p}/{n_patients} patients", file=sys.stderr)
         disease = rng.random() < 0.6
-        size_class, profusion = str(rng.choice(list("pqr"))), int(rng.integers(60, 300))
+        size_class, profusion = str(rng.choice(list("pqr"))), int(rng.integers(40, 200))
         for i in range(int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):
             name = f"demo_{p:04d}_{i}.dcm"
-            img, lungs, opacities = phantom(rng, disease, size_class, profusion)
-            to_dicom(folder / name, img, rng, p, i)
+            img, anatomy, lungs, opacities = phantom(rng, disease, size_class, profusion)
+            to_dicom(folder / name, img, anatomy, rng, p, i)
             rows.append((name, "pneumoconiosis" if disease else "normal"))
             ys, xs = np.nonzero(lungs)
             truth["names"].append(name)

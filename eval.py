@@ -67,9 +67,10 @@ def roc_curve(y, score):
 
 
 def choose_threshold(y, score, sensitivity=None) -> float:
-    """On validation: maximise Youden's J (sensitivity + specificity - 1), or take the highest
-    threshold whose sensitivity reaches `sensitivity`. Positive means score >= threshold."""
-    fpr, tpr, thr = roc_curve(y, score)
+    """On validation: maximise Youden's J (sensitivity + specificity - 1) over the scores as cut-offs
+    (never one above them all, which would call every image negative), or take the highest threshold
+    whose sensitivity reaches `sensitivity`. Positive means score >= threshold."""
+    fpr, tpr, thr = (v[1:] for v in roc_curve(y, score))  # [0]: the cut-off above every score
     if sensitivity is None:
         return float(thr[np.argmax(tpr - fpr)])
     return float(thr[np.argmax(tpr >= sensitivity)])
@@ -213,7 +214,11 @@ def operating_point(run: Path, cfg: dict, sensitivity=None) -> dict:
     rule = "Youden's J" if sensitivity is None else f"sensitivity >= {sensitivity}"
     findings = as_binary(yv, pv, cfg["multi_label"])
     thresholds = {n: choose_threshold(y, s, sensitivity) for n, (_, y, s) in zip(names, findings)}
-    return dict(rule=f"{rule} on the validation split ({len(yv)} images)", thresholds=thresholds)
+    j = {n: (lambda m: m["sensitivity"] + m["specificity"] - 1)(at_threshold(y, s, thresholds[n]))
+         for n, (_, y, s) in zip(names, findings)}
+    chance = [f"{n} (J {v:.2f})" for n, v in j.items() if not v > 0]
+    warn = f"; WARNING: no cut-off beats chance there for {', '.join(chance)}" if chance else ""
+    return dict(rule=f"{rule} on the validation split ({len(yv)} images){warn}", thresholds=thresholds)
 
 
 def evaluate(run: Path, fold: int, a) -> dict:
