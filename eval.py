@@ -376,7 +376,10 @@ def score_images(runs: Path, a) -> int:
         print(f"{p}: " + describe(prob, cfg, point) + f"; lung crop: {crop}"
               + (f"; crop saved as crop{n}.png" if a.save_crops else ""))
         if a.explain is not None:
-            weights.append(explain_image(model, img, cfg, Path(a.explain_dir) / f"{Path(p).stem}.explain.png"))
+            decided = int(prob[1] >= point["thresholds"][cfg["classes"][1]]) if point["thresholds"] and \
+                not cfg["multi_label"] else None  # binary: the class called at the threshold; else the argmax
+            weights.append(explain_image(model, img, cfg, Path(a.explain_dir) / f"{Path(p).stem}.explain.png",
+                                         decided))
     for line in failed:
         print(f"skipped {line}", file=sys.stderr)
     if weights and weights[0] is not None:
@@ -385,21 +388,24 @@ def score_images(runs: Path, a) -> int:
     return 2 if len(failed) == len(a.image) else 0  # nothing scored: a mistake in the input
 
 
-def explain_image(model, img: np.ndarray, cfg: dict, path: Path):
-    """<name>.explain.png: the crop the model saw under its Grad-CAM map; returns the engine's weights."""
+def explain_image(model, img: np.ndarray, cfg: dict, path: Path, target=None):
+    """<name>.explain.png: the crop the model saw under the Grad-CAM map of class `target` (default:
+    the argmax); returns the engine's weights."""
     import torch
 
     import explain
-    heats, predicted, weights = explain.explain_images(model, torch.tensor(img)[None, None], cfg)
+    target = None if target is None else [target]
+    heats, explained, weights = explain.explain_images(model, torch.tensor(img)[None, None], cfg, target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plots.overlay(img, heats[0], f"map of {cfg['classes'][int(predicted[0])]}").save(path)
+    plots.overlay(img, heats[0], f"map of {cfg['classes'][int(explained[0])]}").save(path)
     print(f"  explanation: {path}")
     return weights
 
 
 def explain_fold(runs: Path, a) -> int:
     """explain.png in the run folder: K test images (true and false positives and negatives, taken in
-    turn), each under its map, captioned with its outcome, probability and pseudonym."""
+    turn), each under the map of the class called at the run's threshold, captioned with its outcome,
+    probability and pseudonym."""
     import explain
     run = runs / f"fold{a.fold}"
     cfg, rows, y, prob = read_run(run, a.fold)
@@ -419,7 +425,7 @@ def explain_fold(runs: Path, a) -> int:
     data = C.Data(cfg["data"])
     by_name = {Path(r["image"]).stem: r for r in data.rows}
     images = data.images([by_name[rows[i]["image"]] for _, i in chosen])
-    heats, _, weights = explain.explain_images(model, images, cfg)
+    heats, _, weights = explain.explain_images(model, images, cfg, [int(positive[i]) for _, i in chosen])
     tiles = [plots.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}")
              for (kind, i), img, heat in zip(chosen, images[:, 0].numpy(), heats)]
     plots.sheet(tiles).save(run / "explain.png")

@@ -3,8 +3,9 @@ Why a score: which regions of the crop drove it, and which depths of the ViT the
 read. Used by eval.py --explain; nothing here runs otherwise.
 
 Grad-CAM over the ViT's patch tokens: for each block whose CLS token feeds the engine, the gradient
-of the predicted class's logit with respect to the patch tokens entering that block (those its CLS
-token reads; the patch tokens it outputs feed only later blocks), times those tokens,
+of a class's logit (the predicted class, or the one called at the run's threshold) with respect to
+the patch tokens entering that block (those its CLS token reads; the patch tokens it outputs feed
+only later blocks), times those tokens,
 summed over channels, ReLU: a (grid, grid) map per block. The maps are averaged over those blocks
 (the diagnosis tokens mix all of them), upsampled bilinearly to the crop and scaled to [0, 1]; a map
 that is zero everywhere (a logit that does not depend on the image) stays zero. It runs with the
@@ -19,9 +20,10 @@ import common as C
 import pneumollm as P
 
 
-def grad_cam(model: P.PneumoLLM, x: torch.Tensor) -> tuple:
-    """x (B, 3, H, W) normalised -> (maps (B, H, W) in [0, 1], predicted classes (B,), engine weights
-    (B, K, n) or None when the engine is not the multi-token one)."""
+def grad_cam(model: P.PneumoLLM, x: torch.Tensor, target=None) -> tuple:
+    """x (B, 3, H, W) normalised, the classes to explain (B,) (default: the predicted ones) -> (maps
+    (B, H, W) in [0, 1], the classes explained (B,), engine weights (B, K, n) or None when the engine
+    is not the multi-token one)."""
     if not isinstance(model.visual, P.VisionTransformer):
         raise ValueError("explanations read the CLIP ViT's patch tokens; this run has no ViT (--encoder conv)")
     kept, tokens, weights = model.visual.keep, {}, {}
@@ -34,8 +36,8 @@ def grad_cam(model: P.PneumoLLM, x: torch.Tensor) -> tuple:
     try:
         with torch.enable_grad():
             logits = model(x.detach().clone().requires_grad_(True)).float()  # (B, C)
-            predicted = logits.argmax(-1)
-            grads = torch.autograd.grad(logits.gather(1, predicted[:, None]).sum(), [tokens[b] for b in kept])
+            target = logits.argmax(-1) if target is None else torch.as_tensor(target, device=logits.device)
+            grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), [tokens[b] for b in kept])
     finally:
         for h in hooks:
             h.remove()
@@ -46,17 +48,17 @@ def grad_cam(model: P.PneumoLLM, x: torch.Tensor) -> tuple:
     maps = maps[:, 0]
     peak = maps.flatten(1).amax(1)[:, None, None]
     maps = torch.where(peak > 0, maps / peak.clamp_min(1e-30), torch.zeros_like(maps))
-    return maps.detach(), predicted, weights.get("w")
+    return maps.detach(), target, weights.get("w")
 
 
-def explain_images(model: P.PneumoLLM, images: torch.Tensor, cfg: dict) -> tuple:
-    """images (B, 1, H, W) uint8, as prepared -> (maps (B, H, W) in [0, 1] at the images' size, predicted
-    classes, engine weights or None)."""
+def explain_images(model: P.PneumoLLM, images: torch.Tensor, cfg: dict, target=None) -> tuple:
+    """images (B, 1, H, W) uint8, as prepared -> (maps (B, H, W) in [0, 1] at the images' size, the
+    classes explained, engine weights or None)."""
     x = C.normalise(images.to(cfg["device"]), cfg, model.args.vision.image_size)
-    maps, predicted, weights = grad_cam(model, x)
+    maps, target, weights = grad_cam(model, x, target)
     size = tuple(images.shape[-1:-3:-1])  # (W, H): the model may read another size (e.g. ViT-L/14@336)
     heats = np.stack([np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps.cpu().numpy()])
-    return heats, predicted, weights
+    return heats, target, weights
 
 
 def describe_weights(weights: torch.Tensor, blocks: list) -> str:

@@ -1648,7 +1648,7 @@ def test_grad_cam_maps_are_normalised_deterministic_and_survive_merging():
     maps, predicted, weights = explain.grad_cam(model, x)
     assert maps.shape == (3, 224, 224) and maps.min() >= 0 and torch.allclose(maps.flatten(1).amax(1), torch.ones(3))
     assert torch.equal(predicted, model(x).argmax(-1))
-    # by the definition (issue 15): d logit[predicted] / d patch tokens entering each kept block (1-4), times those
+    # by the definition (issue 15): d logit[class] / d patch tokens entering each kept block (1-4), times those
     # tokens, summed over channels, ReLU; mean over the blocks; bilinear from 8 x 8 patches to the crop; / its peak
     seen = {}
     hooks = [model.visual.transformer.resblocks[b - 1].register_forward_pre_hook(
@@ -1656,10 +1656,14 @@ def test_grad_cam_maps_are_normalised_deterministic_and_survive_merging():
     logits = model(x.clone().requires_grad_(True))
     for h in hooks:
         h.remove()
-    grads = torch.autograd.grad(logits[torch.arange(3), predicted].sum(), [seen[b] for b in (1, 2, 3, 4)])
-    cam = sum(F.relu((g * seen[b]).sum(-1))[:, 1:] for b, g in zip((1, 2, 3, 4), grads)) / 4  # (3, 64)
-    cam = F.interpolate(cam.view(3, 1, 8, 8), size=(224, 224), mode="bilinear", align_corners=False)[:, 0]
-    assert torch.allclose(maps, cam / cam.flatten(1).amax(1)[:, None, None], atol=1e-5)
+    for target in (predicted, 1 - predicted):
+        grads = torch.autograd.grad(logits[torch.arange(3), target].sum(), [seen[b] for b in (1, 2, 3, 4)],
+                                    retain_graph=True)
+        cam = sum(F.relu((g * seen[b]).sum(-1))[:, 1:] for b, g in zip((1, 2, 3, 4), grads)) / 4  # (3, 64)
+        cam = F.interpolate(cam.view(3, 1, 8, 8), size=(224, 224), mode="bilinear", align_corners=False)[:, 0]
+        ours, explained, _ = explain.grad_cam(model, x, None if target is predicted else target)
+        assert torch.equal(explained, target)
+        assert torch.allclose(ours, cam / cam.flatten(1).amax(1)[:, None, None], atol=1e-5)
     again, _, _ = explain.grad_cam(model, x)
     assert torch.equal(maps, again)  # deterministic: eval mode, no dropout
     assert weights.shape == (3, 4, 4) and torch.allclose(weights.sum(-1), torch.ones(3, 4))  # convex mixes
@@ -1744,13 +1748,16 @@ def test_grad_cam_lands_on_the_demo_opacities(tmp_path, monkeypatch):
     assert len(rows) >= 5 and (predicted == 1).all() and ratio.mean() >= 2
 
 
-def test_explain_writes_a_map_per_image_and_a_sheet_per_fold(demo_data, tmp_path, capsys):
+def test_explain_writes_a_map_per_image_and_a_sheet_per_fold(demo_data, tmp_path, capsys, monkeypatch):
     train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "2"))
     capsys.readouterr()
+    targets, real = [], explain.explain_images
+    monkeypatch.setattr(explain, "explain_images", lambda *a: targets.append(a[3]) or real(*a))
     assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--explain", "6"]) == 0
     out = capsys.readouterr().out
     sheet = Image.open(tmp_path / "fold1/explain.png")
-    assert sheet.size == (4 * 224, 2 * 224) and re.search(r"6 test images \(((TP|FP|FN|TN), ){5}(TP|FP|FN|TN)\)", out)
+    kinds = re.search(r"6 test images \((((TP|FP|FN|TN), ){5}(TP|FP|FN|TN))\)", out).group(1).split(", ")
+    assert sheet.size == (4 * 224, 2 * 224) and targets == [[int(k in ("TP", "FP")) for k in kinds]]  # as called
     rows = re.findall(r"diagnosis token \d: ((?:[01]\.\d\d\s*){4})", out)
     assert len(rows) == 4 and all(abs(sum(map(float, r.split())) - 1) < 0.03 for r in rows)
     if SHARED:
