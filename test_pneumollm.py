@@ -1682,7 +1682,8 @@ def opacity_patches(data, rows, grid=8, size=224) -> np.ndarray:
     pseudonym -> source mapping and the crop box that prepare.py recorded)."""
     truth = np.load(data.parent / "dicom/truth.npz")
     masks = dict(zip(truth["names"], truth["opacities"]))
-    source = {r["image"]: os.path.basename(r["source"]) for r in _csv.DictReader(open(data.parent / "data.mapping.csv"))}
+    mapping = _csv.DictReader(open(data.parent / "data.mapping.csv"))
+    source = {r["image"]: os.path.basename(r["source"]) for r in mapping}
     records, out = prepare.read_records(data / "records.jsonl"), []
     for r in rows:
         image = os.path.basename(r["image"]).removesuffix(".png")
@@ -1696,7 +1697,7 @@ def opacity_patches(data, rows, grid=8, size=224) -> np.ndarray:
 def pretrained_vit(data, epochs=20) -> dict:
     """A stand-in for CLIP's pretraining, which the tiny model's random ViT lacks (it cannot tell the opacities:
     README, Explanations): the tiny ViT learns from the training folds' masks which patches hold opacities (a
-    linear probe on every block's patch tokens). Returns its weights, adapters left out."""
+    linear probe on every block's patch tokens). Returns its weights, adapters left out, and the adapters' keys."""
     d = C.Data(data)
     rows = [r for r in d.rows if r["fold"] != "1"]
     x, target = d.images(rows), torch.tensor(opacity_patches(data, rows), dtype=torch.float32).flatten(1)
@@ -1715,7 +1716,7 @@ def pretrained_vit(data, epochs=20) -> dict:
             loss.backward()
             opt.step()
     adapters = {f"{n}.{k}" for n, m in vit.named_modules() if isinstance(m, P.RepAdapter) for k in m.state_dict()}
-    return {k: v.detach() for k, v in vit.state_dict().items() if k not in adapters}
+    return {k: v.detach() for k, v in vit.state_dict().items() if k not in adapters}, adapters
 
 
 @pytest.mark.slow
@@ -1728,11 +1729,12 @@ def test_grad_cam_lands_on_the_demo_opacities(tmp_path, monkeypatch):
     data = tmp_path / "data"
     assert prepare.main(["--images", str(tmp_path / "dicom"), "--labels", str(tmp_path / "dicom/labels.csv"),
                          "--out", str(data), "--key-file", str(tmp_path / "key"), "--workers", "2"]) == 0
-    weights, build = pretrained_vit(data), C.build
+    (weights, adapters), build = pretrained_vit(data), C.build
 
     def with_pretrained_vit(cfg, **kw):  # train.py and eval.py build the tiny model; its ViT gets the weights
         model = build(cfg, **kw)
-        assert not model.visual.load_state_dict(weights, strict=False).unexpected_keys
+        keys = model.visual.load_state_dict(weights, strict=False)  # all but the adapters, which the run trains
+        assert set(keys.missing_keys) == adapters and not keys.unexpected_keys
         return model
     monkeypatch.setattr(C, "build", with_pretrained_vit)
     train.main(train_args(data, tmp_path / "fold1", "--epochs", "30", "--lr", "3e-3"))
