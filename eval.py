@@ -214,9 +214,9 @@ def operating_point(run: Path, cfg: dict, sensitivity=None) -> dict:
     rule = "Youden's J" if sensitivity is None else f"sensitivity >= {sensitivity}"
     findings = as_binary(yv, pv, cfg["multi_label"])
     thresholds = {n: choose_threshold(y, s, sensitivity) for n, (_, y, s) in zip(names, findings)}
-    j = {n: (lambda m: m["sensitivity"] + m["specificity"] - 1)(at_threshold(y, s, thresholds[n]))
-         for n, (_, y, s) in zip(names, findings)}
-    chance = [f"{n} (J {v:.2f})" for n, v in j.items() if not v > 0]
+    youden = {n: sum(at_threshold(y, s, thresholds[n])[k] for k in ("sensitivity", "specificity")) - 1
+              for n, (_, y, s) in zip(names, findings)}
+    chance = [f"{n} (J {v:.2f})" for n, v in youden.items() if not v > 0]
     warn = f"; WARNING: no cut-off beats chance there for {', '.join(chance)}" if chance else ""
     return dict(rule=f"{rule} on the validation split ({len(yv)} images){warn}", thresholds=thresholds)
 
@@ -376,10 +376,8 @@ def score_images(runs: Path, a) -> int:
         print(f"{p}: " + describe(prob, cfg, point) + f"; lung crop: {crop}"
               + (f"; crop saved as crop{n}.png" if a.save_crops else ""))
         if a.explain is not None:
-            decided = int(prob[1] >= point["thresholds"][cfg["classes"][1]]) if point["thresholds"] and \
-                not cfg["multi_label"] else None  # binary: the class called at the threshold; else the argmax
             weights.append(explain_image(model, img, cfg, Path(a.explain_dir) / f"{Path(p).stem}.explain.png",
-                                         decided))
+                                         called(prob, cfg, point)))
     for line in failed:
         print(f"skipped {line}", file=sys.stderr)
     if weights and weights[0] is not None:
@@ -434,6 +432,12 @@ def explain_fold(runs: Path, a) -> int:
     if weights is not None:
         print(explain.describe_weights(weights, model.visual.keep))
     return 0
+
+
+def called(prob, cfg: dict, point: dict):  # binary: the class called at the run's threshold; else None (argmax)
+    if cfg["multi_label"] or len(cfg["classes"]) != 2:
+        return None
+    return int(prob[1] >= point["thresholds"][cfg["classes"][1]])
 
 
 def describe(prob, cfg: dict, point: dict) -> str:

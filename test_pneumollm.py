@@ -1763,9 +1763,11 @@ def test_explain_writes_a_map_per_image_and_a_sheet_per_fold(demo_data, tmp_path
     rows = re.findall(r"diagnosis token \d: ((?:[01]\.\d\d\s*){4})", out)
     assert len(rows) == 4 and all(abs(sum(map(float, r.split())) - 1) < 0.03 for r in rows)
     if SHARED:
-        assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", os.path.join(DICOM, "RG1_UNCR.dcm"), "--explain",
-                        "--explain-dir", str(tmp_path / "maps")]) == 0
+        assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", os.path.join(DICOM, "RG1_UNCR.dcm"),
+                        "--explain", "--explain-dir", str(tmp_path / "maps")]) == 0
         assert Image.open(tmp_path / "maps/RG1_UNCR.explain.png").size == (224, 224)
+        called = re.search(r"(positive|negative) at the run's threshold", capsys.readouterr().out).group(1)
+        assert targets[-1] == [int(called == "positive")]  # the map of the class called, not of the argmax
 
 
 def test_a_model_trained_on_the_demo_says_it_is_not_for_diagnosis(demo_data, tmp_path, capsys):
