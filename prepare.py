@@ -402,15 +402,13 @@ def contact_sheet(out: Path, rows: list, names: list, per_class=8, tile=112):
 
 
 def read_records(log: Path) -> dict:
-    """{image id: record} of the images that earlier runs finished (a line cut off by a crash is ignored)."""
-    records = {}
-    for line in log.read_text().splitlines() if log.exists() else []:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        records[r.pop("image")] = r
-    return records
+    """{image id: record} of the images that earlier runs finished. A last line cut off by a crash is
+    dropped from the file (its image is redone), so that the next record starts a line of its own."""
+    text = log.read_text() if log.exists() else ""
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        log.write_text(text)
+    return {r.pop("image"): r for r in map(json.loads, text.splitlines())}
 
 
 def process(jobs: list, workers: int, log: Path) -> tuple:
@@ -418,8 +416,6 @@ def process(jobs: list, workers: int, log: Path) -> tuple:
     is appended to `log` as its image is finished: a run that is stopped loses no finished image."""
     done, skipped, t0, last = {}, {}, time.time(), time.time()
     with Pool(workers) as pool, open(log, "a") as f:
-        if f.tell() and not log.read_text().endswith("\n"):
-            f.write("\n")  # after a line cut off by a crash
         for i, (job, record, err) in enumerate(pool.imap_unordered(safe_prepare, jobs, chunksize=4), 1):
             name = job[1].stem
             if err:
