@@ -13,24 +13,11 @@ scored alone, to name the culprit. numpy only.
 """
 import numpy as np
 
+from metrics import logistic, roc_auc
+
 CATEGORICAL = ("view", "photometric", "manufacturer", "model", "bits", "crop")
 NUMERIC = ("width", "height", "spacing")
 WARN_AUC = 0.65
-
-
-def roc_auc(y, score) -> float:
-    """Mann-Whitney U with average ranks for ties: P(score of a positive > score of a negative)."""
-    y = np.asarray(y).astype(bool)
-    if y.all() or not y.any():
-        raise ValueError("ROC AUC is undefined: the labels hold only one class")
-    order = np.argsort(score, kind="mergesort")
-    s = np.asarray(score)[order]
-    first = np.r_[0, np.nonzero(np.diff(s))[0] + 1]  # where each run of tied scores starts
-    last = np.r_[first[1:], len(s)] - 1
-    ranks = np.empty(len(s))
-    ranks[order] = np.repeat((first + last) / 2 + 1, last - first + 1)  # average rank over each run
-    n_pos, n_neg = y.sum(), (~y).sum()
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def columns(items: list, attrs) -> np.ndarray:
@@ -51,17 +38,6 @@ def columns(items: list, attrs) -> np.ndarray:
             if np.isnan(x).any() and not np.isnan(x).all():
                 cols.append(np.isnan(x))
     return np.array(cols, float).T.reshape(len(items), -1)
-
-
-def logistic(x: np.ndarray, y: np.ndarray, l2=1.0, steps=25) -> np.ndarray:
-    """Weights (bias first) of an L2-regularised logistic regression, by Newton's method."""
-    x = np.c_[np.ones(len(x)), x]
-    w = np.zeros(x.shape[1])
-    ridge = l2 * np.diag(np.r_[0, np.ones(x.shape[1] - 1)])
-    for _ in range(steps):
-        p = 1 / (1 + np.exp(-x @ w))
-        w -= np.linalg.solve(x.T @ (x * (p * (1 - p))[:, None]) + ridge, x.T @ (p - y) + ridge @ w)
-    return w
 
 
 def cv_auc(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> float:

@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 
 import common as C
 import pneumollm as P
-import train
 
 
 def mid_args(**kw) -> P.PneumoArgs:  # between tiny and full: a quick look at how figures scale
@@ -233,26 +232,29 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def bench_model(a):
+def bench_model(opt):
     """A training step and inference (with adapters, then merged) at the size and variant asked for."""
-    device = torch.device(a.device)
-    a.dtype = a.dtype or ("fp32" if device.type == "cpu" else "fp16")
-    dtype = P.DTYPES[a.dtype]
+    device = torch.device(opt.device)
+    opt.dtype = opt.dtype or ("fp32" if device.type == "cpu" else "fp16")
+    dtype = P.DTYPES[opt.dtype]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device {name}, frozen {a.dtype}, torch {torch.__version__}, compile {a.compile}, "
-          f"checkpoint-vit {a.checkpoint_vit}, model {a.model} {a.variant}, batch {a.batch}")
+    print(f"device {name}, frozen {opt.dtype}, torch {torch.__version__}, compile {opt.compile}, "
+          f"checkpoint-vit {opt.checkpoint_vit}, model {opt.model} {opt.variant}, batch {opt.batch}")
     t = time.perf_counter()
-    model = random_model(SIZES[a.model](**C.pneumo_fields(train.parse(shlex.split(a.variant)))), device, dtype)
-    model.visual.grad_checkpointing = a.checkpoint_vit
+    flags = argparse.ArgumentParser()
+    C.ablation_flags(flags)
+    variant = C.pneumo_fields(vars(flags.parse_args(shlex.split(opt.variant))))
+    model = random_model(SIZES[opt.model](**variant), device, dtype)
+    model.visual.grad_checkpointing = opt.checkpoint_vit
     n = sum(p.numel() for p in model.trainable_parameters())
     print(f"built in {time.perf_counter() - t:.1f}s, {n:,} trainable")
-    fwd = torch.compile(model, mode=a.compile) if a.compile else model
+    fwd = torch.compile(model, mode=opt.compile) if opt.compile else model
     res = model.args.vision.image_size
-    x = torch.randn(a.batch, 3, res, res, device=device)
-    y = torch.randint(0, model.args.n_classes, (a.batch,), device=device)
+    x = torch.randn(opt.batch, 3, res, res, device=device)
+    y = torch.randint(0, model.args.n_classes, (opt.batch,), device=device)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type)  # as train.py: on every dtype, no host sync with the fused AdamW
-    amp = torch.autocast(device.type, dtype=dtype, enabled=a.dtype != "fp32")
+    amp = torch.autocast(device.type, dtype=dtype, enabled=opt.dtype != "fp32")
 
     def step():
         with amp:
@@ -270,37 +272,37 @@ def bench_model(a):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    warm = 2 if not a.compile else 4
-    first, s = timed(step, device, warm, a.iters)
+    warm = 2 if not opt.compile else 4
+    first, s = timed(step, device, warm, opt.iters)
     gpu = device.type == "cuda"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else rss
-    steps = 100 * -(-504 // 16) * s * 16 / a.batch  # seconds of steps for 100 epochs of 504 images at batch 16
-    print(f"train step: {1000 * s:.1f} ms median, {a.batch / s:.1f} images/s, "
+    steps = 100 * -(-504 // 16) * s * 16 / opt.batch  # seconds of steps for 100 epochs of 504 images at batch 16
+    print(f"train step: {1000 * s:.1f} ms median, {opt.batch / s:.1f} images/s, "
           f"peak {'GPU' if gpu else 'RSS'} memory {peak:.2f} GiB")
     print(f"first step {first:.1f} s (compilation and warm-up); projected 100 epochs on 504 images at batch 16: "
           f"{steps / 60:.2f} min of steps, {(first + steps) / 60:.2f} min with the first step")
     model.eval()
-    s_unmerged = timed(infer, device, 2, a.iters)[1]
+    s_unmerged = timed(infer, device, 2, opt.iters)[1]
     model.merge_adapters()
-    fwd = torch.compile(model, mode=a.compile) if a.compile else model
-    s_merged = timed(infer, device, warm, a.iters)[1]
-    print(f"inference: {a.batch / s_unmerged:.1f} images/s with adapters, {a.batch / s_merged:.1f} merged")
+    fwd = torch.compile(model, mode=opt.compile) if opt.compile else model
+    s_merged = timed(infer, device, warm, opt.iters)[1]
+    print(f"inference: {opt.batch / s_unmerged:.1f} images/s with adapters, {opt.batch / s_merged:.1f} merged")
 
 
 def main():
-    a = parser().parse_args()
-    C.apply_threads(a.threads)
-    if a.suite:
-        return suite(a.model)
-    if a.prepare:
-        return bench_prepare(a.prepare, a.against, a.workers, a.repeat)
-    if a.load:
-        return bench_load(a.load, a.threads)
-    if a.load_step:
-        step, folder = a.load_step
+    opt = parser().parse_args()
+    C.apply_threads(opt.threads)
+    if opt.suite:
+        return suite(opt.model)
+    if opt.prepare:
+        return bench_prepare(opt.prepare, opt.against, opt.workers, opt.repeat)
+    if opt.load:
+        return bench_load(opt.load, opt.threads)
+    if opt.load_step:
+        step, folder = opt.load_step
         return write_full(Path(folder)) if step == "write" else load_full(Path(folder), step)
-    return bench_model(a)
+    return bench_model(opt)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,14 @@
 """
-What train.py and eval.py share, so that neither imports the other: a prepared data folder, a model
-built from a run's config.json, the image normalisation, prediction, the paper's metrics, and the
-command-line plumbing (runtime flags, one-line errors).
+What train.py and eval.py share about models, so that neither imports the other: a model built from a
+run's config.json, the image normalisation, prediction, and the runtime flags. (The data folder's
+contract is folders.py; the metrics are metrics.py.)
 
 A run folder (out/<data>/fold<N>/) holds config.json, the only record of how the run was made:
 every flag of train.py under its own name (the ablation flags are PneumoArgs' field names), plus
 what the data folder says (classes, crop, size).
 """
-import csv
+import argparse
 import json
-import sys
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
@@ -18,24 +17,9 @@ import numpy as np
 import sentencepiece
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import pneumollm as P
-from audit import roc_auc  # noqa: F401 (numpy only, so prepare.py's audit uses it too)
-from prepare import UserError, make_folds
-
-METRICS = ("sensitivity", "specificity", "accuracy", "auc", "avg")
-
-
-def cli(main):
-    """Run a script's main; a mistake in the user's input is one line on stderr and exit status 2."""
-    try:
-        rc = main()
-        return rc if isinstance(rc, int) else 0
-    except (UserError, P.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+from folders import UserError
 
 def runtime_flags(ap):
     """Flags that change where and how fast a run goes, not what it computes."""
@@ -47,62 +31,36 @@ def runtime_flags(ap):
                     help="torch.compile the model; reduce-overhead also replays CUDA graphs (GPU)")
 
 
+def ablation_flags(ap):
+    """The model's flags (train.py's; bench.py --variant), named after PneumoArgs fields; returns the group."""
+    g = ap.add_argument_group("ablations (README: Ablations)",
+                              "flags named after PneumoArgs fields; the defaults are PneumoLLM as published")
+    on = dict(action=argparse.BooleanOptionalAction, default=True)  # --x / --no-x
+    g.add_argument("--engine", choices=["multi", "coop", "cocoop", "none"], default="multi", help="Table 6")
+    g.add_argument("--n-diag", type=int, default=4, help="K diagnosis tokens, Fig. 6b")
+    g.add_argument("--cls-blocks", type=blocks, help="1-based ViT blocks giving CLS tokens, e.g. 12,24 "
+                   "(default: 4, 8, ..)")
+    g.add_argument("--emitter", **on, help="Eq. 2's mask (Table 6)")
+    g.add_argument("--vit-adapters", **on, help="Table 6")
+    g.add_argument("--llm-adapters", **on, help="Table 6")
+    g.add_argument("--llm", **on, help="Table 4: --no-llm reads no LLaMA")
+    g.add_argument("--encoder", choices=["clip", "conv"], default="clip", help="Fig. 6a (clip: any CLIP ViT file)")
+    g.add_argument("--adapter-dropout", type=float, default=0.1, help="dropout inside every adapter")
+    g.add_argument("--train-engine", **on, help="the authors' code: no")
+    return g
+
+
+def blocks(text: str) -> list:
+    if not all(b.strip().isdigit() for b in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1-based block numbers separated by commas, e.g. 12,24")
+    return [int(b) for b in text.split(",")]
+
+
 def apply_threads(n):
     if n is not None:
         if n < 1:
             raise UserError(f"--threads {n}: give 1 or more")
         torch.set_num_threads(n)
-
-
-# ------------------------------------------------------------------------------------------------
-# data: prepare.py's manifest, every image in memory once
-
-
-class Data:
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        for name in ("manifest.csv", "meta.json"):
-            if not (self.folder / name).exists():
-                raise UserError(f"{self.folder / name} not found: prepare the data first (python prepare.py "
-                                f"--demo, or --images/--labels/--out {self.folder})")
-        self.meta = json.loads((self.folder / "meta.json").read_text())
-        self.classes, self.multi_label = self.meta["classes"], self.meta.get("multi_label", False)
-        with open(self.folder / "manifest.csv", newline="") as f:
-            self.rows = list(csv.DictReader(f))
-        self.folds = sorted({int(r["fold"]) for r in self.rows})
-
-    def images(self, rows) -> torch.Tensor:  # (N, 1, H, W) uint8
-        if not rows:  # e.g. the validation split of --val-frac 0
-            return torch.zeros(0, 1, 0, 0, dtype=torch.uint8)
-        arrays = [np.asarray(Image.open(self.folder / r["image"]).convert("L")) for r in rows]
-        return torch.from_numpy(np.stack(arrays))[:, None]
-
-    def split(self, fold: int, val_frac=0.1, seed=20) -> dict:
-        """{'train', 'val', 'test': rows}; val is carved from the training patients, by patient."""
-        if fold not in self.folds:
-            raise UserError(f"--fold {fold}: {self.folder}/manifest.csv has folds {self.folds}")
-        test = [r for r in self.rows if int(r["fold"]) == fold]
-        rest = [r for r in self.rows if int(r["fold"]) != fold]
-        out = {"test": test, "train": rest, "val": []}
-        if val_frac > 0:
-            k = max(2, round(1 / val_frac))  # inner folds; the first is the validation split
-            inner = make_folds([r["patient"] for r in rest], [r["label"] for r in rest], k, seed)
-            out["train"] = [r for r, f in zip(rest, inner) if f != 1]
-            out["val"] = [r for r, f in zip(rest, inner) if f == 1]
-        seen = {r["patient"] for r in out["train"] + out["val"]}
-        assert not seen & {r["patient"] for r in test}, "a test patient is in the training data"
-        return out
-
-    def labels(self, rows) -> np.ndarray:
-        return encode_labels([r["label"] for r in rows], self.classes, self.multi_label)
-
-
-def encode_labels(labels: list, classes: list, multi_label: bool) -> np.ndarray:
-    """Class indices (N,), or multi-hot (N, C) for multi-label sets (findings written a|b)."""
-    if multi_label:
-        hot = [[c in label.split("|") for c in classes] for label in labels]
-        return np.array(hot, np.float32).reshape(-1, len(classes))
-    return np.array([classes.index(label) for label in labels], np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +75,8 @@ def pneumo_fields(cfg: dict) -> dict:
 
 def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
     """The run's model with fresh trainable weights (seeded): tiny and random, or from the checkpoints,
-    whose frozen weights are cast to the run's dtype, or kept as stored (memory-mapped, no copy)."""
+    whose frozen weights are cast to the run's dtype, or kept as stored (memory-mapped where the file
+    allows it, never copied)."""
     device, dtype = torch.device(cfg["device"]), None if as_stored else P.DTYPES[cfg["dtype"]]
     torch.manual_seed(cfg["seed"])
     kw = dict(pneumo_fields(cfg), n_classes=len(cfg["classes"]))
@@ -133,7 +92,7 @@ def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
 
 
 def cast_frozen(model: P.PneumoLLM, dtype) -> P.PneumoLLM:  # from_pretrained's dtype policy for a random model
-    own = {id(p) for m in model.own_modules() for p in m.parameters()}
+    own = {id(p) for p in model.own_parameters()}
     for p in model.parameters():
         if id(p) not in own:  # CLIP's and LLaMA's weights in `dtype`; this project's stay fp32
             p.data = p.data.to(dtype)
@@ -151,9 +110,18 @@ def check_finished(run: Path, fold: int):
     if not (run / "config.json").exists():
         raise UserError(f"{run}: no run there; train it first: python train.py --fold {fold} --out {run}")
     cfg = json.loads((run / "config.json").read_text())
-    epoch = torch.load(run / "state.pt", weights_only=True)["epoch"] if (run / "state.pt").exists() else 0
+    epoch = read_state(run)["epoch"] if (run / "state.pt").exists() else 0
     raise UserError(f"{run}: training stopped at epoch {epoch} of {cfg['epochs']}; run the same train.py command "
                     "again to finish it (it resumes)")
+
+
+def read_state(run: Path) -> dict:
+    """A run's resume point (train.py's state.pt) on the CPU, whatever device wrote it; tensors only."""
+    try:
+        return torch.load(run / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or it would build more than tensors: never unpickled with code
+        raise UserError(f"{run / 'state.pt'}: not a readable resume point ({type(e).__name__}); pass --restart "
+                        "to train the run again from scratch") from None
 
 
 def load_run(run: Path, device=None, keep_checkpoint_dtype=False) -> tuple[P.PneumoLLM, dict]:
@@ -191,11 +159,12 @@ def autocast(cfg):
 def normalise(x: torch.Tensor, cfg, size: int) -> torch.Tensor:  # (B, 1, H, W) uint8 -> (B, 3, size, size)
     """Grey to CLIP's (default) or ImageNet's (--norm imagenet, the authors' code) normalised RGB."""
     mean, std = (P.CLIP_MEAN, P.CLIP_STD) if cfg["norm"] == "clip" else (P.IMAGENET_MEAN, P.IMAGENET_STD)
-    m, s = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
     x = x.float() / 255
     if x.shape[-1] != size:  # e.g. ViT-L/14@336 on 224-px data; better: prepare.py --size 336
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return (x - m) / s  # the one grey channel broadcasts to three identical ones
+    # the one grey channel three times, each with its channel's constants: Python floats, so that no
+    # tensor is copied to the device on every step
+    return torch.cat([(x - m) / s for m, s in zip(mean, std)], 1)
 
 
 @torch.no_grad()
@@ -203,40 +172,8 @@ def predict(model, images, cfg, batch=32) -> np.ndarray:  # (N, C): softmax, or 
     model.eval()
     out = []
     for i in range(0, len(images), batch):
-        x = normalise(images[i:i + batch].to(cfg["device"]), cfg, model.args.vision.image_size)
+        x = normalise(torch.as_tensor(images[i:i + batch]).to(cfg["device"]), cfg, model.args.vision.image_size)
         with autocast(cfg):
             logits = model(x).float()
         out.append((logits.sigmoid() if cfg.get("multi_label") else logits.softmax(-1)).cpu())
     return torch.cat(out).numpy()
-
-
-# ------------------------------------------------------------------------------------------------
-# the paper's metrics (checked against scikit-learn in the tests)
-
-
-def metrics(y, prob) -> dict:
-    """y (N,) class indices, prob (N, C) probabilities; class 0 is 'normal' in the binary case.
-    Multi-label: y (N, C) multi-hot, prob (N, C) sigmoids, each finding scored on its own, then
-    macro-averaged. Multi-class: macro averages of one-vs-rest."""
-    y, prob = np.asarray(y), np.asarray(prob, dtype=float)
-    if y.ndim == 2:
-        per = [metrics(y[:, c].astype(int), np.stack([1 - prob[:, c], prob[:, c]], 1)) for c in range(y.shape[1])]
-        macro = {k: float(np.mean([m[k] for m in per])) for k in METRICS}
-        return dict(macro, confusion=[m["confusion"] for m in per])
-    n_classes = prob.shape[1]
-    counts = np.bincount(y, minlength=n_classes)
-    if counts.min() == 0:
-        raise ValueError(f"metrics need every class present; counts per class: {counts.tolist()}")
-    cm = np.zeros((n_classes, n_classes), int)
-    np.add.at(cm, (y, prob.argmax(1)), 1)
-    recall = cm.diagonal() / cm.sum(1)
-    if n_classes == 2:
-        sens, spec, auc = recall[1], recall[0], roc_auc(y == 1, prob[:, 1])
-    else:
-        tn = [cm.sum() - cm[c].sum() - cm[:, c].sum() + cm[c, c] for c in range(n_classes)]
-        spec = np.mean([tn[c] / (cm.sum() - cm[c].sum()) for c in range(n_classes)])
-        sens, auc = recall.mean(), np.mean([roc_auc(y == c, prob[:, c]) for c in range(n_classes)])
-    acc = cm.diagonal().sum() / cm.sum()
-    out = dict(sensitivity=float(sens), specificity=float(spec), accuracy=float(acc), auc=float(auc))
-    out["avg"] = float(np.mean(list(out.values())))
-    return dict(out, confusion=cm.tolist())

@@ -23,6 +23,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from folders import replacing
+
 SIZE, SPACING = 512, 0.7  # pixels, mm per pixel
 SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
 NODULE_RADIUS_MM = {"p": (0.6, 0.75), "q": (0.75, 1.5), "r": (1.5, 3.0)}
@@ -132,8 +134,6 @@ def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
             truth["opacities"].append(np.packbits(opacities))
     # for the tests only (prepare.py and the model never read it): where the lungs and opacities are
     np.savez_compressed(folder / "truth.npz", **{k: np.array(v) for k, v in truth.items()})
-    tmp = labels.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with replacing(labels) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("image", "label"), *rows])  # patients come from the DICOM tags
-    tmp.replace(labels)
     return labels

@@ -4,7 +4,7 @@ Evaluation a reader can act on, from the predictions.csv that train.py writes wh
 
     python eval.py --fold 1                  # fold 1's test set: the paper's figures, and what comes next
     python eval.py --all                     # the finished folds as the paper's Table 2 (markdown + JSON)
-    python eval.py --fold 1 --image a.dcm    # new images, with fold 1's model and operating point
+    python eval.py --fold 1 --image opt.dcm    # new images, with fold 1's model and operating point
 
 - The paper's figures, unchanged: sensitivity (recall of disease), specificity, accuracy, ROC AUC
   and AVG (their mean) at the argmax, for comparison with Table 2.
@@ -30,19 +30,23 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-import audit
 import common as C
+import explain
+import metrics as M
 import plots
-from prepare import UserError
+import pneumollm as P
+import prepare
+from folders import Data, UserError, cli, encode_labels
 
 
 def read_predictions(path: Path, cfg: dict) -> tuple:  # (rows, labels, probabilities (N, C))
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     prob = np.array([[float(r[f"p_{c}"]) for c in cfg["classes"]] for r in rows]).reshape(len(rows), -1)
-    return rows, C.encode_labels([r["label"] for r in rows], cfg["classes"], cfg["multi_label"]), prob
+    return rows, encode_labels([r["label"] for r in rows], cfg["classes"], cfg["multi_label"]), prob
 
 
 def as_binary(y, prob, multi_label: bool) -> list:
@@ -76,8 +80,8 @@ def choose_threshold(y, score, sensitivity=None) -> float:
     return float(thr[np.argmax(tpr >= sensitivity)])
 
 
-def at_threshold(y, score, t: float) -> dict:
-    y, pred = np.asarray(y).astype(bool), np.asarray(score) >= t
+def at_threshold(y, score, cut: float) -> dict:
+    y, pred = np.asarray(y).astype(bool), np.asarray(score) >= cut
     tp, tn, fp, fn = (y & pred).sum(), (~y & ~pred).sum(), (~y & pred).sum(), (y & ~pred).sum()
     ratio = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
     return dict(sensitivity=ratio(tp, tp + fn), specificity=ratio(tn, tn + fp), accuracy=ratio(tp + tn, len(y)),
@@ -89,7 +93,7 @@ def calibration(y, prob, multi_label: bool, bins=15) -> dict:
     disease class of a binary set (each finding of a multi-label set, averaged; multi-class: summed
     over classes). ECE: over 15 equal-width bins of that probability, |mean predicted - observed
     frequency| weighted by the share of images in the bin, summed (averaged over findings/classes)."""
-    hot = y if multi_label else np.eye(prob.shape[1])[y]
+    hot = M.one_hot(y, prob.shape[1], multi_label)
     cols = [1] if prob.shape[1] == 2 and not multi_label else list(range(prob.shape[1]))
     sq = (prob - hot)[:, cols] ** 2
     brier = sq.sum(1).mean() if not multi_label and len(cols) > 1 else sq.mean()
@@ -101,12 +105,12 @@ def calibration(y, prob, multi_label: bool, bins=15) -> dict:
     return dict(brier=float(brier), ece=float(np.mean(eces)))
 
 
-def with_temperature(prob, t: float, multi_label: bool):
+def with_temperature(prob, temperature: float, multi_label: bool):
     """Softmax(log p / T) (sigmoid(logit / T) per finding for multi-label sets): T > 1 softens."""
     p = np.clip(prob, 1e-7, 1 - 1e-7)
     if multi_label:
-        return 1 / (1 + np.exp(-np.log(p / (1 - p)) / t))
-    z = np.log(p) / t
+        return 1 / (1 + np.exp(-np.log(p / (1 - p)) / temperature))
+    z = np.log(p) / temperature
     e = np.exp(z - z.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
 
@@ -114,9 +118,9 @@ def with_temperature(prob, t: float, multi_label: bool):
 def fit_temperature(y, prob, multi_label: bool) -> float:
     """The T that minimises the validation set's negative log-likelihood, on a fine log grid."""
     grid = np.exp(np.linspace(np.log(0.05), np.log(20), 601))
-    hot = y if multi_label else np.eye(prob.shape[1])[y]
+    hot = M.one_hot(y, prob.shape[1], multi_label)
     nll = [-(hot * np.log(np.clip(q, 1e-12, 1)) + (1 - hot) * np.log(np.clip(1 - q, 1e-12, 1)) * multi_label).sum()
-           for q in (with_temperature(prob, t, multi_label) for t in grid)]
+           for q in (with_temperature(prob, temp, multi_label) for temp in grid)]
     return float(grid[int(np.argmin(nll))])
 
 
@@ -142,23 +146,17 @@ def interval(values) -> list:
     return [float(v) for v in np.percentile(values, [2.5, 97.5])]
 
 
-def bootstrap(y, prob, patients, n=1000, seed=0) -> dict:
-    """95 % percentile intervals of the paper's metrics over patient resamples."""
-    draws = [C.metrics(y[i], prob[i]) for i in resamples(patients, y, prob.shape[1], n, seed)]
-    return {k: interval([d[k] for d in draws]) for k in C.METRICS}
-
-
-def pixels(data: C.Data, rows) -> np.ndarray:  # (N, 1024): the 32x32 grey image in [0, 1]
+def pixels(data: Data, rows) -> np.ndarray:  # (N, 1024): the 32x32 grey image in [0, 1]
     return np.stack([np.asarray(Image.open(data.folder / r["image"]).convert("L").resize((32, 32), Image.BILINEAR),
                                 np.float32).ravel() / 255 for r in rows])
 
 
 def fit_logistic(x, y, n_classes: int, multi_label: bool, l2: float):
-    """Logistic regression on standardised features by audit.py's Newton solver: one sigmoid per class
+    """Logistic regression on standardised features by metrics.py's Newton solver: one sigmoid per class
     (one-vs-rest) or per finding; deterministic. Returns a function from features to probabilities."""
     mean, std = x.mean(0), x.std(0) + 1e-6
-    hot = y if multi_label else np.eye(n_classes)[y]
-    w = np.stack([audit.logistic((x - mean) / std, hot[:, c], l2, steps=10) for c in range(n_classes)], 1)
+    hot = M.one_hot(y, n_classes, multi_label)
+    w = np.stack([M.logistic((x - mean) / std, hot[:, c], l2, steps=10) for c in range(n_classes)], 1)
 
     def predict(features):  # (N, F) -> (N, C)
         p = 1 / (1 + np.exp(-np.c_[np.ones(len(features)), (features - mean) / std] @ w))
@@ -170,14 +168,14 @@ def baseline(cfg: dict, test_rows: list) -> np.ndarray:
     """The test fold's probabilities from logistic regression on 32x32 pixels, trained on the run's
     own training split (the same patients as the model), its L2 strength chosen on the run's validation
     split (the AUC) when there is one."""
-    data = C.Data(cfg["data"])
-    split = data.split(cfg["fold"], cfg["val_frac"] if cfg["select"] != "test" else 0, cfg["seed"])
+    data = Data(cfg["data"])
+    split = data.run_split(cfg)
     x, y = pixels(data, split["train"]), data.labels(split["train"])
     fits = {l2: fit_logistic(x, y, len(cfg["classes"]), cfg["multi_label"], l2) for l2 in (1.0, 30.0, 1000.0)}
     best = 30.0
     if split["val"]:
         xv, yv = pixels(data, split["val"]), data.labels(split["val"])
-        best = max(fits, key=lambda l2: C.metrics(yv, fits[l2](xv))["auc"])
+        best = max(fits, key=lambda l2: M.metrics(yv, fits[l2](xv))["auc"])
     by_name = {Path(r["image"]).stem: r for r in split["test"]}  # predictions.csv names images by pseudonym
     return fits[best](pixels(data, [by_name[r["image"]] for r in test_rows]))
 
@@ -221,26 +219,26 @@ def operating_point(run: Path, cfg: dict, sensitivity=None) -> dict:
     return dict(rule=f"{rule} on the validation split ({len(yv)} images){warn}", thresholds=thresholds)
 
 
-def evaluate(run: Path, fold: int, a) -> dict:
+def evaluate(run: Path, fold: int, opt) -> dict:
     """Everything about one finished fold, as eval.json holds it."""
     cfg, rows, y, prob = read_run(run, fold)
     ml, patients = cfg["multi_label"], [r["patient"] for r in rows]
     draws = resamples(patients, y, prob.shape[1])
-    m, model_draws = C.metrics(y, prob), [C.metrics(y[i], prob[i]) for i in draws]
+    m, model_draws = M.metrics(y, prob), [M.metrics(y[i], prob[i]) for i in draws]
     out = dict(fold=fold, images=len(y), patients=len(set(patients)), intervals="95 %, 1000 resamples of patients",
-               paper=dict(metrics=m, ci95={k: interval([d[k] for d in model_draws]) for k in C.METRICS}))
-    point = operating_point(run, cfg, a.sensitivity)
+               paper=dict(metrics=m, ci95={k: interval([d[k] for d in model_draws]) for k in M.METRICS}))
+    point = operating_point(run, cfg, opt.sensitivity)
     (run / "operating_point.json").write_text(json.dumps(point, indent=1))
     findings = zip(as_binary(y, prob, ml), point["thresholds"])
     out["operating_point"] = dict(point, per_finding={n: at_threshold(yb, s, point["thresholds"][n])
                                                       for (_, yb, s), n in findings})
     out["calibration"] = dict(bins=15, test=calibration(y, prob, ml))
-    if a.calibrate and (run / "val_predictions.csv").exists():
+    if opt.calibrate and (run / "val_predictions.csv").exists():
         _, yv, pv = read_predictions(run / "val_predictions.csv", cfg)
-        t = fit_temperature(yv, pv, ml)
-        out["calibration"].update(temperature=t, calibrated=calibration(y, with_temperature(prob, t, ml), ml))
+        temp = fit_temperature(yv, pv, ml)
+        out["calibration"].update(temperature=temp, calibrated=calibration(y, with_temperature(prob, temp, ml), ml))
     pb = baseline(cfg, rows)
-    auc, base_auc = C.metrics(y, pb)["auc"], [C.metrics(y[i], pb[i])["auc"] for i in draws]
+    auc, base_auc = M.metrics(y, pb)["auc"], [M.metrics(y[i], pb[i])["auc"] for i in draws]
     diff = interval([d["auc"] - b for d, b in zip(model_draws, base_auc)])
     verdict = "beats" if diff[0] > 0 else "does NOT beat" if m["auc"] <= auc else "is not clearly better than"
     out["baseline"] = dict(what="logistic regression on the 32x32 grey image, trained on the run's training "
@@ -259,7 +257,7 @@ def report(out: dict, cfg: dict) -> str:
     lines = [f"fold {out['fold']}: {out['images']} test images of {out['patients']} patients; 95 % intervals "
              "resample patients",
              "  the paper's figures (argmax): " + "  ".join(f"{k} {pct(m[k])} [{pct(ci[k][0])}, {pct(ci[k][1])}]"
-                                                           for k in C.METRICS)]
+                                                           for k in M.METRICS)]
     layout = "per finding [[tn, fp], [fn, tp]]" if cfg["multi_label"] else "rows true, cols predicted"
     lines.append(f"  confusion ({layout}, {cfg['classes']}): {m['confusion']}")
     op = out["operating_point"]
@@ -281,32 +279,32 @@ def report(out: dict, cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def eval_fold(runs: Path, fold: int, a) -> dict:
+def eval_fold(runs: Path, fold: int, opt) -> dict:
     run = runs / f"fold{fold}"
-    out = evaluate(run, fold, a)
+    out = evaluate(run, fold, opt)
     cfg, y, prob, draws, _ = out.pop("_curves")
     print(report(out, cfg))
     (run / "eval.json").write_text(json.dumps(out, indent=1))
     for name, yb, score in as_binary(y, prob, cfg["multi_label"])[:1]:  # binary: disease; multi-label: 1st finding
         name = name or cfg["classes"][1]
-        t = out["operating_point"]["thresholds"][name]
-        r = at_threshold(yb, score, t)
+        cut = out["operating_point"]["thresholds"][name]
+        r = at_threshold(yb, score, cut)
         fpr, tpr, _ = roc_curve(yb, score)
         plots.draw_roc(run / "roc.png", [(f"AUC {out['paper']['metrics']['auc']:.3f}", fpr, tpr)],
                  f"fold {fold}: ROC of P({name}), 95 % band over patients",
-                 roc_band(yb, score, draws), (1 - r["specificity"], r["sensitivity"], f"operating point {t:.2f}"))
+                 roc_band(yb, score, draws), (1 - r["specificity"], r["sensitivity"], f"operating point {cut:.2f}"))
         plots.draw_reliability(run / "reliability.png", score, yb, f"fold {fold}: reliability of P({name})")
     return out
 
 
-def table(runs: Path, a) -> int:
-    done = [f for f in range(1, a.folds + 1) if C.finished(runs / f"fold{f}")]
-    missing = [f for f in range(1, a.folds + 1) if f not in done]
+def table(runs: Path, opt) -> int:
+    done = [f for f in range(1, opt.folds + 1) if C.finished(runs / f"fold{f}")]
+    missing = [f for f in range(1, opt.folds + 1) if f not in done]
     if not done:
-        raise UserError(f"{runs}: no finished fold among fold1..fold{a.folds}; train them with "
+        raise UserError(f"{runs}: no finished fold among fold1..fold{opt.folds}; train them with "
                         "python train.py --fold N")
-    per = {f: evaluate(runs / f"fold{f}", f, a) for f in done}
-    vals = 100 * np.array([[o["paper"]["metrics"][k] for k in C.METRICS] + [o["baseline"]["auc"]]
+    per = {f: evaluate(runs / f"fold{f}", f, opt) for f in done}
+    vals = 100 * np.array([[o["paper"]["metrics"][k] for k in M.METRICS] + [o["baseline"]["auc"]]
                            for o in per.values()])
     sd = vals.std(0, ddof=1) if len(done) > 1 else np.full(vals.shape[1], np.nan)
     lines = ["| fold | Sens. | Spec. | Acc. | AUC | AVG | baseline AUC |", "|---|---|---|---|---|---|---|"]
@@ -323,7 +321,7 @@ def table(runs: Path, a) -> int:
     print(text)
     (runs / "table.md").write_text(text + "\n")
     folds = {f: {k: v for k, v in o.items() if k != "_curves"} for f, o in per.items()}
-    summary = dict(folds=folds, missing=missing, mean=dict(zip([*C.METRICS, "baseline_auc"], vals.mean(0))),
+    summary = dict(folds=folds, missing=missing, mean=dict(zip([*M.METRICS, "baseline_auc"], vals.mean(0))),
                    pooled=pooled)
     (runs / "table.json").write_text(json.dumps(summary, indent=1))
     return 0
@@ -342,24 +340,21 @@ def pool(runs: Path, per: dict) -> dict:
     if not ys:
         return dict(auc=float("nan"), baseline_auc=float("nan"))
     y, s = np.concatenate(ys), np.concatenate(scores)
-    auc = C.roc_auc(y, s)
+    auc = M.roc_auc(y, s)
     pooled = (f"pooled: AUC {auc:.3f}", *roc_curve(y, s)[:2])
     plots.draw_roc(runs / "roc.png", curves + [pooled], "every fold's ROC, and pooled")
-    return dict(auc=auc, baseline_auc=C.roc_auc(y, np.concatenate(base)))
+    return dict(auc=auc, baseline_auc=M.roc_auc(y, np.concatenate(base)))
 
 
-def score_images(runs: Path, a) -> int:
-    import torch
-
-    import prepare
-    run = runs / f"fold{a.fold}"
-    C.check_finished(run, a.fold)
-    model, cfg = C.load_run(run, a.device, keep_checkpoint_dtype=True)
-    point = operating_point(run, cfg, a.sensitivity)
+def score_images(runs: Path, opt) -> int:
+    run = runs / f"fold{opt.fold}"
+    C.check_finished(run, opt.fold)
+    model, cfg = C.load_run(run, opt.device, keep_checkpoint_dtype=True)
+    point = operating_point(run, cfg, opt.sensitivity)
     if cfg.get("synthetic"):
         print("NOTE: this model was trained on the synthetic demo set: it is a demo, not for diagnosis")
     failed, weights = [], []
-    for n, p in enumerate(a.image, 1):
+    for n, p in enumerate(opt.image, 1):
         if not Path(p).is_file():
             failed.append(f"{p}: no such file")
             continue
@@ -368,30 +363,26 @@ def score_images(runs: Path, a) -> int:
         except prepare.Skip as e:
             failed.append(f"{p}: {e}")
             continue
-        if a.save_crops:
-            Path(a.save_crops).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(Path(a.save_crops) / f"crop{n}.png")
+        if opt.save_crops:
+            Path(opt.save_crops).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(Path(opt.save_crops) / f"crop{n}.png")
         prob = C.predict(model, torch.tensor(img)[None, None], cfg)[0]
         crop = {"lungs": "lungs found", "fallback": "fell back to the thorax (no lungs found)"}.get(how, how)
         print(f"{p}: " + describe(prob, cfg, point) + f"; lung crop: {crop}"
-              + (f"; crop saved as crop{n}.png" if a.save_crops else ""))
-        if a.explain is not None:
-            weights.append(explain_image(model, img, cfg, Path(a.explain_dir) / f"{Path(p).stem}.explain.png",
+              + (f"; crop saved as crop{n}.png" if opt.save_crops else ""))
+        if opt.explain is not None:
+            weights.append(explain_image(model, img, cfg, Path(opt.explain_dir) / f"{Path(p).stem}.explain.png",
                                          called(prob, cfg, point)))
     for line in failed:
         print(f"skipped {line}", file=sys.stderr)
     if weights and weights[0] is not None:
-        import explain
         print(explain.describe_weights(torch.cat(weights), model.visual.keep))
-    return 2 if len(failed) == len(a.image) else 0  # nothing scored: a mistake in the input
+    return 2 if len(failed) == len(opt.image) else 0  # nothing scored: a mistake in the input
 
 
 def explain_image(model, img: np.ndarray, cfg: dict, path: Path, target=None):
     """<name>.explain.png: the crop the model saw under the Grad-CAM map of class `target` (default:
     the argmax); returns the engine's weights."""
-    import torch
-
-    import explain
     target = None if target is None else [target]
     heats, explained, weights = explain.explain_images(model, torch.tensor(img)[None, None], cfg, target)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,29 +391,27 @@ def explain_image(model, img: np.ndarray, cfg: dict, path: Path, target=None):
     return weights
 
 
-def explain_fold(runs: Path, a) -> int:
+def explain_fold(runs: Path, opt) -> int:
     """explain.png in the run folder: K test images (true and false positives and negatives, taken in
     turn), each under the map of the class called at the run's threshold, captioned with its outcome,
     probability and pseudonym."""
-    import explain
-    run = runs / f"fold{a.fold}"
-    cfg, rows, y, prob = read_run(run, a.fold)
-    point = operating_point(run, cfg, a.sensitivity)
+    run = runs / f"fold{opt.fold}"
+    cfg, rows, y, prob = read_run(run, opt.fold)
+    point = operating_point(run, cfg, opt.sensitivity)
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
         raise UserError("--explain with --fold shows true/false positives/negatives: binary runs only; "
                         "use --image")
-    t = point["thresholds"][cfg["classes"][1]]
-    positive = prob[:, 1] >= t
+    positive = prob[:, 1] >= point["thresholds"][cfg["classes"][1]]
     kinds = {"TP": (y == 1) & positive, "FP": (y == 0) & positive, "FN": (y == 1) & ~positive,
              "TN": (y == 0) & ~positive}
     queues = {k: list(np.flatnonzero(m)) for k, m in kinds.items()}
     chosen = []
-    while len(chosen) < a.explain and any(queues.values()):
-        chosen += [(k, q.pop(0)) for k, q in queues.items() if q][:a.explain - len(chosen)]
-    model, cfg = C.load_run(run, a.device, keep_checkpoint_dtype=True)
-    data = C.Data(cfg["data"])
+    while len(chosen) < opt.explain and any(queues.values()):
+        chosen += [(k, q.pop(0)) for k, q in queues.items() if q][:opt.explain - len(chosen)]
+    model, cfg = C.load_run(run, opt.device, keep_checkpoint_dtype=True)
+    data = Data(cfg["data"])
     by_name = {Path(r["image"]).stem: r for r in data.rows}
-    images = data.images([by_name[rows[i]["image"]] for _, i in chosen])
+    images = torch.from_numpy(data.images([by_name[rows[i]["image"]] for _, i in chosen]))
     heats, _, weights = explain.explain_images(model, images, cfg, [int(positive[i]) for _, i in chosen])
     tiles = [plots.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}")
              for (kind, i), img, heat in zip(chosen, images[:, 0].numpy(), heats)]
@@ -445,9 +434,9 @@ def describe(prob, cfg: dict, point: dict) -> str:
         each = ", ".join(f"P({c}) = {q:.3f}" for c, q in zip(cfg["classes"], prob))
         return f"{each}: {cfg['classes'][prob.argmax()]}"
     words = []
-    for name, t in point["thresholds"].items():
+    for name, cut in point["thresholds"].items():
         q = prob[cfg["classes"].index(name)]
-        words.append(f"P({name}) = {q:.3f}, {'positive' if q >= t else 'negative'} at the run's threshold {t:.3f}")
+        words.append(f"P({name}) = {q:.3f}, {'positive' if q >= cut else 'negative'} at the run's threshold {cut:.3f}")
     return "; ".join(words)
 
 
@@ -472,21 +461,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    a = parser().parse_args(argv)
-    if a.sensitivity is not None and not 0 < a.sensitivity <= 1:
-        raise UserError(f"--sensitivity {a.sensitivity}: give a fraction in (0, 1], e.g. 0.9")
-    runs = Path(a.runs)
-    if a.image:
-        C.apply_threads(a.threads)
-        return score_images(runs, a)
-    if a.all:
-        return table(runs, a)
-    if a.explain is not None:
-        C.apply_threads(a.threads)
-        return explain_fold(runs, a)
-    eval_fold(runs, a.fold, a)
+    opt = parser().parse_args(argv)
+    if opt.sensitivity is not None and not 0 < opt.sensitivity <= 1:
+        raise UserError(f"--sensitivity {opt.sensitivity}: give a fraction in (0, 1], e.g. 0.9")
+    runs = Path(opt.runs)
+    if opt.image:
+        C.apply_threads(opt.threads)
+        return score_images(runs, opt)
+    if opt.all:
+        return table(runs, opt)
+    if opt.explain is not None:
+        C.apply_threads(opt.threads)
+        return explain_fold(runs, opt)
+    eval_fold(runs, opt.fold, opt)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(C.cli(main))
+    sys.exit(cli(main, (P.CheckpointError,)))

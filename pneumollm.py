@@ -17,7 +17,6 @@ trainable weights fp32; LayerNorm, RMSNorm, RoPE and softmax in fp32. Each train
 its input to its own dtype and its output back, so the model runs with or without autocast.
 """
 import json
-import os
 import pickle
 import re
 import zipfile
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -107,11 +106,6 @@ class PneumoArgs:
 
     def blocks(self) -> list:  # 1-based ViT blocks whose CLS token is kept, shallow to deep
         return sorted(self.cls_blocks or range(4, self.vision.layers + 1, 4))
-
-    @property
-    def n_cls(self) -> int:  # source tokens: CLS tokens, or the conv stem's patch tokens
-        grid = self.vision.image_size // self.vision.patch_size
-        return grid * grid if self.encoder == "conv" else len(self.blocks())
 
 
 def tiny_args(vocab_size=-1, **kw) -> PneumoArgs:  # a few-MB model for tests and CPU demos
@@ -428,11 +422,14 @@ class PneumoLLM(nn.Module):
         stem = [self.visual] if isinstance(self.visual, ConvStem) else []
         return adapters + stem + [m for m in (self.engine, self.proj, self.head) if m is not None]
 
+    def own_parameters(self) -> list:  # saved with a run; the rest is CLIP's and LLaMA's, frozen
+        return [p for m in self.own_modules() for p in m.parameters()]
+
     def trainable_parameters(self) -> list:
-        return [p for m in self.own_modules() for p in m.parameters() if p.requires_grad]
+        return [p for p in self.own_parameters() if p.requires_grad]
 
     def own_state_dict(self) -> dict:
-        ids = {id(p) for m in self.own_modules() for p in m.parameters()}
+        ids = {id(p) for p in self.own_parameters()}
         return {n: p for n, p in self.named_parameters() if id(p) in ids}
 
     def forward(self, images):  # (B, 3, H, W) normalised -> logits (B, C) in fp32
@@ -471,26 +468,26 @@ class PneumoLLM(nn.Module):
                 block.adapter_attn = nn.Identity()
 
     def save_trainable(self, path):
-        """Only this project's own weights (a few MB), written under a temporary name first: a kill never
-        leaves half a file. A run's config.json says how to rebuild the model."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({n: p.detach().contiguous() for n, p in self.own_state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        """Only this project's own weights (a few MB). A run's config.json says how to rebuild the model."""
+        save_file({n: p.detach().contiguous() for n, p in self.own_state_dict().items()}, str(path))
 
     @torch.no_grad()
-    def load_trainable(self, path):
+    def load_trainable(self, source):
+        """This project's own weights, from a file that save_trainable wrote or a {name: tensor} dict."""
+        where = "the given weights" if isinstance(source, dict) else str(source)
+        if not isinstance(source, dict):
+            try:
+                source = load_file(where)
+            except Exception as e:  # truncated or not safetensors: one line
+                raise CheckpointError(f"{where}: not a readable safetensors file ({type(e).__name__})") from None
         own = self.own_state_dict()
-        with safe_open(str(path), "pt") as f:
-            keys = set(f.keys())
-            if keys != set(own):
-                diff = sorted(keys ^ set(own))[:3]
-                raise CheckpointError(f"{path}: trainable keys do not match this model, e.g. {diff}")
-            for name in sorted(keys):
-                t = f.get_tensor(name)
-                if t.shape != own[name].shape:
-                    raise CheckpointError(f"{path}: {name} is {list(t.shape)}, expected {list(own[name].shape)}")
-                own[name].copy_(t)
+        if set(source) != set(own):
+            raise CheckpointError(f"{where}: trainable keys do not match this model, e.g. "
+                                  f"{sorted(set(source) ^ set(own))[:3]}")
+        for name, t in source.items():
+            if t.shape != own[name].shape:
+                raise CheckpointError(f"{where}: {name} is {list(t.shape)}, expected {list(own[name].shape)}")
+            own[name].copy_(t)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -582,7 +579,6 @@ def read_clip(path) -> tuple[VisionArgs, dict]:
     """OpenAI's TorchScript `ViT-L-14.pt`, an OpenAI-layout state dict, or a Hugging Face folder."""
     path = Path(path)
     if path.is_dir():
-        from hf import read_clip_hf  # here, not at the top: hf.py builds on this module
         return read_clip_hf(path)
     sd = ts if (ts := read_torchscript(path)) is not None else _torch_load(path)  # {} is an empty archive
     if "conv1.weight" in sd:  # a vision-only OpenAI-layout file
@@ -604,7 +600,6 @@ def read_llama(path) -> tuple[LlamaArgs, dict]:
     if (path / "params.json").exists():
         return _read_llama_meta(path)
     if (path / "config.json").exists():
-        from hf import read_llama_hf  # here, not at the top: hf.py builds on this module
         return read_llama_hf(path)
     raise CheckpointError(f"{path}: neither params.json (Meta) nor config.json (Hugging Face) found")
 
@@ -633,6 +628,83 @@ def _read_llama_meta(folder: Path):
         dim = _SHARD_DIM.get(k.split(".")[-2] if k.endswith(".weight") else k)
         get = partial(torch.cat, [s[k] for s in shards], dim) if dim is not None else (lambda t=shards[0][k]: t)
         out[k] = Entry(str(files[0]), k, get)
+    return p, out
+
+
+# Hugging Face's layouts (`openai/clip-vit-large-patch14`: config.json + *.safetensors; LLaMA: config.json +
+# model*.safetensors, with or without an index), read lazily under OpenAI's and Meta's key names
+
+
+def _safetensors(files) -> dict:
+    out = {}
+    for file in files:
+        f = safe_open(str(file), "pt")
+        out.update({k: Entry(str(file), k, (lambda f=f, k=k: f.get_tensor(k))) for k in f.keys()})
+    return out
+
+
+_HF_CLIP = [  # Hugging Face name -> OpenAI name
+    (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"), (r"mlp\.fc1\.", "mlp.c_fc."),
+    (r"vision_model\.embeddings\.patch_embedding\.weight", "visual.conv1.weight"), (r"mlp\.fc2\.", "mlp.c_proj."),
+    (r"vision_model\.embeddings\.position_embedding\.weight", "visual.positional_embedding"),
+    (r"vision_model\.pre_layrnorm\.", "visual.ln_pre."), (r"vision_model\.post_layernorm\.", "visual.ln_post."),
+    (r"vision_model\.encoder\.layers\.(\d+)\.", r"visual.transformer.resblocks.\1."),
+    (r"self_attn\.out_proj\.", "attn.out_proj."), (r"layer_norm(\d)\.", r"ln_\1."),
+]
+
+
+def read_clip_hf(folder: Path) -> tuple[VisionArgs, dict]:
+    cfg = json.loads((folder / "config.json").read_text())
+    c = cfg.get("vision_config", cfg)
+    v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"],
+                   c["image_size"])
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files next to config.json")
+    out, qkv = {}, {}
+    for k, e in _safetensors(files).items():
+        for pat, rep in _HF_CLIP:
+            k = re.sub(pat, rep, k)
+        m = re.fullmatch(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
+        if m:  # q, k, v are fused into nn.MultiheadAttention's in_proj, in that order
+            qkv.setdefault(f"{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = e
+        else:
+            out[k] = e
+    for k, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{parts[next(iter(parts))].file}: {k} lacks one of q/k/v_proj")
+        out[k] = Entry(parts["q"].file, parts["q"].key, lambda p=parts: torch.cat([p[x].get() for x in "qkv"]))
+    return v, out
+
+
+_HF_LLAMA = [  # Hugging Face name -> Meta name
+    (r"model\.embed_tokens\.", "tok_embeddings."), (r"model\.norm\.", "norm."), (r"lm_head\.", "output."),
+    (r"model\.layers\.", "layers."), (r"self_attn\.([qkvo])_proj\.", r"attention.w\1."),
+    (r"mlp\.gate_proj\.", "feed_forward.w1."), (r"mlp\.down_proj\.", "feed_forward.w2."),
+    (r"mlp\.up_proj\.", "feed_forward.w3."),
+    (r"input_layernorm\.", "attention_norm."), (r"post_attention_layernorm\.", "ffn_norm."),
+]
+
+
+def read_llama_hf(folder: Path) -> tuple[LlamaArgs, dict]:
+    c = json.loads((folder / "config.json").read_text())
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"{folder}/config.json: rope scaling {rope.get('rope_type')} is not supported")
+    p = LlamaArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                  n_kv_heads=c.get("num_key_value_heads"), vocab_size=c.get("vocab_size", -1),
+                  norm_eps=c.get("rms_norm_eps", 1e-6),
+                  rope_theta=c.get("rope_theta", rope.get("rope_theta", 1e4)),
+                  ffn_hidden=c["intermediate_size"], rope_halves=True)
+    index = folder / "model.safetensors.index.json"
+    names = ["model.safetensors"]
+    if index.exists():  # sharded: the index maps every key to its file
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    out = {}
+    for k, e in _safetensors([folder / n for n in names]).items():
+        for pat, rep in _HF_LLAMA:
+            k = re.sub(pat, rep, k)
+        out[k] = e
     return p, out
 
 

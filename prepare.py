@@ -43,6 +43,8 @@ from PIL import Image, ImageDraw
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 import audit
+import demo
+from folders import UserError, cli, make_folds, write_atomic
 from lungcrop import lung_box, mask_box, rle_mask, thorax_box
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -55,10 +57,6 @@ NORMAL_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative", "no
 
 class Skip(Exception):
     """An input that cannot be prepared; the run reports it and goes on."""
-
-
-class UserError(Exception):
-    """A mistake in the user's input (a file, a flag): the scripts print its one line and exit with 2."""
 
 
 def first_line(e: Exception) -> str:  # an error's message, whole but on one line
@@ -236,59 +234,59 @@ def find_files(images: Path) -> dict:
     return files, by_name
 
 
-def read_labels(a) -> tuple:
+def read_labels(opt) -> tuple:
     """(items, classes). Every label-file problem is an error before any work is done."""
-    rows, cols = read_table(a.labels)
-    ic = pick(cols, a.image_col, IMAGE_COLS, "image", a.labels)
-    lc = pick(cols, a.label_col, LABEL_COLS, "label", a.labels)
-    pc = pick(cols, a.patient_col, PATIENT_COLS, "patient", a.labels, needed=False)
-    vc = pick(cols, a.view_col, VIEW_COLS, "view", a.labels, needed=False)
-    files, by_name = find_files(Path(a.images))
+    rows, cols = read_table(opt.labels)
+    ic = pick(cols, opt.image_col, IMAGE_COLS, "image", opt.labels)
+    lc = pick(cols, opt.label_col, LABEL_COLS, "label", opt.labels)
+    pc = pick(cols, opt.patient_col, PATIENT_COLS, "patient", opt.labels, needed=False)
+    vc = pick(cols, opt.view_col, VIEW_COLS, "view", opt.labels, needed=False)
+    files, by_name = find_files(Path(opt.images))
     items, seen = [], set()
     for i, r in enumerate(rows, start=2):
         r = {k.strip() if k else k: v for k, v in r.items()}
         name, label = (r.get(ic) or "").strip(), (r.get(lc) or "").strip()
         if not label:
-            raise UserError(f"{a.labels}:{i}: missing label for {name!r}")
+            raise UserError(f"{opt.labels}:{i}: missing label for {name!r}")
         if name in seen:
-            raise UserError(f"{a.labels}:{i}: duplicate row for {name!r}")
+            raise UserError(f"{opt.labels}:{i}: duplicate row for {name!r}")
         seen.add(name)
         matches = [name] if name in files else by_name.get(name, [])
         if not matches:
-            raise UserError(f"{a.labels}:{i}: no file {name!r} under {a.images}")
+            raise UserError(f"{opt.labels}:{i}: no file {name!r} under {opt.images}")
         if len(matches) > 1:
-            raise UserError(f"{a.labels}:{i}: {name!r} matches {' and '.join(matches[:2])} under {a.images}: "
+            raise UserError(f"{opt.labels}:{i}: {name!r} matches {' and '.join(matches[:2])} under {opt.images}: "
                             "give the relative path")
         if "|" in label:  # several findings: one canonical order, so that equal sets are equal strings
             label = "|".join(sorted({x.strip() for x in label.split("|") if x.strip()}))
         column = lambda c: (r.get(c) or "").strip() if c else ""  # noqa: E731
         items.append(dict(path=files[matches[0]], rel=matches[0], label=label, line=i, patient=column(pc),
                           view=column(vc)))
-    return items, label_set(items, a)
+    return items, label_set(items, opt)
 
 
-def label_set(items: list, a) -> list:
+def label_set(items: list, opt) -> list:
     """The classes, in order: --classes as given (unknown labels are an error listing their rows), or
     sorted with the normal class first; two spellings of one label are an error naming both."""
-    a.multi_label = a.multi_label or any("|" in it["label"] for it in items)
-    names = {x for it in items for x in (it["label"].split("|") if a.multi_label else [it["label"]])}
-    if a.classes:
-        declared = [c.strip() for c in a.classes.split(",")]
-        known = lambda x: x in declared or (a.multi_label and x.lower() in NORMAL_NAMES)  # noqa: E731
+    opt.multi_label = opt.multi_label or any("|" in it["label"] for it in items)
+    names = {x for it in items for x in (it["label"].split("|") if opt.multi_label else [it["label"]])}
+    if opt.classes:
+        declared = [c.strip() for c in opt.classes.split(",")]
+        known = lambda x: x in declared or (opt.multi_label and x.lower() in NORMAL_NAMES)  # noqa: E731
         unknown = [it for it in items if not all(known(x) for x in it["label"].split("|"))]
         if unknown:
             lines = ", ".join(f"{it['line']} ({it['label']!r})" for it in unknown[:5])
-            raise UserError(f"{a.labels}: labels not in --classes {a.classes!r} on {len(unknown)} row(s), "
+            raise UserError(f"{opt.labels}: labels not in --classes {opt.classes!r} on {len(unknown)} row(s), "
                             f"e.g. line {lines}")
-        return [c for c in declared if not (a.multi_label and c.lower() in NORMAL_NAMES)]
+        return [c for c in declared if not (opt.multi_label and c.lower() in NORMAL_NAMES)]
     spelled = {}
     for n in names:
         spelled.setdefault(" ".join(n.lower().split()), []).append(n)
     twins = [sorted(v) for v in spelled.values() if len(v) > 1]
     if twins:
-        raise UserError(f"{a.labels}: {' and '.join(repr(s) for s in twins[0])} differ only in case or spaces: "
+        raise UserError(f"{opt.labels}: {' and '.join(repr(s) for s in twins[0])} differ only in case or spaces: "
                         "fix the file, or declare the labels with --classes")
-    if a.multi_label:  # classes are the findings; "normal" is none of them
+    if opt.multi_label:  # classes are the findings; "normal" is none of them
         return sorted(n for n in names if n.lower() not in NORMAL_NAMES)
     order = lambda s: (int(s), s) if s.lstrip("-").isdigit() else (s.lower() not in NORMAL_NAMES, s)  # noqa: E731
     return sorted(names, key=order)  # numbers in order; else the normal class first
@@ -306,46 +304,21 @@ def dicom_patient(path: Path) -> str:
         return ""
 
 
-def make_folds(patients: list, labels: list, k: int, seed: int) -> list:
-    """Stratified k folds grouped by patient: shuffled patients, largest first, each into the fold
-    where its labels are least represented so far. No patient is ever in two folds."""
-    classes = sorted(set(labels))
-    groups = {}
-    for p, y in zip(patients, labels):
-        groups.setdefault(p, np.zeros(len(classes)))[classes.index(y)] += 1
-    order = list(groups)
-    np.random.default_rng(seed).shuffle(order)
-    order.sort(key=lambda p: -groups[p].sum())
-    total = np.maximum(sum(groups.values()), 1)
-    counts, fold_of = np.zeros((k, len(classes))), {}
-    for p in order:
-        cost = (((counts + groups[p]) / total) ** 2).sum(1) + 1e-9 * np.arange(k)
-        fold_of[p] = int(np.argmin(cost))
-        counts[fold_of[p]] += groups[p]
-    return [fold_of[p] + 1 for p in patients]
-
-
 # ------------------------------------------------------------------------------------------------
 # the output folder: one preparation, one writer
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def settings_of(opt) -> dict:  # what the folder's images and labels depend on; no paths (they can name patients)
+    return dict(crop=opt.crop, size=opt.size, masks=bool(opt.masks), multi_label=bool(opt.multi_label),
+                classes=opt.classes or "")
 
 
-def settings_of(a) -> dict:  # what the folder's images and labels depend on; no paths (they can name patients)
-    return dict(crop=a.crop, size=a.size, masks=bool(a.masks), multi_label=bool(a.multi_label),
-                classes=a.classes or "")
-
-
-def claim_folder(out: Path, a):
+def claim_folder(out: Path, opt):
     """Refuse other settings than the folder's (unless --restart, which empties it), and a second writer."""
     meta = out / "meta.json"
-    if meta.exists() and not a.restart:
+    if meta.exists() and not opt.restart:
         old = json.loads(meta.read_text()).get("settings", {})
-        diff = [f"{k} {old.get(k)!r} there, {v!r} now" for k, v in settings_of(a).items()
+        diff = [f"{k} {old.get(k)!r} there, {v!r} now" for k, v in settings_of(opt).items()
                 if str(old.get(k)) != str(v)]
         if diff:
             raise UserError(f"{out} was prepared with other settings ({'; '.join(diff)}): pass another --out, "
@@ -363,7 +336,7 @@ def claim_folder(out: Path, a):
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
-    if a.restart:
+    if opt.restart:
         shutil.rmtree(out / "images", ignore_errors=True)
         (out / "records.jsonl").unlink(missing_ok=True)
     (out / "images").mkdir(exist_ok=True)
@@ -431,74 +404,74 @@ def process(jobs: list, workers: int, log: Path) -> tuple:
     return done, skipped
 
 
-def mapping_path(a, out: Path) -> Path:
+def mapping_path(opt, out: Path) -> Path:
     """Where the pseudonym -> source file CSV goes: beside the key (or --mapping), never in the data folder."""
-    beside_key = Path(a.key_file).expanduser().parent / f"{out.resolve().name}.mapping.csv"
-    path = Path(a.mapping) if a.mapping else beside_key
+    beside_key = Path(opt.key_file).expanduser().parent / f"{out.resolve().name}.mapping.csv"
+    path = Path(opt.mapping) if opt.mapping else beside_key
     if path.resolve().is_relative_to(out.resolve()):
         raise UserError(f"--mapping {path}: inside the data folder {out}; file names can name patients: "
                         "put it elsewhere")
     return path
 
 
-def run(a) -> int:
-    out = Path(a.out)
-    items, names = read_labels(a)
-    mapping = mapping_path(a, out)
-    claim_folder(out, a)
+def run(opt) -> int:
+    out = Path(opt.out)
+    items, names = read_labels(opt)
+    mapping = mapping_path(opt, out)
+    claim_folder(out, opt)
     try:
-        return finish(a, out, items, names, mapping)
+        return prepare_images(opt, out, items, names, mapping)
     finally:
         (out / ".lock").unlink(missing_ok=True)
 
 
-def finish(a, out: Path, items: list, names: list, mapping: Path) -> int:
-    key = read_key(Path(a.key_file).expanduser())
-    masks = load_masks(a.masks) if a.masks else {}
+def prepare_images(opt, out: Path, items: list, names: list, mapping: Path) -> int:
+    key = read_key(Path(opt.key_file).expanduser())
+    masks = load_masks(opt.masks) if opt.masks else {}
     for it in items:
         it["id"] = pseudonym(key, "image", it["rel"])
-        if a.masks and Path(it["rel"]).stem not in masks:
-            raise UserError(f"{a.masks}: no mask for line {it['line']} of {a.labels}")
-    jobs = [(it["path"], out / "images" / f"{it['id']}.png", a.crop, masks.get(Path(it["rel"]).stem), a.size)
+        if opt.masks and Path(it["rel"]).stem not in masks:
+            raise UserError(f"{opt.masks}: no mask for line {it['line']} of {opt.labels}")
+    jobs = [(it["path"], out / "images" / f"{it['id']}.png", opt.crop, masks.get(Path(it["rel"]).stem), opt.size)
             for it in items]
     log = out / "records.jsonl"
     before = {i: r for i, r in read_records(log).items() if (out / "images" / f"{i}.png").exists()}
     jobs = [job for job in jobs if job[1].stem not in before]
     per_class = ", ".join(f"{n}: {sum(has(it['label'], n) for it in items)}" for n in names)
     print(f"{len(items)} images ({per_class}): {len(before)} finished before, preparing {len(jobs)} with "
-          f"{a.workers} workers")
-    done, skipped = process(jobs, a.workers, log)
+          f"{opt.workers} workers")
+    done, skipped = process(jobs, opt.workers, log)
     done.update(before)
     write_atomic(mapping, "image,source\n" + "".join(f"{it['id']},{it['path']}\n" for it in items))
     kept = [it for it in items if it["id"] in done]
     if not kept:
         print(f"nothing was prepared ({len(skipped)} skipped)", file=sys.stderr)
         return 1
-    return write_outputs(a, out, kept, names, done, skipped, key, mapping)
+    return write_outputs(opt, out, kept, names, done, skipped, key, mapping)
 
 
-def write_outputs(a, out: Path, kept: list, names: list, done: dict, skipped: dict, key: bytes, mapping) -> int:
+def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: dict, key: bytes, mapping) -> int:
     for it in kept:  # patients: the label file's column, else the DICOM's PatientID, else the image itself
         raw = it["patient"] or dicom_patient(it["path"]) or f"image:{it['rel']}"
         it["patient"] = "P" + pseudonym(key, "patient", raw, 12)
         it.update(done[it["id"]], view=it["view"] or done[it["id"]].get("view", ""))
-    folds = make_folds([it["patient"] for it in kept], [it["label"] for it in kept], a.folds, a.seed)
+    folds = make_folds([it["patient"] for it in kept], [it["label"] for it in kept], opt.folds, opt.seed)
     rows = [dict(image=f"images/{it['id']}.png", label=it["label"], patient=it["patient"], fold=f, crop=it["crop"])
             for it, f in zip(kept, folds)]
     write_atomic(out / "manifest.csv", "image,label,patient,fold,crop\n" + "".join(
         f"{r['image']},{r['label']},{r['patient']},{r['fold']},{r['crop']}\n" for r in rows))
     counts = {str(f): {n: sum(r["fold"] == f and has(r["label"], n) for r in rows) for n in names}
-              for f in range(1, a.folds + 1)}
-    report = audit.shortcut_audit(kept, names, folds, a.multi_label)
+              for f in range(1, opt.folds + 1)}
+    report = audit.shortcut_audit(kept, names, folds, opt.multi_label)
     crops = {n: {c: sum(has(it["label"], n) and it["crop"] == c for it in kept)
                  for c in ("lungs", "fallback", "mask", "none")} for n in names}
-    meta = dict(settings=settings_of(a), demo=a.demo, classes=names, multi_label=a.multi_label, counts=counts,
+    meta = dict(settings=settings_of(opt), demo=opt.demo, classes=names, multi_label=opt.multi_label, counts=counts,
                 prepared=len(rows), crops=crops, skipped=skipped, audit=report,
                 versions=dict(numpy=np.__version__, pydicom=pydicom.__version__, pillow=Image.__version__))
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     contact_sheet(out, rows, names)
     print(f"{len(rows)} prepared into {out}, {len(skipped)} skipped; pseudonym -> source file: {mapping}")
-    for n, c in crops.items() if a.crop == "lungs" and not a.masks else ():
+    for n, c in crops.items() if opt.crop == "lungs" and not opt.masks else ():
         total = sum(c.values())
         print(f"  {n}: lung crop found on {c['lungs']}/{total}, fell back to the thorax on {c['fallback']} "
               f"({100 * c['fallback'] / max(total, 1):.1f} %)")
@@ -537,23 +510,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    a = parser().parse_args(argv)
-    for flag, value, least in (("--folds", a.folds, 1), ("--workers", a.workers, 1), ("--size", a.size, 8)):
+    opt = parser().parse_args(argv)
+    for flag, value, least in (("--folds", opt.folds, 1), ("--workers", opt.workers, 1), ("--size", opt.size, 8)):
         if value < least:
             raise UserError(f"{flag} {value}: give {least} or more")
-    if a.demo:
-        import demo
-        src = Path(a.images or "data/demo_dicom")
+    if opt.demo:
+        src = Path(opt.images or "data/demo_dicom")
         demo.write_demo(src)
-        a.images, a.labels, a.out = src, src / "labels.csv", a.out or "data/demo"
-    if not (a.images and a.labels and a.out):
+        opt.images, opt.labels, opt.out = src, src / "labels.csv", opt.out or "data/demo"
+    if not (opt.images and opt.labels and opt.out):
         raise UserError("give --images, --labels and --out (or --demo)")
-    return run(a)
+    return run(opt)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli(main))

@@ -27,8 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common as C
+import metrics as M
 import pneumollm as P
-from prepare import UserError
+from folders import Data, UserError, cli, replacing
 
 RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
 RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors", "state.pt", "metrics.json",
@@ -66,20 +67,7 @@ def parser() -> argparse.ArgumentParser:
     C.runtime_flags(ap)
     ap.add_argument("--checkpoint-vit", action="store_true",
                     help="recompute ViT activations in the backward: less memory, ~25%% slower")
-    g = ap.add_argument_group("ablations (README: Ablations)",
-                              "flags named after PneumoArgs fields; the defaults are PneumoLLM as published")
-    on = dict(action=argparse.BooleanOptionalAction, default=True)  # --x / --no-x
-    g.add_argument("--engine", choices=["multi", "coop", "cocoop", "none"], default="multi", help="Table 6")
-    g.add_argument("--n-diag", type=int, default=4, help="K diagnosis tokens, Fig. 6b")
-    g.add_argument("--cls-blocks", type=blocks, help="1-based ViT blocks giving CLS tokens, e.g. 12,24 "
-                   "(default: 4, 8, ..)")
-    g.add_argument("--emitter", **on, help="Eq. 2's mask (Table 6)")
-    g.add_argument("--vit-adapters", **on, help="Table 6")
-    g.add_argument("--llm-adapters", **on, help="Table 6")
-    g.add_argument("--llm", **on, help="Table 4: --no-llm reads no LLaMA")
-    g.add_argument("--encoder", choices=["clip", "conv"], default="clip", help="Fig. 6a (clip: any CLIP ViT file)")
-    g.add_argument("--adapter-dropout", type=float, default=0.1, help="dropout inside every adapter")
-    g.add_argument("--train-engine", **on, help="the authors' code: no")
+    g = C.ablation_flags(ap)
     g.add_argument("--question", help='Table 5, LaVIN-style text, e.g. "Does the patient have pneumoconiosis?"')
     g.add_argument("--tokenizer", help="LLaMA's tokenizer.model (default: in --llama or its parent folder)")
     g.add_argument("--authors-code", action="store_true", help="reproduce the authors' code, NOT the paper: "
@@ -104,12 +92,6 @@ def parse(argv=None) -> dict:
     except ValueError as e:  # e.g. --cls-blocks outside the ViT, --n-diag 0
         raise UserError(f"{e} (check the ablation flags)") from None
     return cfg
-
-
-def blocks(text: str) -> list:
-    if not all(b.strip().isdigit() for b in text.split(",")):
-        raise argparse.ArgumentTypeError(f"{text!r}: give 1-based block numbers separated by commas, e.g. 12,24")
-    return [int(b) for b in text.split(",")]
 
 
 def tokenize_question(cfg: dict):
@@ -146,7 +128,7 @@ def start_folder(out: Path, cfg: dict):
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
 
 
-def check_classes(data: C.Data, split: dict, cfg: dict):
+def check_classes(data: Data, split: dict, cfg: dict):
     """Before any training: the metrics that choose the epoch need every class in the validation split."""
     for part in ("train", "val") if cfg["select"] != "last" else ("train",):
         y = data.labels(split[part])
@@ -215,8 +197,8 @@ def lr_at(it: int, cfg: dict, iters_per_epoch: int) -> float:
     warm, total = int(cfg["warmup_epochs"] * iters_per_epoch), cfg["epochs"] * iters_per_epoch
     if it < warm:
         return cfg["warmup_lr"] + (cfg["lr"] - cfg["warmup_lr"]) * it / warm
-    t = (it - warm) / max(1, total - warm)
-    return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * t))
+    progress = (it - warm) / max(1, total - warm)
+    return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
 
 
 def loss_fn(logits, y, cfg):  # logits (B, C) fp32, y (B,) class indices or (B, C) multi-hot
@@ -229,7 +211,7 @@ def loss_fn(logits, y, cfg):  # logits (B, C) fp32, y (B,) class indices or (B, 
 
 class Training:
     """What a resumed run needs: the model's trainable weights, AdamW, the scaler, the data order,
-    the RNG and the best epoch so far. save() writes state.pt last: the commit point."""
+    the RNG and the best epoch so far, all in state.pt."""
 
     def __init__(self, model: P.PneumoLLM, cfg: dict):
         self.model, self.cfg, self.device = model, cfg, torch.device(cfg["device"])
@@ -245,87 +227,86 @@ class Training:
         self.epoch, self.best, self.best_epoch = 0, -1.0, 0
 
     def save(self, out: Path):
-        self.model.save_trainable(out / "last.safetensors")
-        st = dict(opt=self.opt.state_dict(), scaler=self.scaler.state_dict(), gen=self.gen.get_state(),
+        """The resume point: one file, replaced at once, so that a kill at any instant resumes exactly."""
+        st = dict(model={n: p.detach().cpu() for n, p in self.model.own_state_dict().items()},
+                  opt=self.opt.state_dict(), scaler=self.scaler.state_dict(), gen=self.gen.get_state(),
                   rng=torch.get_rng_state(), epoch=self.epoch, best=self.best, best_epoch=self.best_epoch)
         if self.device.type == "cuda":
-            st["cuda_rng"] = torch.cuda.get_rng_state()
-        torch.save(st, out / "state.tmp")
-        os.replace(out / "state.tmp", out / "state.pt")
+            st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        with replacing(out / "state.pt") as tmp:
+            torch.save(st, tmp)
 
     def restore(self, out: Path):
-        st = torch.load(out / "state.pt", weights_only=True)
-        self.model.load_trainable(out / "last.safetensors")
-        self.opt.load_state_dict(st["opt"])
+        st = C.read_state(out)
+        self.model.load_trainable(st["model"])
+        self.opt.load_state_dict(st["opt"])  # moves AdamW's state onto the parameters' device
         self.scaler.load_state_dict(st["scaler"])
         self.gen.set_state(st["gen"])
         torch.set_rng_state(st["rng"])
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(st["cuda_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in st:  # a run started on a CPU has none
+            torch.cuda.set_rng_state(st["cuda_rng"], self.device)
         self.epoch, self.best, self.best_epoch = st["epoch"], st["best"], st["best_epoch"]
 
 
-def train_epoch(t: Training, fwd, x: torch.Tensor, y: torch.Tensor, ranks: Ranks) -> dict:
+def train_epoch(tr: Training, fwd, x: torch.Tensor, y: torch.Tensor, ranks: Ranks) -> dict:
     """One pass over the training images in a fresh order; no host sync per step."""
-    cfg = t.cfg
+    cfg = tr.cfg
     ipe = math.ceil(len(x) / cfg["batch_size"])
-    t.model.train()
-    perm = torch.randperm(len(x), generator=t.gen).to(t.device)
-    losses, bad = torch.zeros((), device=t.device), torch.zeros((), device=t.device)  # summed on the device
+    tr.model.train()
+    perm = torch.randperm(len(x), generator=tr.gen).to(tr.device)
+    losses, bad = torch.zeros((), device=tr.device), torch.zeros((), device=tr.device)  # summed on the device
     for i in range(ipe):
-        lr = lr_at(t.epoch * ipe + i, cfg, ipe)
-        for g in t.opt.param_groups:
+        lr = lr_at(tr.epoch * ipe + i, cfg, ipe)
+        for g in tr.opt.param_groups:
             g["lr"] = lr
         mine, weight = ranks.share(perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]])
         with C.autocast(cfg):
-            logits = fwd(C.normalise(x[mine], cfg, t.model.args.vision.image_size))
+            logits = fwd(C.normalise(x[mine], cfg, tr.model.args.vision.image_size))
         loss = loss_fn(logits.float(), y[mine], cfg) * weight
-        t.scaler.scale(loss).backward()  # under DDP a NaN in one process reaches every process's gradients
-        t.scaler.step(t.opt)  # skipped if a gradient is inf/NaN: an fp16 overflow or a non-finite loss
-        t.scaler.update()
-        t.opt.zero_grad(set_to_none=True)
+        tr.scaler.scale(loss).backward()  # under DDP a NaN in one process reaches every process's gradients
+        tr.scaler.step(tr.opt)  # skipped if a gradient is inf/NaN: an fp16 overflow or a non-finite loss
+        tr.scaler.update()
+        tr.opt.zero_grad(set_to_none=True)
         finite = torch.isfinite(loss.detach())
         losses += torch.where(finite, loss.detach(), 0.0)
         bad += ~finite
-    t.epoch += 1
+    tr.epoch += 1
     losses, bad = ranks.gather(losses, bad)
     n_bad = int(bad.item())
     if n_bad == ipe:
-        raise UserError(f"every step of epoch {t.epoch} had a non-finite loss; stopping "
+        raise UserError(f"every step of epoch {tr.epoch} had a non-finite loss; stopping "
                         "(try --dtype bf16/fp32 or a lower --lr)")
     if n_bad:
-        print(f"epoch {t.epoch}: {n_bad} step(s) with a non-finite loss skipped", file=sys.stderr)
-    return dict(epoch=t.epoch, loss=losses.item() / (ipe - n_bad), lr=lr, **({"skipped": n_bad} if n_bad else {}))
+        print(f"epoch {tr.epoch}: {n_bad} step(s) with a non-finite loss skipped", file=sys.stderr)
+    return dict(epoch=tr.epoch, loss=losses.item() / (ipe - n_bad), lr=lr, **({"skipped": n_bad} if n_bad else {}))
 
 
-def validate_and_save(t: Training, rec: dict, val_x, val_y, out: Path):
+def validate_and_save(tr: Training, rec: dict, val_x, val_y, out: Path):
     """The lead's end of an epoch: validation metrics, best.safetensors if better, log, resume point."""
-    if t.cfg["select"] != "last":
-        m = C.metrics(val_y, C.predict(t.model, val_x, t.cfg))
-        rec["val"] = {k: m[k] for k in C.METRICS}
-        if m["avg"] > t.best:
-            t.best, t.best_epoch = m["avg"], t.epoch
-            t.model.save_trainable(out / "best.safetensors")
+    if tr.cfg["select"] != "last":
+        m = M.metrics(val_y, C.predict(tr.model, val_x, tr.cfg))
+        rec["val"] = {k: m[k] for k in M.METRICS}
+        if m["avg"] > tr.best:
+            tr.best, tr.best_epoch = m["avg"], tr.epoch
+            tr.model.save_trainable(out / "best.safetensors")
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
-    t.save(out)
+    tr.save(out)
 
 
 def write_predictions(path: Path, rows: list, prob, cfg: dict):
     """One row per image: pseudonym, patient, label, the probability of each class, the argmax (or > 0.5)
-    prediction. Written under a temporary name first."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    prediction."""
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "patient", "label", *(f"p_{c}" for c in cfg["classes"]), "prediction"])
         for r, p in zip(rows, prob):
             found = [c for c, q in zip(cfg["classes"], p) if q > 0.5]
             pred = "|".join(found) if cfg["multi_label"] else cfg["classes"][int(p.argmax())]
             w.writerow([Path(r["image"]).stem, r["patient"], r["label"], *(f"{q:.6f}" for q in p), pred])
-    os.replace(tmp, path)
 
 
-def final_test(model: P.PneumoLLM, data: C.Data, split: dict, cfg: dict, epoch: int, out: Path) -> dict:
+def final_test(model: P.PneumoLLM, data: Data, split: dict, cfg: dict, epoch: int, out: Path) -> dict:
     """The one and only look at the test fold, with the chosen epoch's weights. Writes the validation
     split's predictions (eval.py chooses its operating point there), metrics.json, then predictions.csv:
     the run is finished."""
@@ -335,12 +316,12 @@ def final_test(model: P.PneumoLLM, data: C.Data, split: dict, cfg: dict, epoch: 
         write_predictions(out / "val_predictions.csv", split["val"], val, cfg)
     rows = split["test"]
     y, prob = data.labels(rows), C.predict(model, data.images(rows), cfg)
-    m = C.metrics(y, prob)
+    m = M.metrics(y, prob)
     meta = dict(fold=cfg["fold"], selected_on=cfg["select"], epoch=epoch, n_test=len(rows), metrics=m)
     (out / "metrics.json").write_text(json.dumps(meta, indent=1))
     write_predictions(out / "predictions.csv", rows, prob, cfg)
     print(f"test fold {cfg['fold']} ({len(rows)} images, epoch {epoch} chosen on {cfg['select']}): "
-          + "  ".join(f"{k} {100 * m[k]:.2f}" for k in C.METRICS))
+          + "  ".join(f"{k} {100 * m[k]:.2f}" for k in M.METRICS))
     layout = "per finding [[tn, fp], [fn, tp]]" if cfg["multi_label"] else "rows true, cols predicted"
     print(f"confusion ({layout}, {cfg['classes']}): {m['confusion']}")
     return m
@@ -353,13 +334,13 @@ def setup(argv) -> tuple:
     """Flags, data, the run folder's verdict and the split; every check before any file is written."""
     cfg = parse(argv)
     C.apply_threads(cfg["threads"])
-    data = C.Data(cfg["data"])
+    data = Data(cfg["data"])
     settings = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
     cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"],
                size=int(settings["size"]), synthetic=bool(data.meta.get("demo")))
     if cfg["question"]:
         tokenize_question(cfg)
-    split = data.split(cfg["fold"], 0 if cfg["select"] == "test" else cfg["val_frac"], cfg["seed"])
+    split = data.run_split(cfg)
     if cfg["select"] == "test":
         print("WARNING: the epoch is chosen ON THE TEST FOLD, as in the authors' code: its test metrics are "
               "optimistic", file=sys.stderr)
@@ -376,44 +357,45 @@ def main(argv=None):
         return json.loads((out / "metrics.json").read_text())["metrics"]
     ranks = Ranks(cfg)
     model = C.build(cfg)  # fails early, with the download message, if checkpoints are missing
-    t = Training(model, cfg)
+    tr = Training(model, cfg)
     if ranks.lead and verdict == "new":
         start_folder(out, cfg)
     if verdict == "resume":
-        t.restore(out)
-        print(f"{out}: resuming the interrupted run after epoch {t.epoch} of {cfg['epochs']}")
+        tr.restore(out)
+        print(f"{out}: resuming the interrupted run after epoch {tr.epoch} of {cfg['epochs']}")
     if ranks.lead:  # drop what a killed run logged past its resume point
         lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
-        (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= t.epoch))
-    device = t.device
-    x, y = data.images(split["train"]).to(device), torch.from_numpy(data.labels(split["train"])).to(device)  # once
-    val_x, val_y = data.images(split["val"]).to(device), data.labels(split["val"])
+        (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= tr.epoch))
+    device = tr.device
+    x = torch.from_numpy(data.images(split["train"])).to(device)  # every image on the device, once
+    y = torch.from_numpy(data.labels(split["train"])).to(device)
+    val_x, val_y = torch.from_numpy(data.images(split["val"])).to(device), data.labels(split["val"])
     if cfg["checkpoint_vit"] and isinstance(model.visual, P.VisionTransformer):
         model.visual.grad_checkpointing = True
     fwd = ranks.wrap(model, device)
     fwd = torch.compile(fwd, mode=cfg["compile"]) if cfg["compile"] else fwd
     print(f"fold {cfg['fold']}: {len(x)} train, {len(val_x)} validation images (epoch chosen on: {cfg['select']})"
           + (f"; {ranks.world} processes share each batch of {cfg['batch_size']}" if ranks.world > 1 else ""))
-    t0, start = time.time(), t.epoch
-    while t.epoch < cfg["epochs"]:
-        rec = train_epoch(t, fwd, x, y, ranks)
+    t0, start = time.time(), tr.epoch
+    while tr.epoch < cfg["epochs"]:
+        rec = train_epoch(tr, fwd, x, y, ranks)
         if not ranks.lead:  # the others go straight on; the next gradient all-reduce waits for the lead
             continue
-        validate_and_save(t, rec, val_x, val_y, out)
-        el, done = time.time() - t0, t.epoch - start
+        validate_and_save(tr, rec, val_x, val_y, out)
+        el, done = time.time() - t0, tr.epoch - start
         val = f"  val AUC {rec['val']['auc']:.3f} AVG {100 * rec['val']['avg']:.2f}" if "val" in rec else ""
-        print(f"epoch {t.epoch:3d}/{cfg['epochs']}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}{val}  "
-              f"{done * len(x) / el:.1f} img/s  ETA {(cfg['epochs'] - t.epoch) * el / done:.0f}s")
+        print(f"epoch {tr.epoch:3d}/{cfg['epochs']}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}{val}  "
+              f"{done * len(x) / el:.1f} img/s  ETA {(cfg['epochs'] - tr.epoch) * el / done:.0f}s")
     ranks.close()
     if not ranks.lead:
         return None
-    n = t.epoch - start
+    n = tr.epoch - start
     print(f"trained {n} epoch{'s' * (n != 1)} in {time.time() - t0:.0f} s (validation and checkpoints included)")
     if cfg["select"] == "last":
         model.save_trainable(out / "best.safetensors")
-    chosen = t.best_epoch if cfg["select"] != "last" else cfg["epochs"]
+    chosen = tr.best_epoch if cfg["select"] != "last" else cfg["epochs"]
     return final_test(model, data, split, cfg, chosen, out)
 
 
 if __name__ == "__main__":
-    sys.exit(C.cli(main))
+    sys.exit(cli(main, (P.CheckpointError,)))

@@ -1,0 +1,119 @@
+"""
+The data folder's contract, shared by prepare.py (which writes it), train.py and eval.py (which read
+it): its rows (manifest.csv, meta.json), the patient-level folds, the run's split rule, one-line
+errors, and files replaced whole or not at all. numpy only: neither torch nor pydicom.
+
+A data folder (data/<name>/) holds images/<pseudonym>.png, manifest.csv (image, label, patient,
+fold, crop), meta.json (settings, classes, counts, the shortcut audit) and records.jsonl.
+"""
+import csv
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+class UserError(Exception):
+    """A mistake in the user's input (a file, a flag): the scripts print its one line and exit with 2."""
+
+
+def cli(main, errors=()):
+    """Run a script's main; a mistake in the user's input (UserError, or one of `errors`) is one line
+    on stderr and exit status 2."""
+    try:
+        rc = main()
+        return rc if isinstance(rc, int) else 0
+    except (UserError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+@contextmanager
+def replacing(path: Path):
+    """Yields a temporary path beside `path`; when the block ends without an error, it replaces `path`
+    at once (a kill leaves the old file or the new one, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    yield tmp
+    os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str):
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+def make_folds(patients: list, labels: list, k: int, seed: int) -> list:
+    """Stratified k folds grouped by patient: shuffled patients, largest first, each into the fold
+    where its labels are least represented so far. No patient is ever in two folds."""
+    classes = sorted(set(labels))
+    groups = {}
+    for p, y in zip(patients, labels):
+        groups.setdefault(p, np.zeros(len(classes)))[classes.index(y)] += 1
+    order = list(groups)
+    np.random.default_rng(seed).shuffle(order)
+    order.sort(key=lambda p: -groups[p].sum())
+    total = np.maximum(sum(groups.values()), 1)
+    counts, fold_of = np.zeros((k, len(classes))), {}
+    for p in order:
+        cost = (((counts + groups[p]) / total) ** 2).sum(1) + 1e-9 * np.arange(k)
+        fold_of[p] = int(np.argmin(cost))
+        counts[fold_of[p]] += groups[p]
+    return [fold_of[p] + 1 for p in patients]
+
+
+def encode_labels(labels: list, classes: list, multi_label: bool) -> np.ndarray:
+    """Class indices (N,), or multi-hot (N, C) for multi-label sets (findings written a|b)."""
+    if multi_label:
+        hot = [[c in label.split("|") for c in classes] for label in labels]
+        return np.array(hot, np.float32).reshape(-1, len(classes))
+    return np.array([classes.index(label) for label in labels], np.int64)
+
+
+class Data:
+    """A prepared data folder: its rows, classes and folds, the split of a fold, its images."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        for name in ("manifest.csv", "meta.json"):
+            if not (self.folder / name).exists():
+                raise UserError(f"{self.folder / name} not found: prepare the data first (python prepare.py "
+                                f"--demo, or --images/--labels/--out {self.folder})")
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.classes, self.multi_label = self.meta["classes"], self.meta.get("multi_label", False)
+        with open(self.folder / "manifest.csv", newline="") as f:
+            self.rows = list(csv.DictReader(f))
+        self.folds = sorted({int(r["fold"]) for r in self.rows})
+
+    def images(self, rows, column="image") -> np.ndarray:  # (N, 1, H, W) uint8
+        if not rows:  # e.g. the validation split of --val-frac 0
+            return np.zeros((0, 1, 0, 0), np.uint8)
+        return np.stack([np.asarray(Image.open(self.folder / r[column]).convert("L")) for r in rows])[:, None]
+
+    def labels(self, rows) -> np.ndarray:
+        return encode_labels([r["label"] for r in rows], self.classes, self.multi_label)
+
+    def split(self, fold: int, val_frac=0.1, seed=20) -> dict:
+        """{'train', 'val', 'test': rows}; val is carved from the training patients, by patient."""
+        if fold not in self.folds:
+            raise UserError(f"--fold {fold}: {self.folder}/manifest.csv has folds {self.folds}")
+        test = [r for r in self.rows if int(r["fold"]) == fold]
+        rest = [r for r in self.rows if int(r["fold"]) != fold]
+        out = {"test": test, "train": rest, "val": []}
+        if val_frac > 0:
+            k = max(2, round(1 / val_frac))  # inner folds; the first is the validation split
+            inner = make_folds([r["patient"] for r in rest], [r["label"] for r in rest], k, seed)
+            out["train"] = [r for r, f in zip(rest, inner) if f != 1]
+            out["val"] = [r for r, f in zip(rest, inner) if f == 1]
+        seen = {r["patient"] for r in out["train"] + out["val"]}
+        assert not seen & {r["patient"] for r in test}, "a test patient is in the training data"
+        return out
+
+    def run_split(self, cfg: dict) -> dict:
+        """The split a run trains on, from its config: --authors-code (select "test") holds no
+        validation patients out (it chooses the epoch on the test fold instead)."""
+        return self.split(cfg["fold"], 0 if cfg["select"] == "test" else cfg["val_frac"], cfg["seed"])
