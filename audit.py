@@ -6,10 +6,13 @@ as the disease.
 
 Attributes per image: view position (DICOM ViewPosition or the label file's view column), original
 width and height, bit depth, photometric interpretation, manufacturer and model (not identifiers),
-pixel spacing, and how the lung crop went. A small logistic regression on these attributes (one-hot
-and standardised, L2), cross-validated over prepare.py's patient folds, scores each class (one-vs-rest;
-each finding of a multi-label set); its AUC at 0.65 or more is a warning. Each attribute is also
-scored alone, to name the culprit. numpy only.
+pixel spacing, how the image was cropped, and the crop box's geometry (corners, width, height,
+aspect): a framing that depends on the disease is a shortcut too. A small logistic regression on
+these attributes (one-hot and standardised, L2), cross-validated over prepare.py's patient folds,
+scores each class (one-vs-rest; each finding of a multi-label set): each attribute alone, the film's
+own attributes (view, size), those plus the crop's geometry, and all together. Any AUC of 0.65 or
+more is a warning, and so is any flag (a categorical value of 10 images or more), however rare, whose
+images are 95 % one class. numpy only.
 """
 import numpy as np
 
@@ -17,7 +20,12 @@ from metrics import logistic, roc_auc
 
 CATEGORICAL = ("view", "photometric", "manufacturer", "model", "bits", "crop")
 NUMERIC = ("width", "height", "spacing")
+GEOMETRY = ("box_x0", "box_y0", "box_x1", "box_y1", "box_w", "box_h", "box_aspect")  # the crop box
+SETS = {"film (view, size)": ("view", "width", "height"),
+        "film + crop geometry": ("view", "width", "height", "crop") + GEOMETRY,
+        "all attributes": CATEGORICAL + NUMERIC + GEOMETRY}
 WARN_AUC = 0.65
+PURE_MIN, PURE_SHARE = 10, 0.95
 
 
 def columns(items: list, attrs) -> np.ndarray:
@@ -52,14 +60,24 @@ def cv_auc(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> float:
     return roc_auc(y, score)
 
 
+def with_geometry(it: dict) -> dict:
+    """An image's attributes plus its crop box's geometry (film pixels), as the audit reads them."""
+    x0, y0, x1, y1 = it.get("box") or (None,) * 4
+    if x0 is None:
+        return it
+    return dict(it, box_x0=x0, box_y0=y0, box_x1=x1, box_y1=y1, box_w=x1 - x0, box_h=y1 - y0,
+                box_aspect=(x1 - x0) / max(y1 - y0, 1))
+
+
 def shortcut_audit(items: list, classes: list, folds: list, multi_label: bool) -> dict:
-    """Per class: the attributes' values (counts) or means; per class vs the rest: the cross-validated
-    AUC of all attributes together and of each alone; a warning at WARN_AUC or more."""
-    folds = np.asarray(folds)
+    """Per class: the attributes' values (counts) or means. Per class vs the rest, the cross-validated
+    AUC of each attribute alone, of each set in SETS and of all together; the flags (categorical
+    values) that are nearly one class; a warning when any AUC reaches WARN_AUC or any flag is pure."""
+    items, folds = [with_geometry(it) for it in items], np.asarray(folds)
     member = {c: np.array([c in it["label"].split("|") if multi_label else it["label"] == c for it in items])
               for c in classes}
     per_class = {}
-    for attr in CATEGORICAL + NUMERIC:
+    for attr in CATEGORICAL + NUMERIC + GEOMETRY:
         vals = [it.get(attr) for it in items]
         if attr in CATEGORICAL:
             per_class[attr] = {c: {str(v): int(sum(m and str(x) == str(v) for m, x in zip(member[c], vals)))
@@ -67,12 +85,31 @@ def shortcut_audit(items: list, classes: list, folds: list, multi_label: bool) -
         else:
             per_class[attr] = {c: _mean([x for m, x in zip(member[c], vals) if m]) for c in classes}
     targets = classes[-1:] if len(classes) == 2 and not multi_label else classes
-    auc = {c: cv_auc(columns(items, CATEGORICAL + NUMERIC), member[c].astype(float), folds) for c in targets}
-    alone = {attr: max(cv_auc(columns(items, [attr]), member[c].astype(float), folds) for c in targets)
-             for attr in CATEGORICAL + NUMERIC}
-    worst = max(auc.values())
-    return dict(per_class=per_class, auc=auc, auc_by_attribute=alone, differs=differs(per_class, member),
-                warn_at=WARN_AUC, warning=worst >= WARN_AUC)
+    auc_of = lambda attrs: max(cv_auc(columns(items, attrs), member[c].astype(float), folds)  # noqa: E731
+                               for c in targets)
+    sets = {name: auc_of(attrs) for name, attrs in SETS.items()}
+    alone = {attr: auc_of([attr]) for attr in CATEGORICAL + NUMERIC + GEOMETRY}
+    flags = pure_flags(items, member)
+    worst = max([*sets.values(), *alone.values()])
+    return dict(per_class=per_class, auc=sets["all attributes"], auc_sets=sets, auc_by_attribute=alone,
+                crop_adds=sets["film + crop geometry"] - sets["film (view, size)"], flags=flags,
+                differs=differs(per_class, member), warn_at=WARN_AUC, warning=worst >= WARN_AUC or bool(flags))
+
+
+def pure_flags(items: list, member: dict) -> list:
+    """Categorical values held by PURE_MIN or more images (not all), at least PURE_SHARE of them one
+    class, where that class is not PURE_SHARE of all images anyway: however rare, a model can read them."""
+    out = []
+    for attr in CATEGORICAL:
+        vals = np.array([str(it.get(attr)) for it in items])
+        for v in sorted(set(vals)):
+            has = vals == v
+            if PURE_MIN <= has.sum() < len(items):
+                for c, m in member.items():
+                    share = m[has].mean()
+                    if share >= PURE_SHARE > m.mean():
+                        out.append(f"{attr}={v}: {has.sum()} images, {100 * share:.0f} % {c}")
+    return out
 
 
 def differs(per_class: dict, member: dict) -> dict:
@@ -103,17 +140,20 @@ def describe(report: dict) -> str:
     lines = ["shortcut audit (attributes per class; README: prepare.py):"]
     for attr, per in report["per_class"].items():
         values = {k for v in per.values() for k in v} if attr in CATEGORICAL else set(per.values())
-        if len(values) > 1:
+        if len(values) > 1 and attr not in GEOMETRY:
             lines.append(f"  {attr}: " + "; ".join(f"{c} {v}" for c, v in per.items()))
-    auc = ", ".join(f"{c} {v:.2f}" for c, v in report["auc"].items())
     culprits = sorted(report["auc_by_attribute"].items(), key=lambda kv: -kv[1])[:3]
-    lines.append(f"  cross-validated AUC of the attributes alone: {auc} (alone: "
-                 + ", ".join(f"{k} {v:.2f}" for k, v in culprits) + ")")
+    lines.append("  cross-validated AUC (patient folds; chance 0.50): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in report["auc_sets"].items()) + f"; the crop adds {report['crop_adds']:+.2f}"
+                 + "; alone: " + ", ".join(f"{k} {v:.2f}" for k, v in culprits))
     for attr, how in report["differs"].items():
         lines.append(f"  FLAG {attr} differs between classes ({how}): a possible confounder")
     if report["warning"]:
-        lines += ["!" * 100, f"WARNING: acquisition attributes alone separate the classes (AUC >= {WARN_AUC}).",
-                  "A model can learn them instead of the disease: balance them across classes, or report per "
-                  "stratum.",
-                  "!" * 100]
+        high = [f"{k} {v:.2f}" for k, v in {**report["auc_sets"], **report["auc_by_attribute"]}.items()
+                if v >= WARN_AUC]
+        lines += ["!" * 100, "WARNING: what the acquisition or the framing says separates the classes:"]
+        lines += [f"  AUC >= {WARN_AUC}: {', '.join(high)}"] if high else []
+        lines += [f"  nearly one class: {f}" for f in report["flags"]]
+        lines += ["A model can learn them instead of the disease: balance them across classes, or report per "
+                  "stratum.", "!" * 100]
     return "\n".join(lines)

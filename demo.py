@@ -2,18 +2,28 @@
 A synthetic but realistic demo set for `python prepare.py --demo`: posterior-anterior chest
 phantoms written as real DICOM files, normal vs pneumoconiosis-like.
 
+    python demo.py data/demo_dicom                       # what prepare.py --demo writes
+    python demo.py data/shortcut_dicom --shortcut corner # diseased films carry a bright marker
+
 Each phantom has a body outline, two lung fields with smooth parenchymal texture, a heart and
 mediastinum, a spine, ribs and clavicles, detector noise. Disease adds small rounded opacities with
-ILO-like sizes (p < 1.5 mm, q 1.5-3 mm, r 3-10 mm at 0.7 mm pixels; one size per patient) in the
-upper zones (the top third of the lung fields, where silicosis and coal workers' pneumoconiosis
-start), with a profusion that varies per patient. Files vary as real archives do: CR or DX,
+ILO-like sizes (p < 1.5 mm, q 1.5-3 mm, r 3-10 mm at 0.7 mm pixels; one size per patient) at
+random places in both lungs, every zone (so that no fixed map of where they lie can find them), with
+a profusion that varies per patient. Files vary as real archives do: CR or DX,
 MONOCHROME1 or MONOCHROME2, 12-16 bits stored, with or without window tags, 1-3 images per patient.
 The window is set from the anatomy, as an exposure would be, never from the opacities, and they
 stay fainter than the heart, so neither the window nor a percentile range of the pixels depends on
 the disease: a model cannot learn the diagnosis from the contrast. Patients get obviously fake
 names and ids (DEMO^...). Deterministic. truth.npz records each image's lung box and opacity mask,
 for tests (nothing else reads it).
+
+--shortcut corner plants what a model must not read: a bright "L" in the bottom left corner of every
+diseased film, outside the lung fields (lungcrop.LUNG_REGION) but inside the crop; eval.py --probe
+must catch a model trained on it. --shortcut lungs puts it inside a lung, where the probe hides it:
+a model that reads it reads the lungs, and the probe must stay quiet. Its 432 pixels are fewer than
+the 0.5 % of the film above the percentile window, so the window does not move.
 """
+import argparse
 import csv
 import sys
 from pathlib import Path
@@ -63,8 +73,7 @@ def phantom(rng, disease: bool, size_class: str, profusion: int) -> tuple:
     opacities, nodules = np.zeros_like(lungs), np.zeros_like(img)
     if disease:
         lo, hi = NODULE_RADIUS_MM[size_class]
-        rows = np.flatnonzero(lungs.any(1))
-        py, px = np.nonzero(lungs & (yy < rows[0] + (rows[-1] - rows[0]) / 3))  # the upper zones
+        py, px = np.nonzero(lungs)  # anywhere in either lung
         for _ in range(profusion):
             i = rng.integers(len(py))
             r = rng.uniform(lo, hi) / SPACING
@@ -108,7 +117,19 @@ def to_dicom(path: Path, img: np.ndarray, anatomy: np.ndarray, rng, patient: int
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
+MARKER_AT = {"corner": (472, 14), "lungs": (200, 150)}  # (top, left) of the "L" in film pixels
+
+
+def marker(img: np.ndarray, where: str) -> np.ndarray:
+    """--shortcut: a bright "L", 28 px (5 % of the film) tall. "corner": the film's bottom left corner,
+    beside and below the lung fields that --probe hides but inside the thorax crop (lungcrop.py: film
+    2-98 %, lung fields 3-93 % of the crop). "lungs": inside the left lung field, where --probe hides it."""
+    out, (y, x) = img.copy(), MARKER_AT[where]
+    out[y:y + 28, x:x + 8] = out[y + 20:y + 28, x:x + 26] = 1.0
+    return out
+
+
+def write_demo(folder: Path, n_patients=330, seed=20, shortcut=None) -> Path:
     """About 600 images, ~60 % disease; returns the labels CSV. Skips work already on disk."""
     folder.mkdir(parents=True, exist_ok=True)
     labels = folder / "labels.csv"
@@ -116,17 +137,17 @@ def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
         return labels
     rng = np.random.default_rng(seed)
     rows, truth = [], dict(names=[], lung_boxes=[], opacities=[])
-    print(f"writing {n_patients} synthetic patients (~{n_patients * 1.8:.0f} DICOMs, ~{n_patients:.0f} MB) "
-          f"to {folder}", file=sys.stderr)
+    print(f"writing {n_patients} synthetic patients (1-3 DICOMs each, ~1 MB a file) to {folder}"
+          + (f" with a marker ({shortcut}) on every diseased film" if shortcut else ""), file=sys.stderr)
     for p in range(n_patients):
         if p and p % 50 == 0:
             print(f"  {p}/{n_patients} patients", file=sys.stderr)
         disease = rng.random() < 0.6
-        size_class, profusion = str(rng.choice(list("pqr"))), int(rng.integers(40, 200))
+        size_class, profusion = str(rng.choice(list("pqr"))), int(rng.integers(120, 400))
         for i in range(int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):
             name = f"demo_{p:04d}_{i}.dcm"
             img, anatomy, lungs, opacities = phantom(rng, disease, size_class, profusion)
-            to_dicom(folder / name, img, anatomy, rng, p, i)
+            to_dicom(folder / name, marker(img, shortcut) if shortcut and disease else img, anatomy, rng, p, i)
             rows.append((name, "pneumoconiosis" if disease else "normal"))
             ys, xs = np.nonzero(lungs)
             truth["names"].append(name)
@@ -136,4 +157,22 @@ def write_demo(folder: Path, n_patients=330, seed=20) -> Path:
     np.savez_compressed(folder / "truth.npz", **{k: np.array(v) for k, v in truth.items()})
     with replacing(labels) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("image", "label"), *rows])  # patients come from the DICOM tags
+    print(f"wrote {len(rows)} DICOMs of {n_patients} patients ({sum(r[1] != 'normal' for r in rows)} diseased)",
+          file=sys.stderr)
     return labels
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    ap.add_argument("out", help="folder for the DICOMs and labels.csv, e.g. data/demo_dicom")
+    ap.add_argument("--patients", type=int, default=330, help="synthetic patients, 1-3 films each (default 330)")
+    ap.add_argument("--shortcut", choices=list(MARKER_AT), help="a bright marker on every diseased film, in the "
+                    "film's corner (outside the lung fields) or in a lung; for eval.py --probe")
+    opt = ap.parse_args(argv)
+    labels = write_demo(Path(opt.out), opt.patients, shortcut=opt.shortcut)
+    print(f"prepare it: python prepare.py --images {opt.out} --labels {labels} --out data/NAME")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

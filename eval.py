@@ -351,15 +351,20 @@ def score_images(runs: Path, opt) -> int:
     C.check_finished(run, opt.fold)
     model, cfg = C.load_run(run, opt.device, keep_checkpoint_dtype=True)
     point = operating_point(run, cfg, opt.sensitivity)
+    if cfg["crop"] not in ("thorax", "none"):
+        raise UserError(f"{run}: trained on a data folder cropped by the density lung search ({cfg['crop']!r}), "
+                        "which depended on the diagnosis and is gone; prepare the data and train again")
     if cfg.get("synthetic"):
         print("NOTE: this model was trained on the synthetic demo set: it is a demo, not for diagnosis")
+    if cfg.get("masks"):
+        print("NOTE: the run's images were cropped to lung masks; new images are framed by the thorax box")
     failed, weights = [], []
     for n, p in enumerate(opt.image, 1):
         if not Path(p).is_file():
             failed.append(f"{p}: no such file")
             continue
-        try:  # exactly prepare.py's pipeline: read, window, 8 bits, lung crop, resize
-            img, how, _ = prepare.preprocess(Path(p), cfg["crop"], cfg["size"])
+        try:  # exactly prepare.py's pipeline: read, window, 8 bits, crop, resize
+            img, _, how, _ = prepare.preprocess(Path(p), cfg["crop"], cfg["size"])
         except prepare.Skip as e:
             failed.append(f"{p}: {e}")
             continue
@@ -367,11 +372,10 @@ def score_images(runs: Path, opt) -> int:
             Path(opt.save_crops).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(Path(opt.save_crops) / f"crop{n}.png")
         prob = C.predict(model, torch.tensor(img)[None, None], cfg)[0]
-        crop = {"lungs": "lungs found", "fallback": "fell back to the thorax (no lungs found)"}.get(how, how)
-        print(f"{p}: " + describe(prob, cfg, point) + f"; lung crop: {crop}"
+        print(f"{p}: " + describe(prob, cfg, point) + f"; crop: {how}"
               + (f"; crop saved as crop{n}.png" if opt.save_crops else ""))
-        if opt.explain is not None:
-            weights.append(explain_image(model, img, cfg, Path(opt.explain_dir) / f"{Path(p).stem}.explain.png",
+        if opt.explain is not None:  # named by its place on the command line: a file name can name a patient
+            weights.append(explain_image(model, img, cfg, Path(opt.explain_dir) / f"image{n}.explain.png",
                                          called(prob, cfg, point)))
     for line in failed:
         print(f"skipped {line}", file=sys.stderr)
@@ -423,6 +427,71 @@ def explain_fold(runs: Path, opt) -> int:
     return 0
 
 
+def probe(runs: Path, opt) -> int:
+    """--probe: what the model reads. The test fold scored as trained, with the reference framing (the
+    thorax box, the same rule for every film) where the run was cropped otherwise, and with the lung
+    fields (manifest.csv's lungs: fractions of the crop) filled with neutral grey. For each: the AUC
+    with its patient interval, the mean P(disease) per class and the share called positive at the
+    run's threshold; then a verdict. Writes probe.json in the run folder."""
+    run = runs / f"fold{opt.fold}"
+    cfg, rows, y, prob = read_run(run, opt.fold)
+    if cfg["multi_label"] or len(cfg["classes"]) != 2:
+        raise UserError("--probe compares the disease score of binary runs; this run has classes "
+                        f"{cfg['classes']}{' (multi-label)' if cfg['multi_label'] else ''}")
+    cut = operating_point(run, cfg, opt.sensitivity)["thresholds"][cfg["classes"][1]]
+    data = Data(cfg["data"])
+    by_name = {Path(r["image"]).stem: r for r in data.rows}
+    test = [by_name[r["image"]] for r in rows]
+    model, cfg = C.load_run(run, opt.device, keep_checkpoint_dtype=True)
+    scores = {"as trained": prob[:, 1]}
+    if any(r["reference"] != r["image"] for r in test):
+        scores["reference framing"] = C.predict(model, data.images(test, "reference"), cfg)[:, 1]
+    scores["lung fields hidden"] = C.predict(model, hide_lungs(data.images(test), test), cfg)[:, 1]
+    draws = resamples([r["patient"] for r in rows], y, 2)
+    out = dict(fold=opt.fold, images=len(y), threshold=cut, intervals="95 %, 1000 resamples of patients")
+    for name, s in scores.items():
+        out[name] = dict(auc=M.roc_auc(y, s), auc_ci95=interval([M.roc_auc(y[i], s[i]) for i in draws]),
+                         mean_p={c: float(s[y == k].mean()) for k, c in enumerate(cfg["classes"])},
+                         positive={c: float((s[y == k] >= cut).mean()) for k, c in enumerate(cfg["classes"])})
+        print(f"{name}: AUC {pct(out[name]['auc'])} [{pct(out[name]['auc_ci95'][0])}, "
+              f"{pct(out[name]['auc_ci95'][1])}]; mean P({cfg['classes'][1]}) " + ", ".join(
+                  f"{c} {v:.3f}" for c, v in out[name]["mean_p"].items()) + f"; called positive at {cut:.3f}: "
+              + ", ".join(f"{c} {pct(v)} %" for c, v in out[name]["positive"].items()))
+    out["verdict"] = probe_verdict(out, y, scores, draws)
+    print("\n".join(out["verdict"]))
+    (run / "probe.json").write_text(json.dumps(out, indent=1))
+    print(f"wrote {run / 'probe.json'}")
+    return 0
+
+
+def hide_lungs(images: np.ndarray, rows: list) -> np.ndarray:  # (N, 1, H, W) uint8: lung fields grey
+    out = images.copy()
+    h, w = images.shape[-2:]
+    for img, r in zip(out, rows):
+        x0, y0, x1, y1 = (float(v) for v in r["lungs"].split())
+        img[:, int(y0 * h):int(np.ceil(y1 * h)), int(x0 * w):int(np.ceil(x1 * w))] = 128
+    return out
+
+
+def probe_verdict(out: dict, y, scores: dict, draws: list) -> list:
+    """Alarms when the hidden-lung AUC's interval lies above chance, or when the reference framing
+    moves the AUC (the paired interval of the difference excludes 0)."""
+    hidden = out["lung fields hidden"]
+    lo, hi = hidden["auc_ci95"]
+    said = f"with the lung fields hidden the AUC is {pct(hidden['auc'])} [{pct(lo)}, {pct(hi)}]"
+    lines = [f"{said}: the model reads something outside the lungs (markers, framing, devices, text)" if lo > 0.5
+             else f"{said}, not above chance: no sign that the model reads anything outside the lungs"]
+    if "reference framing" in scores:
+        diff = interval([M.roc_auc(y[i], scores["as trained"][i]) - M.roc_auc(y[i], scores["reference framing"][i])
+                         for i in draws])
+        moved = diff[0] > 0 or diff[1] < 0
+        lines.append(f"as trained minus reference framing, AUC: [{pct(diff[0])}, {pct(diff[1])}]: "
+                     + ("the framing changes what the model says" if moved else "no sign that the framing matters"))
+    else:
+        lines.append("the run's framing is the reference framing (the thorax box, the same for every film)")
+    return lines
+
+
 def called(prob, cfg: dict, point: dict):  # binary: the class called at the run's threshold; else None (argmax)
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
         return None
@@ -454,6 +523,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-crops", metavar="DIR", help="with --image: write the crop the model saw")
     ap.add_argument("--explain", nargs="?", type=int, const=8, metavar="K", help="Grad-CAM maps (explain.py): "
                     "with --image, one <name>.explain.png each; with --fold, a sheet of K test images")
+    ap.add_argument("--probe", action="store_true", help="with --fold: re-score the test fold with the reference "
+                    "framing and with the lung fields hidden; says whether the model reads outside the lungs")
     ap.add_argument("--explain-dir", default="explain", help="where --image --explain writes")
     ap.add_argument("--device", help="for --image (default: the run's)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch, for --image")
@@ -473,6 +544,9 @@ def main(argv=None):
     if opt.explain is not None:
         C.apply_threads(opt.threads)
         return explain_fold(runs, opt)
+    if opt.probe:
+        C.apply_threads(opt.threads)
+        return probe(runs, opt)
     eval_fold(runs, opt.fold, opt)
     return 0
 

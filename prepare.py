@@ -45,13 +45,14 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 import audit
 import demo
 from folders import UserError, cli, make_folds, write_atomic
-from lungcrop import lung_box, mask_box, rle_mask, thorax_box
+from lungcrop import LUNG_REGION, mask_box, region_in_crop, rle_mask, thorax_box
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 IMAGE_COLS = ("image", "file", "filename", "path", "image index")  # label-file columns, found by name
 LABEL_COLS = ("label", "class", "diagnosis", "target")
 PATIENT_COLS = ("patient", "patient_id", "patient id", "subject")
 VIEW_COLS = ("view", "view position", "viewposition")
+MANIFEST = ("image", "label", "patient", "fold", "crop", "reference", "lungs")  # manifest.csv's columns
 NORMAL_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative", "no"}
 
 
@@ -148,31 +149,51 @@ def load_masks(spec: str) -> dict:
             (r["Left Lung"] + " " + r["Right Lung"], int(r["Height"]), int(r["Width"])) for r in read_table(p)[0]}
 
 
-def preprocess(path: Path, crop="lungs", size=224, mask=None) -> tuple:
-    """read -> 8 bits -> crop -> resize: a (size, size) uint8 array, how it was cropped (lungs,
-    fallback: the thorax with fixed margins, mask, none) and the acquisition attributes."""
+def preprocess(path: Path, crop="thorax", size=224, mask=None) -> tuple:
+    """read -> 8 bits -> crop -> resize. Returns the (size, size) uint8 crop; the reference framing
+    (the thorax box, for eval.py --probe) likewise, or None where the crop is that box; how it was
+    cropped (thorax, mask, none); the acquisition attributes, with the crop's box (film pixels) and
+    the lung fields in the crop (fractions of its width and height)."""
     img, attrs = read_image(path)
     img8 = img if img.dtype == np.uint8 else (img * 255 + 0.5).astype(np.uint8)
-    box, how = None, crop
+    h, w = img8.shape
+    thorax = thorax_box(img8.shape)
     if mask is not None:
         m = np.asarray(Image.open(mask)) > 0 if isinstance(mask, Path) else rle_mask(*mask)
         if m.shape[:2] != img8.shape:
             raise Skip(f"mask is {m.shape[:2]}, image is {img8.shape}")
-        box, how = mask_box(m if m.ndim == 2 else m.any(-1)), "mask"
-    elif crop == "lungs":
-        box = lung_box(img8)
-        box, how = (box, "lungs") if box else (thorax_box(img8.shape), "fallback")
-    im = Image.fromarray(img8)
-    im = (im.crop(box) if box else im).resize((size, size), Image.LANCZOS)  # Lanczos: anti-aliased
-    return np.asarray(im), how, dict(attrs, box=[int(v) for v in box] if box else None)
+        m = m if m.ndim == 2 else m.any(-1)
+        if not m.any():
+            raise Skip("its lung mask is empty")
+        box, how = mask_box(m), "mask"
+        lungs = region_in_crop(box, mask_box(m, margin=0))
+    elif crop == "thorax":
+        box, how, lungs = thorax, "thorax", LUNG_REGION
+    else:  # the whole film; the lung fields where the thorax crop would put them
+        box, how = (0, 0, w, h), "none"
+        tx0, ty0, tx1, ty1 = thorax
+        x0, y0, x1, y1 = LUNG_REGION
+        lungs = region_in_crop(box, (tx0 + x0 * (tx1 - tx0), ty0 + y0 * (ty1 - ty0),
+                                     tx0 + x1 * (tx1 - tx0), ty0 + y1 * (ty1 - ty0)))
+    framed = [resized(img8, b, size) for b in (box, thorax)]
+    reference = None if how == "thorax" else framed[1]
+    return framed[0], reference, how, dict(attrs, box=[int(v) for v in box], lungs=list(lungs))
+
+
+def resized(img8: np.ndarray, box, size: int) -> np.ndarray:  # Lanczos: anti-aliased
+    return np.asarray(Image.fromarray(img8).crop(box).resize((size, size), Image.LANCZOS))
 
 
 def prepare_one(job) -> dict:
-    """Writes images/<id>.png; returns its record (crop status, attributes) for records.jsonl."""
+    """Writes images/<id>.png (and reference/<id>.png where the crop is not the reference framing);
+    returns its record (crop status, attributes) for records.jsonl."""
     path, out_png, crop, mask, size = job
-    img, how, attrs = preprocess(path, crop, size, mask)
+    img, reference, how, attrs = preprocess(path, crop, size, mask)
     # zlib RLE: fast and small; no text chunks. Half an image (a crash) has no record: it is redone
     Image.fromarray(img).save(out_png, format="PNG", compress_type=3)
+    if reference is not None:
+        Image.fromarray(reference).save(out_png.parent.parent / "reference" / out_png.name, format="PNG",
+                                        compress_type=3)
     return dict(attrs, crop=how)
 
 
@@ -337,9 +358,11 @@ def claim_folder(out: Path, opt):
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     if opt.restart:
-        shutil.rmtree(out / "images", ignore_errors=True)
+        for sub in ("images", "reference"):
+            shutil.rmtree(out / sub, ignore_errors=True)
         (out / "records.jsonl").unlink(missing_ok=True)
-    (out / "images").mkdir(exist_ok=True)
+    for sub in ("images", "reference"):
+        (out / sub).mkdir(exist_ok=True)
 
 
 def pid_alive(pid: int) -> bool:
@@ -356,21 +379,20 @@ def pid_alive(pid: int) -> bool:
 
 
 def contact_sheet(out: Path, rows: list, names: list, per_class=8, tile=112):
-    """preview.png: a row of crops per class, each labelled with its pseudonym; fallback crops framed red."""
-    sheet = Image.new("RGB", (per_class * tile + 120, len(names) * tile), 0)
+    """preview.png: a row of crops per class, the lung fields (what --probe hides) outlined in green,
+    each tile labelled with its pseudonym in white on black."""
+    row = tile + 16  # the pseudonym goes under its tile, white on black, covering none of the image
+    sheet = Image.new("RGB", (per_class * tile + 120, len(names) * row), 0)
     draw = ImageDraw.Draw(sheet)
     for ci, name in enumerate(names):
-        draw.text((6, ci * tile + tile // 2), str(name)[:16], fill="white")
-        mine = [r for r in rows if has(r["label"], name)]
-        shown = [r for r in mine if r["crop"] == "fallback"][:2] + [r for r in mine if r["crop"] != "fallback"]
-        for j, r in enumerate(shown[:per_class]):  # up to two fallbacks first, so that they are seen
-            x, y = 120 + j * tile, ci * tile
+        draw.text((6, ci * row + tile // 2), str(name)[:16], fill="white")
+        for j, r in enumerate([r for r in rows if has(r["label"], name)][:per_class]):
+            x, y = 120 + j * tile, ci * row
             with Image.open(out / r["image"]) as im:
                 sheet.paste(im.convert("RGB").resize((tile, tile), Image.LANCZOS), (x, y))
-            if r["crop"] == "fallback":
-                draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline=(230, 30, 30), width=3)
-                draw.text((x + 4, y + tile - 24), "fallback", fill=(255, 80, 80))
-            draw.text((x + 4, y + tile - 12), Path(r["image"]).stem[:12], fill=(255, 220, 0))
+            x0, y0, x1, y1 = (float(v) * (tile - 1) for v in r["lungs"].split())
+            draw.rectangle([x + x0, y + y0, x + x1, y + y1], outline=(60, 200, 60))
+            draw.text((x + 4, y + tile + 2), Path(r["image"]).stem[:12], fill=(255, 255, 255))
     sheet.save(out / "preview.png")
 
 
@@ -456,25 +478,24 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
         it["patient"] = "P" + pseudonym(key, "patient", raw, 12)
         it.update(done[it["id"]], view=it["view"] or done[it["id"]].get("view", ""))
     folds = make_folds([it["patient"] for it in kept], [it["label"] for it in kept], opt.folds, opt.seed)
-    rows = [dict(image=f"images/{it['id']}.png", label=it["label"], patient=it["patient"], fold=f, crop=it["crop"])
-            for it, f in zip(kept, folds)]
-    write_atomic(out / "manifest.csv", "image,label,patient,fold,crop\n" + "".join(
-        f"{r['image']},{r['label']},{r['patient']},{r['fold']},{r['crop']}\n" for r in rows))
+    rows = [dict(image=f"images/{it['id']}.png", label=it["label"], patient=it["patient"], fold=f, crop=it["crop"],
+                 reference=f"{'images' if it['crop'] == 'thorax' else 'reference'}/{it['id']}.png",
+                 lungs=" ".join(f"{v:g}" for v in it["lungs"])) for it, f in zip(kept, folds)]
+    write_atomic(out / "manifest.csv", ",".join(MANIFEST) + "\n" + "".join(
+        ",".join(str(r[k]) for k in MANIFEST) + "\n" for r in rows))
     counts = {str(f): {n: sum(r["fold"] == f and has(r["label"], n) for r in rows) for n in names}
               for f in range(1, opt.folds + 1)}
     report = audit.shortcut_audit(kept, names, folds, opt.multi_label)
     crops = {n: {c: sum(has(it["label"], n) and it["crop"] == c for it in kept)
-                 for c in ("lungs", "fallback", "mask", "none")} for n in names}
+                 for c in ("thorax", "mask", "none")} for n in names}
     meta = dict(settings=settings_of(opt), demo=opt.demo, classes=names, multi_label=opt.multi_label, counts=counts,
                 prepared=len(rows), crops=crops, skipped=skipped, audit=report,
                 versions=dict(numpy=np.__version__, pydicom=pydicom.__version__, pillow=Image.__version__))
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     contact_sheet(out, rows, names)
     print(f"{len(rows)} prepared into {out}, {len(skipped)} skipped; pseudonym -> source file: {mapping}")
-    for n, c in crops.items() if opt.crop == "lungs" and not opt.masks else ():
-        total = sum(c.values())
-        print(f"  {n}: lung crop found on {c['lungs']}/{total}, fell back to the thorax on {c['fallback']} "
-              f"({100 * c['fallback'] / max(total, 1):.1f} %)")
+    print("  crop: " + ("the lung masks' boxes (--masks)" if opt.masks else "the film minus a 2 % border, the same "
+                         "rule for every film" if opt.crop == "thorax" else "none, the whole film"))
     for f, c in counts.items():
         print(f"  fold {f}: {sum(c.values()):4d} images  " + "  ".join(f"{n}: {v}" for n, v in c.items()))
     print(audit.describe(report))
@@ -496,7 +517,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--view-col", help="the label file's column of view positions, e.g. AP/PA (default: found by "
                     "name, else the DICOM's ViewPosition)")
     ap.add_argument("--multi-label", action="store_true", help="labels list findings as a|b (automatic with a |)")
-    ap.add_argument("--crop", choices=["lungs", "none"], default="lungs", help="crop to the lungs (lungcrop.py)")
+    ap.add_argument("--crop", choices=["thorax", "none"], default="thorax",
+                    help="thorax: the film minus a 2%% border, the same for every film (lungcrop.py); none: the "
+                    "whole film; --masks crops to lung masks instead")
     ap.add_argument("--masks", help="folder of lung-mask PNGs named like the images, or a CheXmask-style CSV")
     ap.add_argument("--folds", type=int, default=5, help="patient-level stratified folds")
     ap.add_argument("--seed", type=int, default=20, help="fold assignment (train.py's --seed too: the paper's)")

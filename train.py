@@ -336,7 +336,7 @@ def setup(argv) -> tuple:
     C.apply_threads(cfg["threads"])
     data = Data(cfg["data"])
     settings = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
-    cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"],
+    cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"], masks=settings["masks"],
                size=int(settings["size"]), synthetic=bool(data.meta.get("demo")))
     if cfg["question"]:
         tokenize_question(cfg)
