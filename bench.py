@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 import common as C
 import pneumollm as P
+from folders import Help
 
 
 def mid_args(**kw) -> P.PneumoArgs:  # between tiny and full: a quick look at how figures scale
@@ -211,7 +212,7 @@ def suite(model: str):
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=Help)
     ap.add_argument("--prepare", metavar="LABELS", help="time prepare.py on this label file's images, side by "
                     "side with --against")
     ap.add_argument("--against", default="c812046", help="the commit whose prepare.py --prepare also times")

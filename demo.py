@@ -14,14 +14,14 @@ MONOCHROME1 or MONOCHROME2, 12-16 bits stored, with or without window tags, 1-3 
 The window is set from the anatomy, as an exposure would be, never from the opacities, and they
 stay fainter than the heart, so neither the window nor a percentile range of the pixels depends on
 the disease: a model cannot learn the diagnosis from the contrast. Patients get obviously fake
-names and ids (DEMO^...). Deterministic. truth.npz records each image's lung box and opacity mask,
+names and ids (DEMO^...). Deterministic. truth.npz records each image's lung box, opacity and marker masks,
 for tests (nothing else reads it).
 
 --shortcut corner plants what a model must not read: a bright "L" in the bottom left corner of every
 diseased film, outside the lung fields (lungcrop.LUNG_REGION) but inside the crop; eval.py --probe
-must catch a model trained on it. --shortcut lungs puts it inside a lung, where the probe hides it:
-a model that reads it reads the lungs, and the probe must stay quiet. Its 432 pixels are fewer than
-the 0.5 % of the film above the percentile window, so the window does not move.
+must catch a model trained on it. --shortcut lungs puts it inside the left lung, where the probe
+hides it: a model that reads it reads the lungs, and the probe must stay quiet. Its 368 pixels are
+fewer than the 0.5 % of the film above the percentile window, so the window does not move.
 """
 import argparse
 import csv
@@ -120,13 +120,14 @@ def to_dicom(path: Path, img: np.ndarray, anatomy: np.ndarray, rng, patient: int
 MARKER_AT = {"corner": (472, 14), "lungs": (200, 150)}  # (top, left) of the "L" in film pixels
 
 
-def marker(img: np.ndarray, where: str) -> np.ndarray:
+def marker(img: np.ndarray, where: str) -> tuple:
     """--shortcut: a bright "L", 28 px (5 % of the film) tall. "corner": the film's bottom left corner,
     beside and below the lung fields that --probe hides but inside the thorax crop (lungcrop.py: film
-    2-98 %, lung fields 3-93 % of the crop). "lungs": inside the left lung field, where --probe hides it."""
-    out, (y, x) = img.copy(), MARKER_AT[where]
-    out[y:y + 28, x:x + 8] = out[y + 20:y + 28, x:x + 26] = 1.0
-    return out
+    2-98 %, lung fields 3-93 % of the crop). "lungs": inside the left lung field, where the probe hides
+    it. Returns the film and the marker's mask."""
+    (y, x), mask = MARKER_AT[where], np.zeros(img.shape, bool)
+    mask[y:y + 28, x:x + 8] = mask[y + 20:y + 28, x:x + 26] = True
+    return np.where(mask, 1.0, img), mask
 
 
 def write_demo(folder: Path, n_patients=330, seed=20, shortcut=None) -> Path:
@@ -136,7 +137,7 @@ def write_demo(folder: Path, n_patients=330, seed=20, shortcut=None) -> Path:
     if labels.exists():
         return labels
     rng = np.random.default_rng(seed)
-    rows, truth = [], dict(names=[], lung_boxes=[], opacities=[])
+    rows, truth = [], dict(names=[], lung_boxes=[], opacities=[], markers=[])
     print(f"writing {n_patients} synthetic patients (1-3 DICOMs each, ~1 MB a file) to {folder}"
           + (f" with a marker ({shortcut}) on every diseased film" if shortcut else ""), file=sys.stderr)
     for p in range(n_patients):
@@ -147,12 +148,16 @@ def write_demo(folder: Path, n_patients=330, seed=20, shortcut=None) -> Path:
         for i in range(int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):
             name = f"demo_{p:04d}_{i}.dcm"
             img, anatomy, lungs, opacities = phantom(rng, disease, size_class, profusion)
-            to_dicom(folder / name, marker(img, shortcut) if shortcut and disease else img, anatomy, rng, p, i)
+            mark = np.zeros(img.shape, bool)
+            if shortcut and disease:
+                img, mark = marker(img, shortcut)
+            to_dicom(folder / name, img, anatomy, rng, p, i)
             rows.append((name, "pneumoconiosis" if disease else "normal"))
             ys, xs = np.nonzero(lungs)
             truth["names"].append(name)
             truth["lung_boxes"].append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))  # left top right bottom
             truth["opacities"].append(np.packbits(opacities))
+            truth["markers"].append(np.packbits(mark))
     # for the tests only (prepare.py and the model never read it): where the lungs and opacities are
     np.savez_compressed(folder / "truth.npz", **{k: np.array(v) for k, v in truth.items()})
     with replacing(labels) as tmp, open(tmp, "w", newline="") as f:

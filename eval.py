@@ -39,7 +39,7 @@ import metrics as M
 import plots
 import pneumollm as P
 import prepare
-from folders import Data, UserError, cli, encode_labels
+from folders import Data, Help, UserError, cli, encode_labels
 
 
 def read_predictions(path: Path, cfg: dict) -> tuple:  # (rows, labels, probabilities (N, C))
@@ -511,7 +511,7 @@ def describe(prob, cfg: dict, point: dict) -> str:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=Help)
     ap.add_argument("--runs", default="out/demo", help="folder holding fold1/, fold2/, ... from train.py")
     ap.add_argument("--fold", type=int, default=1, help="the fold to score (or whose model scores --image)")
     ap.add_argument("--all", action="store_true", help="every finished fold of 1..--folds, as the paper's Table 2")

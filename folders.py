@@ -6,6 +6,7 @@ errors, and files replaced whole or not at all. numpy only: neither torch nor py
 A data folder (data/<name>/) holds images/<pseudonym>.png, manifest.csv (image, label, patient,
 fold, crop), meta.json (settings, classes, counts, the shortcut audit) and records.jsonl.
 """
+import argparse
 import csv
 import json
 import os
@@ -30,6 +31,15 @@ def cli(main, errors=()):
     except (UserError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+class Help(argparse.HelpFormatter):
+    """Each flag's default once, where it has one; none where the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return action.help + " (default: %(default)s)"
 
 
 @contextmanager

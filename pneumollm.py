@@ -18,9 +18,11 @@ its input to its own dtype and its output back, so the model runs with or withou
 """
 import json
 import pickle
+import pickletools
 import re
 import zipfile
 from collections import OrderedDict, namedtuple
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -517,10 +519,33 @@ class CheckpointError(ValueError):
 def _torch_load(path: Path) -> dict:
     try:  # torch.save's zip format is memory-mapped; an old plain pickle cannot be
         return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-    except Exception as e:  # it would build more than tensors (e.g. run code), or it is damaged: refused
-        found = re.search(r"GLOBAL (\S+)", str(e)) or re.search(r"error: \s*(\S[^\n]*)", str(e))
-        kind = "holds code-bearing objects" if "GLOBAL" in str(e) else "is not a plain tensor checkpoint"
-        raise CheckpointError(f"{path}: {kind} ({found[1] if found else type(e).__name__}); not loaded") from None
+    except Exception:  # it would build more than tensors (e.g. run code), or it is damaged: refused
+        foreign = [g for g in _pickled_globals(path) if not g.startswith(_TENSOR_GLOBALS)]
+        kind = f"holds code-bearing objects ({foreign[0]})" if foreign else "is not a plain tensor checkpoint"
+        raise CheckpointError(f"{path}: {kind}; not loaded") from None
+
+
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")  # what a tensor checkpoint imports
+
+
+def _pickled_globals(path: Path) -> list:
+    """'module.name' of each global that a pickle (torch.save's data.pkl inside its zip, or a plain
+    pickle) would import, read by pickletools without unpickling anything; [] if it cannot be read."""
+    strings, out = [], []
+    try:
+        with (zipfile.ZipFile(path) if zipfile.is_zipfile(path) else nullcontext()) as archive:
+            pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None) if archive else None
+            with archive.open(pkl) if pkl else open(path, "rb") as f:
+                for op, arg, _ in pickletools.genops(f):
+                    if isinstance(arg, str):
+                        strings.append(arg)
+                    if op.name == "GLOBAL":
+                        out.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        out.append(".".join(strings[-2:]))
+    except Exception:  # not a pickle at all
+        pass
+    return out
 
 
 _SAFE_GLOBALS = {f"torch.{n}Storage": getattr(torch, d) for n, d in zip(  # a storage class stands for its dtype

@@ -44,7 +44,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 import audit
 import demo
-from folders import UserError, cli, make_folds, write_atomic
+from folders import Help, UserError, cli, make_folds, write_atomic
 from lungcrop import LUNG_REGION, mask_box, region_in_crop, rle_mask, thorax_box
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -504,7 +504,7 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=Help)
     ap.add_argument("--images", help="folder of DICOM / PNG / JPEG / TIFF files (searched recursively)")
     ap.add_argument("--labels", help="CSV naming each image, its label and optionally its patient and view")
     ap.add_argument("--out", help="output folder, e.g. data/NAME")

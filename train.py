@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import common as C
 import metrics as M
 import pneumollm as P
-from folders import Data, UserError, cli, replacing
+from folders import Data, Help, UserError, cli, replacing
 
 RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
 RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors", "state.pt", "metrics.json",
@@ -39,7 +39,7 @@ RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors",
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=Help)
     ap.add_argument("--data", default="data/demo", help="a folder written by prepare.py")
     ap.add_argument("--fold", type=int, default=1, help="the test fold; the others train")
     ap.add_argument("--model", choices=["full", "tiny"], default="full",
