@@ -411,6 +411,8 @@ class PneumoLLM(nn.Module):
         self.proj = Projection(a.vision.width, a.proj_hidden, a.llama.dim)
         self.llama = Llama(a) if a.llm else None
         self.head = nn.Linear(a.llama.dim, a.n_classes, bias=False)
+        # the question's token ids on the model's device, built once (not copied to it on every step)
+        self.register_buffer("question", torch.tensor(a.question_ids, dtype=torch.long), persistent=False)
         self.requires_grad_(False)
         for m in self.own_modules():
             m.requires_grad_(True)
@@ -444,7 +446,7 @@ class PneumoLLM(nn.Module):
         else:
             h = h.to(self.llama.norm.weight.dtype)
             if a.question_ids:  # Table 5: the question's token embeddings go first, as source tokens
-                q = self.llama.tok_embeddings(torch.tensor(a.question_ids, device=h.device))  # (Q, D)
+                q = self.llama.tok_embeddings(self.question)  # (Q, D)
                 h = torch.cat([q.expand(h.shape[0], -1, -1), h], 1)  # (B, Q+T, D)
             k = diag.shape[1]
             h = self.llama(h, emitter_mask(h.shape[1] - k, k, h.device) if a.emitter and k else None)
@@ -614,7 +616,7 @@ def read_clip(path) -> tuple[VisionArgs, dict]:
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     grid = round((pos.shape[0] - 1) ** 0.5)
     v = VisionArgs(conv.shape[0], layers, conv.shape[0] // 64, conv.shape[-1], conv.shape[-1] * grid)
-    # the text tower's keys are listed too, to be checked against CLIP_IGNORE; its bytes stay on disk
+    # the text tower's keys are listed too, to be checked against CLIP_IGNORE (never copied into the model)
     return v, {k: Entry(str(path), k, lambda t=t: t) for k, t in sd.items()}
 
 
@@ -763,14 +765,16 @@ def materialise_own(model: PneumoLLM, device):
         for sub in reversed(list(m.modules())):
             if hasattr(sub, "reset_parameters"):
                 sub.reset_parameters()
+    model.question = torch.tensor(model.args.question_ids, dtype=torch.long, device=device)
     stuck = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not stuck, f"left on the meta device: {stuck[:3]}"
 
 
 def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
     """Build PneumoLLM on `meta`, map the original checkpoints into it, then create this project's
-    own parts (fp32) on `device`. Frozen weights: as stored on CPU (memory-mapped, no copy), fp16
-    elsewhere, unless `dtype` is given. `kw` are PneumoArgs fields. Ablations read only what they use:
+    own parts (fp32) on `device`. Frozen weights: as stored on CPU (memory-mapped where the format
+    allows, never copied; OpenAI's TorchScript archive is read into memory), fp16 elsewhere, unless
+    `dtype` is given. `kw` are PneumoArgs fields. Ablations read only what they use:
     encoder="conv" ignores `clip`; llm=False reads no LLaMA (`llama` may be None: the width is then 4096)."""
     device = torch.device(device)
     dtype = dtype or (None if device.type == "cpu" else torch.float16)

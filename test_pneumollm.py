@@ -760,6 +760,56 @@ def test_non_finite_steps_are_skipped_and_an_all_bad_epoch_stops(demo_data, tmp_
         train.main(train_args(demo_data, tmp_path / "all", "--epochs", "1", "--val-frac", "0"))
 
 
+def test_fp16_overflow_steps_are_counted_and_the_loss_scale_logged(demo_data, tmp_path, monkeypatch, capsys):
+    """GradScaler skips a step whose gradients overflow; the log says how many were skipped and the scale."""
+    real, calls = train.Training.__init__, []
+
+    def overflow_every_other_backward(self, model, cfg):
+        real(self, model, cfg)
+        model.head.weight.register_hook(lambda g: calls.append(1) or (g * float("inf") if len(calls) % 2 else g))
+    monkeypatch.setattr(train.Training, "__init__", overflow_every_other_backward)
+    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "1", "--val-frac", "0"))
+    rec = json.loads((tmp_path / "run/log.jsonl").read_text())
+    steps = len(calls)
+    assert rec["skipped"] == (steps + 1) // 2 and np.isfinite(rec["loss"])  # the 1st, 3rd, ... backward overflowed
+    assert rec["scale"] == 65536.0 / 2 ** rec["skipped"]  # halved at each skipped step (growth needs 2000 good ones)
+    assert f"{rec['skipped']} of {steps} steps skipped" in capsys.readouterr().err
+
+
+def test_every_step_sees_a_full_batch_and_padding_weighs_nothing():
+    perm = torch.randperm(37)
+    got = list(train.batches(perm, 16))
+    assert [len(i) for i, _ in got] == [16, 16, 16] and [int(w.sum()) for _, w in got] == [16, 16, 5]
+    assert torch.equal(torch.cat([i[w > 0] for i, w in got]), perm)  # each image once, in order, pads after
+    model, cfg = tiny(adapter_dropout=0.0), dict(multi_label=False, authors_code=False)
+    x, y = torch.randn(16, 3, 224, 224), torch.randint(0, 2, (16,))
+    idx, w = got[-1]
+    padded = (train.loss_fn(model(x), y, cfg) * w).sum() / 5  # train_epoch's loss on the short last batch
+    real = F.cross_entropy(model(x[:5]), y[:5])  # the mean over its 5 real images
+    torch.testing.assert_close(padded, real)
+
+
+def test_a_resume_point_written_on_a_gpu_is_read_on_a_cpu(demo_data, tmp_path, monkeypatch, capsys):
+    """state.pt's tensors tagged cuda:0 (as a GPU run saves fused AdamW's state) load on a machine without one."""
+    args = train_args(demo_data, tmp_path / "run", "--epochs", "1")
+    monkeypatch.setattr(train, "final_test", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped after its last epoch, before the test fold
+        train.main(args)
+    monkeypatch.undo()
+    st = torch.load(tmp_path / "run/state.pt", weights_only=True)
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save(st, tmp_path / "run/state.pt")
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="CUDA"):  # what the reader faced before map_location
+        torch.load(tmp_path / "run/state.pt", weights_only=True)
+    with pytest.raises(UserError, match="training stopped at epoch 1 of 1"):
+        C.check_finished(tmp_path / "run", 1)
+    capsys.readouterr()
+    train.main(args)
+    assert "resuming the interrupted run after epoch 1 of 1" in capsys.readouterr().out
+    assert C.finished(tmp_path / "run")
+
+
 def test_multilabel_set_prepares_trains_and_evaluates(demo_data, tmp_path):
     src = tmp_path / "png"
     src.mkdir()
@@ -837,7 +887,7 @@ def test_every_ablation_builds_and_trains_a_step(name):
     perturb_adapters(model)  # with up = 0 the down-projection's gradient is exactly zero
     model.train()
     trainable = {id(p) for p in model.trainable_parameters()}
-    loss = train.loss_fn(model(torch.randn(4, 3, 224, 224)).float(), torch.tensor([0, 1, 0, 1]), cfg)
+    loss = train.loss_fn(model(torch.randn(4, 3, 224, 224)).float(), torch.tensor([0, 1, 0, 1]), cfg).mean()
     loss.backward()
     for n, p in model.named_parameters():
         if id(p) in trainable:

@@ -169,12 +169,6 @@ class Ranks:
         ids = [device.index] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def share(self, idx) -> tuple:  # this process's part of a global batch, and its weight in the global mean
-        mine = idx[self.rank::self.world]
-        if not len(mine):  # nothing left for this process: it still joins the gradient all-reduce
-            return idx[:1], 0.0
-        return mine, len(mine) * self.world / len(idx)  # DDP averages over processes: so it is the global mean
-
     def gather(self, losses, bad):  # the epoch's figures over every process
         if self.world > 1:
             dist.all_reduce(losses)
@@ -201,17 +195,18 @@ def lr_at(it: int, cfg: dict, iters_per_epoch: int) -> float:
     return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
 
 
-def loss_fn(logits, y, cfg):  # logits (B, C) fp32, y (B,) class indices or (B, C) multi-hot
+def loss_fn(logits, y, cfg):  # logits (B, C) fp32, y (B,) class indices or (B, C) multi-hot -> (B,) per image
     if cfg["multi_label"]:  # one independent sigmoid per finding, as evaluated
-        return F.binary_cross_entropy_with_logits(logits, y)
+        return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)
     if cfg["authors_code"]:  # BCE on one-hot targets, as the authors' code; evaluated with softmax all the same
-        return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, logits.shape[-1]).float())
-    return F.cross_entropy(logits, y)  # one score definition: softmax, as evaluated
+        hot = F.one_hot(y, logits.shape[-1]).float()
+        return F.binary_cross_entropy_with_logits(logits, hot, reduction="none").mean(1)
+    return F.cross_entropy(logits, y, reduction="none")  # one score definition: softmax, as evaluated
 
 
 class Training:
-    """What a resumed run needs: the model's trainable weights, AdamW, the scaler, the data order,
-    the RNG and the best epoch so far, all in state.pt."""
+    """What a resumed run needs: the model's trainable weights, AdamW, the scaler, the data order
+    and the best epoch so far, all in state.pt (dropout is seeded per epoch)."""
 
     def __init__(self, model: P.PneumoLLM, cfg: dict):
         self.model, self.cfg, self.device = model, cfg, torch.device(cfg["device"])
@@ -230,9 +225,7 @@ class Training:
         """The resume point: one file, replaced at once, so that a kill at any instant resumes exactly."""
         st = dict(model={n: p.detach().cpu() for n, p in self.model.own_state_dict().items()},
                   opt=self.opt.state_dict(), scaler=self.scaler.state_dict(), gen=self.gen.get_state(),
-                  rng=torch.get_rng_state(), epoch=self.epoch, best=self.best, best_epoch=self.best_epoch)
-        if self.device.type == "cuda":
-            st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+                  epoch=self.epoch, best=self.best, best_epoch=self.best_epoch)
         with replacing(out / "state.pt") as tmp:
             torch.save(st, tmp)
 
@@ -242,27 +235,38 @@ class Training:
         self.opt.load_state_dict(st["opt"])  # moves AdamW's state onto the parameters' device
         self.scaler.load_state_dict(st["scaler"])
         self.gen.set_state(st["gen"])
-        torch.set_rng_state(st["rng"])
-        if self.device.type == "cuda" and "cuda_rng" in st:  # a run started on a CPU has none
-            torch.cuda.set_rng_state(st["cuda_rng"], self.device)
         self.epoch, self.best, self.best_epoch = st["epoch"], st["best"], st["best_epoch"]
 
 
+def batches(perm: torch.Tensor, size: int):
+    """(indices (size,), weights (size,)) per step: every batch full, so that a compiled step never
+    sees a new shape; the last one is padded with rows of weight 0 (any images, repeated if need be)."""
+    for i in range(0, len(perm), size):
+        idx = perm[i:i + size]
+        pad = perm[torch.arange(size - len(idx), device=perm.device) % len(perm)]
+        yield torch.cat([idx, pad]), (torch.arange(size, device=perm.device) < len(idx)).float()
+
+
 def train_epoch(tr: Training, fwd, x: torch.Tensor, y: torch.Tensor, ranks: Ranks) -> dict:
-    """One pass over the training images in a fresh order; no host sync per step."""
-    cfg = tr.cfg
-    ipe = math.ceil(len(x) / cfg["batch_size"])
+    """One pass over the training images in a fresh order, with no host sync per step. Dropout's
+    masks come from (seed, epoch, rank): a resumed epoch draws what it drew, each process its own."""
+    cfg, size = tr.cfg, tr.cfg["batch_size"]
+    ipe = math.ceil(len(x) / size)
+    torch.manual_seed(cfg["seed"] * 1_000_003 + tr.epoch * 1_009 + ranks.rank)
     tr.model.train()
     perm = torch.randperm(len(x), generator=tr.gen).to(tr.device)
     losses, bad = torch.zeros((), device=tr.device), torch.zeros((), device=tr.device)  # summed on the device
-    for i in range(ipe):
+    taken = steps_taken(tr)
+    for i, (idx, weight) in enumerate(batches(perm, size)):
         lr = lr_at(tr.epoch * ipe + i, cfg, ipe)
         for g in tr.opt.param_groups:
             g["lr"] = lr
-        mine, weight = ranks.share(perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]])
+        mine, w = idx[ranks.rank::ranks.world], weight[ranks.rank::ranks.world]
         with C.autocast(cfg):
             logits = fwd(C.normalise(x[mine], cfg, tr.model.args.vision.image_size))
-        loss = loss_fn(logits.float(), y[mine], cfg) * weight
+        # the mean over the batch's real rows; DDP averages the processes' gradients, hence * world
+        real = min(size, len(x) - i * size)
+        loss = (loss_fn(logits.float(), y[mine], cfg) * w).sum() * (ranks.world / real)
         tr.scaler.scale(loss).backward()  # under DDP a NaN in one process reaches every process's gradients
         tr.scaler.step(tr.opt)  # skipped if a gradient is inf/NaN: an fp16 overflow or a non-finite loss
         tr.scaler.update()
@@ -272,13 +276,20 @@ def train_epoch(tr: Training, fwd, x: torch.Tensor, y: torch.Tensor, ranks: Rank
         bad += ~finite
     tr.epoch += 1
     losses, bad = ranks.gather(losses, bad)
-    n_bad = int(bad.item())
+    n_bad, skipped = int(bad.item()), ipe - (steps_taken(tr) - taken)
     if n_bad == ipe:
         raise UserError(f"every step of epoch {tr.epoch} had a non-finite loss; stopping "
                         "(try --dtype bf16/fp32 or a lower --lr)")
-    if n_bad:
-        print(f"epoch {tr.epoch}: {n_bad} step(s) with a non-finite loss skipped", file=sys.stderr)
-    return dict(epoch=tr.epoch, loss=losses.item() / (ipe - n_bad), lr=lr, **({"skipped": n_bad} if n_bad else {}))
+    scale = tr.scaler.get_scale()
+    if skipped:
+        print(f"epoch {tr.epoch}: {skipped} of {ipe} steps skipped ({n_bad} with a non-finite loss, the rest inf/NaN "
+              f"gradients: an fp16 overflow); loss scale now {scale:g}", file=sys.stderr)
+    return dict(epoch=tr.epoch, loss=losses.item() / (ipe - n_bad), lr=lr, skipped=skipped, scale=scale)
+
+
+def steps_taken(tr: Training) -> int:  # AdamW's step count (GradScaler's skipped steps do not count)
+    state = tr.opt.state.get(tr.model.head.weight, {})
+    return int(state["step"]) if "step" in state else 0
 
 
 def validate_and_save(tr: Training, rec: dict, val_x, val_y, out: Path):
