@@ -1,24 +1,68 @@
-"""Tests: tiny random weights, CPU, fp32, no network. Parity against transformers for every borrowed
-component, loaders on tiny files in the exact original formats, and the model's own invariants."""
+"""Tests: tiny random weights, CPU, fp32, no network. Parity against independent implementations
+(transformers, scikit-learn, SPEC and the paper, hand computations) for every borrowed component,
+loaders on tiny files in the exact original formats, the model's own invariants, and the pipeline on
+real DICOMs and real radiographs (../shared/data, or $PNEUMOLLM_SHARED_DATA). Sections, in pipeline order:
+  1. the model (pneumollm.py): its invariants, every ablation, the recipe's model lines (SPEC)
+  2. loaders: parity with transformers through every format; loud; nothing in a file runs
+  3. prepare.py: real DICOMs and radiographs, framing that cannot know the label, the audit, folders
+  4. train.py: the recipe line by line, resumable runs, data-parallel, compiled
+  5. eval.py: metrics against scikit-learn, operating point, calibration, intervals, baseline, probe
+  6. explain.py: Grad-CAM against its definition; the maps and sheets eval.py writes
+  7. command lines: one-line errors with exit 2, help
+"""
 import argparse
+import csv as _csv
+import importlib.util
+import io
 import json
 import math
 import os
 import pickle
 import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
+import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 
+import audit
+import bench
+import common as C
+import demo
+import eval as ev
+import explain
+import lungcrop
 import metrics as M
 import pneumollm as P
+import prepare
+import train
 from folders import Data, UserError, make_folds
 
 transformers = pytest.importorskip("transformers")
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
 torch.set_num_threads(2)
+
+
+
+SHARED = next((p for p in [os.environ.get("PNEUMOLLM_SHARED_DATA", ""), os.path.join(os.path.dirname(__file__),
+                                                                                     "../shared/data"),
+                           "/work/shared/data"] if p and os.path.isdir(p)), None)
+needs_data = pytest.mark.skipif(SHARED is None, reason="../shared/data (real DICOMs, NIH set) not found")
+DICOM = os.path.join(SHARED or "", "dicom")
+
+
+# ==================================================================================================
+# fixtures and helpers: tiny checkpoints in the original layouts, tiny models, a small demo set
 
 
 def randomize(module: nn.Module, seed: int):
@@ -31,10 +75,6 @@ def randomize(module: nn.Module, seed: int):
                 p.copy_(1 + 0.1 * noise)
             else:
                 p.copy_(noise / (p[0].numel() ** 0.5 if p.dim() > 1 else 10))
-
-
-# ------------------------------------------------------------------------------------------------
-# tiny checkpoints written in the original layouts
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +137,8 @@ def meta_from_hf_qk(w, heads):
 META_LAYERS = {"wq": "ColumnParallelLinear", "wk": "ColumnParallelLinear", "wv": "ColumnParallelLinear",
                "wo": "RowParallelLinear", "w1": "ColumnParallelLinear", "w2": "RowParallelLinear",
                "w3": "ColumnParallelLinear", "output": "ColumnParallelLinear", "tok_embeddings": "ParallelEmbedding"}
+
+
 SPLIT_DIM = {"ColumnParallelLinear": 0,  # output features split: each shard's weight is (out / p, in)
              "RowParallelLinear": 1,  # input features split: (out, in / p)
              "ParallelEmbedding": 1}  # embedding dimension split: (vocab, dim / p)
@@ -151,99 +193,6 @@ def load(clip, llama, **kw):
     return P.from_pretrained(clip, llama, "cpu", **dict(dict(cls_blocks=[1, 2, 3, 4]), **kw)).eval()
 
 
-# ------------------------------------------------------------------------------------------------
-# parity against transformers, through every format
-
-
-@pytest.mark.parametrize("fmt", ["hf", "pt", "jit"])
-def test_vit_cls_tokens_match_transformers(clip_files, llama_files, fmt):
-    model = load(clip_files[fmt], llama_files["meta"])
-    img = torch.randn(2, 3, 56, 56)
-    with torch.no_grad():
-        ours = model.visual(img)  # (B, 4, W): after blocks 1..4
-        ref = clip_files["ref"](pixel_values=img, output_hidden_states=True).hidden_states
-    assert ours.shape == (2, 4, 128)  # heads = width // 64, as OpenAI builds it
-    for i in range(4):
-        torch.testing.assert_close(ours[:, i], ref[i + 1][:, 0], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("fmt", ["meta", "meta2", "hf", "hf_sharded"])
-def test_llama_blocks_match_transformers(clip_files, llama_files, fmt):
-    model = load(clip_files["pt"], llama_files[fmt])
-    h = torch.randn(2, 6, 64)
-    mask = P.emitter_mask(4, 2)
-    with torch.no_grad():
-        ours = model.llama(h, mask)
-        ref = llama_files["ref"](inputs_embeds=h, attention_mask=mask[None, None].expand(2, 1, 6, 6))
-    torch.testing.assert_close(ours, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
-
-
-def test_llama_each_layer_matches_transformers(clip_files, llama_files):
-    model = load(clip_files["pt"], llama_files["meta"])
-    ref, h, mask = llama_files["ref"], torch.randn(1, 6, 64), P.emitter_mask(4, 2)
-    with torch.no_grad():
-        cos, sin = model.llama.rope_tables(6, "cpu")
-        pe = ref.rotary_emb(h, torch.arange(6)[None])
-        for ours, theirs in zip(model.llama.layers, ref.layers):
-            x = ours(h, cos, sin, mask)
-            torch.testing.assert_close(x, theirs(h, attention_mask=mask[None, None], position_embeddings=pe), rtol=1e-5, atol=1e-5)
-            h = x
-
-
-def test_sharded_meta_checkpoint_equals_unsplit(clip_files, llama_files):
-    a = load(clip_files["pt"], llama_files["meta"]).state_dict()
-    b = load(clip_files["jit"], llama_files["meta2"]).state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-# ------------------------------------------------------------------------------------------------
-# loaders are loud
-
-
-def test_unknown_and_missing_keys_fail_naming_key_and_file(clip_files, llama_files, tmp_path):
-    sd = dict(llama_files["sd"])
-    (tmp_path / "extra").mkdir()
-    (tmp_path / "extra/params.json").write_text((llama_files["meta"] / "params.json").read_text())
-    torch.save({**sd, "layers.0.attention.wz.weight": torch.zeros(2)}, tmp_path / "extra/consolidated.00.pth")
-    with pytest.raises(P.CheckpointError, match=r"consolidated\.00\.pth: unexpected key 'layers\.0\.attention\.wz\.weight'"):
-        load(clip_files["pt"], tmp_path / "extra")
-    (tmp_path / "missing").mkdir()
-    (tmp_path / "missing/params.json").write_text((llama_files["meta"] / "params.json").read_text())
-    torch.save({k: t for k, t in sd.items() if k != "layers.1.ffn_norm.weight"}, tmp_path / "missing/consolidated.00.pth")
-    with pytest.raises(P.CheckpointError, match=r"consolidated\.00\.pth: missing key 'layers\.1\.ffn_norm\.weight'"):
-        load(clip_files["pt"], tmp_path / "missing")
-    bad = dict(clip_files["sd"], **{"visual.ln_pre.weight": torch.ones(127)})
-    torch.save(bad, tmp_path / "bad.pt")
-    with pytest.raises(P.CheckpointError, match=r"bad\.pt: 'visual\.ln_pre\.weight' is \[127\], expected \[128\]"):
-        load(tmp_path / "bad.pt", llama_files["meta"])
-
-
-class Exploit:
-    def __reduce__(self):
-        return (os.system, (f"touch {os.environ['PWNED']}",))
-
-
-def test_pickle_that_runs_code_is_refused(clip_files, llama_files, tmp_path, monkeypatch):
-    flag = tmp_path / "pwned"
-    monkeypatch.setenv("PWNED", str(flag))
-    (tmp_path / "evil").mkdir()
-    (tmp_path / "evil/params.json").write_text((llama_files["meta"] / "params.json").read_text())
-    with open(tmp_path / "evil/consolidated.00.pth", "wb") as f:
-        pickle.dump({"norm.weight": Exploit()}, f)
-    torch.save({"x": Exploit()}, tmp_path / "evil.pt")
-    with pytest.raises(P.CheckpointError, match=r"consolidated\.00\.pth: holds code-bearing objects \(\w+\.system\); not loaded$"):
-        load(clip_files["pt"], tmp_path / "evil")
-    with pytest.raises(P.CheckpointError, match=r"evil\.pt: holds code-bearing objects \(\w+\.system\); not loaded$"):
-        load(tmp_path / "evil.pt", llama_files["meta"])
-    assert not flag.exists()
-
-
-# ------------------------------------------------------------------------------------------------
-# the model's own invariants (tiny random model)
-
-
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
     return P.PneumoLLM(P.tiny_args(**kw)).eval()
@@ -256,6 +205,91 @@ def perturb_adapters(model, seed=1):
             if isinstance(m, P.RepAdapter):
                 m.up_weight.copy_(0.1 * torch.randn(m.up_weight.shape, generator=g))
                 m.up_bias.copy_(0.1 * torch.randn(m.up_bias.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    demo.write_demo(d / "dicom", n_patients=60)
+    assert prepare.main(["--images", str(d / "dicom"), "--labels", str(d / "dicom/labels.csv"), "--out",
+                         str(d / "data"),
+                         "--key-file", str(d / "key"), "--workers", "2"]) == 0
+    return d / "data"
+
+
+def train_args(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--model", "tiny", "--batch-size", "16", *extra]
+
+
+def last_weights(run) -> dict:  # the trainable weights of a run's resume point
+    return torch.load(run / "state.pt", weights_only=True)["model"]
+
+
+def marker_data(folder, where):  # 120 patients, ~220 films; every diseased film carries a bright "L" `where`
+    demo.write_demo(folder / "dicom", n_patients=120, shortcut=where)
+    assert prepare.main(["--images", str(folder / "dicom"), "--labels", str(folder / "dicom/labels.csv"), "--out",
+                         str(folder / "data"), "--key-file", str(folder / "key"), "--workers", "2"]) == 0
+    return folder / "data"
+
+
+def write_labels(path, rows, header=("image", "label")):
+    with open(path, "w", newline="") as f:
+        _csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def run_prepare(tmp_path, images, rows, *extra, header=("image", "label")):
+    labels = write_labels(tmp_path / "labels.csv", rows, header)
+    out = tmp_path / "out"
+    rc = prepare.main(["--images", str(images), "--labels", str(labels), "--out", str(out),
+                       "--key-file", str(tmp_path / "key"), "--workers", "2", *extra])
+    return rc, out
+
+
+def manifest(out):
+    with open(out / "manifest.csv", newline="") as f:
+        return list(_csv.DictReader(f))
+
+
+def skipped_files(out):  # meta.json names skipped images by pseudonym; the mapping beside the key names their files
+    sources = {r["image"]: os.path.basename(r["source"]) for r in _csv.DictReader(open(out.parent / "out.mapping.csv"))}
+    return {sources[k]: v for k, v in json.loads((out / "meta.json").read_text())["skipped"].items()}
+
+
+def pngs(folder, n, value=lambda i: 100):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((64, 64), value(i), np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def run_script(*args, cwd=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd or Path(__file__).parent, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+VARIANTS = {  # train.py flags
+    "published": [], "no-llm": ["--no-llm"], "simplified": ["--engine", "none", "--no-emitter"],
+    "no-adapters": ["--engine", "none", "--no-emitter", "--no-vit-adapters", "--no-llm-adapters"],
+    "coop": ["--engine", "coop", "--no-emitter"], "cocoop": ["--engine", "cocoop"], "no-emitter": ["--no-emitter"],
+    "no-vit-adapters": ["--no-vit-adapters"], "no-llm-adapters": ["--no-llm-adapters"], "k16": ["--n-diag", "16"],
+    "cls-blocks": ["--cls-blocks", "2,3"], "conv": ["--encoder", "conv"], "authors": ["--authors-code"],
+}
+
+
+def tiny_variant(flags, seed=0):
+    cfg = dict(train.parse(["--model", "tiny", *flags]), multi_label=False)
+    torch.manual_seed(seed)
+    return P.PneumoLLM(P.tiny_args(**C.pneumo_fields(cfg))), cfg
+
+
+CLIP_SHAPES = {"ViT-L-14.pt": P.VisionArgs(), "ViT-B-32.pt": P.VisionArgs(768, 12, 12, 32, 224),
+               "ViT-B-16.pt": P.VisionArgs(768, 12, 12, 16, 224), "ViT-L-14-336px.pt": P.VisionArgs(1024, 24, 16, 14,
+                                                                                                    336)}
+
+
+# ==================================================================================================
+# 1. the model (pneumollm.py): its invariants, every ablation, the recipe's model lines (SPEC)
 
 
 def test_adapter_is_identity_at_init_and_perturbing_changes_output():
@@ -346,12 +380,15 @@ def test_full_size_model_on_meta_has_the_papers_trainable_count():
     with torch.device("meta"):
         model = P.PneumoLLM(P.PneumoArgs())
     parts = {"llama adapters": sum(p.numel() for b in model.llama.layers for p in b.adapter_attn.parameters()),
-             "vit adapters": sum(p.numel() for b in model.visual.transformer.resblocks for p in b.adapter_attn.parameters()),
+             "vit adapters": sum(p.numel() for b in model.visual.transformer.resblocks
+                                 for p in b.adapter_attn.parameters()),
              "proj": sum(p.numel() for p in model.proj.parameters()),
              "head": model.head.weight.numel(), "engine": sum(p.numel() for p in model.engine.parameters())}
-    assert parts == {"llama adapters": 1_704_192, "vit adapters": 319_680, "proj": 659_584, "head": 8_192, "engine": 12_352}
+    assert parts == {"llama adapters": 1_704_192, "vit adapters": 319_680, "proj": 659_584, "head": 8_192,
+                     "engine": 12_352}
     assert sum(p.numel() for p in model.trainable_parameters()) == 2_704_000
-    assert model.args.blocks() == [4, 8, 12, 16, 20, 24] and model.llama.layers[0].feed_forward.w1.weight.shape == (11008, 4096)
+    assert model.args.blocks() == [4, 8, 12, 16, 20,
+                                   24] and model.llama.layers[0].feed_forward.w1.weight.shape == (11008, 4096)
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
@@ -387,50 +424,424 @@ def test_merged_adapters_give_the_same_logits():
     assert ((after - before).abs().max() / before.abs().max()) < 1e-5
 
 
-# ================================================================================================
-# prepare.py on real DICOM files
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_ablation_builds_and_trains_a_step(name):
+    model, cfg = tiny_variant(VARIANTS[name])
+    perturb_adapters(model)  # with up = 0 the down-projection's gradient is exactly zero
+    model.train()
+    trainable = {id(p) for p in model.trainable_parameters()}
+    loss = train.loss_fn(model(torch.randn(4, 3, 224, 224)).float(), torch.tensor([0, 1, 0, 1]), cfg).mean()
+    loss.backward()
+    for n, p in model.named_parameters():
+        if id(p) in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+    kinds = {type(m) for m in model.modules()}
+    assert (P.RepAdapter in kinds) == (name != "no-adapters")
+    assert (model.llama is None) == (name == "no-llm") and (model.engine is None) == (name in ("simplified",
+                                                                                               "no-adapters"))
+    assert isinstance(model.visual, P.ConvStem if name == "conv" else P.VisionTransformer)
+    assert all(p.requires_grad for p in model.visual.parameters()) == (name == "conv")
+    if name == "authors":
+        assert not any(p.requires_grad for p in model.engine.parameters())
+        assert cfg["norm"] == "imagenet" and cfg["select"] == "test"
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert set(model.own_state_dict()) > trained  # the frozen engine is saved
 
 
-import csv as _csv
-import shutil
+def test_impossible_ablations_fail_with_a_message(capsys):
+    with pytest.raises(ValueError, match=r"CLS blocks \[4, 30\] must lie in 1\.\.24"):
+        P.PneumoArgs(cls_blocks=[30, 4])
+    with pytest.raises(ValueError, match="needs at least one diagnosis token"):
+        P.PneumoArgs(n_diag=0)
+    with pytest.raises(ValueError, match="unknown engine 'coopp'"):
+        P.PneumoArgs(engine="coopp")
+    with pytest.raises(ValueError, match="a question needs the LLM"):
+        P.PneumoArgs(question_ids=[1, 2])  # vocab_size unknown
+    for flags, msg in [(["--question", "x", "--no-llm"], "cannot go with --no-llm"), (["--n-diag", "0"],
+                                                                                      "diagnosis token"),
+                       (["--cls-blocks", "4,30"], r"CLS blocks \[4, 30\] must lie in 1\.\.24")]:
+        with pytest.raises(UserError, match=msg):
+            train.parse(flags)
+    with pytest.raises(SystemExit):
+        train.parse(["--cls-blocks", "12;24"])
+    assert "give 1-based block numbers" in capsys.readouterr().err
 
-import numpy as np
-import pydicom
-from PIL import Image
 
-import audit
-import demo
-import lungcrop
-import prepare
-
-SHARED = next((p for p in [os.environ.get("PNEUMOLLM_SHARED_DATA", ""), os.path.join(os.path.dirname(__file__), "../shared/data"),
-                           "/work/shared/data"] if p and os.path.isdir(p)), None)
-needs_data = pytest.mark.skipif(SHARED is None, reason="../shared/data (real DICOMs, NIH set) not found")
-DICOM = os.path.join(SHARED or "", "dicom")
+def tokens_into_llama(model, img):
+    seen = {}
+    model.llama.register_forward_pre_hook(lambda m, args: seen.update(h=args[0], mask=args[1]))
+    with torch.no_grad():
+        model(img)
+    return seen["h"], seen["mask"]
 
 
-def write_labels(path, rows, header=("image", "label")):
-    with open(path, "w", newline="") as f:
-        _csv.writer(f).writerows([header, *rows])
+@pytest.mark.parametrize("name, t, masked", [("published", 8, True), ("no-emitter", 8, False), ("simplified", 4, False),
+                                             ("k16", 20, True), ("cls-blocks", 6, True), ("conv", 68, True)])
+def test_tokens_and_mask_that_reach_the_llm(name, t, masked):
+    model, _ = tiny_variant(VARIANTS[name])
+    h, mask = tokens_into_llama(model.eval(), torch.randn(2, 3, 224, 224))
+    n = {"simplified": 4, "cls-blocks": 2, "conv": 64}.get(name, 4)  # source tokens: CLS (or patch) tokens
+    assert h.shape == (2, t, 64)
+    assert torch.equal(mask, eq2(n, t)) if masked else mask is None
+
+
+def test_coop_tokens_are_shared_and_cocoop_tokens_follow_the_image():
+    coop, cocoop, cls = P.LearnedTokens(64, 4, False), P.LearnedTokens(64, 4, True), torch.randn(3, 5, 64)
+    t = coop(cls)
+    assert t.shape == (3, 4, 64) and all(torch.equal(t[i], coop.ctx) for i in range(3))
+    t = cocoop(cls)
+    torch.testing.assert_close(t, cocoop.ctx + cocoop.meta_net(cls[:, -1])[:, None])
+    assert not torch.allclose(t[0], t[1])
+    assert [n for n, _ in cocoop.named_parameters()] == ["ctx", "meta_net.linear1.weight", "meta_net.linear1.bias",
+                                                         "meta_net.linear2.weight", "meta_net.linear2.bias"]
+
+
+def test_cls_blocks_are_those_blocks_and_later_blocks_are_skipped():
+    img = torch.randn(2, 3, 224, 224)
+    full, part = tiny(), tiny(cls_blocks=[3, 2])
+    with torch.no_grad():
+        every, some = full.visual(img), part.visual(img)
+        assert torch.equal(some, every[:, [1, 2]])
+        part.visual.transformer.resblocks[3].mlp.c_fc.weight.fill_(float("nan"))  # block 4 is never run
+        assert torch.equal(part.visual(img), some)
+
+
+def hand_count(flags: str) -> int:
+    """A README row's trainable parameters from SPEC's shapes alone, counted by hand: CLIP width W with its
+    blocks, LLaMA dim 4096 in 32 blocks, 2 classes. An adapter on width C: A (C -> 8, bias) and the grouped
+    D (weight C x 4, bias C); the engine: Linear(W, 12) and Linear(12, K); CoOp: K x W tokens; CoCoOp: those
+    and meta_net W -> W/16 -> W; the projection W -> 128 -> 4096; the head 4096 x 2, no bias."""
+    f = flags.split()
+    w, blocks = (768, 12) if "ViT-B" in flags else (1024, 24)
+    k = int(f[f.index("--n-diag") + 1]) if "--n-diag" in f else 4
+    adapter = lambda c: c * 8 + 8 + c * 4 + c  # noqa: E731
+    cls = [int(b) for b in f[f.index("--cls-blocks") + 1].split(",")] if "--cls-blocks" in f else [blocks]
+    vit = 0 if "--no-vit-adapters" in f or "--encoder" in f else max(cls) * adapter(w)  # blocks past the last unused
+    llm = 0 if "--no-llm-adapters" in f or "--no-llm" in f else 32 * adapter(4096)
+    engine = {"none": 0, "coop": k * w, "cocoop": k * w + w * (w // 16) + w // 16 + (w // 16) * w + w}.get(
+        f[f.index("--engine") + 1] if "--engine" in f else "multi", w * 12 + 12 + 12 * k + k)
+    engine = 0 if "--authors-code" in f else engine  # frozen at random init in their code
+    stem = 3 * 14 * 14 * w + w if "--encoder" in f else 0
+    return vit + llm + engine + stem + (w * 128 + 128 + 128 * 4096 + 4096) + 4096 * 2
+
+
+def test_readme_ablation_table_counts_are_hand_counts_and_the_models():
+    text = (Path(__file__).parent / "README.md").read_text().split("## Ablations")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `([^`]*)` \|.*\| ([\d,]+) \|[^|]*\|$", text, re.M)
+    assert len(rows) >= 18
+    for flags, count in rows:
+        assert f"{hand_count(flags):,}" == count, flags  # the README against SPEC's shapes
+        cfg = train.parse(shlex.split(flags.replace("(defaults)", "")))
+        kw = dict(C.pneumo_fields(cfg), question_ids=[1, 2, 3] if cfg["question"] else [])
+        with torch.device("meta"):
+            model = P.PneumoLLM(P.PneumoArgs(CLIP_SHAPES[Path(cfg["clip"]).name], P.LlamaArgs(vocab_size=32000), **kw))
+        assert f"{sum(p.numel() for p in model.trainable_parameters()):,}" == count, flags  # the code against both
+
+
+def test_adapter_dropout_is_p_0_1_in_training_and_off_in_eval():
+    model = tiny()
+    adapters = [m for m in model.modules() if isinstance(m, P.RepAdapter)]
+    a = adapters[0]
+    with torch.no_grad():
+        a.down.bias.fill_(1.0)  # every hidden unit on, so that a zero is a dropped unit
+        a.up_weight.fill_(0.1)
+    dropped = []
+    a.dropout.register_forward_hook(lambda m, i, out: dropped.append((out == 0).float().mean().item()))
+    x = torch.randn(4000, 64) * 1e-3
+    model.train()
+    train_out = [a(x), a(x)]
+    assert abs(dropped[0] - 0.1) < 0.005 and abs(dropped[1] - 0.1) < 0.005  # 32,000 units: sd 0.0017
+    assert not torch.equal(*train_out)  # new masks every call
+    model.eval()
+    out = a(x)
+    h = x @ a.down.weight.T + a.down.bias  # by hand, no dropout: each group of 4 hidden units feeds 32 channels
+    y = torch.cat([h[:, :4] @ a.up_weight[:32].T, h[:, 4:] @ a.up_weight[32:].T], 1) + a.up_bias
+    torch.testing.assert_close(out, x + y)
+    assert dropped[-1] == 0.0 and all(m.dropout.p == 0.1 for m in adapters)
+    built = P.PneumoLLM(P.tiny_args(**C.pneumo_fields(train.parse(["--model", "tiny"]))))  # train.py's default too
+    assert {m.dropout.p for m in built.modules() if isinstance(m, P.RepAdapter)} == {0.1}
+
+
+def test_head_means_all_tokens_then_a_bias_free_linear_layer():
+    model = tiny()
+    perturb_adapters(model)
+    seen = {}
+    model.llama.register_forward_hook(lambda m, i, out: seen.update(h=out))
+    with torch.no_grad():
+        logits = model(torch.randn(3, 3, 224, 224))
+    h = seen["h"]
+    assert h.shape == (3, 4 + 4, 64)  # T = n + K: 4 CLS tokens (tiny ViT) and 4 diagnosis tokens
+    assert model.head.bias is None
+    torch.testing.assert_close(logits, (h.sum(1) / 8) @ model.head.weight.T)
+
+
+def xavier_bound(w):  # nn.init.xavier_uniform_: U(-b, b) with b = sqrt(6 / (fan_in + fan_out))
+    return (6 / (w.shape[0] + w.shape[1])) ** 0.5
+
+
+def default_bound(w):  # nn.Linear's default init: U(-b, b) with b = 1 / sqrt(fan_in), weight and bias alike
+    return w.shape[1] ** -0.5
+
+
+def uniform_with_bound(t, b):  # all inside, and the largest close to the bound (n draws: max ~ b (1 - 1/n))
+    return t.abs().max() <= b and t.abs().max() > 0.9 * b and abs(t.std() - b / 3 ** 0.5) < 0.15 * b
+
+
+def check_init(model):
+    adapters = [m for m in model.modules() if isinstance(m, P.RepAdapter)]
+    assert len(adapters) == 4 + 2
+    for a in adapters:  # down xavier + zero bias, up zero: the adapter starts as the identity
+        assert uniform_with_bound(a.down.weight, xavier_bound(a.down.weight)) and not a.down.bias.any()
+        assert not a.up_weight.any() and not a.up_bias.any()
+    for fc in (model.proj.fc1, model.proj.fc2):  # xavier, zero biases
+        assert uniform_with_bound(fc.weight, xavier_bound(fc.weight)) and not fc.bias.any()
+    for fc in (model.engine.fc1, model.engine.fc2, model.head):  # PyTorch's default, as the authors' code
+        b = default_bound(fc.weight)
+        assert uniform_with_bound(fc.weight, b) and (fc.bias is None or (fc.bias.abs().max() <= b and fc.bias.any()))
+
+
+def test_initialisation_of_everything_trained(clip_files, llama_files):
+    check_init(tiny())
+    check_init(load(clip_files["pt"], llama_files["meta"]))  # built on meta, then materialised
+
+
+def test_vit_activation_checkpointing_gives_the_same_gradients_and_keeps_less():
+    grads, kept = [], []
+    for recompute in (False, True):
+        model = tiny().train()
+        perturb_adapters(model)
+        model.visual.grad_checkpointing = recompute
+        torch.manual_seed(3)  # the same dropout masks; checkpoint() replays them in the recomputation
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            vit = model.visual(torch.randn(2, 3, 224, 224))
+        kept.append(sum(saved))
+        model.head(model.proj(vit)).logsumexp(-1).sum().backward()
+        grads.append([p.grad for p in model.trainable_parameters() if p.grad is not None])
+    assert len(grads[0]) == 4 * 4 + 2 + 2 + 1 and all(torch.equal(a, b) for a,
+                                                      b in zip(*grads))  # 4 ViT adapters, proj, head
+    assert kept[1] < kept[0] / 4
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32():
+    """The CPU's bf16 path (frozen weights in bf16, autocast) gives logits within 3 % of their scale of
+    fp32's (1.3 % measured on this model)."""
+    model = tiny()
+    perturb_adapters(model)
+    x = C.normalise(torch.randint(0, 256, (8, 1, 224, 224), dtype=torch.uint8), dict(norm="clip"), 224)
+    with torch.no_grad():
+        fp32 = model(x)
+        C.cast_frozen(model, torch.bfloat16)
+        with C.autocast(dict(device="cpu", dtype="bf16")):
+            bf16 = model(x).float()
+    assert model.visual.conv1.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
+    err = (bf16 - fp32).abs().max() / fp32.abs().max()
+    assert 0 < err < 0.03
+
+
+# ==================================================================================================
+# 2. loaders: parity with transformers through every format; loud; nothing in a file runs
+
+
+@pytest.mark.parametrize("fmt", ["hf", "pt", "jit"])
+def test_vit_cls_tokens_match_transformers(clip_files, llama_files, fmt):
+    model = load(clip_files[fmt], llama_files["meta"])
+    img = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ours = model.visual(img)  # (B, 4, W): after blocks 1..4
+        ref = clip_files["ref"](pixel_values=img, output_hidden_states=True).hidden_states
+    assert ours.shape == (2, 4, 128)  # heads = width // 64, as OpenAI builds it
+    for i in range(4):
+        torch.testing.assert_close(ours[:, i], ref[i + 1][:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["meta", "meta2", "hf", "hf_sharded"])
+def test_llama_blocks_match_transformers(clip_files, llama_files, fmt):
+    model = load(clip_files["pt"], llama_files[fmt])
+    h = torch.randn(2, 6, 64)
+    mask = P.emitter_mask(4, 2)
+    with torch.no_grad():
+        ours = model.llama(h, mask)
+        ref = llama_files["ref"](inputs_embeds=h, attention_mask=mask[None, None].expand(2, 1, 6, 6))
+    torch.testing.assert_close(ours, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_each_layer_matches_transformers(clip_files, llama_files):
+    model = load(clip_files["pt"], llama_files["meta"])
+    ref, h, mask = llama_files["ref"], torch.randn(1, 6, 64), P.emitter_mask(4, 2)
+    with torch.no_grad():
+        cos, sin = model.llama.rope_tables(6, "cpu")
+        pe = ref.rotary_emb(h, torch.arange(6)[None])
+        for ours, theirs in zip(model.llama.layers, ref.layers):
+            x = ours(h, cos, sin, mask)
+            torch.testing.assert_close(x, theirs(h, attention_mask=mask[None, None], position_embeddings=pe),
+                                       rtol=1e-5, atol=1e-5)
+            h = x
+
+
+def test_sharded_meta_checkpoint_equals_unsplit(clip_files, llama_files):
+    a = load(clip_files["pt"], llama_files["meta"]).state_dict()
+    b = load(clip_files["jit"], llama_files["meta2"]).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_unknown_and_missing_keys_fail_naming_key_and_file(clip_files, llama_files, tmp_path):
+    sd = dict(llama_files["sd"])
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra/params.json").write_text((llama_files["meta"] / "params.json").read_text())
+    torch.save({**sd, "layers.0.attention.wz.weight": torch.zeros(2)}, tmp_path / "extra/consolidated.00.pth")
+    with pytest.raises(P.CheckpointError,
+                       match=r"consolidated\.00\.pth: unexpected key 'layers\.0\.attention\.wz\.weight'"):
+        load(clip_files["pt"], tmp_path / "extra")
+    (tmp_path / "missing").mkdir()
+    (tmp_path / "missing/params.json").write_text((llama_files["meta"] / "params.json").read_text())
+    torch.save({k: t for k, t in sd.items() if k != "layers.1.ffn_norm.weight"},
+               tmp_path / "missing/consolidated.00.pth")
+    with pytest.raises(P.CheckpointError, match=r"consolidated\.00\.pth: missing key 'layers\.1\.ffn_norm\.weight'"):
+        load(clip_files["pt"], tmp_path / "missing")
+    bad = dict(clip_files["sd"], **{"visual.ln_pre.weight": torch.ones(127)})
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(P.CheckpointError, match=r"bad\.pt: 'visual\.ln_pre\.weight' is \[127\], expected \[128\]"):
+        load(tmp_path / "bad.pt", llama_files["meta"])
+
+
+def write_tokenizer(path, vocab):
+    text = ["Does the patient have pneumoconiosis?", "Small rounded opacities in both upper zones.",
+            "Silica dust exposure in coal miners.", "No abnormality in the lung fields."] * 10
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=vocab, model_type="bpe",
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    path.write_bytes(buf.getvalue())
     return path
 
 
-def run_prepare(tmp_path, images, rows, *extra, header=("image", "label")):
-    labels = write_labels(tmp_path / "labels.csv", rows, header)
-    out = tmp_path / "out"
-    rc = prepare.main(["--images", str(images), "--labels", str(labels), "--out", str(out),
-                       "--key-file", str(tmp_path / "key"), "--workers", "2", *extra])
-    return rc, out
+QUESTION = "Does the patient have pneumoconiosis?"
 
 
-def manifest(out):
-    with open(out / "manifest.csv", newline="") as f:
-        return list(_csv.DictReader(f))
+@pytest.mark.parametrize("fmt", ["meta2", "hf_sharded", "meta_vocab_unset"])
+def test_text_branch_prepends_the_checkpoints_question_embeddings(clip_files, llama_files, tmp_path, fmt):
+    tok = write_tokenizer(tmp_path / "tokenizer.model", 40)  # the tiny LLaMA's vocabulary
+    ids, vocab = C.tokenize(tok, QUESTION)
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    assert ids[0] == sp.bos_id() == 1 and sp.decode(ids[1:]) == QUESTION and vocab == sp.vocab_size() <= 40
+    folder = llama_files.get(fmt)
+    if fmt == "meta_vocab_unset":  # Meta's LLaMA-1 params.json says vocab_size -1: read it off the embedding
+        folder = shutil.copytree(llama_files["meta"], tmp_path / "meta")
+        params = json.loads((folder / "params.json").read_text())
+        (folder / "params.json").write_text(json.dumps(dict(params, vocab_size=-1)))
+    model = load(clip_files["pt"], folder, question_ids=ids)
+    assert model.llama.tok_embeddings.weight.shape == (40, 64)
+    h, mask = tokens_into_llama(model, torch.randn(2, 3, 56, 56))
+    q, n = len(ids), len(model.args.blocks())
+    assert h.shape == (2, q + n + 4, 64)
+    assert torch.equal(h[:, :q], llama_files["sd"]["tok_embeddings.weight"][ids].expand(2, -1, -1))
+    assert torch.equal(mask, eq2(q + n, q + n + 4))  # the question is a source: nobody reads the diagnosis tokens
+    with pytest.raises(UserError, match=r"nope/tokenizer\.model: no sentencepiece"):
+        C.tokenize(tmp_path / "nope/tokenizer.model", QUESTION)
 
 
-def skipped_files(out):  # meta.json names skipped images by pseudonym; the mapping beside the key names their files
-    sources = {r["image"]: os.path.basename(r["source"]) for r in _csv.DictReader(open(out.parent / "out.mapping.csv"))}
-    return {sources[k]: v for k, v in json.loads((out / "meta.json").read_text())["skipped"].items()}
+def test_no_llm_and_conv_stem_read_only_what_they_use(clip_files, llama_files):
+    model = load(clip_files["pt"], None, llm=False)  # no LLaMA file at all
+    assert model.llama is None and model(torch.randn(2, 3, 56, 56)).shape == (2, 2)
+    torch.manual_seed(0)
+    model = P.from_pretrained("nope.pt", llama_files["meta"], "cpu", encoder="conv", vision=P.VisionArgs(32, 1, 1, 14,
+                                                                                                         56))
+    assert isinstance(model.visual, P.ConvStem) and model.visual(torch.randn(1, 3, 56, 56)).shape[1] == (56 // 14) ** 2
+    assert torch.equal(model.llama.layers[0].attention.wv.weight, llama_files["sd"]["layers.0.attention.wv.weight"])
+    assert model(torch.randn(2, 3, 56, 56)).shape == (2, 2)
+
+
+def test_any_clip_size_is_inferred_from_the_file(clip_files, tmp_path):
+    sd = {k: t for k, t in clip_files["sd"].items() if k.startswith("visual.")}
+    sd["visual.positional_embedding"] = torch.randn(6 * 6 + 1, 128)  # a 6x6 grid of 14-px patches: an "@84px" model
+    torch.save(sd, tmp_path / "ViT-84px.pt")
+    vision, _ = P.read_clip(tmp_path / "ViT-84px.pt")
+    assert vision == P.VisionArgs(128, 4, 2, 14, 84)
+    model = P.PneumoLLM(P.PneumoArgs(vision, P.LlamaArgs(dim=64, n_layers=1, n_heads=4, multiple_of=32)))
+    x = C.normalise(torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8), dict(norm="clip"), 84)
+    assert x.shape == (2, 3, 84, 84) and model(x).shape == (2, 2)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PWNED']}",))
+
+
+def test_pickle_that_runs_code_is_refused(clip_files, llama_files, tmp_path, monkeypatch):
+    flag = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED", str(flag))
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil/params.json").write_text((llama_files["meta"] / "params.json").read_text())
+    with open(tmp_path / "evil/consolidated.00.pth", "wb") as f:
+        pickle.dump({"norm.weight": Exploit()}, f)
+    torch.save({"x": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(P.CheckpointError,
+                       match=r"consolidated\.00\.pth: holds code-bearing objects \(\w+\.system\); not loaded$"):
+        load(clip_files["pt"], tmp_path / "evil")
+    with pytest.raises(P.CheckpointError, match=r"evil\.pt: holds code-bearing objects \(\w+\.system\); not loaded$"):
+        load(tmp_path / "evil.pt", llama_files["meta"])
+    assert not flag.exists()
+
+
+def test_torchscript_archive_is_read_without_running_it(clip_files):
+    theirs = torch.jit.load(str(clip_files["jit"])).state_dict()  # the oracle, on the test's own benign file
+    ours = P.read_torchscript(clip_files["jit"])
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype, k
+    assert P.read_torchscript(clip_files["pt"]) is None  # torch.save's zip: not TorchScript
+
+
+class Evil(nn.Module):  # a "CLIP" whose TorchScript __setstate__ writes a file when the archive is loaded
+    def __init__(self, path: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 4, 4, bias=False)
+        self.path = path
+
+    def forward(self, x):
+        return self.conv1(x)
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return self.conv1.weight, self.path, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        torch.save(state[0], state[1])
+        self.path, self.training = state[1], state[2]
+
+
+def test_torchscript_that_runs_code_is_never_run(tmp_path, llama_files):
+    root = nn.Module()
+    root.visual = Evil(str(tmp_path / "written"))
+    torch.jit.save(torch.jit.script(root), str(tmp_path / "ViT-L-14.pt"))
+    with pytest.raises(P.CheckpointError, match=r"ViT-L-14\.pt: no visual\.conv1\.weight") as e:
+        P.from_pretrained(tmp_path / "ViT-L-14.pt", llama_files["meta"])
+    assert "\n" not in str(e.value) and not (tmp_path / "written").exists()
+    with pytest.raises(RuntimeError):  # what the loader avoids: torch.jit.load runs __setstate__
+        torch.jit.load(str(tmp_path / "ViT-L-14.pt"))
+    assert (tmp_path / "written").exists()
+
+
+def test_refusals_are_one_line_and_never_suggest_turning_the_safety_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("PWNED", str(tmp_path / "pwned"))
+    torch.save({"x": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(P.CheckpointError) as e:
+        P.read_clip(tmp_path / "evil.pt")
+    msg = str(e.value)
+    assert msg == f"{tmp_path / 'evil.pt'}: holds code-bearing objects (posix.system); not loaded"
+    assert "weights_only" not in msg
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(P.CheckpointError, match=r"junk\.pt: is not a plain tensor checkpoint; not loaded$"):
+        P.read_clip(tmp_path / "junk.pt")
+
+
+# ==================================================================================================
+# 3. prepare.py: real DICOMs and radiographs, framing that cannot know the label, the audit, folders
 
 
 @needs_data
@@ -440,11 +851,8 @@ def test_every_real_dicom_is_prepared_or_skipped_with_its_reason(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     skipped = skipped_files(out)
     lossless = {"fodicom_GH133_mg_voilutseq.dcm", "fodicom_CR-ModalitySequenceLUT_dental.dcm"}
-    try:
-        import pylibjpeg  # noqa: F401  (with a decoder plug-in they decode)
+    if importlib.util.find_spec("pylibjpeg"):  # with a decoder plug-in they decode
         lossless = set()
-    except ImportError:
-        pass
     assert rc == 0 and set(skipped) == lossless
     for reason in skipped.values():
         assert "JPEG Lossless" in reason and "pip install pylibjpeg pylibjpeg-libjpeg" in reason
@@ -504,7 +912,8 @@ def test_planted_identifiers_leave_no_trace(tmp_path, capsys):
 def test_label_file_problems_fail_before_any_work(tmp_path):
     (tmp_path / "in").mkdir()
     Image.fromarray(np.full((64, 64), 100, np.uint8)).save(tmp_path / "in/a.png")
-    cases = [([("a.png", "1"), ("b.png", "0")], "no file 'b.png'"), ([("a.png", "1"), ("a.png", "0")], "duplicate row for 'a.png'"),
+    cases = [([("a.png", "1"), ("b.png", "0")], "no file 'b.png'"), ([("a.png", "1"), ("a.png", "0")],
+                                                                     "duplicate row for 'a.png'"),
              ([("a.png", "")], "missing label for 'a.png'")]
     for rows, msg in cases:
         with pytest.raises(UserError, match=msg):
@@ -538,6 +947,16 @@ def test_corrupt_and_truncated_files_are_skipped_and_the_rest_prepared(tmp_path)
     assert rc3 == 1  # nothing prepared: non-zero exit
 
 
+def test_sixteen_bit_png_is_windowed_not_clipped(tmp_path):
+    x = np.linspace(1000, 3000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(x).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode.startswith("I;16")
+    img, attrs = prepare.read_image(tmp_path / "a.png")
+    lo, hi = np.percentile(x, [0.5, 99.5])  # a DICOM without VOI tags gets the same robust range
+    np.testing.assert_allclose(img, np.clip((x - lo) / (hi - lo), 0, 1))
+    assert attrs["bits"] == 16 and 0.4 < img.mean() < 0.6  # convert("L") made it all white
+
+
 @needs_data
 def test_nih_folds_are_patient_disjoint_and_balanced():
     with open(os.path.join(SHARED, "nih_cxr_pneumonia/labels.csv"), newline="") as f:
@@ -564,7 +983,8 @@ def test_nih_subset_prepares_with_the_patient_column(tmp_path):
     m = manifest(out)
     assert rc == 0 and len(m) == 30 and {r["fold"] for r in m} == {"1", "2", "3"}
     pid = {r["image"]: r["patient_id"] for r in rows}
-    assert not any(r["patient"] in pid.values() or r["image"].split("/")[-1] in {os.path.basename(k) for k in pid} for r in m)
+    names = {os.path.basename(k) for k in pid}
+    assert not any(r["patient"] in pid.values() or r["image"].split("/")[-1] in names for r in m)
 
 
 def test_demo_generator_is_deterministic(tmp_path):
@@ -576,1009 +996,6 @@ def test_demo_generator_is_deterministic(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     ds = pydicom.dcmread(next((tmp_path / "a").glob("*.dcm")))
     assert ds.PatientName.family_name == "DEMO" and ds.Modality in ("CR", "DX")
-
-
-# ================================================================================================
-# metrics against scikit-learn
-
-
-import common as C
-import eval as ev
-import explain
-import train
-
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
-
-
-def test_binary_metrics_match_sklearn_with_ties():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 200)
-    score = np.round(np.clip(0.3 * y + rng.normal(0.35, 0.25, 200), 0, 1), 1)  # heavy ties
-    prob = np.stack([1 - score, score], 1)
-    m = M.metrics(y, prob)
-    pred = prob.argmax(1)
-    assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, score), abs=1e-12)
-    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, pos_label=1))
-    assert m["specificity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, pos_label=0))
-    assert m["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, pred))
-    assert m["confusion"] == sklearn_metrics.confusion_matrix(y, pred).tolist()
-    assert m["avg"] == pytest.approx(np.mean([m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")]))
-    fpr, tpr, thr = ev.roc_curve(y, score)
-    f2, t2, th2 = sklearn_metrics.roc_curve(y, score, drop_intermediate=False)
-    np.testing.assert_allclose(fpr, f2)
-    np.testing.assert_allclose(tpr, t2)
-    np.testing.assert_allclose(thr, th2)
-    assert M.roc_auc(np.array([0, 0, 1, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
-
-
-def test_multiclass_metrics_match_sklearn_macro():
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 3, 150)
-    logits = rng.normal(size=(150, 3)) + 1.5 * np.eye(3)[y]
-    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    m = M.metrics(y, prob)
-    assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, prob, multi_class="ovr", average="macro"))
-    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, prob.argmax(1), average="macro"))
-
-
-def test_multilabel_metrics_match_sklearn_per_finding_macro():
-    rng = np.random.default_rng(2)
-    y = (rng.random((200, 3)) < [0.2, 0.5, 0.7]).astype(np.float32)
-    prob = 1 / (1 + np.exp(-(rng.normal(size=(200, 3)) + 2 * y - 1)))
-    m, pred = M.metrics(y, prob), prob > 0.5
-    assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, prob, average="macro"))
-    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, average="macro"))
-    assert m["specificity"] == pytest.approx(sklearn_metrics.recall_score(1 - y, ~pred, average="macro"))
-    assert m["accuracy"] == pytest.approx(1 - sklearn_metrics.hamming_loss(y, pred))
-    assert m["avg"] == pytest.approx(np.mean([m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")]))
-    assert np.array(m["confusion"]).shape == (3, 2, 2)
-
-
-def test_one_class_edge_cases_raise_clear_errors():
-    with pytest.raises(ValueError, match="only one class"):
-        M.roc_auc(np.ones(5), np.linspace(0, 1, 5))
-    with pytest.raises(ValueError, match=r"every class present; counts per class: \[0, 4\]"):
-        M.metrics(np.ones(4, int), np.full((4, 2), 0.5))
-
-
-# ================================================================================================
-# train.py / eval.py end to end on a small demo set
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    demo.write_demo(d / "dicom", n_patients=60)
-    assert prepare.main(["--images", str(d / "dicom"), "--labels", str(d / "dicom/labels.csv"), "--out", str(d / "data"),
-                         "--key-file", str(d / "key"), "--workers", "2"]) == 0
-    return d / "data"
-
-
-def last_weights(run) -> dict:  # the trainable weights of a run's resume point
-    return torch.load(run / "state.pt", weights_only=True)["model"]
-
-
-def train_args(data, out, *extra):
-    return ["--data", str(data), "--out", str(out), "--model", "tiny", "--batch-size", "16", *extra]
-
-
-def marker_data(folder, where):  # 120 patients, ~220 films; every diseased film carries a bright "L" `where`
-    demo.write_demo(folder / "dicom", n_patients=120, shortcut=where)
-    assert prepare.main(["--images", str(folder / "dicom"), "--labels", str(folder / "dicom/labels.csv"), "--out",
-                         str(folder / "data"), "--key-file", str(folder / "key"), "--workers", "2"]) == 0
-    return folder / "data"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("where", ["lungs", "corner"])
-def test_tiny_training_learns_a_visible_sign_and_the_probe_says_where_it_is(tmp_path, capsys, where):
-    """train.py's recipe on fold 1, at a learning rate for the tiny model (3e-3: the paper's 3e-4 suits the real
-    one and needs far more than 30 epochs here), learns a bright marker on the diseased films (AUC 1.00 measured
-    for both). --probe hides the lung fields: a marker inside them goes with them (hidden AUC 0.57 [0.39, 0.74]
-    measured: quiet), one in the film's corner does not (1.00 [1.00, 1.00]: the alarm)."""
-    data = marker_data(tmp_path, where)
-    m = train.main(train_args(data, tmp_path / "runs/fold1", "--epochs", "30", "--lr", "3e-3"))
-    assert m["auc"] > 0.9
-    capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1", "--probe"]) == 0
-    out, probe = capsys.readouterr().out, json.loads((tmp_path / "runs/fold1/probe.json").read_text())
-    hidden = probe["lung fields hidden"]
-    assert probe["as trained"]["auc"] == pytest.approx(m["auc"], abs=1e-6)
-    if where == "corner":
-        assert hidden["auc_ci95"][0] > 0.5 and "the model reads something outside the lungs" in out
-    else:
-        assert hidden["auc_ci95"][0] <= 0.5 and "no sign that the model reads anything outside the lungs" in out
-    assert "the run's framing is the reference framing" in out
-    if where == "lungs":  # the rest of what a user runs next on a trained fold
-        assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1"]) == 0
-        assert (tmp_path / "runs/fold1/roc.png").exists()
-    if where == "lungs" and SHARED:
-        assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1", "--image", os.path.join(DICOM, "RG1_UNCR.dcm")]) == 0
-        assert re.search(r"RG1_UNCR\.dcm: P\(pneumoconiosis\) = [01]\.\d{3}, (positive|negative) at the run's "
-                         r"threshold [01]\.\d{3}; crop: thorax", capsys.readouterr().out)
-
-
-def test_the_probe_stays_quiet_on_the_clean_demo(demo_data, tmp_path, capsys):
-    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "3"))
-    capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--probe"]) == 0
-    assert "no sign that the model reads anything outside the lungs" in capsys.readouterr().out
-
-
-def test_kill_and_resume_equals_uninterrupted(demo_data, tmp_path, monkeypatch, capsys):
-    args = ["--epochs", "3", "--val-frac", "0.2"]
-    full = train.main(train_args(demo_data, tmp_path / "full", *args))
-    real_save, saves = train.Training.save, []
-
-    def killed_after_epoch_2(self, out):
-        real_save(self, out)
-        saves.append(self.epoch)
-        if len(saves) == 2:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(train.Training, "save", killed_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(demo_data, tmp_path / "resumed", *args))
-    monkeypatch.setattr(train.Training, "save", real_save)
-    capsys.readouterr()
-    resumed = train.main(train_args(demo_data, tmp_path / "resumed", *args))  # the same command again
-    assert "resuming the interrupted run after epoch 2 of 3" in capsys.readouterr().out
-    assert resumed == full
-    full_w, resumed_w = last_weights(tmp_path / "full"), last_weights(tmp_path / "resumed")
-    assert full_w.keys() == resumed_w.keys() and all(torch.equal(full_w[k], resumed_w[k]) for k in full_w)
-    assert (tmp_path / "full/log.jsonl").read_text() == (tmp_path / "resumed/log.jsonl").read_text()
-
-
-def test_test_fold_is_loaded_only_for_the_final_evaluation(demo_data, tmp_path, monkeypatch):
-    calls, real = [], Data.images
-
-    def spy(self, rows):
-        calls.append(({int(r["fold"]) for r in rows}, (tmp_path / "run/state.pt").exists()))
-        return real(self, rows)
-
-    monkeypatch.setattr(Data, "images", spy)
-    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "2", "--fold", "2"))
-    with_test = [i for i, (folds, _) in enumerate(calls) if 2 in folds]
-    assert with_test == [len(calls) - 1] and calls[-1] == ({2}, True)  # once, last, after training
-
-
-def test_non_finite_steps_are_skipped_and_an_all_bad_epoch_stops(demo_data, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-    real, calls = train.loss_fn, []
-
-    def nan_on_the_second_step(logits, y, cfg):
-        calls.append(1)
-        return real(logits, y, cfg) * (float("nan") if len(calls) == 2 else 1.0)
-
-    monkeypatch.setattr(train, "loss_fn", nan_on_the_second_step)
-    train.main(train_args(demo_data, tmp_path / "one", "--epochs", "1", "--val-frac", "0"))
-    rec = json.loads((tmp_path / "one/log.jsonl").read_text().splitlines()[0])
-    assert rec["skipped"] == 1 and np.isfinite(rec["loss"])
-    assert all(torch.isfinite(t).all() for t in last_weights(tmp_path / "one").values())
-    monkeypatch.setattr(train, "loss_fn", lambda logits, y, cfg: real(logits, y, cfg) * float("nan"))
-    with pytest.raises(UserError, match="every step of epoch 1 had a non-finite loss"):
-        train.main(train_args(demo_data, tmp_path / "all", "--epochs", "1", "--val-frac", "0"))
-
-
-def test_fp16_overflow_steps_are_counted_and_the_loss_scale_logged(demo_data, tmp_path, monkeypatch, capsys):
-    """GradScaler skips a step whose gradients overflow; the log says how many were skipped and the scale."""
-    real, calls = train.Training.__init__, []
-
-    def overflow_every_other_backward(self, model, cfg):
-        real(self, model, cfg)
-        model.head.weight.register_hook(lambda g: calls.append(1) or (g * float("inf") if len(calls) % 2 else g))
-    monkeypatch.setattr(train.Training, "__init__", overflow_every_other_backward)
-    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "1", "--val-frac", "0"))
-    rec = json.loads((tmp_path / "run/log.jsonl").read_text())
-    steps = len(calls)
-    assert rec["skipped"] == (steps + 1) // 2 and np.isfinite(rec["loss"])  # the 1st, 3rd, ... backward overflowed
-    assert rec["scale"] == 65536.0 / 2 ** rec["skipped"]  # halved at each skipped step (growth needs 2000 good ones)
-    assert f"{rec['skipped']} of {steps} steps skipped" in capsys.readouterr().err
-
-
-def test_every_step_sees_a_full_batch_and_padding_weighs_nothing():
-    perm = torch.randperm(37)
-    got = list(train.batches(perm, 16))
-    assert [len(i) for i, _ in got] == [16, 16, 16] and [int(w.sum()) for _, w in got] == [16, 16, 5]
-    assert torch.equal(torch.cat([i[w > 0] for i, w in got]), perm)  # each image once, in order, pads after
-    model, cfg = tiny(adapter_dropout=0.0), dict(multi_label=False, authors_code=False)
-    x, y = torch.randn(16, 3, 224, 224), torch.randint(0, 2, (16,))
-    idx, w = got[-1]
-    padded = (train.loss_fn(model(x), y, cfg) * w).sum() / 5  # train_epoch's loss on the short last batch
-    real = F.cross_entropy(model(x[:5]), y[:5])  # the mean over its 5 real images
-    torch.testing.assert_close(padded, real)
-
-
-def test_a_resume_point_written_on_a_gpu_is_read_on_a_cpu(demo_data, tmp_path, monkeypatch, capsys):
-    """state.pt's tensors tagged cuda:0 (as a GPU run saves fused AdamW's state) load on a machine without one."""
-    args = train_args(demo_data, tmp_path / "run", "--epochs", "1")
-    monkeypatch.setattr(train, "final_test", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):  # stopped after its last epoch, before the test fold
-        train.main(args)
-    monkeypatch.undo()
-    st = torch.load(tmp_path / "run/state.pt", weights_only=True)
-    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
-    torch.save(st, tmp_path / "run/state.pt")
-    monkeypatch.undo()
-    with pytest.raises(RuntimeError, match="CUDA"):  # what the reader faced before map_location
-        torch.load(tmp_path / "run/state.pt", weights_only=True)
-    with pytest.raises(UserError, match="training stopped at epoch 1 of 1"):
-        C.check_finished(tmp_path / "run", 1)
-    capsys.readouterr()
-    train.main(args)
-    assert "resuming the interrupted run after epoch 1 of 1" in capsys.readouterr().out
-    assert C.finished(tmp_path / "run")
-
-
-def test_multilabel_set_prepares_trains_and_evaluates(demo_data, tmp_path):
-    src = tmp_path / "png"
-    src.mkdir()
-    rows = []
-    for r in manifest(demo_data):  # the demo images again, with a second finding on every other disease case
-        name = Path(r["image"]).name
-        shutil.copy(demo_data / r["image"], src / name)
-        label = r["label"] if r["label"] == "normal" else "pneumoconiosis" + (" | opacity" if len(rows) % 2 else "")
-        rows.append((name, label, r["patient"]))
-    rc, out = run_prepare(tmp_path, src, rows, "--crop", "none", header=("image", "label", "patient"))
-    meta = json.loads((out / "meta.json").read_text())
-    assert rc == 0 and meta["multi_label"] and meta["classes"] == ["opacity", "pneumoconiosis"]
-    assert {r["label"] for r in manifest(out)} == {"normal", "pneumoconiosis", "opacity|pneumoconiosis"}
-    assert sum(c["opacity"] for c in meta["counts"].values()) == sum("opacity" in l for _, l, _ in rows)
-    m = train.main(train_args(out, tmp_path / "run/fold1", "--epochs", "2", "--val-frac", "0.2"))
-    assert set(m) >= {"sensitivity", "specificity", "accuracy", "auc", "avg"} and np.array(m["confusion"]).shape == (2, 2, 2)
-    pred = list(_csv.DictReader(open(tmp_path / "run/fold1/predictions.csv")))
-    probs = np.array([[float(p["p_opacity"]), float(p["p_pneumoconiosis"])] for p in pred])
-    assert probs.shape == (len(pred), 2) and not np.allclose(probs.sum(1), 1)  # two sigmoids, not a softmax
-    assert all(set(p["prediction"].split("|")) <= {"", "opacity", "pneumoconiosis"} for p in pred)
-    assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1"]) == 0
-
-
-def test_missing_checkpoint_gives_the_download_message(demo_data, tmp_path):
-    with pytest.raises(UserError, match=r"nope/ViT-L-14\.pt not found: .*--model tiny runs without them"):
-        train.main(["--data", str(demo_data), "--out", str(tmp_path), "--clip", "nope/ViT-L-14.pt", "--llama", "nope/llama"])
-
-
-def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    img = np.zeros((40, 60), np.uint8)
-    img[10:30, 20:40] = np.arange(20, dtype=np.uint8)[None] * 12  # a gradient only inside the masked box
-    Image.fromarray(img).save(src / "a.png")
-    mask = np.zeros((40, 60), np.uint8)
-    mask[10:30, 20:40] = 255
-    (tmp_path / "masks").mkdir()
-    Image.fromarray(mask).save(tmp_path / "masks/a.png")
-    rc, out = run_prepare(tmp_path, src, [("a.png", "1")], "--masks", str(tmp_path / "masks"), "--size", "20", "--folds", "1")
-    crop = np.asarray(Image.open(out / manifest(out)[0]["image"]))
-    assert rc == 0 and crop.shape == (20, 20) and crop[:, 0].mean() < crop[:, -1].mean()  # the gradient fills the crop
-    flat = np.flatnonzero(mask.ravel())  # CheXmask RLE: 1-based starts, row by row
-    runs = " ".join(f"{s + 1} 20" for s in flat[::20])
-    assert np.array_equal(lungcrop.rle_mask(runs, 40, 60), mask > 0)
-    write_labels(tmp_path / "chexmask.csv", [("a.png", runs, "", 40, 60)], ("ImageID", "Left Lung", "Right Lung", "Height", "Width"))
-    shutil.rmtree(out)
-    rc, out = run_prepare(tmp_path, src, [("a.png", "1")], "--masks", str(tmp_path / "chexmask.csv"), "--size", "20", "--folds", "1")
-    assert rc == 0 and np.array_equal(np.asarray(Image.open(out / manifest(out)[0]["image"])), crop)
-
-
-# ================================================================================================
-# ablations: a switch for every variant of the paper's Tables 4-6 and Fig. 6 (README: Ablations)
-
-import shlex
-from pathlib import Path
-
-VARIANTS = {  # train.py flags
-    "published": [], "no-llm": ["--no-llm"], "simplified": ["--engine", "none", "--no-emitter"],
-    "no-adapters": ["--engine", "none", "--no-emitter", "--no-vit-adapters", "--no-llm-adapters"],
-    "coop": ["--engine", "coop", "--no-emitter"], "cocoop": ["--engine", "cocoop"], "no-emitter": ["--no-emitter"],
-    "no-vit-adapters": ["--no-vit-adapters"], "no-llm-adapters": ["--no-llm-adapters"], "k16": ["--n-diag", "16"],
-    "cls-blocks": ["--cls-blocks", "2,3"], "conv": ["--encoder", "conv"], "authors": ["--authors-code"],
-}
-
-
-def tiny_variant(flags, seed=0):
-    cfg = dict(train.parse(["--model", "tiny", *flags]), multi_label=False)
-    torch.manual_seed(seed)
-    return P.PneumoLLM(P.tiny_args(**C.pneumo_fields(cfg))), cfg
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_every_ablation_builds_and_trains_a_step(name):
-    model, cfg = tiny_variant(VARIANTS[name])
-    perturb_adapters(model)  # with up = 0 the down-projection's gradient is exactly zero
-    model.train()
-    trainable = {id(p) for p in model.trainable_parameters()}
-    loss = train.loss_fn(model(torch.randn(4, 3, 224, 224)).float(), torch.tensor([0, 1, 0, 1]), cfg).mean()
-    loss.backward()
-    for n, p in model.named_parameters():
-        if id(p) in trainable:
-            assert p.grad is not None and p.grad.abs().sum() > 0, n
-        else:
-            assert p.grad is None, n
-    kinds = {type(m) for m in model.modules()}
-    assert (P.RepAdapter in kinds) == (name != "no-adapters")
-    assert (model.llama is None) == (name == "no-llm") and (model.engine is None) == (name in ("simplified", "no-adapters"))
-    assert isinstance(model.visual, P.ConvStem if name == "conv" else P.VisionTransformer)
-    assert all(p.requires_grad for p in model.visual.parameters()) == (name == "conv")
-    if name == "authors":
-        assert not any(p.requires_grad for p in model.engine.parameters()) and cfg["norm"] == "imagenet" and cfg["select"] == "test"
-        assert set(model.own_state_dict()) > {n for n, p in model.named_parameters() if p.requires_grad}  # the frozen engine is saved
-
-
-def test_impossible_ablations_fail_with_a_message(capsys):
-    with pytest.raises(ValueError, match=r"CLS blocks \[4, 30\] must lie in 1\.\.24"):
-        P.PneumoArgs(cls_blocks=[30, 4])
-    with pytest.raises(ValueError, match="needs at least one diagnosis token"):
-        P.PneumoArgs(n_diag=0)
-    with pytest.raises(ValueError, match="unknown engine 'coopp'"):
-        P.PneumoArgs(engine="coopp")
-    with pytest.raises(ValueError, match="a question needs the LLM"):
-        P.PneumoArgs(question_ids=[1, 2])  # vocab_size unknown
-    for flags, msg in [(["--question", "x", "--no-llm"], "cannot go with --no-llm"), (["--n-diag", "0"], "diagnosis token"),
-                       (["--cls-blocks", "4,30"], r"CLS blocks \[4, 30\] must lie in 1\.\.24")]:
-        with pytest.raises(UserError, match=msg):
-            train.parse(flags)
-    with pytest.raises(SystemExit):
-        train.parse(["--cls-blocks", "12;24"])
-    assert "give 1-based block numbers" in capsys.readouterr().err
-
-
-def tokens_into_llama(model, img):
-    seen = {}
-    model.llama.register_forward_pre_hook(lambda m, args: seen.update(h=args[0], mask=args[1]))
-    with torch.no_grad():
-        model(img)
-    return seen["h"], seen["mask"]
-
-
-@pytest.mark.parametrize("name, t, masked", [("published", 8, True), ("no-emitter", 8, False), ("simplified", 4, False),
-                                             ("k16", 20, True), ("cls-blocks", 6, True), ("conv", 68, True)])
-def test_tokens_and_mask_that_reach_the_llm(name, t, masked):
-    model, _ = tiny_variant(VARIANTS[name])
-    h, mask = tokens_into_llama(model.eval(), torch.randn(2, 3, 224, 224))
-    n = {"simplified": 4, "cls-blocks": 2, "conv": 64}.get(name, 4)  # source tokens: CLS (or patch) tokens
-    assert h.shape == (2, t, 64)
-    assert torch.equal(mask, eq2(n, t)) if masked else mask is None
-
-
-def test_coop_tokens_are_shared_and_cocoop_tokens_follow_the_image():
-    coop, cocoop, cls = P.LearnedTokens(64, 4, False), P.LearnedTokens(64, 4, True), torch.randn(3, 5, 64)
-    t = coop(cls)
-    assert t.shape == (3, 4, 64) and all(torch.equal(t[i], coop.ctx) for i in range(3))
-    t = cocoop(cls)
-    torch.testing.assert_close(t, cocoop.ctx + cocoop.meta_net(cls[:, -1])[:, None])
-    assert not torch.allclose(t[0], t[1])
-    assert [n for n, _ in cocoop.named_parameters()] == ["ctx", "meta_net.linear1.weight", "meta_net.linear1.bias",
-                                                         "meta_net.linear2.weight", "meta_net.linear2.bias"]
-
-
-def test_cls_blocks_are_those_blocks_and_later_blocks_are_skipped():
-    img = torch.randn(2, 3, 224, 224)
-    full, part = tiny(), tiny(cls_blocks=[3, 2])
-    with torch.no_grad():
-        every, some = full.visual(img), part.visual(img)
-        assert torch.equal(some, every[:, [1, 2]])
-        part.visual.transformer.resblocks[3].mlp.c_fc.weight.fill_(float("nan"))  # block 4 is never run
-        assert torch.equal(part.visual(img), some)
-
-
-def write_tokenizer(path, vocab):
-    import io
-
-    import sentencepiece as spm
-    text = ["Does the patient have pneumoconiosis?", "Small rounded opacities in both upper zones.",
-            "Silica dust exposure in coal miners.", "No abnormality in the lung fields."] * 10
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=vocab, model_type="bpe",
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
-    path.write_bytes(buf.getvalue())
-    return path
-
-
-QUESTION = "Does the patient have pneumoconiosis?"
-
-
-@pytest.mark.parametrize("fmt", ["meta2", "hf_sharded", "meta_vocab_unset"])
-def test_text_branch_prepends_the_checkpoints_question_embeddings(clip_files, llama_files, tmp_path, fmt):
-    import sentencepiece as spm
-    tok = write_tokenizer(tmp_path / "tokenizer.model", 40)  # the tiny LLaMA's vocabulary
-    ids, vocab = C.tokenize(tok, QUESTION)
-    sp = spm.SentencePieceProcessor(model_file=str(tok))
-    assert ids[0] == sp.bos_id() == 1 and sp.decode(ids[1:]) == QUESTION and vocab == sp.vocab_size() <= 40
-    folder = llama_files.get(fmt)
-    if fmt == "meta_vocab_unset":  # Meta's LLaMA-1 params.json says vocab_size -1: read it off the embedding
-        folder = shutil.copytree(llama_files["meta"], tmp_path / "meta")
-        params = json.loads((folder / "params.json").read_text())
-        (folder / "params.json").write_text(json.dumps(dict(params, vocab_size=-1)))
-    model = load(clip_files["pt"], folder, question_ids=ids)
-    assert model.llama.tok_embeddings.weight.shape == (40, 64)
-    h, mask = tokens_into_llama(model, torch.randn(2, 3, 56, 56))
-    q, n = len(ids), len(model.args.blocks())
-    assert h.shape == (2, q + n + 4, 64)
-    assert torch.equal(h[:, :q], llama_files["sd"]["tok_embeddings.weight"][ids].expand(2, -1, -1))
-    assert torch.equal(mask, eq2(q + n, q + n + 4))  # the question is a source: nobody reads the diagnosis tokens
-    with pytest.raises(UserError, match=r"nope/tokenizer\.model: no sentencepiece"):
-        C.tokenize(tmp_path / "nope/tokenizer.model", QUESTION)
-
-
-def test_no_llm_and_conv_stem_read_only_what_they_use(clip_files, llama_files):
-    model = load(clip_files["pt"], None, llm=False)  # no LLaMA file at all
-    assert model.llama is None and model(torch.randn(2, 3, 56, 56)).shape == (2, 2)
-    torch.manual_seed(0)
-    model = P.from_pretrained("nope.pt", llama_files["meta"], "cpu", encoder="conv", vision=P.VisionArgs(32, 1, 1, 14, 56))
-    assert isinstance(model.visual, P.ConvStem) and model.visual(torch.randn(1, 3, 56, 56)).shape[1] == (56 // 14) ** 2
-    assert torch.equal(model.llama.layers[0].attention.wv.weight, llama_files["sd"]["layers.0.attention.wv.weight"])
-    assert model(torch.randn(2, 3, 56, 56)).shape == (2, 2)
-
-
-def test_any_clip_size_is_inferred_from_the_file(clip_files, tmp_path):
-    sd = {k: t for k, t in clip_files["sd"].items() if k.startswith("visual.")}
-    sd["visual.positional_embedding"] = torch.randn(6 * 6 + 1, 128)  # a 6x6 grid of 14-px patches: an "@84px" model
-    torch.save(sd, tmp_path / "ViT-84px.pt")
-    vision, _ = P.read_clip(tmp_path / "ViT-84px.pt")
-    assert vision == P.VisionArgs(128, 4, 2, 14, 84)
-    model = P.PneumoLLM(P.PneumoArgs(vision, P.LlamaArgs(dim=64, n_layers=1, n_heads=4, multiple_of=32)))
-    x = C.normalise(torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8), dict(norm="clip"), 84)
-    assert x.shape == (2, 3, 84, 84) and model(x).shape == (2, 2)
-
-
-CLIP_SHAPES = {"ViT-L-14.pt": P.VisionArgs(), "ViT-B-32.pt": P.VisionArgs(768, 12, 12, 32, 224),
-               "ViT-B-16.pt": P.VisionArgs(768, 12, 12, 16, 224), "ViT-L-14-336px.pt": P.VisionArgs(1024, 24, 16, 14, 336)}
-
-
-def hand_count(flags: str) -> int:
-    """A README row's trainable parameters from SPEC's shapes alone, counted by hand: CLIP width W with its
-    blocks, LLaMA dim 4096 in 32 blocks, 2 classes. An adapter on width C: A (C -> 8, bias) and the grouped
-    D (weight C x 4, bias C); the engine: Linear(W, 12) and Linear(12, K); CoOp: K x W tokens; CoCoOp: those
-    and meta_net W -> W/16 -> W; the projection W -> 128 -> 4096; the head 4096 x 2, no bias."""
-    f = flags.split()
-    w, blocks = (768, 12) if "ViT-B" in flags else (1024, 24)
-    k = int(f[f.index("--n-diag") + 1]) if "--n-diag" in f else 4
-    adapter = lambda c: c * 8 + 8 + c * 4 + c  # noqa: E731
-    cls = [int(b) for b in f[f.index("--cls-blocks") + 1].split(",")] if "--cls-blocks" in f else [blocks]
-    vit = 0 if "--no-vit-adapters" in f or "--encoder" in f else max(cls) * adapter(w)  # blocks past the last unused
-    llm = 0 if "--no-llm-adapters" in f or "--no-llm" in f else 32 * adapter(4096)
-    engine = {"none": 0, "coop": k * w, "cocoop": k * w + w * (w // 16) + w // 16 + (w // 16) * w + w}.get(
-        f[f.index("--engine") + 1] if "--engine" in f else "multi", w * 12 + 12 + 12 * k + k)
-    engine = 0 if "--authors-code" in f else engine  # frozen at random init in their code
-    stem = 3 * 14 * 14 * w + w if "--encoder" in f else 0
-    return vit + llm + engine + stem + (w * 128 + 128 + 128 * 4096 + 4096) + 4096 * 2
-
-
-def test_readme_ablation_table_counts_are_hand_counts_and_the_models():
-    text = (Path(__file__).parent / "README.md").read_text().split("## Ablations")[1].split("\n## ")[0]
-    rows = re.findall(r"^\| `([^`]*)` \|.*\| ([\d,]+) \|[^|]*\|$", text, re.M)
-    assert len(rows) >= 18
-    for flags, count in rows:
-        assert f"{hand_count(flags):,}" == count, flags  # the README against SPEC's shapes
-        cfg = train.parse(shlex.split(flags.replace("(defaults)", "")))
-        kw = dict(C.pneumo_fields(cfg), question_ids=[1, 2, 3] if cfg["question"] else [])
-        with torch.device("meta"):
-            model = P.PneumoLLM(P.PneumoArgs(CLIP_SHAPES[Path(cfg["clip"]).name], P.LlamaArgs(vocab_size=32000), **kw))
-        assert f"{sum(p.numel() for p in model.trainable_parameters()):,}" == count, flags  # the code against both
-
-
-def test_authors_code_flag_reproduces_their_choices(demo_data, tmp_path, capsys):
-    out = tmp_path / "authors"
-    train.main(train_args(demo_data, out, "--epochs", "2", "--authors-code"))
-    assert "ON THE TEST FOLD" in capsys.readouterr().err
-    assert json.loads((out / "metrics.json").read_text())["selected_on"] == "test"
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["norm"] == "imagenet" and cfg["authors_code"]
-    fresh = C.build(cfg)  # the same seed: the engine as initialised, which must not have moved
-    trained, _ = C.load_run(out)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.engine.parameters(), trained.engine.parameters()))
-    assert not torch.equal(fresh.proj.fc1.weight, trained.proj.fc1.weight)
-
-
-def test_combined_ablation_flags_survive_the_run_and_the_reload(demo_data, tmp_path):
-    tok = write_tokenizer(tmp_path / "tokenizer.model", 60)
-    out = tmp_path / "run"
-    flags = ["--question", QUESTION, "--tokenizer", str(tok), "--engine", "cocoop", "--cls-blocks", "2,4", "--no-vit-adapters"]
-    train.main(train_args(demo_data, out, "--epochs", "1", *flags))
-    cfg = json.loads((out / "config.json").read_text())
-    model, _ = C.load_run(out)
-    a = model.args
-    assert (a.question_ids, a.engine, a.blocks(), a.vit_adapters) == (cfg["question_ids"], "cocoop", [2, 4], False)
-    data = Data(demo_data)
-    prob = C.predict(model, data.images(data.split(1, 0)["test"]), cfg)[:, 1]
-    saved = [float(r["p_pneumoconiosis"]) for r in _csv.DictReader(open(out / "predictions.csv"))]
-    np.testing.assert_allclose(prob, saved, atol=2e-6)
-
-
-# ================================================================================================
-# data-parallel: torchrun with 2 CPU processes (gloo) equals one process with the same global batch
-
-
-@pytest.mark.slow
-def test_two_process_ddp_equals_one_process(demo_data, tmp_path):
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-    args = ["--epochs", "2", "--val-frac", "0.2", "--adapter-dropout", "0"]  # dropout masks would differ per process
-    one = train.main(train_args(demo_data, tmp_path / "one", *args))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                          *train_args(demo_data, tmp_path / "two", *args)], cwd=Path(__file__).parent, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "2 processes share each batch of 16" in run.stdout
-    a, b = last_weights(tmp_path / "one"), last_weights(tmp_path / "two")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    logs = [[json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")]
-    assert [r.get("epoch") for r in logs[0]] == [r.get("epoch") for r in logs[1]]
-    for r1, r2 in zip(*logs):
-        assert abs(r1.get("loss", 0) - r2.get("loss", 0)) < 1e-5
-    two = json.loads((tmp_path / "two/metrics.json").read_text())["metrics"]
-    assert abs(one["auc"] - two["auc"]) < 1e-4 and one["confusion"] == two["confusion"]
-
-
-def test_vit_activation_checkpointing_gives_the_same_gradients_and_keeps_less():
-    grads, kept = [], []
-    for recompute in (False, True):
-        model = tiny().train()
-        perturb_adapters(model)
-        model.visual.grad_checkpointing = recompute
-        torch.manual_seed(3)  # the same dropout masks; checkpoint() replays them in the recomputation
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            vit = model.visual(torch.randn(2, 3, 224, 224))
-        kept.append(sum(saved))
-        model.head(model.proj(vit)).logsumexp(-1).sum().backward()
-        grads.append([p.grad for p in model.trainable_parameters() if p.grad is not None])
-    assert len(grads[0]) == 4 * 4 + 2 + 2 + 1 and all(torch.equal(a, b) for a, b in zip(*grads))  # 4 ViT adapters, proj, head
-    assert kept[1] < kept[0] / 4
-
-
-@pytest.mark.slow
-def test_compiled_training_step_is_one_graph_and_matches_eager():
-    """`--compile` (and the CUDA graphs of reduce-overhead) want the whole model as one graph: a graph
-    break fails here (fullgraph=True) instead of silently splitting it. ViT checkpointing included."""
-    grads, logits = [], []
-    for compiled in (False, True):
-        model = tiny(adapter_dropout=0.0).train()
-        perturb_adapters(model)
-        model.visual.grad_checkpointing = True
-        fwd = torch.compile(model, fullgraph=True) if compiled else model
-        out = fwd(torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(5)))
-        torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 1, 0])).backward()
-        logits.append(out.detach())
-        grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters()]))
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
-    assert (grads[1] - grads[0]).norm() < 1e-4 * grads[0].norm() and grads[0].norm() > 0
-
-
-# ================================================================================================
-# the recipe, line by line: each test fails when its line of SPEC/paper is broken; numbers come from
-# the paper and SPEC, or are computed here by hand
-
-
-def test_adapter_dropout_is_p_0_1_in_training_and_off_in_eval():
-    model = tiny()
-    adapters = [m for m in model.modules() if isinstance(m, P.RepAdapter)]
-    a = adapters[0]
-    with torch.no_grad():
-        a.down.bias.fill_(1.0)  # every hidden unit on, so that a zero is a dropped unit
-        a.up_weight.fill_(0.1)
-    dropped = []
-    a.dropout.register_forward_hook(lambda m, i, out: dropped.append((out == 0).float().mean().item()))
-    x = torch.randn(4000, 64) * 1e-3
-    model.train()
-    train_out = [a(x), a(x)]
-    assert abs(dropped[0] - 0.1) < 0.005 and abs(dropped[1] - 0.1) < 0.005  # 32,000 units: sd 0.0017
-    assert not torch.equal(*train_out)  # new masks every call
-    model.eval()
-    out = a(x)
-    h = x @ a.down.weight.T + a.down.bias  # by hand, no dropout: each group of 4 hidden units feeds 32 channels
-    y = torch.cat([h[:, :4] @ a.up_weight[:32].T, h[:, 4:] @ a.up_weight[32:].T], 1) + a.up_bias
-    torch.testing.assert_close(out, x + y)
-    assert dropped[-1] == 0.0 and all(m.dropout.p == 0.1 for m in adapters)
-    built = P.PneumoLLM(P.tiny_args(**C.pneumo_fields(train.parse(["--model", "tiny"]))))  # train.py's default too
-    assert {m.dropout.p for m in built.modules() if isinstance(m, P.RepAdapter)} == {0.1}
-
-
-def test_head_means_all_tokens_then_a_bias_free_linear_layer():
-    model = tiny()
-    perturb_adapters(model)
-    seen = {}
-    model.llama.register_forward_hook(lambda m, i, out: seen.update(h=out))
-    with torch.no_grad():
-        logits = model(torch.randn(3, 3, 224, 224))
-    h = seen["h"]
-    assert h.shape == (3, 4 + 4, 64)  # T = n + K: 4 CLS tokens (tiny ViT) and 4 diagnosis tokens
-    assert model.head.bias is None
-    torch.testing.assert_close(logits, (h.sum(1) / 8) @ model.head.weight.T)
-
-
-def test_normalisation_constants_and_grey_to_three_channels():
-    grey = torch.full((1, 1, 224, 224), 128, dtype=torch.uint8)
-    clip = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CLIP's, SPEC step 1
-    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    assert train.parse([])["norm"] == "clip" and train.parse(["--norm", "imagenet"])["norm"] == "imagenet"
-    for norm, (mean, std) in (("clip", clip), ("imagenet", imagenet)):
-        x = C.normalise(grey, dict(norm=norm), 224)
-        assert x.shape == (1, 3, 224, 224)
-        for c in range(3):
-            assert torch.allclose(x[0, c], torch.tensor((128 / 255 - mean[c]) / std[c]), atol=1e-6)
-    img = torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8)
-    x = C.normalise(img, dict(norm="clip"), 224)
-    rgb = x * torch.tensor(clip[1]).view(1, 3, 1, 1) + torch.tensor(clip[0]).view(1, 3, 1, 1)
-    torch.testing.assert_close(rgb, (img.float() / 255).expand(-1, 3, -1, -1), atol=1e-6, rtol=0)
-
-
-def xavier_bound(w):  # nn.init.xavier_uniform_: U(-b, b) with b = sqrt(6 / (fan_in + fan_out))
-    return (6 / (w.shape[0] + w.shape[1])) ** 0.5
-
-
-def default_bound(w):  # nn.Linear's default init: U(-b, b) with b = 1 / sqrt(fan_in), weight and bias alike
-    return w.shape[1] ** -0.5
-
-
-def uniform_with_bound(t, b):  # all inside, and the largest close to the bound (n draws: max ~ b (1 - 1/n))
-    return t.abs().max() <= b and t.abs().max() > 0.9 * b and abs(t.std() - b / 3 ** 0.5) < 0.15 * b
-
-
-def check_init(model):
-    adapters = [m for m in model.modules() if isinstance(m, P.RepAdapter)]
-    assert len(adapters) == 4 + 2
-    for a in adapters:  # down xavier + zero bias, up zero: the adapter starts as the identity
-        assert uniform_with_bound(a.down.weight, xavier_bound(a.down.weight)) and not a.down.bias.any()
-        assert not a.up_weight.any() and not a.up_bias.any()
-    for fc in (model.proj.fc1, model.proj.fc2):  # xavier, zero biases
-        assert uniform_with_bound(fc.weight, xavier_bound(fc.weight)) and not fc.bias.any()
-    for fc in (model.engine.fc1, model.engine.fc2, model.head):  # PyTorch's default, as the authors' code
-        b = default_bound(fc.weight)
-        assert uniform_with_bound(fc.weight, b) and (fc.bias is None or (fc.bias.abs().max() <= b and fc.bias.any()))
-
-
-def test_initialisation_of_everything_trained(clip_files, llama_files):
-    check_init(tiny())
-    check_init(load(clip_files["pt"], llama_files["meta"]))  # built on meta, then materialised
-
-
-def test_adamw_settings_and_weight_decay_groups():
-    model = tiny()
-    cfg = dict(train.parse(["--model", "tiny"]), multi_label=False)
-    opt = train.Training(model, cfg).opt
-    trainable = model.trainable_parameters()
-    seen = [id(p) for g in opt.param_groups for p in g["params"]]
-    assert sorted(seen) == sorted(id(p) for p in trainable) and len(seen) == len(set(seen))  # each exactly once
-    decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.02 for p in g["params"]}
-    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 and g["weight_decay"] in (0.0, 0.02)
-               for g in opt.param_groups)
-    # SPEC: decay on the weight matrices only (adapters' A and grouped D, engine, projection, head), by name
-    names = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert {n for n, p in names.items() if id(p) in decay} == {n for n in names if n.endswith("weight")}
-    assert len(decay) == 2 * (4 + 2) + 2 + 2 + 1  # A and D in 4 ViT and 2 LLaMA blocks, engine, projection, head
-
-
-def test_learning_rate_schedule_at_known_iterations(demo_data, tmp_path, monkeypatch):
-    cfg, ipe = train.parse([]), 32  # the paper: 504 images / 16 = 32 steps per epoch, 100 epochs
-    assert train.lr_at(0, cfg, ipe) == pytest.approx(5e-7)
-    assert train.lr_at(2 * ipe, cfg, ipe) == pytest.approx(3e-4)  # end of the 2-epoch warmup
-    assert train.lr_at(ipe, cfg, ipe) == pytest.approx((5e-7 + 3e-4) / 2)  # halfway up, linearly
-    mid = 2 * ipe + (100 * ipe - 2 * ipe) // 2
-    assert train.lr_at(mid, cfg, ipe) == pytest.approx((3e-4 + 1e-7) / 2)  # the cosine's midpoint
-    assert train.lr_at(100 * ipe, cfg, ipe) == pytest.approx(1e-7)
-    seen, real = [], torch.amp.GradScaler.step  # and the training loop uses it at every step
-
-    def spy(self, opt, *args, **kw):
-        seen.append(opt.param_groups[0]["lr"])
-        return real(self, opt, *args, **kw)
-
-    monkeypatch.setattr(torch.amp.GradScaler, "step", spy)
-    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "3", "--warmup-epochs", "1"))
-    n = len(seen) // 3
-    warm = [5e-7 + (3e-4 - 5e-7) * i / n for i in range(n)]
-    cos = [1e-7 + 0.5 * (3e-4 - 1e-7) * (1 + math.cos(math.pi * i / (2 * n))) for i in range(2 * n)]
-    np.testing.assert_allclose(seen, warm + cos, rtol=1e-12)
-
-
-def test_validation_patients_are_disjoint_from_training_and_test(demo_data):
-    data = Data(demo_data)
-    for fold in data.folds:
-        s = data.split(fold, 0.1, 20)
-        pats = {k: {r["patient"] for r in rows} for k, rows in s.items()}
-        assert pats["val"] and not pats["val"] & pats["train"] and not pats["val"] & pats["test"]
-        assert not pats["train"] & pats["test"]
-        assert len(s["train"]) + len(s["val"]) + len(s["test"]) == len(data.rows)
-        assert 0.05 < len(s["val"]) / (len(s["train"]) + len(s["val"])) < 0.2
-
-
-def test_bf16_autocast_on_cpu_is_close_to_fp32():
-    """The CPU's bf16 path (frozen weights in bf16, autocast) gives logits within 3 % of their scale of
-    fp32's (1.3 % measured on this model)."""
-    model = tiny()
-    perturb_adapters(model)
-    x = C.normalise(torch.randint(0, 256, (8, 1, 224, 224), dtype=torch.uint8), dict(norm="clip"), 224)
-    with torch.no_grad():
-        fp32 = model(x)
-        C.cast_frozen(model, torch.bfloat16)
-        with C.autocast(dict(device="cpu", dtype="bf16")):
-            bf16 = model(x).float()
-    assert model.visual.conv1.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
-    err = (bf16 - fp32).abs().max() / fp32.abs().max()
-    assert 0 < err < 0.03
-
-
-# ================================================================================================
-# nothing in a file runs; run folders never lose work; every user mistake is one line and exit 2
-
-
-def test_torchscript_archive_is_read_without_running_it(clip_files):
-    theirs = torch.jit.load(str(clip_files["jit"])).state_dict()  # the oracle, on the test's own benign file
-    ours = P.read_torchscript(clip_files["jit"])
-    assert ours.keys() == theirs.keys()
-    for k in theirs:
-        assert torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype, k
-    assert P.read_torchscript(clip_files["pt"]) is None  # torch.save's zip: not TorchScript
-
-
-class Evil(nn.Module):  # a "CLIP" whose TorchScript __setstate__ writes a file when the archive is loaded
-    def __init__(self, path: str):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 4, 4, bias=False)
-        self.path = path
-
-    def forward(self, x):
-        return self.conv1(x)
-
-    @torch.jit.export
-    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
-        return self.conv1.weight, self.path, self.training
-
-    @torch.jit.export
-    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
-        torch.save(state[0], state[1])
-        self.path, self.training = state[1], state[2]
-
-
-def test_torchscript_that_runs_code_is_never_run(tmp_path, llama_files):
-    root = nn.Module()
-    root.visual = Evil(str(tmp_path / "written"))
-    torch.jit.save(torch.jit.script(root), str(tmp_path / "ViT-L-14.pt"))
-    with pytest.raises(P.CheckpointError, match=r"ViT-L-14\.pt: no visual\.conv1\.weight") as e:
-        P.from_pretrained(tmp_path / "ViT-L-14.pt", llama_files["meta"])
-    assert "\n" not in str(e.value) and not (tmp_path / "written").exists()
-    with pytest.raises(RuntimeError):  # what the loader avoids: torch.jit.load runs __setstate__
-        torch.jit.load(str(tmp_path / "ViT-L-14.pt"))
-    assert (tmp_path / "written").exists()
-
-
-def test_refusals_are_one_line_and_never_suggest_turning_the_safety_off(tmp_path, monkeypatch):
-    monkeypatch.setenv("PWNED", str(tmp_path / "pwned"))
-    torch.save({"x": Exploit()}, tmp_path / "evil.pt")
-    with pytest.raises(P.CheckpointError) as e:
-        P.read_clip(tmp_path / "evil.pt")
-    msg = str(e.value)
-    assert msg == f"{tmp_path / 'evil.pt'}: holds code-bearing objects (posix.system); not loaded"
-    assert "weights_only" not in msg
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(P.CheckpointError, match=r"junk\.pt: is not a plain tensor checkpoint; not loaded$"):
-        P.read_clip(tmp_path / "junk.pt")
-
-
-def test_a_run_folder_resumes_refuses_or_keeps_but_never_overwrites(demo_data, tmp_path, capsys):
-    out = tmp_path / "run"
-    train.main(train_args(demo_data, out, "--epochs", "1"))
-    log = (out / "log.jsonl").read_text()
-    with pytest.raises(UserError, match=r"run holds a run with other settings \(epochs 1 there, 2 now\): pass "
-                                                r"another --out, or --restart to discard it"):
-        train.main(train_args(demo_data, out, "--epochs", "2"))
-    capsys.readouterr()
-    again = train.main(train_args(demo_data, out, "--epochs", "1", "--threads", "2"))  # runtime flags may differ
-    assert "this run is finished" in capsys.readouterr().out and again == json.loads((out / "metrics.json").read_text())["metrics"]
-    assert (out / "log.jsonl").read_text() == log
-    train.main(train_args(demo_data, out, "--epochs", "2", "--restart"))
-    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
-    assert json.loads((out / "config.json").read_text())["epochs"] == 2
-
-
-def test_unfinished_runs_are_not_evaluated_and_the_table_names_missing_folds(demo_data, tmp_path, monkeypatch, capsys):
-    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "1"))
-    real_save = train.Training.save
-
-    def killed(self, out):
-        real_save(self, out)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.Training, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(demo_data, tmp_path / "fold2", "--epochs", "3", "--fold", "2"))
-    with pytest.raises(UserError, match=r"fold2: training stopped at epoch 1 of 3; run the same train\.py command"):
-        ev.main(["--runs", str(tmp_path), "--fold", "2"])
-    with pytest.raises(UserError, match=r"fold3: no run there; train it first"):
-        ev.main(["--runs", str(tmp_path), "--fold", "3", "--image", "x.png"])
-    capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path), "--all"]) == 0
-    out = capsys.readouterr().out
-    assert re.search(r"^\| 1 \| [\d.]+ \|", out, re.M) and "not finished, left out: fold 2, 3, 4, 5" in out
-    assert json.loads((tmp_path / "table.json").read_text())["missing"] == [2, 3, 4, 5]
-
-
-def test_refused_runs_leave_no_folder_behind(demo_data, tmp_path):
-    for flags, msg in [(["--fold", "6"], r"--fold 6: .* has folds \[1, 2, 3, 4, 5\]"),
-                       (["--model", "full", "--clip", str(tmp_path / "nope.pt")], "nope.pt not found"),
-                       (["--val-frac", "0.5", "--epochs", "1"], None)]:
-        out = tmp_path / "out" / "fold"
-        if msg is None:  # a validation split holding one class: checked before any training
-            one = shutil.copytree(demo_data, tmp_path / "one_normal")
-            rows = manifest(one)
-            normal = next(r["patient"] for r in rows if r["label"] == "normal" and r["fold"] != "1")
-            kept = [r for r in rows if r["label"] != "normal" or r["fold"] == "1" or r["patient"] == normal]
-            (one / "manifest.csv").write_text("image,label,patient,fold\n" + "".join(
-                f"{r['image']},{r['label']},{r['patient']},{r['fold']}\n" for r in kept))
-            flags, msg = ["--data", str(one), *flags], r"split of fold 1 \(\d+ images\) has no images of normal"
-        with pytest.raises(UserError, match=msg):
-            train.main(train_args(demo_data, out, *flags))
-        assert not (tmp_path / "out").exists()
-
-
-def run_script(*args, cwd=None):
-    import subprocess
-    import sys
-    return subprocess.run([sys.executable, *args], cwd=cwd or Path(__file__).parent, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
-def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
-    here = Path(__file__).parent
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    (bare / "manifest.csv").write_text("image,label,patient,fold\n")
-    write_labels(tmp_path / "labels.csv", [("a.png", "x")])
-    cases = [
-        (["eval.py", "--runs", str(tmp_path / "none"), "--fold", "1"], "no run there"),
-        (["eval.py", "--runs", str(tmp_path / "none"), "--image", "a.png"], "no run there"),
-        (["train.py", "--data", str(bare), "--model", "tiny", "--out", str(tmp_path / "o")], "meta.json not found"),
-        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "p"),
-          "--folds", "0"], "--folds 0: give 1 or more"),
-        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "p"),
-          "--workers", "0"], "--workers 0: give 1 or more"),
-    ]
-    for args, msg in cases:
-        r = run_script(*[str(here / args[0]), *args[1:]], cwd=tmp_path)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
-    assert not (tmp_path / "p").exists() and not (tmp_path / "o").exists()
-
-
-def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp_path):
-    import bench
-    for script in (train, ev, prepare, bench):
-        ap = script.parser()
-        assert all(a.help for a in ap._actions), script.__name__
-        text = ap.format_help()
-        for action in ap._actions:  # a default, where there is one, is said once, and "None" never
-            said = ap._get_formatter()._expand_help(action).count("(default")
-            assert said <= 1 and said >= (action.default not in (None, False, argparse.SUPPRESS)), action.dest
-        assert "(default: None)" not in text, script.__name__
-    text = train.parser().format_help()
-    for flag, default in [("--epochs", "100"), ("--model", "full"), ("--lr", "0.0003"), ("--seed", "20")]:
-        assert re.search(rf"{flag} .*?\(default: {re.escape(default)}\)", text, re.S), flag
-    assert prepare.parser().get_default("seed") == train.parser().get_default("seed") == 20  # one fold seed
-    try:
-        train.main(train_args(demo_data, tmp_path / "run", "--epochs", "1", "--threads", "1"))
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(2)
-
-
-# ================================================================================================
-# evaluation a clinician-researcher can act on
-
-
-def test_no_operating_point_calls_every_image_negative_and_chance_is_said(tmp_path):
-    # Youden's J by hand over the cut-offs 0.9, 0.8, 0.2, 0.1: -0.5, -1, -0.5, 0; above them all (nobody positive): 0
-    assert ev.choose_threshold([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]) == 0.1
-    (tmp_path / "val_predictions.csv").write_text("image,label,p_normal,p_sick\n" + "".join(
-        f"i{i},{'sick' if i % 2 else 'normal'},{1 - p},{p}\n" for i, p in enumerate([0.9, 0.1, 0.8, 0.2])))
-    point = ev.operating_point(tmp_path, dict(classes=["normal", "sick"], multi_label=False))
-    assert point["thresholds"] == {"sick": 0.1} and "WARNING: no cut-off beats chance there for sick (J 0.00)" in \
-        point["rule"]
-
-
-def test_operating_point_is_chosen_on_validation_and_applied_to_test(demo_data, tmp_path, monkeypatch, capsys):
-    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "8", "--lr", "3e-3"))
-    seen, real = [], ev.choose_threshold
-    monkeypatch.setattr(ev, "choose_threshold", lambda y, s, sens=None: seen.append(np.asarray(y)) or real(y, s, sens))
-    ev.main(["--runs", str(tmp_path), "--fold", "1"])
-    val = [r["label"] == "pneumoconiosis" for r in _csv.DictReader(open(tmp_path / "fold1/val_predictions.csv"))]
-    assert len(seen) == 1 and seen[0].tolist() == val  # the validation labels, never the test fold's
-    out = json.loads((tmp_path / "fold1/eval.json").read_text())
-    t = json.loads((tmp_path / "fold1/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
-    pred = list(_csv.DictReader(open(tmp_path / "fold1/predictions.csv")))
-    y = np.array([r["label"] == "pneumoconiosis" for r in pred])
-    p = np.array([float(r["p_pneumoconiosis"]) for r in pred])
-    tp, fp, fn, tn = (y & (p >= t)).sum(), (~y & (p >= t)).sum(), (y & (p < t)).sum(), (~y & (p < t)).sum()
-    got = out["operating_point"]["per_finding"]["pneumoconiosis"]
-    assert got["sensitivity"] == pytest.approx(tp / (tp + fn)) and got["specificity"] == pytest.approx(tn / (tn + fp))
-    assert got["ppv"] == pytest.approx(tp / (tp + fp), nan_ok=True) and got["npv"] == pytest.approx(tn / (tn + fn), nan_ok=True)
-    assert got["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
-    yv = np.array(val)
-    pv = np.array([float(r["p_pneumoconiosis"]) for r in _csv.DictReader(open(tmp_path / "fold1/val_predictions.csv"))])
-    youden = max(((pv[yv] >= c).mean() + (pv[~yv] < c).mean() - 1, c) for c in np.unique(pv))  # by hand, over cut-offs
-    assert (pv[yv] >= t).mean() + (pv[~yv] < t).mean() - 1 == pytest.approx(youden[0])
-    ev.main(["--runs", str(tmp_path), "--fold", "1", "--sensitivity", "0.9"])
-    t90 = json.loads((tmp_path / "fold1/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
-    assert (pv[yv] >= t90).mean() >= 0.9 and not any((pv[yv] >= c).mean() >= 0.9 for c in np.unique(pv) if c > t90)
-    for name in ("roc.png", "reliability.png"):
-        assert Image.open(tmp_path / "fold1" / name).size == (500, 500)
-
-
-def test_calibration_figures_by_hand():
-    y = np.array([0, 1, 1, 1, 0])
-    p1 = np.array([0.13, 0.14, 0.15, 0.8, 0.6])
-    prob = np.stack([1 - p1, p1], 1)
-    cal = ev.calibration(y, prob, False)
-    assert cal["brier"] == pytest.approx((0.13 ** 2 + 0.86 ** 2 + 0.85 ** 2 + 0.2 ** 2 + 0.6 ** 2) / 5)
-    # bins of width 1/15: 0.13 in bin 1, {0.14, 0.15} in bin 2 (mean 0.145, both positive), 0.6 in 9, 0.8 in 12
-    assert cal["ece"] == pytest.approx((0.13 + 2 * abs(0.145 - 1) + 0.6 + 0.2) / 5)
-    assert ev.with_temperature(np.array([[0.2, 0.8]]), 2.0, False)[0, 1] == pytest.approx(0.8 ** 0.5 / (0.2 ** 0.5 + 0.8 ** 0.5))
-    rng = np.random.default_rng(0)  # outcomes drawn from calibrated logits z, scores from 2 z: T = 2 undoes it
-    z = rng.normal(0, 2, 4000)
-    yy = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)
-    sharp = 1 / (1 + np.exp(-2 * z))
-    t = ev.fit_temperature(yy, np.stack([1 - sharp, sharp], 1), False)
-    assert 1.7 < t < 2.3
-
-
-def test_bootstrap_resamples_patients_not_images():
-    patients = ["a", "a", "a", "b", "c", "c", "d", "e", "e", "f"]
-    y = np.array([0, 0, 0, 1, 1, 1, 0, 1, 1, 0])
-    groups = {p: [i for i, q in enumerate(patients) if q == p] for p in set(patients)}
-    sizes = set()
-    for idx in ev.resamples(patients, y, 2, n=200):
-        counts = np.bincount(idx, minlength=len(y))
-        for p, members in groups.items():  # a drawn patient brings all its images, as often as it is drawn
-            assert len(set(counts[members])) == 1, p
-        assert sum(counts[m[0]] for m in groups.values()) == len(groups)  # as many patients as there are
-        sizes.add(len(idx))
-    assert len(sizes) > 3  # so the number of images varies
-
-
-def test_baseline_is_trained_on_the_training_patients_only(demo_data, tmp_path, monkeypatch):
-    train.main(train_args(demo_data, tmp_path / "fold2", "--epochs", "1", "--fold", "2"))
-    trained_on, real = [], ev.fit_logistic
-    monkeypatch.setattr(ev, "fit_logistic", lambda x, y, *a: trained_on.append(x) or real(x, y, *a))
-    seen, real_pixels = [], ev.pixels
-    monkeypatch.setattr(ev, "pixels", lambda data, rows: seen.append(rows) or real_pixels(data, rows))
-    ev.main(["--runs", str(tmp_path), "--fold", "2"])
-    split = Data(demo_data).split(2, 0.1, 20)
-    assert [r["image"] for r in seen[0]] == [r["image"] for r in split["train"]]  # what the fits saw
-    assert all(x.shape == (len(split["train"]), 32 * 32) for x in trained_on) and len(trained_on) == 3
-    assert {r["fold"] for r in seen[0]} == {"1", "3", "4", "5"}
-    out = json.loads((tmp_path / "fold2/eval.json").read_text())["baseline"]
-    assert out["verdict"].startswith("the model ")
-
-
-def test_baseline_is_scikit_learns_logistic_regression_with_l2_chosen_on_validation(demo_data, tmp_path):
-    """The baseline: logistic regression on the standardised 32x32 pixels of the run's training split, with
-    the L2 strength (1, 30 or 1000) whose validation AUC is highest: scikit-learn's with C = 1 / l2. Every
-    fold's split; at least one of them must make the choice matter."""
-    linear_model = pytest.importorskip("sklearn.linear_model")
-    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "1"))
-    data, choices = Data(demo_data), []
-    for fold in data.folds:
-        cfg = dict(json.loads((tmp_path / "fold1/config.json").read_text()), fold=fold)
-        split = data.run_split(cfg)
-        x = {k: ev.pixels(data, split[k]) for k in ("train", "val", "test")}
-        y = {k: data.labels(split[k]) for k in x}
-        mean, std = x["train"].mean(0), x["train"].std(0) + 1e-6
-        z = {k: ((v - mean) / std).astype(np.float64) for k, v in x.items()}
-        fits = {l2: linear_model.LogisticRegression(C=1 / l2, tol=1e-9, max_iter=10_000).fit(z["train"], y["train"])
-                for l2 in (1.0, 30.0, 1000.0)}
-        val = {l2: sklearn_metrics.roc_auc_score(y["val"], f.predict_proba(z["val"])[:, 1]) for l2, f in fits.items()}
-        ours = ev.baseline(cfg, [dict(image=Path(r["image"]).stem) for r in split["test"]])
-        best = max(val, key=val.get)  # the first of equals, as the code takes it
-        np.testing.assert_allclose(ours[:, 1], fits[best].predict_proba(z["test"])[:, 1], atol=1e-4, err_msg=str(fold))
-        choices.append(len(set(np.round(list(val.values()), 9))) > 1 and best != 1.0)
-    assert any(choices)
-
-
-# ================================================================================================
-# prepare.py on real radiographs: crops, shortcut audit, labels and folders that never go silently wrong
 
 
 # Lung fields outlined by hand on 20 shared NIH films, 13 pneumonias (label 1) and 7 normals (0), among them
@@ -1651,7 +1068,8 @@ def test_the_framing_does_not_move_when_the_lungs_turn_white(tmp_path):
         white[y0:y1, x0:x1] = 255
         Image.fromarray(img).save(tmp_path / "film.png")
         Image.fromarray(white).save(tmp_path / "white.png")
-        (a, _, how_a, attrs_a), (b, _, how_b, attrs_b) = (prepare.preprocess(tmp_path / n) for n in ("film.png", "white.png"))
+        (a, _, how_a, attrs_a), (b, _, how_b, attrs_b) = (prepare.preprocess(tmp_path / n) for n in ("film.png",
+                                                                                                     "white.png"))
         assert (how_a, attrs_a["box"], attrs_a["lungs"]) == (how_b, attrs_b["box"], attrs_b["lungs"]), r["image"]
         assert not np.array_equal(a, b)
 
@@ -1677,6 +1095,31 @@ def test_nih_framing_tells_nothing_the_film_does_not_and_the_view_confounder_is_
     pid = {r["image"]: r["patient_id"] for r in _csv.DictReader(open(os.path.join(src, "labels.csv")))}
     assert not any(r["patient"] in pid.values() or os.path.basename(r["image"]) in {os.path.basename(k) for k in pid}
                    for r in rows)
+
+
+def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    img = np.zeros((40, 60), np.uint8)
+    img[10:30, 20:40] = np.arange(20, dtype=np.uint8)[None] * 12  # a gradient only inside the masked box
+    Image.fromarray(img).save(src / "a.png")
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:30, 20:40] = 255
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks/a.png")
+    rc, out = run_prepare(tmp_path, src, [("a.png", "1")], "--masks", str(tmp_path / "masks"), "--size", "20",
+                          "--folds", "1")
+    crop = np.asarray(Image.open(out / manifest(out)[0]["image"]))
+    assert rc == 0 and crop.shape == (20, 20) and crop[:, 0].mean() < crop[:, -1].mean()  # the gradient fills the crop
+    flat = np.flatnonzero(mask.ravel())  # CheXmask RLE: 1-based starts, row by row
+    runs = " ".join(f"{s + 1} 20" for s in flat[::20])
+    assert np.array_equal(lungcrop.rle_mask(runs, 40, 60), mask > 0)
+    write_labels(tmp_path / "chexmask.csv", [("a.png", runs, "", 40, 60)], ("ImageID", "Left Lung", "Right Lung",
+                                                                            "Height", "Width"))
+    shutil.rmtree(out)
+    rc, out = run_prepare(tmp_path, src, [("a.png", "1")], "--masks", str(tmp_path / "chexmask.csv"), "--size", "20",
+                          "--folds", "1")
+    assert rc == 0 and np.array_equal(np.asarray(Image.open(out / manifest(out)[0]["image"])), crop)
 
 
 def audit_items(n=300, seed=0, **shortcut):
@@ -1716,19 +1159,13 @@ def test_audit_cross_validated_auc_is_scikit_learns_logistic_regression_out_of_f
     linear_model = pytest.importorskip("sklearn.linear_model")
     items, folds = audit_items(box=True)
     items = [audit.with_geometry(it) for it in items]
-    x, y, folds = audit.columns(items, audit.GEOMETRY), np.array([it["label"] == "sick" for it in items], float), np.array(folds)
+    x, y, folds = audit.columns(items, audit.GEOMETRY), np.array([it["label"] == "sick" for it in items],
+                                                                 float), np.array(folds)
     score = np.zeros(len(y))
     for f in range(1, 6):
         fit = linear_model.LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(x[folds != f], y[folds != f])
         score[folds == f] = fit.decision_function(x[folds == f])
     assert audit.cv_auc(x, y, folds) == pytest.approx(sklearn_metrics.roc_auc_score(y, score), abs=1e-9)
-
-
-def pngs(folder, n, value=lambda i: 100):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(np.full((64, 64), value(i), np.uint8)).save(folder / f"im{i}.png")
-    return folder
 
 
 def test_acquisition_that_separates_the_classes_is_a_loud_warning(tmp_path, capsys):
@@ -1740,28 +1177,22 @@ def test_acquisition_that_separates_the_classes_is_a_loud_warning(tmp_path, caps
     assert "WARNING: what the acquisition or the framing says separates the classes" in capsys.readouterr().out
 
 
-def test_sixteen_bit_png_is_windowed_not_clipped(tmp_path):
-    x = np.linspace(1000, 3000, 64 * 64).reshape(64, 64).astype(np.uint16)
-    Image.fromarray(x).save(tmp_path / "a.png")
-    assert Image.open(tmp_path / "a.png").mode.startswith("I;16")
-    img, attrs = prepare.read_image(tmp_path / "a.png")
-    lo, hi = np.percentile(x, [0.5, 99.5])  # a DICOM without VOI tags gets the same robust range
-    np.testing.assert_allclose(img, np.clip((x - lo) / (hi - lo), 0, 1))
-    assert attrs["bits"] == 16 and 0.4 < img.mean() < 0.6  # convert("L") made it all white
-
-
 def test_labels_never_go_silently_wrong(tmp_path):
     src = pngs(tmp_path / "in", 4)
     with pytest.raises(UserError, match=r"'Normal' and 'normal ?' differ only in case or spaces"):
         run_prepare(tmp_path, src, [("im0.png", "Normal"), ("im1.png", "normal"), ("im2.png", "sick")])
-    with pytest.raises(UserError, match=r"labels not in --classes 'normal,sick' on 1 row\(s\), e\.g\. line 4 \('sikc'\)"):
-        run_prepare(tmp_path, src, [("im0.png", "normal"), ("im1.png", "sick"), ("im2.png", "sikc")], "--classes", "normal,sick")
-    rc, out = run_prepare(tmp_path, src, [("im0.png", "sick"), ("im1.png", "normal")], "--classes", "sick,normal", "--crop", "none",
+    with pytest.raises(UserError,
+                       match=r"labels not in --classes 'normal,sick' on 1 row\(s\), e\.g\. line 4 \('sikc'\)"):
+        run_prepare(tmp_path, src, [("im0.png", "normal"), ("im1.png", "sick"), ("im2.png", "sikc")], "--classes",
+                    "normal,sick")
+    rc, out = run_prepare(tmp_path, src, [("im0.png", "sick"), ("im1.png", "normal")], "--classes", "sick,normal",
+                          "--crop", "none",
                           "--folds", "2")
     assert rc == 0 and json.loads((out / "meta.json").read_text())["classes"] == ["sick", "normal"]
     (tmp_path / "b").mkdir()
     shutil.copy(src / "im0.png", tmp_path / "b/im0.png")
-    with pytest.raises(UserError, match=r"'im0\.png' matches b/im0\.png and in/im0\.png under .*: give the relative path"):
+    with pytest.raises(UserError,
+                       match=r"'im0\.png' matches b/im0\.png and in/im0\.png under .*: give the relative path"):
         run_prepare(tmp_path, tmp_path, [("im0.png", "sick"), ("in/im1.png", "normal")])
 
 
@@ -1769,7 +1200,8 @@ def test_excel_csvs_with_a_bom_or_semicolons_are_read(tmp_path):
     src = pngs(tmp_path / "in", 2)
     for text in ("\ufeffimage,label\nim0.png,a\nim1.png,b\n", "image;label\nim0.png;a\nim1.png;b\n"):
         (tmp_path / "labels.csv").write_text(text, encoding="utf-8")
-        rc = prepare.main(["--images", str(src), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out"),
+        rc = prepare.main(["--images", str(src), "--labels", str(tmp_path / "labels.csv"), "--out",
+                           str(tmp_path / "out"),
                            "--key-file", str(tmp_path / "key"), "--workers", "1", "--crop", "none", "--folds", "2",
                            "--image-col", "image", "--restart"])
         assert rc == 0 and [r["label"] for r in manifest(tmp_path / "out")] == ["a", "b"]
@@ -1815,8 +1247,555 @@ def test_a_stopped_preparation_resumes_and_loses_no_finished_image(tmp_path, cap
     assert json.loads((out / "meta.json").read_text())["crops"] == first["crops"]
 
 
-# ================================================================================================
-# explanation maps
+# ==================================================================================================
+# 4. train.py: the recipe line by line, resumable runs, data-parallel, compiled
+
+
+def test_normalisation_constants_and_grey_to_three_channels():
+    grey = torch.full((1, 1, 224, 224), 128, dtype=torch.uint8)
+    clip = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CLIP's, SPEC step 1
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert train.parse([])["norm"] == "clip" and train.parse(["--norm", "imagenet"])["norm"] == "imagenet"
+    for norm, (mean, std) in (("clip", clip), ("imagenet", imagenet)):
+        x = C.normalise(grey, dict(norm=norm), 224)
+        assert x.shape == (1, 3, 224, 224)
+        for c in range(3):
+            assert torch.allclose(x[0, c], torch.tensor((128 / 255 - mean[c]) / std[c]), atol=1e-6)
+    img = torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8)
+    x = C.normalise(img, dict(norm="clip"), 224)
+    rgb = x * torch.tensor(clip[1]).view(1, 3, 1, 1) + torch.tensor(clip[0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(rgb, (img.float() / 255).expand(-1, 3, -1, -1), atol=1e-6, rtol=0)
+
+
+def test_adamw_settings_and_weight_decay_groups():
+    model = tiny()
+    cfg = dict(train.parse(["--model", "tiny"]), multi_label=False)
+    opt = train.Training(model, cfg).opt
+    trainable = model.trainable_parameters()
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in trainable) and len(seen) == len(set(seen))  # each exactly once
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.02 for p in g["params"]}
+    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 and g["weight_decay"] in (0.0, 0.02)
+               for g in opt.param_groups)
+    # SPEC: decay on the weight matrices only (adapters' A and grouped D, engine, projection, head), by name
+    names = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in names.items() if id(p) in decay} == {n for n in names if n.endswith("weight")}
+    assert len(decay) == 2 * (4 + 2) + 2 + 2 + 1  # A and D in 4 ViT and 2 LLaMA blocks, engine, projection, head
+
+
+def test_learning_rate_schedule_at_known_iterations(demo_data, tmp_path, monkeypatch):
+    cfg, ipe = train.parse([]), 32  # the paper: 504 images / 16 = 32 steps per epoch, 100 epochs
+    assert train.lr_at(0, cfg, ipe) == pytest.approx(5e-7)
+    assert train.lr_at(2 * ipe, cfg, ipe) == pytest.approx(3e-4)  # end of the 2-epoch warmup
+    assert train.lr_at(ipe, cfg, ipe) == pytest.approx((5e-7 + 3e-4) / 2)  # halfway up, linearly
+    mid = 2 * ipe + (100 * ipe - 2 * ipe) // 2
+    assert train.lr_at(mid, cfg, ipe) == pytest.approx((3e-4 + 1e-7) / 2)  # the cosine's midpoint
+    assert train.lr_at(100 * ipe, cfg, ipe) == pytest.approx(1e-7)
+    seen, real = [], torch.amp.GradScaler.step  # and the training loop uses it at every step
+
+    def spy(self, opt, *args, **kw):
+        seen.append(opt.param_groups[0]["lr"])
+        return real(self, opt, *args, **kw)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", spy)
+    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "3", "--warmup-epochs", "1"))
+    n = len(seen) // 3
+    warm = [5e-7 + (3e-4 - 5e-7) * i / n for i in range(n)]
+    cos = [1e-7 + 0.5 * (3e-4 - 1e-7) * (1 + math.cos(math.pi * i / (2 * n))) for i in range(2 * n)]
+    np.testing.assert_allclose(seen, warm + cos, rtol=1e-12)
+
+
+def test_validation_patients_are_disjoint_from_training_and_test(demo_data):
+    data = Data(demo_data)
+    for fold in data.folds:
+        s = data.split(fold, 0.1, 20)
+        pats = {k: {r["patient"] for r in rows} for k, rows in s.items()}
+        assert pats["val"] and not pats["val"] & pats["train"] and not pats["val"] & pats["test"]
+        assert not pats["train"] & pats["test"]
+        assert len(s["train"]) + len(s["val"]) + len(s["test"]) == len(data.rows)
+        assert 0.05 < len(s["val"]) / (len(s["train"]) + len(s["val"])) < 0.2
+
+
+def test_test_fold_is_loaded_only_for_the_final_evaluation(demo_data, tmp_path, monkeypatch):
+    calls, real = [], Data.images
+
+    def spy(self, rows):
+        calls.append(({int(r["fold"]) for r in rows}, (tmp_path / "run/state.pt").exists()))
+        return real(self, rows)
+
+    monkeypatch.setattr(Data, "images", spy)
+    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "2", "--fold", "2"))
+    with_test = [i for i, (folds, _) in enumerate(calls) if 2 in folds]
+    assert with_test == [len(calls) - 1] and calls[-1] == ({2}, True)  # once, last, after training
+
+
+def test_every_step_sees_a_full_batch_and_padding_weighs_nothing():
+    perm = torch.randperm(37)
+    got = list(train.batches(perm, 16))
+    assert [len(i) for i, _ in got] == [16, 16, 16] and [int(w.sum()) for _, w in got] == [16, 16, 5]
+    assert torch.equal(torch.cat([i[w > 0] for i, w in got]), perm)  # each image once, in order, pads after
+    model, cfg = tiny(adapter_dropout=0.0), dict(multi_label=False, authors_code=False)
+    x, y = torch.randn(16, 3, 224, 224), torch.randint(0, 2, (16,))
+    idx, w = got[-1]
+    padded = (train.loss_fn(model(x), y, cfg) * w).sum() / 5  # train_epoch's loss on the short last batch
+    real = F.cross_entropy(model(x[:5]), y[:5])  # the mean over its 5 real images
+    torch.testing.assert_close(padded, real)
+
+
+def test_non_finite_steps_are_skipped_and_an_all_bad_epoch_stops(demo_data, tmp_path, monkeypatch):
+    real, calls = train.loss_fn, []
+
+    def nan_on_the_second_step(logits, y, cfg):
+        calls.append(1)
+        return real(logits, y, cfg) * (float("nan") if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(train, "loss_fn", nan_on_the_second_step)
+    train.main(train_args(demo_data, tmp_path / "one", "--epochs", "1", "--val-frac", "0"))
+    rec = json.loads((tmp_path / "one/log.jsonl").read_text().splitlines()[0])
+    assert rec["skipped"] == 1 and np.isfinite(rec["loss"])
+    assert all(torch.isfinite(t).all() for t in last_weights(tmp_path / "one").values())
+    monkeypatch.setattr(train, "loss_fn", lambda logits, y, cfg: real(logits, y, cfg) * float("nan"))
+    with pytest.raises(UserError, match="every step of epoch 1 had a non-finite loss"):
+        train.main(train_args(demo_data, tmp_path / "all", "--epochs", "1", "--val-frac", "0"))
+
+
+def test_fp16_overflow_steps_are_counted_and_the_loss_scale_logged(demo_data, tmp_path, monkeypatch, capsys):
+    """GradScaler skips a step whose gradients overflow; the log says how many were skipped and the scale."""
+    real, calls = train.Training.__init__, []
+
+    def overflow_every_other_backward(self, model, cfg):
+        real(self, model, cfg)
+        model.head.weight.register_hook(lambda g: calls.append(1) or (g * float("inf") if len(calls) % 2 else g))
+    monkeypatch.setattr(train.Training, "__init__", overflow_every_other_backward)
+    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "1", "--val-frac", "0"))
+    rec = json.loads((tmp_path / "run/log.jsonl").read_text())
+    steps = len(calls)
+    assert rec["skipped"] == (steps + 1) // 2 and np.isfinite(rec["loss"])  # the 1st, 3rd, ... backward overflowed
+    assert rec["scale"] == 65536.0 / 2 ** rec["skipped"]  # halved at each skipped step (growth needs 2000 good ones)
+    assert f"{rec['skipped']} of {steps} steps skipped" in capsys.readouterr().err
+
+
+def test_kill_and_resume_equals_uninterrupted(demo_data, tmp_path, monkeypatch, capsys):
+    args = ["--epochs", "3", "--val-frac", "0.2"]
+    full = train.main(train_args(demo_data, tmp_path / "full", *args))
+    real_save, saves = train.Training.save, []
+
+    def killed_after_epoch_2(self, out):
+        real_save(self, out)
+        saves.append(self.epoch)
+        if len(saves) == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train.Training, "save", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(demo_data, tmp_path / "resumed", *args))
+    monkeypatch.setattr(train.Training, "save", real_save)
+    capsys.readouterr()
+    resumed = train.main(train_args(demo_data, tmp_path / "resumed", *args))  # the same command again
+    assert "resuming the interrupted run after epoch 2 of 3" in capsys.readouterr().out
+    assert resumed == full
+    full_w, resumed_w = last_weights(tmp_path / "full"), last_weights(tmp_path / "resumed")
+    assert full_w.keys() == resumed_w.keys() and all(torch.equal(full_w[k], resumed_w[k]) for k in full_w)
+    assert (tmp_path / "full/log.jsonl").read_text() == (tmp_path / "resumed/log.jsonl").read_text()
+
+
+def test_a_resume_point_written_on_a_gpu_is_read_on_a_cpu(demo_data, tmp_path, monkeypatch, capsys):
+    """state.pt's tensors tagged cuda:0 (as a GPU run saves fused AdamW's state) load on a machine without one."""
+    args = train_args(demo_data, tmp_path / "run", "--epochs", "1")
+    monkeypatch.setattr(train, "final_test", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped after its last epoch, before the test fold
+        train.main(args)
+    monkeypatch.undo()
+    st = torch.load(tmp_path / "run/state.pt", weights_only=True)
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save(st, tmp_path / "run/state.pt")
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="CUDA"):  # what the reader faced before map_location
+        torch.load(tmp_path / "run/state.pt", weights_only=True)
+    with pytest.raises(UserError, match="training stopped at epoch 1 of 1"):
+        C.check_finished(tmp_path / "run", 1)
+    capsys.readouterr()
+    train.main(args)
+    assert "resuming the interrupted run after epoch 1 of 1" in capsys.readouterr().out
+    assert C.finished(tmp_path / "run")
+
+
+def test_a_run_folder_resumes_refuses_or_keeps_but_never_overwrites(demo_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(train_args(demo_data, out, "--epochs", "1"))
+    log = (out / "log.jsonl").read_text()
+    with pytest.raises(UserError, match=r"run holds a run with other settings \(epochs 1 there, 2 now\): pass "
+                                                r"another --out, or --restart to discard it"):
+        train.main(train_args(demo_data, out, "--epochs", "2"))
+    capsys.readouterr()
+    again = train.main(train_args(demo_data, out, "--epochs", "1", "--threads", "2"))  # runtime flags may differ
+    assert "this run is finished" in capsys.readouterr().out
+    assert again == json.loads((out / "metrics.json").read_text())["metrics"]
+    assert (out / "log.jsonl").read_text() == log
+    train.main(train_args(demo_data, out, "--epochs", "2", "--restart"))
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+
+
+def test_refused_runs_leave_no_folder_behind(demo_data, tmp_path):
+    for flags, msg in [(["--fold", "6"], r"--fold 6: .* has folds \[1, 2, 3, 4, 5\]"),
+                       (["--model", "full", "--clip", str(tmp_path / "nope.pt")], "nope.pt not found"),
+                       (["--val-frac", "0.5", "--epochs", "1"], None)]:
+        out = tmp_path / "out" / "fold"
+        if msg is None:  # a validation split holding one class: checked before any training
+            one = shutil.copytree(demo_data, tmp_path / "one_normal")
+            rows = manifest(one)
+            normal = next(r["patient"] for r in rows if r["label"] == "normal" and r["fold"] != "1")
+            kept = [r for r in rows if r["label"] != "normal" or r["fold"] == "1" or r["patient"] == normal]
+            (one / "manifest.csv").write_text("image,label,patient,fold\n" + "".join(
+                f"{r['image']},{r['label']},{r['patient']},{r['fold']}\n" for r in kept))
+            flags, msg = ["--data", str(one), *flags], r"split of fold 1 \(\d+ images\) has no images of normal"
+        with pytest.raises(UserError, match=msg):
+            train.main(train_args(demo_data, out, *flags))
+        assert not (tmp_path / "out").exists()
+
+
+def test_missing_checkpoint_gives_the_download_message(demo_data, tmp_path):
+    with pytest.raises(UserError, match=r"nope/ViT-L-14\.pt not found: .*--model tiny runs without them"):
+        train.main(["--data", str(demo_data), "--out", str(tmp_path), "--clip", "nope/ViT-L-14.pt", "--llama",
+                    "nope/llama"])
+
+
+def test_authors_code_flag_reproduces_their_choices(demo_data, tmp_path, capsys):
+    out = tmp_path / "authors"
+    train.main(train_args(demo_data, out, "--epochs", "2", "--authors-code"))
+    assert "ON THE TEST FOLD" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["selected_on"] == "test"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["norm"] == "imagenet" and cfg["authors_code"]
+    fresh = C.build(cfg)  # the same seed: the engine as initialised, which must not have moved
+    trained, _ = C.load_run(out)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.engine.parameters(), trained.engine.parameters()))
+    assert not torch.equal(fresh.proj.fc1.weight, trained.proj.fc1.weight)
+
+
+def test_combined_ablation_flags_survive_the_run_and_the_reload(demo_data, tmp_path):
+    tok = write_tokenizer(tmp_path / "tokenizer.model", 60)
+    out = tmp_path / "run"
+    flags = ["--question", QUESTION, "--tokenizer", str(tok), "--engine", "cocoop", "--cls-blocks", "2,4",
+             "--no-vit-adapters"]
+    train.main(train_args(demo_data, out, "--epochs", "1", *flags))
+    cfg = json.loads((out / "config.json").read_text())
+    model, _ = C.load_run(out)
+    a = model.args
+    assert (a.question_ids, a.engine, a.blocks(), a.vit_adapters) == (cfg["question_ids"], "cocoop", [2, 4], False)
+    data = Data(demo_data)
+    prob = C.predict(model, data.images(data.split(1, 0)["test"]), cfg)[:, 1]
+    saved = [float(r["p_pneumoconiosis"]) for r in _csv.DictReader(open(out / "predictions.csv"))]
+    np.testing.assert_allclose(prob, saved, atol=2e-6)
+
+
+def test_multilabel_set_prepares_trains_and_evaluates(demo_data, tmp_path):
+    src = tmp_path / "png"
+    src.mkdir()
+    rows = []
+    for r in manifest(demo_data):  # the demo images again, with a second finding on every other disease case
+        name = Path(r["image"]).name
+        shutil.copy(demo_data / r["image"], src / name)
+        label = r["label"] if r["label"] == "normal" else "pneumoconiosis" + (" | opacity" if len(rows) % 2 else "")
+        rows.append((name, label, r["patient"]))
+    rc, out = run_prepare(tmp_path, src, rows, "--crop", "none", header=("image", "label", "patient"))
+    meta = json.loads((out / "meta.json").read_text())
+    assert rc == 0 and meta["multi_label"] and meta["classes"] == ["opacity", "pneumoconiosis"]
+    assert {r["label"] for r in manifest(out)} == {"normal", "pneumoconiosis", "opacity|pneumoconiosis"}
+    assert sum(c["opacity"] for c in meta["counts"].values()) == sum("opacity" in l for _, l, _ in rows)
+    m = train.main(train_args(out, tmp_path / "run/fold1", "--epochs", "2", "--val-frac", "0.2"))
+    assert set(m) >= {"sensitivity", "specificity", "accuracy", "auc",
+                      "avg"} and np.array(m["confusion"]).shape == (2, 2, 2)
+    pred = list(_csv.DictReader(open(tmp_path / "run/fold1/predictions.csv")))
+    probs = np.array([[float(p["p_opacity"]), float(p["p_pneumoconiosis"])] for p in pred])
+    assert probs.shape == (len(pred), 2) and not np.allclose(probs.sum(1), 1)  # two sigmoids, not a softmax
+    assert all(set(p["prediction"].split("|")) <= {"", "opacity", "pneumoconiosis"} for p in pred)
+    assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1"]) == 0
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(demo_data, tmp_path):
+
+    args = ["--epochs", "2", "--val-frac", "0.2", "--adapter-dropout", "0"]  # dropout masks would differ per process
+    one = train.main(train_args(demo_data, tmp_path / "one", *args))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py",
+                          *train_args(demo_data, tmp_path / "two", *args)], cwd=Path(__file__).parent, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes share each batch of 16" in run.stdout
+    a, b = last_weights(tmp_path / "one"), last_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    logs = [[json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert [r.get("epoch") for r in logs[0]] == [r.get("epoch") for r in logs[1]]
+    for r1, r2 in zip(*logs):
+        assert abs(r1.get("loss", 0) - r2.get("loss", 0)) < 1e-5
+    two = json.loads((tmp_path / "two/metrics.json").read_text())["metrics"]
+    assert abs(one["auc"] - two["auc"]) < 1e-4 and one["confusion"] == two["confusion"]
+
+
+@pytest.mark.slow
+def test_compiled_training_step_is_one_graph_and_matches_eager():
+    """`--compile` (and the CUDA graphs of reduce-overhead) want the whole model as one graph: a graph
+    break fails here (fullgraph=True) instead of silently splitting it. ViT checkpointing included."""
+    grads, logits = [], []
+    for compiled in (False, True):
+        model = tiny(adapter_dropout=0.0).train()
+        perturb_adapters(model)
+        model.visual.grad_checkpointing = True
+        fwd = torch.compile(model, fullgraph=True) if compiled else model
+        out = fwd(torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(5)))
+        torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 1, 0])).backward()
+        logits.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters()]))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    assert (grads[1] - grads[0]).norm() < 1e-4 * grads[0].norm() and grads[0].norm() > 0
+
+
+# ==================================================================================================
+# 5. eval.py: metrics against scikit-learn, operating point, calibration, intervals, baseline, probe
+
+
+def test_binary_metrics_match_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    score = np.round(np.clip(0.3 * y + rng.normal(0.35, 0.25, 200), 0, 1), 1)  # heavy ties
+    prob = np.stack([1 - score, score], 1)
+    m = M.metrics(y, prob)
+    pred = prob.argmax(1)
+    assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, score), abs=1e-12)
+    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, pos_label=1))
+    assert m["specificity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, pos_label=0))
+    assert m["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, pred))
+    assert m["confusion"] == sklearn_metrics.confusion_matrix(y, pred).tolist()
+    assert m["avg"] == pytest.approx(np.mean([m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")]))
+    fpr, tpr, thr = ev.roc_curve(y, score)
+    f2, t2, th2 = sklearn_metrics.roc_curve(y, score, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, f2)
+    np.testing.assert_allclose(tpr, t2)
+    np.testing.assert_allclose(thr, th2)
+    assert M.roc_auc(np.array([0, 0, 1, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+
+
+def test_multiclass_metrics_match_sklearn_macro():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 150)
+    logits = rng.normal(size=(150, 3)) + 1.5 * np.eye(3)[y]
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = M.metrics(y, prob)
+    assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, prob.argmax(1), average="macro"))
+
+
+def test_multilabel_metrics_match_sklearn_per_finding_macro():
+    rng = np.random.default_rng(2)
+    y = (rng.random((200, 3)) < [0.2, 0.5, 0.7]).astype(np.float32)
+    prob = 1 / (1 + np.exp(-(rng.normal(size=(200, 3)) + 2 * y - 1)))
+    m, pred = M.metrics(y, prob), prob > 0.5
+    assert m["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, prob, average="macro"))
+    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, average="macro"))
+    assert m["specificity"] == pytest.approx(sklearn_metrics.recall_score(1 - y, ~pred, average="macro"))
+    assert m["accuracy"] == pytest.approx(1 - sklearn_metrics.hamming_loss(y, pred))
+    assert m["avg"] == pytest.approx(np.mean([m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")]))
+    assert np.array(m["confusion"]).shape == (3, 2, 2)
+
+
+def test_one_class_edge_cases_raise_clear_errors():
+    with pytest.raises(ValueError, match="only one class"):
+        M.roc_auc(np.ones(5), np.linspace(0, 1, 5))
+    with pytest.raises(ValueError, match=r"every class present; counts per class: \[0, 4\]"):
+        M.metrics(np.ones(4, int), np.full((4, 2), 0.5))
+
+
+def test_unfinished_runs_are_not_evaluated_and_the_table_names_missing_folds(demo_data, tmp_path, monkeypatch, capsys):
+    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "1"))
+    real_save = train.Training.save
+
+    def killed(self, out):
+        real_save(self, out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Training, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(demo_data, tmp_path / "fold2", "--epochs", "3", "--fold", "2"))
+    with pytest.raises(UserError, match=r"fold2: training stopped at epoch 1 of 3; run the same train\.py command"):
+        ev.main(["--runs", str(tmp_path), "--fold", "2"])
+    with pytest.raises(UserError, match=r"fold3: no run there; train it first"):
+        ev.main(["--runs", str(tmp_path), "--fold", "3", "--image", "x.png"])
+    capsys.readouterr()
+    assert ev.main(["--runs", str(tmp_path), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\| 1 \| [\d.]+ \|", out, re.M) and "not finished, left out: fold 2, 3, 4, 5" in out
+    assert json.loads((tmp_path / "table.json").read_text())["missing"] == [2, 3, 4, 5]
+
+
+def test_no_operating_point_calls_every_image_negative_and_chance_is_said(tmp_path):
+    # Youden's J by hand over the cut-offs 0.9, 0.8, 0.2, 0.1: -0.5, -1, -0.5, 0; above them all (nobody positive): 0
+    assert ev.choose_threshold([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]) == 0.1
+    (tmp_path / "val_predictions.csv").write_text("image,label,p_normal,p_sick\n" + "".join(
+        f"i{i},{'sick' if i % 2 else 'normal'},{1 - p},{p}\n" for i, p in enumerate([0.9, 0.1, 0.8, 0.2])))
+    point = ev.operating_point(tmp_path, dict(classes=["normal", "sick"], multi_label=False))
+    assert point["thresholds"] == {"sick": 0.1} and "WARNING: no cut-off beats chance there for sick (J 0.00)" in \
+        point["rule"]
+
+
+def test_operating_point_is_chosen_on_validation_and_applied_to_test(demo_data, tmp_path, monkeypatch, capsys):
+    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "8", "--lr", "3e-3"))
+    seen, real = [], ev.choose_threshold
+    monkeypatch.setattr(ev, "choose_threshold", lambda y, s, sens=None: seen.append(np.asarray(y)) or real(y, s, sens))
+    ev.main(["--runs", str(tmp_path), "--fold", "1"])
+    val = [r["label"] == "pneumoconiosis" for r in _csv.DictReader(open(tmp_path / "fold1/val_predictions.csv"))]
+    assert len(seen) == 1 and seen[0].tolist() == val  # the validation labels, never the test fold's
+    out = json.loads((tmp_path / "fold1/eval.json").read_text())
+    t = json.loads((tmp_path / "fold1/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
+    pred = list(_csv.DictReader(open(tmp_path / "fold1/predictions.csv")))
+    y = np.array([r["label"] == "pneumoconiosis" for r in pred])
+    p = np.array([float(r["p_pneumoconiosis"]) for r in pred])
+    tp, fp, fn, tn = (y & (p >= t)).sum(), (~y & (p >= t)).sum(), (y & (p < t)).sum(), (~y & (p < t)).sum()
+    got = out["operating_point"]["per_finding"]["pneumoconiosis"]
+    assert got["sensitivity"] == pytest.approx(tp / (tp + fn)) and got["specificity"] == pytest.approx(tn / (tn + fp))
+    assert got["ppv"] == pytest.approx(tp / (tp + fp), nan_ok=True) and got["npv"] == pytest.approx(tn / (tn + fn),
+                                                                                                    nan_ok=True)
+    assert got["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    yv = np.array(val)
+    pv = np.array([float(r["p_pneumoconiosis"]) for r in _csv.DictReader(open(tmp_path / "fold1/val_predictions.csv"))])
+    youden = max(((pv[yv] >= c).mean() + (pv[~yv] < c).mean() - 1, c) for c in np.unique(pv))  # by hand, over cut-offs
+    assert (pv[yv] >= t).mean() + (pv[~yv] < t).mean() - 1 == pytest.approx(youden[0])
+    ev.main(["--runs", str(tmp_path), "--fold", "1", "--sensitivity", "0.9"])
+    t90 = json.loads((tmp_path / "fold1/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
+    assert (pv[yv] >= t90).mean() >= 0.9 and not any((pv[yv] >= c).mean() >= 0.9 for c in np.unique(pv) if c > t90)
+    for name in ("roc.png", "reliability.png"):
+        assert Image.open(tmp_path / "fold1" / name).size == (500, 500)
+
+
+def test_calibration_figures_by_hand():
+    y = np.array([0, 1, 1, 1, 0])
+    p1 = np.array([0.13, 0.14, 0.15, 0.8, 0.6])
+    prob = np.stack([1 - p1, p1], 1)
+    cal = ev.calibration(y, prob, False)
+    assert cal["brier"] == pytest.approx((0.13 ** 2 + 0.86 ** 2 + 0.85 ** 2 + 0.2 ** 2 + 0.6 ** 2) / 5)
+    # bins of width 1/15: 0.13 in bin 1, {0.14, 0.15} in bin 2 (mean 0.145, both positive), 0.6 in 9, 0.8 in 12
+    assert cal["ece"] == pytest.approx((0.13 + 2 * abs(0.145 - 1) + 0.6 + 0.2) / 5)
+    softened = ev.with_temperature(np.array([[0.2, 0.8]]), 2.0, False)[0, 1]
+    assert softened == pytest.approx(0.8 ** 0.5 / (0.2 ** 0.5 + 0.8 ** 0.5))
+    rng = np.random.default_rng(0)  # outcomes drawn from calibrated logits z, scores from 2 z: T = 2 undoes it
+    z = rng.normal(0, 2, 4000)
+    yy = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)
+    sharp = 1 / (1 + np.exp(-2 * z))
+    t = ev.fit_temperature(yy, np.stack([1 - sharp, sharp], 1), False)
+    assert 1.7 < t < 2.3
+
+
+def test_bootstrap_resamples_patients_not_images():
+    patients = ["a", "a", "a", "b", "c", "c", "d", "e", "e", "f"]
+    y = np.array([0, 0, 0, 1, 1, 1, 0, 1, 1, 0])
+    groups = {p: [i for i, q in enumerate(patients) if q == p] for p in set(patients)}
+    sizes = set()
+    for idx in ev.resamples(patients, y, 2, n=200):
+        counts = np.bincount(idx, minlength=len(y))
+        for p, members in groups.items():  # a drawn patient brings all its images, as often as it is drawn
+            assert len(set(counts[members])) == 1, p
+        assert sum(counts[m[0]] for m in groups.values()) == len(groups)  # as many patients as there are
+        sizes.add(len(idx))
+    assert len(sizes) > 3  # so the number of images varies
+
+
+def test_baseline_is_trained_on_the_training_patients_only(demo_data, tmp_path, monkeypatch):
+    train.main(train_args(demo_data, tmp_path / "fold2", "--epochs", "1", "--fold", "2"))
+    trained_on, real = [], ev.fit_logistic
+    monkeypatch.setattr(ev, "fit_logistic", lambda x, y, *a: trained_on.append(x) or real(x, y, *a))
+    seen, real_pixels = [], ev.pixels
+    monkeypatch.setattr(ev, "pixels", lambda data, rows: seen.append(rows) or real_pixels(data, rows))
+    ev.main(["--runs", str(tmp_path), "--fold", "2"])
+    split = Data(demo_data).split(2, 0.1, 20)
+    assert [r["image"] for r in seen[0]] == [r["image"] for r in split["train"]]  # what the fits saw
+    assert all(x.shape == (len(split["train"]), 32 * 32) for x in trained_on) and len(trained_on) == 3
+    assert {r["fold"] for r in seen[0]} == {"1", "3", "4", "5"}
+    out = json.loads((tmp_path / "fold2/eval.json").read_text())["baseline"]
+    assert out["verdict"].startswith("the model ")
+
+
+def test_baseline_is_scikit_learns_logistic_regression_with_l2_chosen_on_validation(demo_data, tmp_path):
+    """The baseline: logistic regression on the standardised 32x32 pixels of the run's training split, with
+    the L2 strength (1, 30 or 1000) whose validation AUC is highest: scikit-learn's with C = 1 / l2. Every
+    fold's split; at least one of them must make the choice matter."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "1"))
+    data, choices = Data(demo_data), []
+    for fold in data.folds:
+        cfg = dict(json.loads((tmp_path / "fold1/config.json").read_text()), fold=fold)
+        split = data.run_split(cfg)
+        x = {k: ev.pixels(data, split[k]) for k in ("train", "val", "test")}
+        y = {k: data.labels(split[k]) for k in x}
+        mean, std = x["train"].mean(0), x["train"].std(0) + 1e-6
+        z = {k: ((v - mean) / std).astype(np.float64) for k, v in x.items()}
+        fits = {l2: linear_model.LogisticRegression(C=1 / l2, tol=1e-9, max_iter=10_000).fit(z["train"], y["train"])
+                for l2 in (1.0, 30.0, 1000.0)}
+        val = {l2: sklearn_metrics.roc_auc_score(y["val"], f.predict_proba(z["val"])[:, 1]) for l2, f in fits.items()}
+        ours = ev.baseline(cfg, [dict(image=Path(r["image"]).stem) for r in split["test"]])
+        best = max(val, key=val.get)  # the first of equals, as the code takes it
+        np.testing.assert_allclose(ours[:, 1], fits[best].predict_proba(z["test"])[:, 1], atol=1e-4, err_msg=str(fold))
+        choices.append(len(set(np.round(list(val.values()), 9))) > 1 and best != 1.0)
+    assert any(choices)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["lungs", "corner"])
+def test_tiny_training_learns_a_visible_sign_and_the_probe_says_where_it_is(tmp_path, capsys, where):
+    """train.py's recipe on fold 1, at a learning rate for the tiny model (3e-3: the paper's 3e-4 suits the real
+    one and needs far more than 30 epochs here), learns a bright marker on the diseased films (AUC 1.00 measured
+    for both). --probe hides the lung fields: a marker inside them goes with them (hidden AUC 0.57 [0.39, 0.74]
+    measured: quiet), one in the film's corner does not (1.00 [1.00, 1.00]: the alarm)."""
+    data = marker_data(tmp_path, where)
+    m = train.main(train_args(data, tmp_path / "runs/fold1", "--epochs", "30", "--lr", "3e-3"))
+    assert m["auc"] > 0.9
+    capsys.readouterr()
+    assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1", "--probe"]) == 0
+    out, probe = capsys.readouterr().out, json.loads((tmp_path / "runs/fold1/probe.json").read_text())
+    hidden = probe["lung fields hidden"]
+    assert probe["as trained"]["auc"] == pytest.approx(m["auc"], abs=1e-6)
+    if where == "corner":
+        assert hidden["auc_ci95"][0] > 0.5 and "the model reads something outside the lungs" in out
+    else:
+        assert hidden["auc_ci95"][0] <= 0.5 and "no sign that the model reads anything outside the lungs" in out
+    assert "the run's framing is the reference framing" in out
+    if where == "lungs":  # the rest of what a user runs next on a trained fold
+        assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1"]) == 0
+        assert (tmp_path / "runs/fold1/roc.png").exists()
+    if where == "lungs" and SHARED:
+        assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1", "--image", os.path.join(DICOM,
+                                                                                                 "RG1_UNCR.dcm")]) == 0
+        assert re.search(r"RG1_UNCR\.dcm: P\(pneumoconiosis\) = [01]\.\d{3}, (positive|negative) at the run's "
+                         r"threshold [01]\.\d{3}; crop: thorax", capsys.readouterr().out)
+
+
+def test_the_probe_stays_quiet_on_the_clean_demo(demo_data, tmp_path, capsys):
+    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "3"))
+    capsys.readouterr()
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--probe"]) == 0
+    assert "no sign that the model reads anything outside the lungs" in capsys.readouterr().out
+
+
+def test_a_model_trained_on_the_demo_says_it_is_not_for_diagnosis(demo_data, tmp_path, capsys):
+    data = shutil.copytree(demo_data, tmp_path / "data")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps(dict(meta, demo=True)))  # as prepare.py --demo writes it
+    train.main(train_args(data, tmp_path / "fold1", "--epochs", "1"))
+    assert json.loads((tmp_path / "fold1/config.json").read_text())["synthetic"] is True
+    image = next((data / "images").glob("*.png"))
+    cfg = json.loads((tmp_path / "fold1/config.json").read_text())  # trained on a GPU, scored where there may be none
+    (tmp_path / "fold1/config.json").write_text(json.dumps(dict(cfg, device="cuda:0", dtype="fp16")))
+    capsys.readouterr()
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(image)]) == 0
+    assert "trained on the synthetic demo set: it is a demo, not for diagnosis" in capsys.readouterr().out
+
+
+# ==================================================================================================
+# 6. explain.py: Grad-CAM against its definition; the maps and sheets eval.py writes
 
 
 def test_grad_cam_maps_are_normalised_deterministic_and_survive_merging():
@@ -1876,15 +1855,49 @@ def test_explain_writes_a_map_per_image_and_a_sheet_per_fold(demo_data, tmp_path
         assert targets[-1] == [int(called == "positive")]  # the map of the class called, not of the argmax
 
 
-def test_a_model_trained_on_the_demo_says_it_is_not_for_diagnosis(demo_data, tmp_path, capsys):
-    data = shutil.copytree(demo_data, tmp_path / "data")
-    meta = json.loads((data / "meta.json").read_text())
-    (data / "meta.json").write_text(json.dumps(dict(meta, demo=True)))  # as prepare.py --demo writes it
-    train.main(train_args(data, tmp_path / "fold1", "--epochs", "1"))
-    assert json.loads((tmp_path / "fold1/config.json").read_text())["synthetic"] is True
-    image = next((data / "images").glob("*.png"))
-    cfg = json.loads((tmp_path / "fold1/config.json").read_text())  # trained on a GPU, scored where there may be none
-    (tmp_path / "fold1/config.json").write_text(json.dumps(dict(cfg, device="cuda:0", dtype="fp16")))
-    capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(image)]) == 0
-    assert "trained on the synthetic demo set: it is a demo, not for diagnosis" in capsys.readouterr().out
+# ==================================================================================================
+# 7. command lines: one-line errors with exit 2, help
+
+
+def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
+    here = Path(__file__).parent
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "manifest.csv").write_text("image,label,patient,fold\n")
+    write_labels(tmp_path / "labels.csv", [("a.png", "x")])
+    cases = [
+        (["eval.py", "--runs", str(tmp_path / "none"), "--fold", "1"], "no run there"),
+        (["eval.py", "--runs", str(tmp_path / "none"), "--image", "a.png"], "no run there"),
+        (["train.py", "--data", str(bare), "--model", "tiny", "--out", str(tmp_path / "o")], "meta.json not found"),
+        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out",
+          str(tmp_path / "p"),
+          "--folds", "0"], "--folds 0: give 1 or more"),
+        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out",
+          str(tmp_path / "p"),
+          "--workers", "0"], "--workers 0: give 1 or more"),
+    ]
+    for args, msg in cases:
+        r = run_script(*[str(here / args[0]), *args[1:]], cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "o").exists()
+
+
+def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp_path):
+    for script in (train, ev, prepare, bench):
+        ap = script.parser()
+        assert all(a.help for a in ap._actions), script.__name__
+        text = ap.format_help()
+        for action in ap._actions:  # a default, where there is one, is said once, and "None" never
+            said = ap._get_formatter()._expand_help(action).count("(default")
+            assert said <= 1 and said >= (action.default not in (None, False, argparse.SUPPRESS)), action.dest
+        assert "(default: None)" not in text, script.__name__
+    text = train.parser().format_help()
+    for flag, default in [("--epochs", "100"), ("--model", "full"), ("--lr", "0.0003"), ("--seed", "20")]:
+        assert re.search(rf"{flag} .*?\(default: {re.escape(default)}\)", text, re.S), flag
+    assert prepare.parser().get_default("seed") == train.parser().get_default("seed") == 20  # one fold seed
+    try:
+        train.main(train_args(demo_data, tmp_path / "run", "--epochs", "1", "--threads", "1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(2)
