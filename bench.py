@@ -18,6 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -172,7 +174,8 @@ def status(key: str) -> float:  # GiB, from /proc/self/status: VmRSS (now) or Vm
 
 def load_full(d: Path, llama: str):
     """In a fresh process, as eval.py --image on a CPU: load with the frozen weights as stored
-    (memory-mapped, no copy), adapters unmerged, then score two images one at a time; report."""
+    (memory-mapped, never copied; the TorchScript ViT is read into memory), adapters unmerged, then score
+    two images one at a time; report."""
     size = sum(f.stat().st_size for f in [d / "ViT-L-14.pt", *(d / llama).glob("*")]) / 2**30
     t = time.perf_counter()
     model = P.from_pretrained(d / "ViT-L-14.pt", d / llama, "cpu").eval()
@@ -233,6 +236,21 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+@contextmanager
+def sync_warnings(device):
+    """Records torch.cuda.set_sync_debug_mode("warn")'s warnings (the first line of each) on a GPU."""
+    if device.type != "cuda":
+        yield []
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seen = []
+        yield seen
+    torch.cuda.set_sync_debug_mode(0)
+    seen += [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+
+
 def bench_model(opt):
     """A training step and inference (with adapters, then merged) at the size and variant asked for."""
     device = torch.device(opt.device)
@@ -253,7 +271,7 @@ def bench_model(opt):
     res = model.args.vision.image_size
     x = torch.randn(opt.batch, 3, res, res, device=device)
     y = torch.randint(0, model.args.n_classes, (opt.batch,), device=device)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    adamw = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type)  # as train.py: on every dtype, no host sync with the fused AdamW
     amp = torch.autocast(device.type, dtype=dtype, enabled=opt.dtype != "fp32")
 
@@ -261,9 +279,9 @@ def bench_model(opt):
         with amp:
             loss = F.cross_entropy(fwd(x).float(), y)
         scaler.scale(loss).backward()
-        scaler.step(opt)
+        scaler.step(adamw)
         scaler.update()
-        opt.zero_grad(set_to_none=True)
+        adamw.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def infer():
@@ -274,7 +292,12 @@ def bench_model(opt):
         torch.cuda.reset_peak_memory_stats()
     model.train()
     warm = 2 if not opt.compile else 4
-    first, s = timed(step, device, warm, opt.iters)
+    with sync_warnings(device) as syncs:  # on a GPU: every host sync of the step, and Inductor's cudagraph skips
+        first, s = timed(step, device, warm, opt.iters)
+    if device.type == "cuda":
+        skips = dict(torch._dynamo.utils.counters.get("inductor", {})).get("cudagraph_skips", 0)
+        print(f"host syncs in the timed steps: {len(syncs)}" + "".join(f"\n  {w}" for w in sorted(set(syncs))[:5])
+              + f"; cudagraph skips: {skips}")
     gpu = device.type == "cuda"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else rss

@@ -39,7 +39,7 @@ import metrics as M
 import plots
 import pneumollm as P
 import prepare
-from folders import Data, Help, UserError, cli, encode_labels
+from folders import Data, Help, UserError, cli, encode_labels, write_atomic
 
 
 def read_predictions(path: Path, cfg: dict) -> tuple:  # (rows, labels, probabilities (N, C))
@@ -228,7 +228,7 @@ def evaluate(run: Path, fold: int, opt) -> dict:
     out = dict(fold=fold, images=len(y), patients=len(set(patients)), intervals="95 %, 1000 resamples of patients",
                paper=dict(metrics=m, ci95={k: interval([d[k] for d in model_draws]) for k in M.METRICS}))
     point = operating_point(run, cfg, opt.sensitivity)
-    (run / "operating_point.json").write_text(json.dumps(point, indent=1))
+    write_atomic(run / "operating_point.json", json.dumps(point, indent=1))
     findings = zip(as_binary(y, prob, ml), point["thresholds"])
     out["operating_point"] = dict(point, per_finding={n: at_threshold(yb, s, point["thresholds"][n])
                                                       for (_, yb, s), n in findings})
@@ -284,16 +284,18 @@ def eval_fold(runs: Path, fold: int, opt) -> dict:
     out = evaluate(run, fold, opt)
     cfg, y, prob, draws, _ = out.pop("_curves")
     print(report(out, cfg))
-    (run / "eval.json").write_text(json.dumps(out, indent=1))
+    write_atomic(run / "eval.json", json.dumps(out, indent=1))
     for name, yb, score in as_binary(y, prob, cfg["multi_label"])[:1]:  # binary: disease; multi-label: 1st finding
         name = name or cfg["classes"][1]
         cut = out["operating_point"]["thresholds"][name]
         r = at_threshold(yb, score, cut)
         fpr, tpr, _ = roc_curve(yb, score)
         plots.draw_roc(run / "roc.png", [(f"AUC {out['paper']['metrics']['auc']:.3f}", fpr, tpr)],
-                 f"fold {fold}: ROC of P({name}), 95 % band over patients",
-                 roc_band(yb, score, draws), (1 - r["specificity"], r["sensitivity"], f"operating point {cut:.2f}"))
+                       f"fold {fold}: ROC of P({name}), 95 % band over patients",
+                       roc_band(yb, score, draws), (1 - r["specificity"], r["sensitivity"], f"operating point {cut:.2f}"))
         plots.draw_reliability(run / "reliability.png", score, yb, f"fold {fold}: reliability of P({name})")
+    written = [n for n in ("eval.json", "operating_point.json", "roc.png", "reliability.png") if (run / n).exists()]
+    print(f"wrote {', '.join(written)} in {run}")
     return out
 
 
@@ -319,11 +321,12 @@ def table(runs: Path, opt) -> int:
         lines.append(f"not finished, left out: fold {', '.join(map(str, missing))}")
     text = "\n".join(lines)
     print(text)
-    (runs / "table.md").write_text(text + "\n")
+    write_atomic(runs / "table.md", text + "\n")
     folds = {f: {k: v for k, v in o.items() if k != "_curves"} for f, o in per.items()}
     summary = dict(folds=folds, missing=missing, mean=dict(zip([*M.METRICS, "baseline_auc"], vals.mean(0))),
                    pooled=pooled)
-    (runs / "table.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(runs / "table.json", json.dumps(summary, indent=1))
+    print(f"wrote table.md, table.json, roc.png in {runs}")
     return 0
 
 
@@ -459,7 +462,7 @@ def probe(runs: Path, opt) -> int:
               + ", ".join(f"{c} {pct(v)} %" for c, v in out[name]["positive"].items()))
     out["verdict"] = probe_verdict(out, y, scores, draws)
     print("\n".join(out["verdict"]))
-    (run / "probe.json").write_text(json.dumps(out, indent=1))
+    write_atomic(run / "probe.json", json.dumps(out, indent=1))
     print(f"wrote {run / 'probe.json'}")
     return 0
 

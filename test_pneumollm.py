@@ -1883,6 +1883,12 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
     assert not (tmp_path / "p").exists() and not (tmp_path / "o").exists()
 
 
+def test_bench_times_a_tiny_training_step_and_inference():
+    r = run_script("bench.py", "--model", "tiny", "--iters", "1", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"train step: [\d.]+ ms median", r.stdout) and re.search(r"[\d.]+ merged", r.stdout)
+
+
 def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp_path):
     for script in (train, ev, prepare, bench):
         ap = script.parser()

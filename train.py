@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import common as C
 import metrics as M
 import pneumollm as P
-from folders import Data, Help, UserError, cli, replacing
+from folders import Data, Help, UserError, cli, replacing, write_atomic
 
 RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
 RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors", "state.pt", "metrics.json",
@@ -125,7 +125,7 @@ def start_folder(out: Path, cfg: dict):
     if cfg["restart"]:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_atomic(out / "config.json", json.dumps(cfg, indent=1))
 
 
 def check_classes(data: Data, split: dict, cfg: dict):
@@ -299,7 +299,8 @@ def validate_and_save(tr: Training, rec: dict, val_x, val_y, out: Path):
         rec["val"] = {k: m[k] for k in M.METRICS}
         if m["avg"] > tr.best:
             tr.best, tr.best_epoch = m["avg"], tr.epoch
-            tr.model.save_trainable(out / "best.safetensors")
+            with replacing(out / "best.safetensors") as tmp:
+                tr.model.save_trainable(tmp)
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     tr.save(out)
@@ -329,7 +330,7 @@ def final_test(model: P.PneumoLLM, data: Data, split: dict, cfg: dict, epoch: in
     y, prob = data.labels(rows), C.predict(model, data.images(rows), cfg)
     m = M.metrics(y, prob)
     meta = dict(fold=cfg["fold"], selected_on=cfg["select"], epoch=epoch, n_test=len(rows), metrics=m)
-    (out / "metrics.json").write_text(json.dumps(meta, indent=1))
+    write_atomic(out / "metrics.json", json.dumps(meta, indent=1))
     write_predictions(out / "predictions.csv", rows, prob, cfg)
     print(f"test fold {cfg['fold']} ({len(rows)} images, epoch {epoch} chosen on {cfg['select']}): "
           + "  ".join(f"{k} {100 * m[k]:.2f}" for k in M.METRICS))
@@ -403,7 +404,8 @@ def main(argv=None):
     n = tr.epoch - start
     print(f"trained {n} epoch{'s' * (n != 1)} in {time.time() - t0:.0f} s (validation and checkpoints included)")
     if cfg["select"] == "last":
-        model.save_trainable(out / "best.safetensors")
+        with replacing(out / "best.safetensors") as tmp:
+            model.save_trainable(tmp)
     chosen = tr.best_epoch if cfg["select"] != "last" else cfg["epochs"]
     return final_test(model, data, split, cfg, chosen, out)
 
