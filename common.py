@@ -129,11 +129,31 @@ def load_run(run: Path, device=None, keep_checkpoint_dtype=False) -> tuple[P.Pne
     keep_checkpoint_dtype scores with the frozen weights as the checkpoints store them: memory-mapped,
     never copied (LLaMA-7B in fp32 would need 27 GB)."""
     cfg = json.loads((run / "config.json").read_text())
-    trained_on = cfg["device"] if cfg["device"] == "cpu" or torch.cuda.is_available() else "cpu"  # no GPU here
-    cfg["device"] = device or trained_on
-    model = build(cfg, as_stored=keep_checkpoint_dtype and cfg["device"] == "cpu")
+    cfg["device"] = device or available(cfg["device"])
+    as_stored = keep_checkpoint_dtype and cfg["device"] == "cpu"
+    model = build(cfg, as_stored=as_stored)
     model.load_trainable(run / "best.safetensors")
+    if as_stored:  # compute in the dtype the frozen weights are stored in: autocast would recast them every call
+        cfg["dtype"] = stored_dtype(model)
     return model, cfg
+
+
+def available(device: str) -> str:
+    """The run's device where this machine has it: cuda:N with fewer GPUs is cuda; no GPU at all is cpu."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    index = torch.device(device).index
+    return device if index is None or index < torch.cuda.device_count() else "cuda"
+
+
+def stored_dtype(model: P.PneumoLLM) -> str:
+    """The DTYPES name of the dtype that holds most of the frozen weights."""
+    own, count = {id(p) for p in model.own_parameters()}, {}
+    for p in model.parameters():
+        if id(p) not in own:
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    best = max(count, key=count.get) if count else torch.float32
+    return next((name for name, d in P.DTYPES.items() if d == best), "fp32")
 
 
 def tokenize(tokenizer, text: str) -> tuple[list, int]:

@@ -146,6 +146,12 @@ def interval(values) -> list:
     return [float(v) for v in np.percentile(values, [2.5, 97.5])]
 
 
+def run_data(cfg: dict) -> Data:  # the run's data folder, refused if it changed since the run was trained
+    data = Data(cfg["data"])
+    data.check_run(cfg, cfg["out"])
+    return data
+
+
 def pixels(data: Data, rows) -> np.ndarray:  # (N, 1024): the 32x32 grey image in [0, 1]
     return np.stack([np.asarray(Image.open(data.folder / r["image"]).convert("L").resize((32, 32), Image.BILINEAR),
                                 np.float32).ravel() / 255 for r in rows])
@@ -168,7 +174,7 @@ def baseline(cfg: dict, test_rows: list) -> np.ndarray:
     """The test fold's probabilities from logistic regression on 32x32 pixels, trained on the run's
     own training split (the same patients as the model), its L2 strength chosen on the run's validation
     split (the AUC) when there is one."""
-    data = Data(cfg["data"])
+    data = run_data(cfg)
     split = data.run_split(cfg)
     x, y = pixels(data, split["train"]), data.labels(split["train"])
     fits = {l2: fit_logistic(x, y, len(cfg["classes"]), cfg["multi_label"], l2) for l2 in (1.0, 30.0, 1000.0)}
@@ -361,6 +367,8 @@ def score_images(runs: Path, opt) -> int:
         print("NOTE: this model was trained on the synthetic demo set: it is a demo, not for diagnosis")
     if cfg.get("masks"):
         print("NOTE: the run's images were cropped to lung masks; new images are framed by the thorax box")
+    if (Path(cfg["data"]) / "meta.json").exists():  # the data may have moved away; if it is there, it must match
+        run_data(cfg)
     failed, weights = [], []
     for n, p in enumerate(opt.image, 1):
         if not Path(p).is_file():
@@ -416,7 +424,7 @@ def explain_fold(runs: Path, opt) -> int:
     while len(chosen) < opt.explain and any(queues.values()):
         chosen += [(k, q.pop(0)) for k, q in queues.items() if q][:opt.explain - len(chosen)]
     model, cfg = C.load_run(run, opt.device, keep_checkpoint_dtype=True)
-    data = Data(cfg["data"])
+    data = run_data(cfg)
     by_name = {Path(r["image"]).stem: r for r in data.rows}
     images = torch.from_numpy(data.images([by_name[rows[i]["image"]] for _, i in chosen]))
     heats, _, weights = explain.explain_images(model, images, cfg, [int(positive[i]) for _, i in chosen])
@@ -442,7 +450,7 @@ def probe(runs: Path, opt) -> int:
         raise UserError("--probe compares the disease score of binary runs; this run has classes "
                         f"{cfg['classes']}{' (multi-label)' if cfg['multi_label'] else ''}")
     cut = operating_point(run, cfg, opt.sensitivity)["thresholds"][cfg["classes"][1]]
-    data = Data(cfg["data"])
+    data = run_data(cfg)
     by_name = {Path(r["image"]).stem: r for r in data.rows}
     test = [by_name[r["image"]] for r in rows]
     model, cfg = C.load_run(run, opt.device, keep_checkpoint_dtype=True)
@@ -538,6 +546,8 @@ def main(argv=None):
     opt = parser().parse_args(argv)
     if opt.sensitivity is not None and not 0 < opt.sensitivity <= 1:
         raise UserError(f"--sensitivity {opt.sensitivity}: give a fraction in (0, 1], e.g. 0.9")
+    if opt.explain is not None and opt.explain < 1:
+        raise UserError(f"--explain {opt.explain}: give how many test images to explain, 1 or more")
     runs = Path(opt.runs)
     if opt.image:
         C.apply_threads(opt.threads)

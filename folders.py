@@ -22,15 +22,60 @@ class UserError(Exception):
     """A mistake in the user's input (a file, a flag): the scripts print its one line and exit with 2."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C, with what was kept and how to go on: one line, exit status 130."""
+
+
 def cli(main, errors=()):
-    """Run a script's main; a mistake in the user's input (UserError, or one of `errors`) is one line
-    on stderr and exit status 2."""
+    """Run a script's main; a mistake in the user's input (UserError, or one of `errors`) or a file the
+    system refuses (permissions, a full disk) is one line on stderr and exit status 2; Ctrl-C is one
+    line and 130."""
     try:
         rc = main()
         return rc if isinstance(rc, int) else 0
     except (UserError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+
+
+@contextmanager
+def locked(folder: Path, who: str):
+    """Holds folder/.lock (this process's id) while the block runs. A second command on the same folder
+    is refused in one line naming the process that holds it; a lock left by a process that died is
+    cleared."""
+    lock = Path(folder) / ".lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        text = lock.read_text().strip()
+        pid = int(text) if text.isdigit() else 0
+        if pid and pid_alive(pid):
+            raise UserError(f"{folder} is in use by another {who} (process {pid}); wait for it, or use another "
+                            "folder") from None
+        lock.unlink()  # left by a run that died
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 class Help(argparse.HelpFormatter):
@@ -122,6 +167,13 @@ class Data:
         seen = {r["patient"] for r in out["train"] + out["val"]}
         assert not seen & {r["patient"] for r in test}, "a test patient is in the training data"
         return out
+
+    def check_run(self, cfg: dict, run):
+        """A run pins the data folder it was trained on (its fingerprint): refuse it on changed data."""
+        if cfg.get("data_fingerprint") != self.meta.get("fingerprint"):
+            raise UserError(f"{self.folder} changed since {run} was trained on it (prepared again: other images, "
+                            "labels or folds), so its test fold may hold training patients; train the run again, "
+                            "or prepare the new data into another folder")
 
     def run_split(self, cfg: dict) -> dict:
         """The split a run trains on, from its config: --authors-code (select "test") holds no

@@ -32,6 +32,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import sys
 import time
 from multiprocessing import Pool
@@ -44,7 +45,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 import audit
 import demo
-from folders import Help, UserError, cli, make_folds, write_atomic
+from folders import Help, Interrupted, UserError, cli, locked, make_folds, write_atomic
 from lungcrop import LUNG_REGION, mask_box, region_in_crop, rle_mask, thorax_box
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -53,6 +54,7 @@ LABEL_COLS = ("label", "class", "diagnosis", "target")
 PATIENT_COLS = ("patient", "patient_id", "patient id", "subject")
 VIEW_COLS = ("view", "view position", "viewposition")
 MANIFEST = ("image", "label", "patient", "fold", "crop", "reference", "lungs")  # manifest.csv's columns
+MAX_PIXELS = 40_000_000  # a film is at most ~4300 x 3500: beyond this, a mistake or a decompression bomb
 NORMAL_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative", "no"}
 
 
@@ -68,13 +70,18 @@ def first_line(e: Exception) -> str:  # an error's message, whole but on one lin
 # reading -> float [0, 1], bright = dense, and what the file says about its acquisition
 
 
-def read_dicom(path: Path) -> tuple:
+def read_dicom(path: Path, max_pixels=MAX_PIXELS) -> tuple:
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as e:
         raise Skip(f"not readable as DICOM ({type(e).__name__})")
-    if "PixelData" not in ds:
-        raise Skip("no pixel data")
+    if "PixelData" not in ds:  # force=True reads anything: say which it is
+        with open(path, "rb") as f:
+            dicom = f.read(132)[128:] == b"DICM" or "SOPClassUID" in ds or "Modality" in ds
+        raise Skip("no pixel data" if dicom else "not a DICOM file")
+    pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+    if pixels > max_pixels:
+        raise Skip(f"{ds.Columns}x{ds.Rows} pixels, more than --max-pixels {max_pixels}")
     if "TransferSyntaxUID" not in ds.file_meta:  # old ACR-NEMA-style file without a meta header
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     if int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -115,22 +122,26 @@ def robust_window(x) -> np.ndarray:  # 0.5-99.5 percentiles to [0, 1]: for files
     return np.clip((y - lo) / max(hi - lo, 1e-6), 0, 1)
 
 
-def read_picture(path: Path) -> tuple:
+def read_picture(path: Path, max_pixels=MAX_PIXELS) -> tuple:
     """PNG/JPEG/TIFF. 16-bit and float files are windowed like a DICOM without VOI tags (an 8-bit
     conversion would clip them); colour files are converted to grey; 8-bit grey ones are kept as
-    they are (uint8: no window to apply)."""
+    they are (uint8: no window to apply). The size is checked before the pixels are decoded."""
     try:
         with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise Skip(f"{im.width}x{im.height} pixels, more than --max-pixels {max_pixels}")
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 return robust_window(np.asarray(im)), dict(bits=16 if im.mode.startswith("I;16") else 32)
             return np.asarray(im if im.mode == "L" else im.convert("L")), dict(bits=8)
+    except Skip:
+        raise
     except Exception as e:
         raise Skip(f"not a readable image ({type(e).__name__})")
 
 
-def read_image(path: Path) -> tuple:  # (image: float in [0, 1] or 8-bit as stored, acquisition attributes)
-    img, attrs = read_picture(path) if path.suffix.lower() in IMAGE_SUFFIXES - {".dcm", ".dicom", ".dic", ""} \
-        else read_dicom(path)
+def read_image(path: Path, max_pixels=MAX_PIXELS) -> tuple:  # (float in [0, 1] or 8-bit as stored, attributes)
+    picture = path.suffix.lower() in IMAGE_SUFFIXES - {".dcm", ".dicom", ".dic", ""}
+    img, attrs = read_picture(path, max_pixels) if picture else read_dicom(path, max_pixels)
     if min(img.shape) < 8:
         raise Skip(f"image of {img.shape[1]}x{img.shape[0]} pixels is too small")
     return img, dict(attrs, width=img.shape[1], height=img.shape[0])
@@ -149,12 +160,12 @@ def load_masks(spec: str) -> dict:
             (r["Left Lung"] + " " + r["Right Lung"], int(r["Height"]), int(r["Width"])) for r in read_table(p)[0]}
 
 
-def preprocess(path: Path, crop="thorax", size=224, mask=None) -> tuple:
+def preprocess(path: Path, crop="thorax", size=224, mask=None, max_pixels=MAX_PIXELS) -> tuple:
     """read -> 8 bits -> crop -> resize. Returns the (size, size) uint8 crop; the reference framing
     (the thorax box, for eval.py --probe) likewise, or None where the crop is that box; how it was
     cropped (thorax, mask, none); the acquisition attributes, with the crop's box (film pixels) and
     the lung fields in the crop (fractions of its width and height)."""
-    img, attrs = read_image(path)
+    img, attrs = read_image(path, max_pixels)
     img8 = img if img.dtype == np.uint8 else (img * 255 + 0.5).astype(np.uint8)
     h, w = img8.shape
     thorax = thorax_box(img8.shape)
@@ -187,14 +198,14 @@ def resized(img8: np.ndarray, box, size: int) -> np.ndarray:  # Lanczos: anti-al
 def prepare_one(job) -> dict:
     """Writes images/<id>.png (and reference/<id>.png where the crop is not the reference framing);
     returns its record (crop status, attributes) for records.jsonl."""
-    path, out_png, crop, mask, size = job
-    img, reference, how, attrs = preprocess(path, crop, size, mask)
+    path, out_png, crop, mask, size, max_pixels, source = job
+    img, reference, how, attrs = preprocess(path, crop, size, mask, max_pixels)
     # zlib RLE: fast and small; no text chunks. Half an image (a crash) has no record: it is redone
     Image.fromarray(img).save(out_png, format="PNG", compress_type=3)
     if reference is not None:
         Image.fromarray(reference).save(out_png.parent.parent / "reference" / out_png.name, format="PNG",
                                         compress_type=3)
-    return dict(attrs, crop=how)
+    return dict(attrs, crop=how, source=source)
 
 
 def safe_prepare(job):
@@ -228,10 +239,14 @@ def read_table(path: Path) -> tuple:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not readable as a UTF-8 CSV ({type(e).__name__})")
-    first = text.splitlines()[0] if text.strip() else ""
-    delimiter = max(",;\t", key=first.count)
+    if not text.strip():
+        raise UserError(f"{path}: empty; give a CSV with a header and one row per image")
+    delimiter = max(",;\t", key=text.splitlines()[0].count)
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    return list(reader), [c.strip() for c in reader.fieldnames or []]
+    rows = list(reader)
+    if not rows:
+        raise UserError(f"{path}: a header and no rows; give one row per image")
+    return rows, [c.strip() for c in reader.fieldnames or []]
 
 
 def pick(cols, given, candidates, what, path, needed=True):
@@ -331,11 +346,11 @@ def dicom_patient(path: Path) -> str:
 
 def settings_of(opt) -> dict:  # what the folder's images and labels depend on; no paths (they can name patients)
     return dict(crop=opt.crop, size=opt.size, masks=bool(opt.masks), multi_label=bool(opt.multi_label),
-                classes=opt.classes or "")
+                classes=opt.classes or "", folds=opt.folds, seed=opt.seed)
 
 
-def claim_folder(out: Path, opt):
-    """Refuse other settings than the folder's (unless --restart, which empties it), and a second writer."""
+def check_settings(out: Path, opt):
+    """Refuse other settings than the folder's (unless --restart, which empties it)."""
     meta = out / "meta.json"
     if meta.exists() and not opt.restart:
         old = json.loads(meta.read_text()).get("settings", {})
@@ -344,35 +359,15 @@ def claim_folder(out: Path, opt):
         if diff:
             raise UserError(f"{out} was prepared with other settings ({'; '.join(diff)}): pass another --out, "
                             "or --restart to prepare it again from scratch")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / ".lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        pid = int(lock.read_text() or 0)
-        if pid and pid_alive(pid):
-            raise UserError(f"{out} is being prepared by another prepare.py (process {pid}); wait for it, or use "
-                            "another --out") from None
-        lock.unlink()  # left by a run that died
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
+
+
+def empty_for_restart(out: Path, opt):
     if opt.restart:
         for sub in ("images", "reference"):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / "records.jsonl").unlink(missing_ok=True)
     for sub in ("images", "reference"):
         (out / sub).mkdir(exist_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,90 +401,130 @@ def read_records(log: Path) -> dict:
     return {r.pop("image"): r for r in map(json.loads, text.splitlines())}
 
 
-def process(jobs: list, workers: int, log: Path) -> tuple:
+def process(jobs: list, workers: int, log: Path, names: dict) -> tuple:
     """({image id: record}, {image id: why it was skipped}), with a progress line every 2 s. Each record
-    is appended to `log` as its image is finished: a run that is stopped loses no finished image."""
+    is appended to `log` as its image is finished: a run that is stopped loses no finished image. Skips
+    name the source file (`names`: id -> file) on the terminal only; meta.json names the pseudonym."""
     done, skipped, t0, last = {}, {}, time.time(), time.time()
-    with Pool(workers) as pool, open(log, "a") as f:
-        for i, (job, record, err) in enumerate(pool.imap_unordered(safe_prepare, jobs, chunksize=4), 1):
-            name = job[1].stem
-            if err:
-                skipped[name] = err
-                print(f"skip {name}: {err}", file=sys.stderr)
-            else:
-                done[name] = record
-                f.write(json.dumps(dict(record, image=name)) + "\n")
-                f.flush()
-            if time.time() - last > 2 or i == len(jobs):
-                rate, last = i / max(time.time() - t0, 1e-9), time.time()
-                print(f"{i}/{len(jobs)} images, {rate:.1f}/s, ETA {(len(jobs) - i) / rate:.0f}s", file=sys.stderr)
+    try:
+        with Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool, \
+                open(log, "a") as f:
+            for i, (job, record, err) in enumerate(pool.imap_unordered(safe_prepare, jobs, chunksize=4), 1):
+                name = job[1].stem
+                if err:
+                    skipped[name] = err
+                    print(f"skip {names[name]}: {err}", file=sys.stderr)
+                else:
+                    done[name] = record
+                    f.write(json.dumps(dict(record, image=name)) + "\n")
+                    f.flush()
+                if time.time() - last > 2 or i == len(jobs):
+                    rate, last = i / max(time.time() - t0, 1e-9), time.time()
+                    print(f"{i}/{len(jobs)} images, {rate:.1f}/s, ETA {(len(jobs) - i) / rate:.0f}s", file=sys.stderr)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{len(done)} of {len(jobs)} images prepared and kept; run the same command to "
+                          "prepare the rest") from None
     return done, skipped
 
 
-def mapping_path(opt, out: Path) -> Path:
-    """Where the pseudonym -> source file CSV goes: beside the key (or --mapping), never in the data folder."""
-    beside_key = Path(opt.key_file).expanduser().parent / f"{out.resolve().name}.mapping.csv"
+def mapping_path(opt, out: Path, key: bytes) -> Path:
+    """Where the pseudonym -> source file CSV goes: beside the key (or --mapping), never in the data
+    folder. Its default name holds a keyed hash of the folder's full path: two folders of the same name
+    never share one."""
+    folder = out.resolve()
+    beside_key = Path(opt.key_file).expanduser().parent / f"{folder.name}-{pseudonym(key, 'folder', str(folder), 8)}" \
+        ".mapping.csv"
     path = Path(opt.mapping) if opt.mapping else beside_key
-    if path.resolve().is_relative_to(out.resolve()):
+    if path.resolve().is_relative_to(folder):
         raise UserError(f"--mapping {path}: inside the data folder {out}; file names can name patients: "
                         "put it elsewhere")
+    if not path.parent.is_dir():
+        raise UserError(f"--mapping {path}: its folder {path.parent} does not exist; create it or choose another")
     return path
 
 
 def run(opt) -> int:
     out = Path(opt.out)
     items, names = read_labels(opt)
-    mapping = mapping_path(opt, out)
-    claim_folder(out, opt)
-    try:
-        return prepare_images(opt, out, items, names, mapping)
-    finally:
-        (out / ".lock").unlink(missing_ok=True)
+    key_file = Path(opt.key_file).expanduser()
+    if key_file.resolve().is_relative_to(out.resolve()):
+        raise UserError(f"--key-file {key_file}: inside the data folder {out}; the key must stay outside it")
+    key = read_key(key_file)
+    mapping = mapping_path(opt, out, key)
+    check_settings(out, opt)
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out, "prepare.py"):
+        empty_for_restart(out, opt)
+        return prepare_images(opt, out, items, names, key, mapping)
 
 
-def prepare_images(opt, out: Path, items: list, names: list, mapping: Path) -> int:
-    key = read_key(Path(opt.key_file).expanduser())
+def prepare_images(opt, out: Path, items: list, names: list, key: bytes, mapping: Path) -> int:
     masks = load_masks(opt.masks) if opt.masks else {}
     for it in items:
-        it["id"] = pseudonym(key, "image", it["rel"])
+        it["id"], it["source"] = pseudonym(key, "image", it["rel"]), fingerprint(key, it["path"])
         if opt.masks and Path(it["rel"]).stem not in masks:
             raise UserError(f"{opt.masks}: no mask for line {it['line']} of {opt.labels}")
-    jobs = [(it["path"], out / "images" / f"{it['id']}.png", opt.crop, masks.get(Path(it["rel"]).stem), opt.size)
-            for it in items]
+    jobs = [(it["path"], out / "images" / f"{it['id']}.png", opt.crop, masks.get(Path(it["rel"]).stem), opt.size,
+             opt.max_pixels, it["source"]) for it in items]
     log = out / "records.jsonl"
-    before = {i: r for i, r in read_records(log).items() if (out / "images" / f"{i}.png").exists()}
+    source = {it["id"]: it["source"] for it in items}
+    kept = {i: r for i, r in read_records(log).items() if (out / "images" / f"{i}.png").exists() and i in source}
+    before = {i: r for i, r in kept.items() if r.get("source") == source[i]}
+    changed = len(kept) - len(before)
     jobs = [job for job in jobs if job[1].stem not in before]
     per_class = ", ".join(f"{n}: {sum(has(it['label'], n) for it in items)}" for n in names)
-    print(f"{len(items)} images ({per_class}): {len(before)} finished before, preparing {len(jobs)} with "
-          f"{opt.workers} workers")
-    done, skipped = process(jobs, opt.workers, log)
-    done.update(before)
+    print(f"{len(items)} images ({per_class}): {len(before)} finished before, "
+          + (f"{changed} whose source file changed since (prepared again), " if changed else "")
+          + f"preparing {len(jobs)} with {opt.workers} workers")
     write_atomic(mapping, "image,source\n" + "".join(f"{it['id']},{it['path']}\n" for it in items))
+    done, skipped = process(jobs, opt.workers, log, {it["id"]: it["rel"] for it in items})
+    done.update(before)
     kept = [it for it in items if it["id"] in done]
     if not kept:
-        print(f"nothing was prepared ({len(skipped)} skipped)", file=sys.stderr)
-        return 1
+        raise UserError(f"nothing was prepared ({len(skipped)} skipped; the reasons are above)")
     return write_outputs(opt, out, kept, names, done, skipped, key, mapping)
 
 
+def fingerprint(key: bytes, path: Path) -> str:
+    """A keyed hash of a source file's size and its first and last MiB: a different file under the same
+    name is prepared again. Keyed, so that it cannot confirm that a known file is in the folder."""
+    h, size = hmac.new(key, digestmod=hashlib.sha256), path.stat().st_size
+    with open(path, "rb") as f:
+        h.update(str(size).encode() + f.read(2**20))
+        f.seek(max(size - 2**20, 0))
+        h.update(f.read(2**20))
+    return h.hexdigest()[:16]
+
+
 def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: dict, key: bytes, mapping) -> int:
+    alone = 0
     for it in kept:  # patients: the label file's column, else the DICOM's PatientID, else the image itself
-        raw = it["patient"] or dicom_patient(it["path"]) or f"image:{it['rel']}"
-        it["patient"] = "P" + pseudonym(key, "patient", raw, 12)
+        raw = it["patient"] or dicom_patient(it["path"])
+        alone += not raw
+        it["patient"] = "P" + pseudonym(key, "patient", raw or f"image:{it['rel']}", 12)
         it.update(done[it["id"]], view=it["view"] or done[it["id"]].get("view", ""))
     folds = make_folds([it["patient"] for it in kept], [it["label"] for it in kept], opt.folds, opt.seed)
+    check_folds(kept, folds, names, opt)
+    patients = (f"{alone} of {len(kept)} images have no patient (no --patient-col, no DICOM PatientID): each is "
+                "its own patient, so one patient's films can land in training and test folds alike, and the "
+                "figures come out optimistic; give the label file a patient column") if alone else "from the label " \
+        "file or the DICOMs' PatientID"
     rows = [dict(image=f"images/{it['id']}.png", label=it["label"], patient=it["patient"], fold=f, crop=it["crop"],
                  reference=f"{'images' if it['crop'] == 'thorax' else 'reference'}/{it['id']}.png",
                  lungs=" ".join(f"{v:g}" for v in it["lungs"])) for it, f in zip(kept, folds)]
-    write_atomic(out / "manifest.csv", ",".join(MANIFEST) + "\n" + "".join(
-        ",".join(str(r[k]) for k in MANIFEST) + "\n" for r in rows))
+    manifest = ",".join(MANIFEST) + "\n" + "".join(",".join(str(r[k]) for k in MANIFEST) + "\n" for r in rows)
+    write_atomic(out / "manifest.csv", manifest)
+    # what a run pins (train.py's config.json): the rows, their folds, and which source file made each image
+    sources = "".join(f"{it['id']} {it['source']}\n" for it in sorted(kept, key=lambda it: it["id"]))
+    fingerprint = hashlib.sha256((manifest + sources).encode()).hexdigest()[:16]
     counts = {str(f): {n: sum(r["fold"] == f and has(r["label"], n) for r in rows) for n in names}
               for f in range(1, opt.folds + 1)}
     report = audit.shortcut_audit(kept, names, folds, opt.multi_label)
     crops = {n: {c: sum(has(it["label"], n) and it["crop"] == c for it in kept)
                  for c in ("thorax", "mask", "none")} for n in names}
     meta = dict(settings=settings_of(opt), demo=opt.demo, classes=names, multi_label=opt.multi_label, counts=counts,
-                prepared=len(rows), crops=crops, skipped=skipped, audit=report,
+                prepared=len(rows), fingerprint=fingerprint, patients=patients, crops=crops, skipped=skipped,
+                audit=report,
                 versions=dict(numpy=np.__version__, pydicom=pydicom.__version__, pillow=Image.__version__))
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     contact_sheet(out, rows, names)
@@ -498,8 +533,25 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
                          "rule for every film" if opt.crop == "thorax" else "none, the whole film"))
     for f, c in counts.items():
         print(f"  fold {f}: {sum(c.values()):4d} images  " + "  ".join(f"{n}: {v}" for n, v in c.items()))
+    if alone:
+        print(f"WARNING: {patients}", file=sys.stderr)
     print(audit.describe(report))
     return 0
+
+
+def check_folds(kept: list, folds: list, names: list, opt):
+    """Before anything is written: two classes or more, and every fold holding every class (a test fold
+    without one cannot be scored, and a run on it could never finish)."""
+    if len(names) < 2 and not opt.multi_label:
+        raise UserError(f"{opt.labels}: one class only ({names[0]!r}, {len(kept)} images); a classifier needs two "
+                        "or more")
+    lacking = [(f, n) for f in range(1, opt.folds + 1) for n in names
+               if not any(fold == f and has(it["label"], n) for it, fold in zip(kept, folds))]
+    if lacking:
+        patients = {n: len({it["patient"] for it in kept if has(it["label"], n)}) for n in names}
+        said = ", ".join(f"fold {f} has no {n!r}" for f, n in lacking[:3])
+        raise UserError(f"{said} (patients per class: {patients}): pass fewer --folds (at most the patients of "
+                        "the rarest class), or add data")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -526,6 +578,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=int, default=224, help="output side in pixels")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
     ap.add_argument("--restart", action="store_true", help="empty --out and prepare everything again")
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip images with more pixels than this "
+                    "(a film is at most ~15 million; this bounds each worker's memory)")
     ap.add_argument("--key-file", default="~/.config/pneumollm/pseudonym.key",
                     help="secret for pseudonyms; keep it out of the data folder")
     ap.add_argument("--mapping", help="where to write the pseudonym -> source file CSV (default: beside the key)")

@@ -46,7 +46,7 @@ import metrics as M
 import pneumollm as P
 import prepare
 import train
-from folders import Data, UserError, make_folds
+from folders import Data, Interrupted, UserError, make_folds
 
 transformers = pytest.importorskip("transformers")
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -252,7 +252,8 @@ def manifest(out):
 
 
 def skipped_files(out):  # meta.json names skipped images by pseudonym; the mapping beside the key names their files
-    sources = {r["image"]: os.path.basename(r["source"]) for r in _csv.DictReader(open(out.parent / "out.mapping.csv"))}
+    mapping, = out.parent.glob("out-*.mapping.csv")
+    sources = {r["image"]: os.path.basename(r["source"]) for r in _csv.DictReader(open(mapping))}
     return {sources[k]: v for k, v in json.loads((out / "meta.json").read_text())["skipped"].items()}
 
 
@@ -847,7 +848,7 @@ def test_refusals_are_one_line_and_never_suggest_turning_the_safety_off(tmp_path
 @needs_data
 def test_every_real_dicom_is_prepared_or_skipped_with_its_reason(tmp_path):
     files = sorted(os.listdir(DICOM))
-    rc, out = run_prepare(tmp_path, DICOM, [(f, "1") for f in files])
+    rc, out = run_prepare(tmp_path, DICOM, [(f, "01"[i % 2]) for i, f in enumerate(files)], "--folds", "1")
     meta = json.loads((out / "meta.json").read_text())
     skipped = skipped_files(out)
     lossless = {"fodicom_GH133_mg_voilutseq.dcm", "fodicom_CR-ModalitySequenceLUT_dental.dcm"}
@@ -896,15 +897,18 @@ def test_planted_identifiers_leave_no_trace(tmp_path, capsys):
     name = "Zyxwquv_ACC555777_1.2.840.99887766.dcm"  # file names often hold names, accession numbers, UIDs
     ds.save_as(tmp_path / "in" / name)
     (tmp_path / "in/junk.dcm").write_bytes(b"not a dicom")  # a skipped file is named in meta.json too
-    rc, out = run_prepare(tmp_path, tmp_path / "in", [(name, "pneumoconiosis"), ("junk.dcm", "normal")])
+    shutil.copy(os.path.join(DICOM, "barre_CR-MONO1-10-chest.dcm"), tmp_path / "in/other.dcm")
+    rows = [(name, "pneumoconiosis"), ("junk.dcm", "normal"), ("other.dcm", "normal")]
+    rc, out = run_prepare(tmp_path, tmp_path / "in", rows, "--folds", "1")
     logs = capsys.readouterr()
-    assert rc == 0
-    blobs = [logs.out.encode(), logs.err.encode()] + [p.read_bytes() for p in out.rglob("*") if p.is_file()]
-    blobs += [str(p).encode() for p in out.rglob("*")]
+    assert rc == 0 and "skip junk.dcm: not a DICOM file" in logs.err  # the terminal names a skipped file for its user
+    files = [p.read_bytes() for p in out.rglob("*") if p.is_file()] + [str(p).encode() for p in out.rglob("*")]
     for v in [*planted.values(), "junk", "99887766", str(tmp_path / "in")]:
         for token in {v, v.replace("^", " "), "Zyxwquv", "98765"}:
-            assert not any(token.encode() in b for b in blobs), token
-    assert name in (tmp_path / "out.mapping.csv").read_text()  # traceable, from outside the data folder
+            assert not any(token.encode() in b for b in files), token  # the data folder: never
+            assert token == "junk" or token.encode() not in (logs.out + logs.err).encode(), token
+    mapping, = tmp_path.glob("out-*.mapping.csv")  # beside the key, named after the data folder's full path
+    assert name in mapping.read_text()  # traceable, from outside the data folder
     with pytest.raises(UserError, match="inside the data folder"):
         run_prepare(tmp_path, tmp_path / "in", [(name, "pneumoconiosis")], "--mapping", str(out / "map.csv"))
 
@@ -936,15 +940,15 @@ def test_corrupt_and_truncated_files_are_skipped_and_the_rest_prepared(tmp_path)
     Image.fromarray(np.zeros((1, 1), np.uint8)).save(src / "dot.png")
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     bad = ["truncated.dcm", "notdicom.dcm", "dot.png", "broken.png"]
-    rc, out = run_prepare(tmp_path, src, [(f, "0" if i % 2 else "1") for i, f in enumerate(good + bad)])
+    rc, out = run_prepare(tmp_path, src, [(f, "0" if i % 2 else "1") for i, f in enumerate(good + bad)], "--folds", "1")
     skipped = skipped_files(out)
     assert rc == 0 and set(skipped) == set(bad) and len(manifest(out)) == 2
     assert "too small" in skipped["dot.png"]
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
-    rc2, _ = run_prepare(tmp_path, src, [(f, "0" if i % 2 else "1") for i, f in enumerate(good + bad)])
+    rc2, _ = run_prepare(tmp_path, src, [(f, "0" if i % 2 else "1") for i, f in enumerate(good + bad)], "--folds", "1")
     assert rc2 == 0 and {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes  # not redone
-    rc3, _ = run_prepare(tmp_path, src, [(f, "1") for f in bad])
-    assert rc3 == 1  # nothing prepared: non-zero exit
+    with pytest.raises(UserError, match=r"nothing was prepared \(4 skipped"):
+        run_prepare(tmp_path, src, [(f, "01"[i % 2]) for i, f in enumerate(bad)], "--folds", "1")
 
 
 def test_sixteen_bit_png_is_windowed_not_clipped(tmp_path):
@@ -977,7 +981,8 @@ def test_nih_folds_are_patient_disjoint_and_balanced():
 def test_nih_subset_prepares_with_the_patient_column(tmp_path):
     src = os.path.join(SHARED, "nih_cxr_pneumonia")
     with open(os.path.join(src, "labels.csv"), newline="") as f:
-        rows = list(_csv.DictReader(f))[:30]
+        every = list(_csv.DictReader(f))
+    rows = [r for r in every if r["label"] == "0"][:15] + [r for r in every if r["label"] == "1"][:15]
     rc, out = run_prepare(tmp_path, src, [(r["image"], r["label"], r["patient_id"]) for r in rows], "--folds", "3",
                           header=("image", "label", "patient_id"))
     m = manifest(out)
@@ -1103,22 +1108,23 @@ def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
     img = np.zeros((40, 60), np.uint8)
     img[10:30, 20:40] = np.arange(20, dtype=np.uint8)[None] * 12  # a gradient only inside the masked box
     Image.fromarray(img).save(src / "a.png")
+    Image.fromarray(img).save(src / "b.png")
     mask = np.zeros((40, 60), np.uint8)
     mask[10:30, 20:40] = 255
     (tmp_path / "masks").mkdir()
     Image.fromarray(mask).save(tmp_path / "masks/a.png")
-    rc, out = run_prepare(tmp_path, src, [("a.png", "1")], "--masks", str(tmp_path / "masks"), "--size", "20",
-                          "--folds", "1")
+    Image.fromarray(mask).save(tmp_path / "masks/b.png")
+    rows = [("a.png", "1"), ("b.png", "0")]
+    rc, out = run_prepare(tmp_path, src, rows, "--masks", str(tmp_path / "masks"), "--size", "20", "--folds", "1")
     crop = np.asarray(Image.open(out / manifest(out)[0]["image"]))
     assert rc == 0 and crop.shape == (20, 20) and crop[:, 0].mean() < crop[:, -1].mean()  # the gradient fills the crop
     flat = np.flatnonzero(mask.ravel())  # CheXmask RLE: 1-based starts, row by row
     runs = " ".join(f"{s + 1} 20" for s in flat[::20])
     assert np.array_equal(lungcrop.rle_mask(runs, 40, 60), mask > 0)
-    write_labels(tmp_path / "chexmask.csv", [("a.png", runs, "", 40, 60)], ("ImageID", "Left Lung", "Right Lung",
-                                                                            "Height", "Width"))
+    write_labels(tmp_path / "chexmask.csv", [(n, runs, "", 40, 60) for n in ("a.png", "b.png")],
+                 ("ImageID", "Left Lung", "Right Lung", "Height", "Width"))
     shutil.rmtree(out)
-    rc, out = run_prepare(tmp_path, src, [("a.png", "1")], "--masks", str(tmp_path / "chexmask.csv"), "--size", "20",
-                          "--folds", "1")
+    rc, out = run_prepare(tmp_path, src, rows, "--masks", str(tmp_path / "chexmask.csv"), "--size", "20", "--folds", "1")
     assert rc == 0 and np.array_equal(np.asarray(Image.open(out / manifest(out)[0]["image"])), crop)
 
 
@@ -1186,8 +1192,7 @@ def test_labels_never_go_silently_wrong(tmp_path):
         run_prepare(tmp_path, src, [("im0.png", "normal"), ("im1.png", "sick"), ("im2.png", "sikc")], "--classes",
                     "normal,sick")
     rc, out = run_prepare(tmp_path, src, [("im0.png", "sick"), ("im1.png", "normal")], "--classes", "sick,normal",
-                          "--crop", "none",
-                          "--folds", "2")
+                          "--crop", "none", "--folds", "1")
     assert rc == 0 and json.loads((out / "meta.json").read_text())["classes"] == ["sick", "normal"]
     (tmp_path / "b").mkdir()
     shutil.copy(src / "im0.png", tmp_path / "b/im0.png")
@@ -1202,7 +1207,7 @@ def test_excel_csvs_with_a_bom_or_semicolons_are_read(tmp_path):
         (tmp_path / "labels.csv").write_text(text, encoding="utf-8")
         rc = prepare.main(["--images", str(src), "--labels", str(tmp_path / "labels.csv"), "--out",
                            str(tmp_path / "out"),
-                           "--key-file", str(tmp_path / "key"), "--workers", "1", "--crop", "none", "--folds", "2",
+                           "--key-file", str(tmp_path / "key"), "--workers", "1", "--crop", "none", "--folds", "1",
                            "--image-col", "image", "--restart"])
         assert rc == 0 and [r["label"] for r in manifest(tmp_path / "out")] == ["a", "b"]
 
@@ -1220,7 +1225,7 @@ def test_a_data_folder_is_consistent_or_refused(tmp_path):
     rc, out = run_prepare(tmp_path, src, rows, "--folds", "2")  # the same settings: images reused, records read back
     assert rc == 0 and json.loads((out / "meta.json").read_text())["crops"] == first["crops"]
     (out / ".lock").write_text(str(os.getppid()))  # a live process holds the folder
-    with pytest.raises(UserError, match=r"out is being prepared by another prepare\.py \(process \d+\)"):
+    with pytest.raises(UserError, match=r"out is in use by another prepare\.py \(process \d+\)"):
         run_prepare(tmp_path, src, rows, "--folds", "2")
     (out / ".lock").write_text("999999999")  # a dead one does not
     assert run_prepare(tmp_path, src, rows, "--folds", "2")[0] == 0 and not (out / ".lock").exists()
@@ -1387,7 +1392,7 @@ def test_kill_and_resume_equals_uninterrupted(demo_data, tmp_path, monkeypatch, 
             raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(train.Training, "save", killed_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="after epoch 2 of 3, which is saved; run the same command to resume"):
         train.main(train_args(demo_data, tmp_path / "resumed", *args))
     monkeypatch.setattr(train.Training, "save", real_save)
     capsys.readouterr()
@@ -1418,6 +1423,34 @@ def test_a_resume_point_written_on_a_gpu_is_read_on_a_cpu(demo_data, tmp_path, m
     train.main(args)
     assert "resuming the interrupted run after epoch 1 of 1" in capsys.readouterr().out
     assert C.finished(tmp_path / "run")
+
+
+def test_a_finished_gpu_run_is_read_and_kept_on_a_cpu_in_its_stored_dtype(demo_data, tmp_path, monkeypatch, capsys):
+    """A GPU run's config says cuda and fp16 (its default there): on a CPU its command again says the run is
+    finished (an unfinished one with another dtype is refused), and scoring computes in the frozen weights'
+    stored dtype instead of recasting them on every call under autocast."""
+    out = tmp_path / "run"
+    train.main(train_args(demo_data, out, "--epochs", "1"))
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, device="cuda:3", dtype="fp16")))
+    capsys.readouterr()
+    train.main(train_args(demo_data, out, "--epochs", "1"))
+    assert "this run is finished" in capsys.readouterr().out
+    model, loaded = C.load_run(out, keep_checkpoint_dtype=True)
+    assert loaded["device"] == "cpu" and loaded["dtype"] == C.stored_dtype(model) == "fp32"
+    (out / "predictions.csv").unlink()  # unfinished now: resuming in another dtype would change the run
+    with pytest.raises(UserError, match=r"other settings \(dtype 'fp16' there, 'fp32' now\)"):
+        train.main(train_args(demo_data, out, "--epochs", "1"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [C.available(d) for d in ("cuda:3", "cuda:0", "cuda", "cpu")] == ["cuda", "cuda:0", "cuda", "cpu"]
+
+
+def test_several_processes_with_cuda_graphs_are_refused(demo_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="reduce-overhead .* with several processes is untested"):
+        train.main(train_args(demo_data, tmp_path / "run", "--compile", "reduce-overhead"))
+    assert not (tmp_path / "run/state.pt").exists()
 
 
 def test_a_run_folder_resumes_refuses_or_keeps_but_never_overwrites(demo_data, tmp_path, capsys):
@@ -1620,7 +1653,7 @@ def test_unfinished_runs_are_not_evaluated_and_the_table_names_missing_folds(dem
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train.Training, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         train.main(train_args(demo_data, tmp_path / "fold2", "--epochs", "3", "--fold", "2"))
     with pytest.raises(UserError, match=r"fold2: training stopped at epoch 1 of 3; run the same train\.py command"):
         ev.main(["--runs", str(tmp_path), "--fold", "2"])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import common as C
 import metrics as M
 import pneumollm as P
-from folders import Data, Help, UserError, cli, replacing, write_atomic
+from folders import Data, Help, Interrupted, UserError, cli, locked, replacing, write_atomic
 
 RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
 RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors", "state.pt", "metrics.json",
@@ -112,7 +112,12 @@ def claim(out: Path, cfg: dict) -> str:
     if cfg["restart"] or not (out / "config.json").exists():
         return "new"
     old = json.loads((out / "config.json").read_text())
-    diff = [k for k in sorted(set(old) | set(cfg)) if k not in RUNTIME and old.get(k) != cfg.get(k)]
+    # a finished run is the same run on another machine: its dtype followed the device it trained on
+    ignored = RUNTIME + (("dtype",) if C.finished(out) else ())
+    diff = [k for k in sorted(set(old) | set(cfg)) if k not in ignored and old.get(k) != cfg.get(k)]
+    if "data_fingerprint" in diff:
+        raise UserError(f"{cfg['data']} changed since the run in {out} started on it (prepared again: other images, "
+                        "labels or folds): pass another --out, or --restart to discard the run")
     if diff:
         said = "; ".join(f"{k} {old.get(k)!r} there, {cfg.get(k)!r} now" for k in diff[:4])
         raise UserError(f"{out} holds a run with other settings ({said}): pass another --out, "
@@ -159,6 +164,9 @@ class Ranks:
             if cfg["device"].startswith("cuda"):
                 cfg["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
                 torch.cuda.set_device(cfg["device"])
+            if cfg["compile"] == "reduce-overhead":
+                raise UserError("--compile reduce-overhead (CUDA graphs) with several processes is untested: use "
+                                "--compile default with torchrun, or one process")
             dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
             self.rank = dist.get_rank()
         self.lead = self.rank == 0
@@ -167,7 +175,11 @@ class Ranks:
         if self.world == 1:
             return model
         ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # the frozen weights (13 GB at the real size) are the same file in every process: not broadcast
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        DDP = torch.nn.parallel.DistributedDataParallel
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen + [n for n, _ in model.named_buffers()])
+        return DDP(model, device_ids=ids)
 
     def gather(self, losses, bad):  # the epoch's figures over every process
         if self.world > 1:
@@ -349,7 +361,8 @@ def setup(argv) -> tuple:
     data = Data(cfg["data"])
     settings = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
     cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"], masks=settings["masks"],
-               size=int(settings["size"]), synthetic=bool(data.meta.get("demo")))
+               size=int(settings["size"]), synthetic=bool(data.meta.get("demo")),
+               data_fingerprint=data.meta.get("fingerprint"))
     if cfg["question"]:
         tokenize_question(cfg)
     split = data.run_split(cfg)
@@ -369,7 +382,16 @@ def main(argv=None):
         return json.loads((out / "metrics.json").read_text())["metrics"]
     ranks = Ranks(cfg)
     model = C.build(cfg)  # fails early, with the download message, if checkpoints are missing
-    tr = Training(model, cfg)
+    if not ranks.lead:
+        return run(model, cfg, data, split, verdict, ranks)
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out, "train.py"):  # a second command on a live run is refused
+        return run(model, cfg, data, split, claim(out, cfg), ranks)
+
+
+def run(model: P.PneumoLLM, cfg: dict, data: Data, split: dict, verdict: str, ranks: Ranks):
+    """Start or resume the run, train to the last epoch, then the one look at the test fold."""
+    out, tr = Path(cfg["out"]), Training(model, cfg)
     if ranks.lead and verdict == "new":
         start_folder(out, cfg)
     if verdict == "resume":
@@ -377,7 +399,7 @@ def main(argv=None):
         print(f"{out}: resuming the interrupted run after epoch {tr.epoch} of {cfg['epochs']}")
     if ranks.lead:  # drop what a killed run logged past its resume point
         lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
-        (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= tr.epoch))
+        write_atomic(out / "log.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= tr.epoch))
     device = tr.device
     x = torch.from_numpy(data.images(split["train"])).to(device)  # every image on the device, once
     y = torch.from_numpy(data.labels(split["train"])).to(device)
@@ -389,15 +411,20 @@ def main(argv=None):
     print(f"fold {cfg['fold']}: {len(x)} train, {len(val_x)} validation images (epoch chosen on: {cfg['select']})"
           + (f"; {ranks.world} processes share each batch of {cfg['batch_size']}" if ranks.world > 1 else ""))
     t0, start = time.time(), tr.epoch
-    while tr.epoch < cfg["epochs"]:
-        rec = train_epoch(tr, fwd, x, y, ranks)
-        if not ranks.lead:  # the others go straight on; the next gradient all-reduce waits for the lead
-            continue
-        validate_and_save(tr, rec, val_x, val_y, out)
-        el, done = time.time() - t0, tr.epoch - start
-        val = f"  val AUC {rec['val']['auc']:.3f} AVG {100 * rec['val']['avg']:.2f}" if "val" in rec else ""
-        print(f"epoch {tr.epoch:3d}/{cfg['epochs']}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}{val}  "
-              f"{done * len(x) / el:.1f} img/s  ETA {(cfg['epochs'] - tr.epoch) * el / done:.0f}s")
+    try:
+        while tr.epoch < cfg["epochs"]:
+            rec = train_epoch(tr, fwd, x, y, ranks)
+            if not ranks.lead:  # the others go straight on; the next gradient all-reduce waits for the lead
+                continue
+            validate_and_save(tr, rec, val_x, val_y, out)
+            el, done = time.time() - t0, tr.epoch - start
+            val = f"  val AUC {rec['val']['auc']:.3f} AVG {100 * rec['val']['avg']:.2f}" if "val" in rec else ""
+            print(f"epoch {tr.epoch:3d}/{cfg['epochs']}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}{val}  "
+                  f"{done * len(x) / el:.1f} img/s  ETA {(cfg['epochs'] - tr.epoch) * el / done:.0f}s")
+    except KeyboardInterrupt:
+        done = C.read_state(out)["epoch"] if (out / "state.pt").exists() else 0
+        raise Interrupted(f"after epoch {done} of {cfg['epochs']}, which is saved; run the same command to "
+                          "resume") from None
     ranks.close()
     if not ranks.lead:
         return None
