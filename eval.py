@@ -298,7 +298,8 @@ def eval_fold(runs: Path, fold: int, opt) -> dict:
         fpr, tpr, _ = roc_curve(yb, score)
         plots.draw_roc(run / "roc.png", [(f"AUC {out['paper']['metrics']['auc']:.3f}", fpr, tpr)],
                        f"fold {fold}: ROC of P({name}), 95 % band over patients",
-                       roc_band(yb, score, draws), (1 - r["specificity"], r["sensitivity"], f"operating point {cut:.2f}"))
+                       roc_band(yb, score, draws),
+                       (1 - r["specificity"], r["sensitivity"], f"operating point {cut:.2f}"))
         plots.draw_reliability(run / "reliability.png", score, yb, f"fold {fold}: reliability of P({name})")
     written = [n for n in ("eval.json", "operating_point.json", "roc.png", "reliability.png") if (run / n).exists()]
     print(f"wrote {', '.join(written)} in {run}")

@@ -16,6 +16,7 @@ import importlib.util
 import io
 import json
 import math
+import multiprocessing.pool
 import os
 import pickle
 import re
@@ -1124,7 +1125,8 @@ def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
     write_labels(tmp_path / "chexmask.csv", [(n, runs, "", 40, 60) for n in ("a.png", "b.png")],
                  ("ImageID", "Left Lung", "Right Lung", "Height", "Width"))
     shutil.rmtree(out)
-    rc, out = run_prepare(tmp_path, src, rows, "--masks", str(tmp_path / "chexmask.csv"), "--size", "20", "--folds", "1")
+    rc, out = run_prepare(tmp_path, src, rows, "--masks", str(tmp_path / "chexmask.csv"), "--size", "20",
+                          "--folds", "1")
     assert rc == 0 and np.array_equal(np.asarray(Image.open(out / manifest(out)[0]["image"])), crop)
 
 
@@ -1231,6 +1233,79 @@ def test_a_data_folder_is_consistent_or_refused(tmp_path):
     assert run_prepare(tmp_path, src, rows, "--folds", "2")[0] == 0 and not (out / ".lock").exists()
     rc, out = run_prepare(tmp_path, src, rows, "--folds", "2", "--crop", "none", "--size", "128", "--restart")
     assert rc == 0 and Image.open(out / manifest(out)[0]["image"]).size == (128, 128)
+
+
+def test_data_folders_know_their_sources_and_settings(tmp_path, capsys):
+    """Another file under the same name is prepared again; two folders of one name keep their own mappings;
+    another --seed or --folds is refused; a run trained on a folder refuses it once it was prepared again."""
+    src = pngs(tmp_path / "in", 8, lambda i: 30 * i)
+    rows = [(f"im{i}.png", "ab"[i % 2]) for i in range(8)]
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2")
+    before = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(src / "im3.png")  # other pixels, the same name
+    capsys.readouterr()
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2")
+    said = capsys.readouterr().out
+    assert rc == 0 and "7 finished before, 1 whose source file changed since (prepared again)" in said
+    after = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+    assert sum(before[n] != after[n] for n in before) == 1
+    with pytest.raises(UserError, match=r"other settings \(seed 20 there, 7 now\)"):
+        run_prepare(tmp_path, src, rows, "--folds", "2", "--seed", "7")
+    with pytest.raises(UserError, match=r"other settings \(folds 2 there, 3 now\)"):
+        run_prepare(tmp_path, src, rows, "--folds", "3")
+    train.main(train_args(out, tmp_path / "fold1", "--epochs", "1", "--val-frac", "0", "--batch-size", "2"))
+    run_prepare(tmp_path, src, rows, "--folds", "2", "--seed", "7", "--restart")  # other folds, same folder
+    with pytest.raises(UserError, match=r"out changed since .*fold1 was trained on it"):
+        ev.main(["--runs", str(tmp_path), "--fold", "1", "--calibrate"])
+    for place in ("p1", "p2"):
+        prepare.main(["--images", str(src), "--labels", str(tmp_path / "labels.csv"), "--out",
+                      str(tmp_path / place / "mine"), "--key-file", str(tmp_path / "key"), "--folds", "2"])
+    assert len(list(tmp_path.glob("mine-*.mapping.csv"))) == 2  # one per folder, though both are called mine
+
+
+def test_prepare_refuses_what_could_never_train_and_says_what_it_risks(tmp_path, capsys):
+    src = pngs(tmp_path / "in", 6, lambda i: 30 * i)
+    (tmp_path / "labels.csv").write_text("image,label\n")
+    with pytest.raises(UserError, match="a header and no rows"):
+        prepare.main(["--images", str(src), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # nothing left behind
+    with pytest.raises(UserError, match=r"one class only \('a', 6 images\)"):
+        run_prepare(tmp_path, src, [(f"im{i}.png", "a") for i in range(6)], "--folds", "1")
+    rows = [(f"im{i}.png", "a" if i < 5 else "b") for i in range(6)]
+    with pytest.raises(UserError, match=r"fold \d has no 'b' .*patients per class: \{'a': 5, 'b': 1\}.*fewer --folds"):
+        run_prepare(tmp_path, src, rows, "--folds", "2")
+    assert not (tmp_path / "out/meta.json").exists()  # no folder a run could be started on
+    capsys.readouterr()
+    rc, out = run_prepare(tmp_path, src, [(f"im{i}.png", "ab"[i % 2]) for i in range(6)], "--folds", "1")
+    err = capsys.readouterr().err
+    assert rc == 0 and "WARNING: 6 of 6 images have no patient" in err and "optimistic" in err
+    assert json.loads((out / "meta.json").read_text())["patients"].startswith("6 of 6 images have no patient")
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(big / "large.png")
+    for i in range(2):
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(big / f"s{i}.png")
+    rc, out = run_prepare(tmp_path, big, [("large.png", "a"), ("s0.png", "a"), ("s1.png", "b")], "--folds", "1",
+                          "--max-pixels", "10000", "--restart")
+    assert rc == 0 and "300x300 pixels, more than --max-pixels 10000" in skipped_files(out)["large.png"]
+    with pytest.raises(UserError, match="--key-file .*inside the data folder"):
+        run_prepare(tmp_path, big, [("s0.png", "a"), ("s1.png", "b")], "--key-file", str(out / "key"))
+    with pytest.raises(UserError, match=r"--mapping .*nope/map\.csv: its folder .*nope does not exist"):
+        run_prepare(tmp_path, big, [("s0.png", "a"), ("s1.png", "b")], "--mapping", str(tmp_path / "nope/map.csv"))
+
+
+def test_a_stopped_preparation_says_how_much_is_kept(tmp_path, monkeypatch):
+    src = pngs(tmp_path / "in", 6, lambda i: 30 * i)
+    real = multiprocessing.pool.Pool.imap_unordered
+
+    def stopped_after_two(self, *args, **kw):
+        for i, result in enumerate(real(self, *args, **kw)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield result
+    monkeypatch.setattr(multiprocessing.pool.Pool, "imap_unordered", stopped_after_two)
+    with pytest.raises(Interrupted, match="2 of 6 images prepared and kept; run the same command to prepare the rest"):
+        run_prepare(tmp_path, src, [(f"im{i}.png", "ab"[i % 2]) for i in range(6)], "--folds", "1")
 
 
 def test_a_stopped_preparation_resumes_and_loses_no_finished_image(tmp_path, capsys):
@@ -1451,6 +1526,43 @@ def test_several_processes_with_cuda_graphs_are_refused(demo_data, tmp_path, mon
     with pytest.raises(UserError, match="reduce-overhead .* with several processes is untested"):
         train.main(train_args(demo_data, tmp_path / "run", "--compile", "reduce-overhead"))
     assert not (tmp_path / "run/state.pt").exists()
+
+
+def test_a_kill_at_any_write_resumes_exactly(demo_data, tmp_path, monkeypatch):
+    """Every file a run writes is replaced whole: failing each replace in turn (a kill there), then running
+    the same command again, ends with the uninterrupted run's weights and figures."""
+    args = ("--epochs", "2", "--adapter-dropout", "0.1")
+    full = train.main(train_args(demo_data, tmp_path / "full", *args))
+    real, calls = os.replace, []
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(b) or real(a, b))
+    train.main(train_args(demo_data, tmp_path / "count", *args))
+    monkeypatch.undo()
+    for k in range(len(calls)):
+        run, seen = tmp_path / f"kill{k}", []
+
+        def killed_at_k(a, b):
+            seen.append(b)
+            if len(seen) == k + 1:
+                raise KeyboardInterrupt
+            real(a, b)
+        monkeypatch.setattr(os, "replace", killed_at_k)
+        with pytest.raises((Interrupted, KeyboardInterrupt)):
+            train.main(train_args(demo_data, run, *args))
+        monkeypatch.undo()
+        assert train.main(train_args(demo_data, run, *args)) == full, Path(calls[k]).name
+        w, ref = last_weights(run), last_weights(tmp_path / "full")
+        assert all(torch.equal(w[n], ref[n]) for n in ref), Path(calls[k]).name
+
+
+def test_a_second_command_on_a_live_run_is_refused(demo_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getppid()))  # a live process holds the run
+    with pytest.raises(UserError, match=r"run is in use by another train\.py \(process \d+\)"):
+        train.main(train_args(demo_data, out, "--epochs", "1"))
+    (out / ".lock").write_text("999999999")  # a dead one does not
+    train.main(train_args(demo_data, out, "--epochs", "1"))
+    assert C.finished(out) and not (out / ".lock").exists()
 
 
 def test_a_run_folder_resumes_refuses_or_keeps_but_never_overwrites(demo_data, tmp_path, capsys):
@@ -1898,7 +2010,23 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
     bare.mkdir()
     (bare / "manifest.csv").write_text("image,label,patient,fold\n")
     write_labels(tmp_path / "labels.csv", [("a.png", "x")])
+    (tmp_path / "header.csv").write_text("image,label\n")
+    run = tmp_path / "runs/fold1"
+    train.main(train_args(demo_data, run, "--epochs", "1"))
+    (run / "best.safetensors").write_bytes((run / "best.safetensors").read_bytes()[:100])  # truncated
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "config.json").write_text((run / "config.json").read_text().replace(str(run), str(stopped)))
+    (stopped / "state.pt").write_bytes((run / "state.pt").read_bytes()[:1000])
     cases = [
+        (["eval.py", "--runs", str(run.parent), "--fold", "1", "--explain", "0"], "--explain 0: give how many"),
+        (["eval.py", "--runs", str(run.parent), "--fold", "1", "--explain", "-3"], "--explain -3: give how many"),
+        (["eval.py", "--runs", str(run.parent), "--image", str(tmp_path / "labels.csv")],
+         "best.safetensors: not a readable safetensors file"),
+        (["train.py", "--data", str(demo_data), "--model", "tiny", "--batch-size", "16", "--epochs", "1", "--out",
+          str(stopped)], "state.pt: not a readable resume point"),
+        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "header.csv"), "--out",
+          str(tmp_path / "p")], "a header and no rows"),
         (["eval.py", "--runs", str(tmp_path / "none"), "--fold", "1"], "no run there"),
         (["eval.py", "--runs", str(tmp_path / "none"), "--image", "a.png"], "no run there"),
         (["train.py", "--data", str(bare), "--model", "tiny", "--out", str(tmp_path / "o")], "meta.json not found"),
