@@ -80,15 +80,23 @@ def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
     device, dtype = torch.device(cfg["device"]), None if as_stored else P.DTYPES[cfg["dtype"]]
     torch.manual_seed(cfg["seed"])
     kw = dict(pneumo_fields(cfg), n_classes=len(cfg["classes"]))
-    if cfg["model"] == "tiny":
-        model = P.PneumoLLM(P.tiny_args(vocab_size=cfg.get("vocab_size", -1), **kw)).to(device)
-        return cast_frozen(model, dtype) if dtype else model
+    try:  # flags are checked again against the real shapes (e.g. --cls-blocks beyond the ViT's blocks)
+        if cfg["model"] == "tiny":
+            model = P.PneumoLLM(P.tiny_args(vocab_size=cfg.get("vocab_size", -1), **kw)).to(device)
+            return cast_frozen(model, dtype) if dtype else model
+    except ValueError as e:
+        raise UserError(f"{e} (check the ablation flags)") from None
     for path, needed in ((cfg["clip"], kw["encoder"] == "clip"), (cfg["llama"], kw["llm"])):
         if needed and not Path(path).exists():
             raise UserError(f"{path} not found: PneumoLLM needs OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as "
                             "Meta or Hugging Face ship it (--llama); README 'The real model' says what to put "
                             "where; --model tiny runs without them")
-    return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype, **kw)
+    try:
+        return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype, **kw)
+    except P.CheckpointError:
+        raise
+    except ValueError as e:  # PneumoArgs against the checkpoints' shapes
+        raise UserError(f"{e} (check the ablation flags)") from None
 
 
 def cast_frozen(model: P.PneumoLLM, dtype) -> P.PneumoLLM:  # from_pretrained's dtype policy for a random model

@@ -547,6 +547,9 @@ def main(argv=None):
     opt = parser().parse_args(argv)
     if opt.sensitivity is not None and not 0 < opt.sensitivity <= 1:
         raise UserError(f"--sensitivity {opt.sensitivity}: give a fraction in (0, 1], e.g. 0.9")
+    if opt.all and (opt.explain is not None or opt.probe or opt.image):
+        raise UserError("--all prints the table of the finished folds; --explain, --probe and --image go with "
+                        "--fold N")
     if opt.explain is not None and opt.explain < 1:
         raise UserError(f"--explain {opt.explain}: give how many test images to explain, 1 or more")
     runs = Path(opt.runs)

@@ -471,6 +471,24 @@ def test_impossible_ablations_fail_with_a_message(capsys):
     assert "give 1-based block numbers" in capsys.readouterr().err
 
 
+def test_contradictory_flags_are_refused_and_no_op_flags_leave_no_trace(demo_data, tmp_path):
+    for flags, msg in [(["--authors-code", "--norm", "clip"], r"cannot go with --norm clip"),
+                       (["--authors-code", "--select", "val"], r"cannot go with --select val"),
+                       (["--authors-code", "--train-engine"], r"cannot go with --train-engine True"),
+                       (["--val-frac", "0", "--select", "val"], r"--val-frac 0 leaves empty")]:
+        with pytest.raises(UserError, match=msg):
+            train.parse(flags)
+    assert train.parse(["--authors-code", "--norm", "imagenet"])["select"] == "test"  # agreeing is fine
+    assert train.parse(["--val-frac", "0"])["select"] == "last"
+    one, other = train.parse(["--engine", "none"]), train.parse(["--engine", "none", "--no-emitter", "--n-diag", "8"])
+    assert one == other and not one["emitter"]  # one model, one config
+    with pytest.raises(UserError, match=r"CLS blocks \[8\] must lie in 1\.\.4 .*check the ablation flags"):
+        train.main(train_args(demo_data, tmp_path / "run", "--cls-blocks", "8"))  # the tiny ViT has 4 blocks
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="--explain, --probe and --image go with --fold N"):
+        ev.main(["--runs", str(tmp_path), "--all", "--explain", "4"])
+
+
 def tokens_into_llama(model, img):
     seen = {}
     model.llama.register_forward_pre_hook(lambda m, args: seen.update(h=args[0], mask=args[1]))

@@ -62,8 +62,9 @@ def parser() -> argparse.ArgumentParser:
                    help="frozen weights and autocast (default: fp16 on GPU, fp32 on CPU)")
     r.add_argument("--norm", choices=["clip", "imagenet"], default="clip", help="imagenet = the authors' code")
     r.add_argument("--val-frac", type=float, default=0.1, help="training patients held out to choose the epoch")
-    r.add_argument("--select", choices=["val", "last"], default="val",
-                   help="the epoch kept: the best on validation, or the last")
+    r.add_argument("--select", choices=["val", "last", "test"], default="val",
+                   help="the epoch kept: the best on validation, the last, or the best ON THE TEST FOLD (the authors' "
+                   "code; its test figures are optimistic)")
     C.runtime_flags(ap)
     ap.add_argument("--checkpoint-vit", action="store_true",
                     help="recompute ViT activations in the backward: less memory, ~25%% slower")
@@ -77,19 +78,33 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv=None) -> dict:
-    """The run's settings, under the flags' names; impossible combinations are refused here."""
+    """The run's settings, under the flags' names: contradictions refused, no-op flags normalised (one
+    model, one config.json)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = vars(parser().parse_args(argv))
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
     cfg["dtype"] = cfg["dtype"] or ("fp32" if cfg["device"] == "cpu" else "fp16")
     cfg["out"] = cfg["out"] or f"out/{Path(cfg['data']).name}/fold{cfg['fold']}"
     if cfg["authors_code"]:
-        cfg.update(norm="imagenet", select="test", train_engine=False)
-    elif cfg["val_frac"] == 0:
+        authors = dict(norm="imagenet", select="test", train_engine=False)
+        clash = [f"--{k.replace('_', '-')} {cfg[k]}" for k in authors
+                 if {f"--{k.replace('_', '-')}", f"--no-{k.replace('_', '-')}"} & given and cfg[k] != authors[k]]
+        if clash:
+            raise UserError(f"--authors-code sets --norm imagenet, --select test and --no-train-engine; it cannot go "
+                            f"with {', '.join(clash)}")
+        cfg.update(authors)
+    if cfg["val_frac"] == 0 and cfg["select"] == "val":
+        if "--select" in given:
+            raise UserError("--select val chooses the epoch on the validation split, which --val-frac 0 leaves empty: "
+                            "pass --select last, or a --val-frac above 0")
         cfg["select"] = "last"
     if cfg["question"] and not cfg["llm"]:
         raise UserError("--question feeds the LLM, so it cannot go with --no-llm")
+    if cfg["engine"] == "none":  # no diagnosis tokens: nothing to mask, count or train
+        cfg.update(emitter=False, n_diag=0, train_engine=True)
     try:
         P.PneumoArgs(**C.pneumo_fields(dict(cfg, question_ids=[])))
-    except ValueError as e:  # e.g. --cls-blocks outside the ViT, --n-diag 0
+    except ValueError as e:  # e.g. --n-diag 0
         raise UserError(f"{e} (check the ablation flags)") from None
     return cfg
 
