@@ -11,6 +11,7 @@ real DICOMs and real radiographs (../shared/data, or $PNEUMOLLM_SHARED_DATA). Se
   7. command lines: one-line errors with exit 2, help
 """
 import argparse
+import collections
 import csv as _csv
 import importlib.util
 import io
@@ -24,6 +25,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -845,6 +848,107 @@ def test_torchscript_that_runs_code_is_never_run(tmp_path, llama_files):
     with pytest.raises(RuntimeError):  # what the loader avoids: torch.jit.load runs __setstate__
         torch.jit.load(str(tmp_path / "ViT-L-14.pt"))
     assert (tmp_path / "written").exists()
+
+
+class Record:  # a reference to a data/ record, in a crafted archive's data.pkl
+    def __init__(self, key, numel, storage=torch.HalfStorage):
+        self.key, self.numel, self.storage = key, numel, storage
+
+
+class View:  # a tensor as TorchScript pickles it: torch._utils._rebuild_tensor_v2(storage, offset, size, stride)
+    def __init__(self, record, size, stride, offset=0):
+        self.args = (record, offset, tuple(size), tuple(stride), False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+class Node:  # a module of the archive's own code, at the top level of __torch__ (not __torch__.something)
+    def __init__(self, **state):
+        self.__dict__.update(state)
+
+
+Node.__module__ = "__torch__"
+
+
+def crafted_archive(path, obj, records=None, compress=False, data_pkl=True):
+    """A TorchScript-shaped zip (archive/constants.pkl, archive/data.pkl, archive/data/<key>) whose data.pkl
+    pickles `obj`, Records becoming storage references as TorchScript writes them."""
+    class Writer(pickle.Pickler):
+        def persistent_id(self, o):
+            return ("storage", o.storage, o.key, "cpu", o.numel) if isinstance(o, Record) else None
+    buf = io.BytesIO()
+    Writer(buf, protocol=2).dump(obj)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/constants.pkl", pickle.dumps(()))
+        if data_pkl:
+            z.writestr("archive/data.pkl", buf.getvalue())
+        for key, data in (records or {}).items():
+            z.writestr(f"archive/data/{key}", data, zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
+    return path
+
+
+def hostile_archives(d) -> dict:  # {file: what its refusal must say}; None: read, and must stay small
+    mib40 = Record("0", 20 * 2**20)
+    return {
+        crafted_archive(d / "system.pt", {"x": os.system}): r"holds code-bearing objects \(posix\.system\)",
+        crafted_archive(d / "eval.pt", {"x": eval}): r"holds code-bearing objects \(__builtin__\.eval\)",
+        crafted_archive(d / "load.pt", {"x": torch.load}): r"code-bearing objects \(torch\.serialization\.load\)",
+        crafted_archive(d / "bomb.pt", Node(w=View(Record("0", 2**28), [2**28], [1])), {"0": bytes(2**29)},
+                        compress=True): r"record 0 is compressed",
+        crafted_archive(d / "stride0.pt", Node(w=View(Record("0", 4), [4194304, 4], [0, 1])), {"0": bytes(8)}):
+            r"a stride of 0",
+        crafted_archive(d / "past.pt", Node(w=View(Record("0", 4), [8], [1])), {"0": bytes(8)}): r"past the end",
+        crafted_archive(d / "nopkl.pt", {}, data_pkl=False): r"without data\.pkl",
+        crafted_archive(d / "cycle.pt", cyclic()): r"nested more than 64 deep",
+        crafted_archive(d / "repeated.pt", Node(**{f"w{i}": View(mib40, [20 * 2**20], [1]) for i in range(25)}),
+                        {"0": bytes(40 * 2**20)}): None,
+    }
+
+
+def cyclic():
+    node = Node()
+    node.child = node
+    return node
+
+
+def test_hostile_torchscript_archives_are_refused_in_one_line_with_bounded_memory(tmp_path, monkeypatch):
+    """Each read in a fresh process: refused in one line naming the file, or (25 references to one 40 MiB
+    record) read as views of one memory-mapped record; the peak RSS of all of them stays under 1.5 GiB
+    (the 512 MiB bomb is 0.5 MiB on disk)."""
+    torch_module = types.ModuleType("__torch__")
+    torch_module.Node = Node
+    monkeypatch.setitem(sys.modules, "__torch__", torch_module)
+    cases = hostile_archives(tmp_path)
+    script = ("import resource, sys, pneumollm as P\n"
+              "for f in sys.argv[1:]:\n"
+              "    try:\n"
+              "        t = P.read_torchscript(P.Path(f))\n"
+              "        print('read', len(t), len({v.untyped_storage().data_ptr() for v in t.values()}))\n"
+              "    except P.CheckpointError as e:\n"
+              "        print('refused', e)\n"
+              "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    r = run_script("-c", script, *map(str, cases))
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == len(cases) + 1, r.stderr[-2000:]
+    for (path, expected), line in zip(cases.items(), lines):
+        if expected is None:
+            assert line == "read 25 1", (path.name, line)  # 25 tensors, one storage
+        else:
+            assert line.startswith(f"refused {path}: ") and line.endswith("; not loaded"), line
+            assert re.search(expected, line), (path.name, line)
+    assert int(lines[-1].split()[1]) < 1.5 * 2**20, lines[-1]  # KiB
+
+
+def test_a_benign_top_level_torchscript_class_is_read(tmp_path, monkeypatch):
+    torch_module = types.ModuleType("__torch__")
+    torch_module.Node = Node
+    monkeypatch.setitem(sys.modules, "__torch__", torch_module)
+    values = torch.arange(6, dtype=torch.float16)
+    path = crafted_archive(tmp_path / "ok.pt", Node(w=View(Record("0", 6), [2, 3], [3, 1]), sub=Node(b=View(
+        Record("0", 6), [3], [1], offset=3))), {"0": values.numpy().tobytes()})
+    got = P.read_torchscript(path)
+    assert set(got) == {"w", "sub.b"} and torch.equal(got["w"], values.view(2, 3)) and torch.equal(got["sub.b"], values[3:])
 
 
 def test_refusals_are_one_line_and_never_suggest_turning_the_safety_off(tmp_path, monkeypatch):
