@@ -92,7 +92,8 @@ def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
                             "Meta or Hugging Face ship it (--llama); README 'The real model' says what to put "
                             "where; --model tiny runs without them")
     try:
-        return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype, **kw)
+        return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype,
+                                 cfg.get("clip_act"), **kw)
     except P.CheckpointError:
         raise
     except ValueError as e:  # PneumoArgs against the checkpoints' shapes

@@ -47,12 +47,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
-class VisionArgs:  # read from the checkpoint's shapes by the loaders
+class VisionArgs:  # read from the checkpoint's shapes (and a Hugging Face config) by the loaders
     width: int = 1024
     layers: int = 24
     heads: int = 16
     patch_size: int = 14
     image_size: int = 224
+    act: str = "quick_gelu"  # OpenAI's CLIP; OpenCLIP/LAION towers use exact "gelu"
 
 
 @dataclass
@@ -201,6 +202,7 @@ class MultiheadAttention(nn.Module):  # nn.MultiheadAttention's parameter layout
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int, a: PneumoArgs, adapter: bool):
         super().__init__()
+        self.gelu = a.vision.act == "gelu"
         self.attn = MultiheadAttention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(width, 4 * width), c_proj=nn.Linear(4 * width, width)))
@@ -210,7 +212,7 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.adapter_attn(self.ln_1(x)))
         h = self.mlp.c_fc(self.ln_2(x))
-        h = h * torch.sigmoid(1.702 * h)  # QuickGELU, CLIP's approximation
+        h = F.gelu(h) if self.gelu else h * torch.sigmoid(1.702 * h)  # exact, or QuickGELU (OpenAI's approximation)
         return x + self.mlp.c_proj(h)
 
 
@@ -649,11 +651,13 @@ def _module_tensors(obj, at="", depth=0) -> dict:  # the stand-ins' tensor attri
     return out
 
 
-def read_clip(path) -> tuple[VisionArgs, dict]:
-    """OpenAI's TorchScript `ViT-L-14.pt`, an OpenAI-layout state dict, or a Hugging Face folder."""
+def read_clip(path, act=None) -> tuple[VisionArgs, dict]:
+    """OpenAI's TorchScript `ViT-L-14.pt`, an OpenAI-layout state dict (OpenAI's or OpenCLIP's), or a
+    Hugging Face folder. `act`: the MLP's activation, which only a Hugging Face config states; an
+    OpenAI-layout file is QuickGELU (OpenAI's) unless act="gelu" (OpenCLIP's LAION towers)."""
     path = Path(path)
     if path.is_dir():
-        return read_clip_hf(path)
+        return read_clip_hf(path, act)
     sd = ts if (ts := read_torchscript(path)) is not None else _torch_load(path)  # {} is an empty archive
     if "conv1.weight" in sd:  # a vision-only OpenAI-layout file
         sd = {"visual." + k: t for k, t in sd.items()}
@@ -662,7 +666,8 @@ def read_clip(path) -> tuple[VisionArgs, dict]:
     conv, pos = sd["visual.conv1.weight"], sd["visual.positional_embedding"]
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     grid = round((pos.shape[0] - 1) ** 0.5)
-    v = VisionArgs(conv.shape[0], layers, conv.shape[0] // 64, conv.shape[-1], conv.shape[-1] * grid)
+    v = VisionArgs(conv.shape[0], layers, conv.shape[0] // 64, conv.shape[-1], conv.shape[-1] * grid,
+                   act or "quick_gelu")
     # the text tower's keys are listed too, to be checked against CLIP_IGNORE (never copied into the model)
     return v, {k: Entry(str(path), k, lambda t=t: t) for k, t in sd.items()}
 
@@ -727,16 +732,23 @@ _HF_CLIP = [  # Hugging Face name -> OpenAI name
 ]
 
 
-def read_clip_hf(folder: Path) -> tuple[VisionArgs, dict]:
+def read_clip_hf(folder: Path, act=None) -> tuple[VisionArgs, dict]:
     cfg = json.loads((folder / "config.json").read_text())
     c = cfg.get("vision_config", cfg)
+    _check_config(folder, c, dict(hidden_act=("quick_gelu", "gelu"), layer_norm_eps=(1e-5,), num_channels=(3,)),
+                  dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3))
+    if act and act != c.get("hidden_act", "quick_gelu"):
+        raise CheckpointError(f"{folder}/config.json: hidden_act is {c.get('hidden_act', 'quick_gelu')!r}, not the "
+                              f"{act!r} asked for (--clip-act)")
     v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"],
-                   c["image_size"])
+                   c["image_size"], c.get("hidden_act", "quick_gelu"))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors files next to config.json")
-    out, qkv = {}, {}
-    for k, e in _safetensors(files).items():
+    out, qkv, entries = {}, {}, _safetensors(files)
+    bare = not any(k.startswith("vision_model.") for k in entries)  # a CLIPVisionModel saved without its prefix
+    for k, e in entries.items():
+        k = "vision_model." + k if bare else k
         for pat, rep in _HF_CLIP:
             k = re.sub(pat, rep, k)
         m = re.fullmatch(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
@@ -751,6 +763,14 @@ def read_clip_hf(folder: Path) -> tuple[VisionArgs, dict]:
     return v, out
 
 
+def _check_config(folder: Path, c: dict, allowed: dict, default: dict):
+    """Every config field that changes the math must hold a value this model computes; else one line."""
+    for name, values in allowed.items():
+        if c.get(name, default[name]) not in values:
+            raise CheckpointError(f"{folder}/config.json: {name} = {c[name]!r} is not supported (this model "
+                                  f"computes {' or '.join(map(repr, values))})")
+
+
 _HF_LLAMA = [  # Hugging Face name -> Meta name
     (r"model\.embed_tokens\.", "tok_embeddings."), (r"model\.norm\.", "norm."), (r"lm_head\.", "output."),
     (r"model\.layers\.", "layers."), (r"self_attn\.([qkvo])_proj\.", r"attention.w\1."),
@@ -762,6 +782,10 @@ _HF_LLAMA = [  # Hugging Face name -> Meta name
 
 def read_llama_hf(folder: Path) -> tuple[LlamaArgs, dict]:
     c = json.loads((folder / "config.json").read_text())
+    heads = c["hidden_size"] // c["num_attention_heads"]
+    _check_config(folder, c, dict(hidden_act=("silu",), attention_bias=(False,), mlp_bias=(False,),
+                                  head_dim=(None, heads), pretraining_tp=(1,)),
+                  dict(hidden_act="silu", attention_bias=False, mlp_bias=False, head_dim=None, pretraining_tp=1))
     rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise CheckpointError(f"{folder}/config.json: rope scaling {rope.get('rope_type')} is not supported")
@@ -817,16 +841,15 @@ def materialise_own(model: PneumoLLM, device):
     assert not stuck, f"left on the meta device: {stuck[:3]}"
 
 
-def from_pretrained(clip, llama, device="cpu", dtype=None, **kw) -> PneumoLLM:
+def from_pretrained(clip, llama, device="cpu", dtype=None, clip_act=None, **kw) -> PneumoLLM:
     """Build PneumoLLM on `meta`, map the original checkpoints into it, then create this project's
-    own parts (fp32) on `device`. Frozen weights: as stored on CPU (memory-mapped where the format
-    allows, never copied; OpenAI's TorchScript archive is read into memory), fp16 elsewhere, unless
-    `dtype` is given. `kw` are PneumoArgs fields. Ablations read only what they use:
+    own parts (fp32) on `device`. Frozen weights: as stored on CPU (memory-mapped, never copied), fp16
+    elsewhere, unless `dtype` is given. `clip_act`: see read_clip. `kw` are PneumoArgs fields. Ablations read only what they use:
     encoder="conv" ignores `clip`; llm=False reads no LLaMA (`llama` may be None: the width is then 4096)."""
     device = torch.device(device)
     dtype = dtype or (None if device.type == "cpu" else torch.float16)
     clip_used = kw.get("encoder", "clip") == "clip"
-    vision, clip_entries = read_clip(clip) if clip_used else (kw.pop("vision", VisionArgs()), {})
+    vision, clip_entries = read_clip(clip, clip_act) if clip_used else (kw.pop("vision", VisionArgs()), {})
     llama_args, llama_entries = read_llama(llama) if llama else (LlamaArgs(), {})  # llm=False: only its width
     if kw.get("question_ids") and llama_args.vocab_size <= 0:  # Meta's params.json says -1
         if "tok_embeddings.weight" not in llama_entries:

@@ -680,6 +680,39 @@ def test_vit_cls_tokens_match_transformers(clip_files, llama_files, fmt):
         torch.testing.assert_close(ours[:, i], ref[i + 1][:, 0], rtol=1e-5, atol=1e-5)
 
 
+def test_an_openclip_style_gelu_vit_matches_transformers_and_unknown_math_is_refused(clip_files, llama_files,
+                                                                                      tmp_path):
+    """LAION/OpenCLIP ViTs use exact GELU: a Hugging Face folder says so (hidden_act), an OpenAI-layout state dict
+    needs clip_act="gelu". Both match transformers' CLIPVisionModel; config fields whose math this model does not
+    compute are refused in one line, naming them."""
+    vc = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, intermediate_size=512, patch_size=14,
+              image_size=56, hidden_act="gelu")
+    hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vc)).eval()
+    randomize(hf, 1)
+    hf.save_pretrained(tmp_path / "laion")
+    model = P.from_pretrained(tmp_path / "laion", None, "cpu", llm=False, cls_blocks=[1, 2, 3, 4])
+    img = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ours, ref = model.visual(img), hf(pixel_values=img, output_hidden_states=True).hidden_states
+    for i in range(4):
+        torch.testing.assert_close(ours[:, i], ref[i + 1][:, 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(P.CheckpointError, match=r"hidden_act is 'gelu', not the 'quick_gelu' asked for"):
+        P.read_clip(tmp_path / "laion", "quick_gelu")
+    vision, entries = P.read_clip(clip_files["pt"], "gelu")  # OpenAI's layout, OpenCLIP's activation
+    assert vision.act == "gelu"
+    config = json.loads((tmp_path / "laion/config.json").read_text())
+    for field, value in (("hidden_act", "relu"), ("layer_norm_eps", 1e-6)):
+        (tmp_path / "laion/config.json").write_text(json.dumps(dict(config, **{field: value})))
+        with pytest.raises(P.CheckpointError, match=rf"config\.json: {field} = .* is not supported"):
+            P.read_clip(tmp_path / "laion")
+    llama_config = json.loads((llama_files["hf"] / "config.json").read_text())
+    for field, value in (("attention_bias", True), ("hidden_act", "gelu"), ("head_dim", 8)):
+        shutil.copytree(llama_files["hf"], tmp_path / field)
+        (tmp_path / field / "config.json").write_text(json.dumps(dict(llama_config, **{field: value})))
+        with pytest.raises(P.CheckpointError, match=rf"config\.json: {field} = .* is not supported"):
+            P.read_llama(tmp_path / field)
+
+
 @pytest.mark.parametrize("fmt", ["meta", "meta2", "hf", "hf_sharded"])
 def test_llama_blocks_match_transformers(clip_files, llama_files, fmt):
     model = load(clip_files["pt"], llama_files[fmt])

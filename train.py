@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
                     help="full: the checkpoints in --clip/--llama; tiny: a small random model for demos and tests")
     ap.add_argument("--clip", default="checkpoints/ViT-L-14.pt", help="CLIP checkpoint (README: The real model)")
     ap.add_argument("--llama", default="checkpoints/llama-7b", help="LLaMA folder, Meta's or Hugging Face's")
+    ap.add_argument("--clip-act", choices=["quick_gelu", "gelu"], help="the ViT MLP's activation, for an "
+                    "OpenAI-layout state dict of an OpenCLIP/LAION tower (gelu); a Hugging Face config states it "
+                    "(default: the config's, else quick_gelu, OpenAI's)")
     ap.add_argument("--out", help="the run folder (default: out/<data name>/fold<N>)")
     ap.add_argument("--restart", action="store_true", help="discard the run in --out and train from scratch "
                     "(without it an interrupted run resumes and a finished one is left alone)")
