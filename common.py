@@ -9,6 +9,8 @@ what the data folder says (classes, crop, size).
 """
 import argparse
 import json
+import os
+import time
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
@@ -19,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 import pneumollm as P
-from folders import UserError
+from folders import Data, UserError
 
 def runtime_flags(ap):
     """Flags that change where and how fast a run goes, not what it computes."""
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--threads", type=int, help="CPU threads for torch; 1-2 is often fastest on a busy or small "
-                    "machine (default: torch's choice, one per core)")
+    ap.add_argument("--threads", type=int, help="CPU threads for torch (default: as many as the cores idle when it "
+                    "starts, at least 1)")
     ap.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead",
                                                                        "max-autotune"],
                     help="torch.compile the model; reduce-overhead also replays CUDA graphs (GPU)")
@@ -57,10 +59,28 @@ def blocks(text: str) -> list:
 
 
 def apply_threads(n):
-    if n is not None:
-        if n < 1:
-            raise UserError(f"--threads {n}: give 1 or more")
-        torch.set_num_threads(n)
+    """--threads, or as many as the cores left idle now (at least one): torch's default, one per core,
+    ran the tiny demo at 1.8x the time of one thread while another job held both cores of a 2-core
+    machine (README)."""
+    if n is not None and n < 1:
+        raise UserError(f"--threads {n}: give 1 or more")
+    idle = None if n else idle_cores()
+    if n or idle is not None:  # else torch's own choice, where /proc/stat is not to be read
+        torch.set_num_threads(n or max(1, min(os.cpu_count() or 1, round(idle))))
+
+
+def idle_cores(window=0.2):
+    """How many cores sat idle over the next `window` seconds (Linux's /proc/stat), or None. Not the load
+    average: it lags a minute, and counts this user's job that just ended."""
+    def ticks():  # (all, idle + iowait) since boot, summed over the cores
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]
+    try:
+        (t0, i0), _, (t1, i1) = ticks(), time.sleep(window), ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (i1 - i0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,6 +137,10 @@ def check_finished(run: Path, fold: int):
     if finished(run):
         return
     if not (run / "config.json").exists():
+        other = next(run.parent.glob("fold*/config.json"), None)  # a sibling run names the data folder
+        folds = Data(json.loads(other.read_text())["data"]).folds if other else [fold]
+        if fold not in folds:
+            raise UserError(f"--fold {fold}: the runs in {run.parent} are of a data folder with folds {folds}")
         raise UserError(f"{run}: no run there; train it first: python train.py --fold {fold} --out {run}")
     cfg = json.loads((run / "config.json").read_text())
     epoch = read_state(run)["epoch"] if (run / "state.pt").exists() else 0

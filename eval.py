@@ -429,7 +429,8 @@ def explain_fold(runs: Path, opt) -> int:
     by_name = {Path(r["image"]).stem: r for r in data.rows}
     images = torch.from_numpy(data.images([by_name[rows[i]["image"]] for _, i in chosen]))
     heats, _, weights = explain.explain_images(model, images, cfg, [int(positive[i]) for _, i in chosen])
-    tiles = [plots.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}")
+    tiles = [plots.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}\n"
+                                      f"map of {cfg['classes'][int(positive[i])]}")
              for (kind, i), img, heat in zip(chosen, images[:, 0].numpy(), heats)]
     plots.sheet(tiles).save(run / "explain.png")
     kinds_shown = ", ".join(k for k, _ in chosen)

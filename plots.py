@@ -68,15 +68,29 @@ def draw_reliability(path: Path, score, y, title: str, bins=15):
 
 
 def overlay(crop: np.ndarray, heat: np.ndarray, caption: str) -> Image.Image:
-    """The grey crop with the map over it (transparent to red to yellow), and a caption."""
+    """The grey crop with the map over it (transparent to red to yellow), a colour scale on the right
+    (the map's 0 to its peak, 1) and a caption of one or more lines."""
     grey = np.stack([crop.astype(float)] * 3, -1)
-    colour = 255 * np.stack([np.clip(3 * heat - k, 0, 1) for k in range(3)], -1)
-    alpha = 0.6 * np.clip(heat * 1.5, 0, 1)[..., None]
-    im = Image.fromarray((grey * (1 - alpha) + colour * alpha).astype(np.uint8))
+    im = Image.fromarray((grey * (1 - alpha(heat)) + colours(heat) * alpha(heat)).astype(np.uint8))
     d = ImageDraw.Draw(im)
-    d.rectangle([0, 0, im.width, 13], fill=(0, 0, 0))
-    d.text((3, 1), caption, fill=(255, 255, 255))
+    lines = caption.splitlines()
+    d.rectangle([0, 0, im.width, 13 * len(lines)], fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        d.text((3, 1 + 13 * i), line, fill=(255, 255, 255))
+    top, bottom = 13 * len(lines) + 4, im.height - 4  # the scale: 1 at its top, 0 at its bottom
+    scale = np.linspace(1, 0, bottom - top)[:, None].repeat(8, 1)
+    im.paste(Image.fromarray(colours(scale).astype(np.uint8)), (im.width - 12, top))
+    d.text((im.width - 20, top - 1), "1", fill=(255, 255, 255))
+    d.text((im.width - 20, bottom - 11), "0", fill=(255, 255, 255))
     return im
+
+
+def colours(heat: np.ndarray) -> np.ndarray:  # (..., 3) in [0, 255]: black, red, yellow, white
+    return 255 * np.stack([np.clip(3 * heat - k, 0, 1) for k in range(3)], -1)
+
+
+def alpha(heat: np.ndarray) -> np.ndarray:  # (..., 1): how much of the map shows over the image
+    return 0.6 * np.clip(heat * 1.5, 0, 1)[..., None]
 
 
 def sheet(tiles: list, columns=4) -> Image.Image:

@@ -2173,7 +2173,12 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
     stopped.mkdir()
     (stopped / "config.json").write_text((run / "config.json").read_text().replace(str(run), str(stopped)))
     (stopped / "state.pt").write_bytes((run / "state.pt").read_bytes()[:1000])
+    (tmp_path / "a_file").write_text("")
+    write_labels(pngs(tmp_path / "imgs", 2) / "labels.csv", [("im0.png", "a"), ("im1.png", "b")])
     cases = [
+        (["eval.py", "--runs", str(run.parent), "--fold", "9"], "--fold 9: the runs in"),
+        (["prepare.py", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "imgs/labels.csv"), "--out",
+          str(tmp_path / "a_file/data")], "a_file/data"),  # the system refuses the folder: one line all the same
         (["eval.py", "--runs", str(run.parent), "--fold", "1", "--explain", "0"], "--explain 0: give how many"),
         (["eval.py", "--runs", str(run.parent), "--fold", "1", "--explain", "-3"], "--explain -3: give how many"),
         (["eval.py", "--runs", str(run.parent), "--image", str(tmp_path / "labels.csv")],
@@ -2197,6 +2202,20 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "p").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_default_threads_are_the_idle_cores(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    try:
+        for idle, threads in ((0.1, 1), (1.2, 1), (2.6, 3), (3.9, 4)):
+            monkeypatch.setattr(C, "idle_cores", lambda: idle)
+            C.apply_threads(None)
+            assert torch.get_num_threads() == threads, idle
+        C.apply_threads(2)
+        assert torch.get_num_threads() == 2
+        assert 0 <= C.idle_cores() <= 4.01
+    finally:
+        torch.set_num_threads(2)
 
 
 def test_bench_times_a_tiny_training_step_and_inference():
