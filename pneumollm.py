@@ -844,8 +844,9 @@ def materialise_own(model: PneumoLLM, device):
 def from_pretrained(clip, llama, device="cpu", dtype=None, clip_act=None, **kw) -> PneumoLLM:
     """Build PneumoLLM on `meta`, map the original checkpoints into it, then create this project's
     own parts (fp32) on `device`. Frozen weights: as stored on CPU (memory-mapped, never copied), fp16
-    elsewhere, unless `dtype` is given. `clip_act`: see read_clip. `kw` are PneumoArgs fields. Ablations read only what they use:
-    encoder="conv" ignores `clip`; llm=False reads no LLaMA (`llama` may be None: the width is then 4096)."""
+    elsewhere, unless `dtype` is given. `clip_act`: see read_clip. `kw` are PneumoArgs fields. Ablations
+    read only what they use: encoder="conv" ignores `clip`; llm=False reads no LLaMA (`llama` may be None:
+    the width is then 4096)."""
     device = torch.device(device)
     dtype = dtype or (None if device.type == "cpu" else torch.float16)
     clip_used = kw.get("encoder", "clip") == "clip"

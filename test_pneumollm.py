@@ -221,16 +221,16 @@ def demo_data(tmp_path_factory):
     return d / "data"
 
 
-def train_args(data, out, *extra):
-    return ["--data", str(data), "--out", str(out), "--model", "tiny", "--batch-size", "16", *extra]
+def train_args(data, out, *extra):  # two threads, as the suite sets them, not the idle cores it would measure
+    return ["--data", str(data), "--out", str(out), "--model", "tiny", "--batch-size", "16", "--threads", "2", *extra]
 
 
 def last_weights(run) -> dict:  # the trainable weights of a run's resume point
     return torch.load(run / "state.pt", weights_only=True)["model"]
 
 
-def marker_data(folder, where):  # 120 patients, ~220 films; every diseased film carries a bright "L" `where`
-    demo.write_demo(folder / "dicom", n_patients=120, shortcut=where)
+def marker_data(folder, where):  # 90 patients, ~160 films; every diseased film carries a bright "L" `where`
+    demo.write_demo(folder / "dicom", n_patients=90, shortcut=where)
     assert prepare.main(["--images", str(folder / "dicom"), "--labels", str(folder / "dicom/labels.csv"), "--out",
                          str(folder / "data"), "--key-file", str(folder / "key"), "--workers", "2"]) == 0
     return folder / "data"
@@ -981,7 +981,8 @@ def test_a_benign_top_level_torchscript_class_is_read(tmp_path, monkeypatch):
     path = crafted_archive(tmp_path / "ok.pt", Node(w=View(Record("0", 6), [2, 3], [3, 1]), sub=Node(b=View(
         Record("0", 6), [3], [1], offset=3))), {"0": values.numpy().tobytes()})
     got = P.read_torchscript(path)
-    assert set(got) == {"w", "sub.b"} and torch.equal(got["w"], values.view(2, 3)) and torch.equal(got["sub.b"], values[3:])
+    assert set(got) == {"w", "sub.b"}
+    assert torch.equal(got["w"], values.view(2, 3)) and torch.equal(got["sub.b"], values[3:])
 
 
 def test_refusals_are_one_line_and_never_suggest_turning_the_safety_off(tmp_path, monkeypatch):
@@ -2048,7 +2049,7 @@ def test_baseline_is_scikit_learns_logistic_regression_with_l2_chosen_on_validat
 def test_tiny_training_learns_a_visible_sign_and_the_probe_says_where_it_is(tmp_path, capsys, where):
     """train.py's recipe on fold 1, at a learning rate for the tiny model (3e-3: the paper's 3e-4 suits the real
     one and needs far more than 30 epochs here), learns a bright marker on the diseased films (AUC 1.00 measured
-    for both). --probe hides the lung fields: a marker inside them goes with them (hidden AUC 0.57 [0.39, 0.74]
+    for both). --probe hides the lung fields: a marker inside them goes with them (hidden AUC 0.53 [0.32, 0.72]
     measured: quiet), one in the film's corner does not (1.00 [1.00, 1.00]: the alarm)."""
     data = marker_data(tmp_path, where)
     m = train.main(train_args(data, tmp_path / "runs/fold1", "--epochs", "30", "--lr", "3e-3"))
