@@ -6,6 +6,7 @@ checkpoint needed). Prints figures; nothing here is a test.
     python bench.py --model full --device cuda --dtype fp16       # ViT-L/14 + LLaMA-7B shapes
     python bench.py --prepare ../shared/data/nih_cxr_pneumonia/labels.csv   # prepare.py now and before
     python bench.py --load /tmp/full                              # real-size scoring on a CPU (~28 GB of disk)
+    python bench.py --read-vit /tmp/vit                           # the TorchScript ViT-L/14's reading memory
     python bench.py --suite --model full                          # on a GPU: training configurations side by side
 """
 import argparse
@@ -112,7 +113,7 @@ def rand(*shape):
 def write_full(d: Path):
     """OpenAI's TorchScript ViT-L-14.pt (visual tower), Meta's llama-7b/ (one consolidated.00.pth) and a
     Hugging Face llama-7b-hf/ (5 safetensors shards + index), all fp16 with random values."""
-    p, v = P.LlamaArgs(vocab_size=32000), P.VisionArgs()
+    p = P.LlamaArgs(vocab_size=32000)
     layer = {f"attention.w{x}.weight": (4096, 4096) for x in "qkvo"}
     layer.update({"feed_forward.w1.weight": (p.hidden_dim(), 4096),
              "feed_forward.w2.weight": (4096, p.hidden_dim()), "feed_forward.w3.weight": (p.hidden_dim(), 4096),
@@ -145,6 +146,12 @@ def write_full(d: Path):
         save_file({k: hf.pop(k) for k in chunk}, str(d / "llama-7b-hf" / name))
         weight_map.update({k: name for k in chunk})
     (d / "llama-7b-hf/model.safetensors.index.json").write_text(json.dumps(dict(weight_map=weight_map)))
+    write_vit(d)
+
+
+def write_vit(d: Path):
+    """OpenAI's TorchScript ViT-L-14.pt (the visual tower only), fp16 with random values."""
+    v = P.VisionArgs()
     grid = v.image_size // v.patch_size
     clip = {"conv1.weight": rand(v.width, 3, v.patch_size, v.patch_size), "class_embedding": rand(v.width),
             "positional_embedding": rand(grid * grid + 1, v.width), "proj": rand(v.width, 768)}
@@ -167,7 +174,33 @@ def write_full(d: Path):
     torch.jit.save(torch.jit.script(root), str(d / "ViT-L-14.pt"))
 
 
-def status(key: str) -> float:  # GiB, from /proc/self/status: VmRSS (now) or VmHWM (peak)
+def bench_read_vit(d: Path):
+    """The TorchScript ViT-L/14 read as eval.py reads it, in a fresh process: private memory (RssAnon)
+    and file pages (RssFile) after reading and after touching every weight, against the file's size and
+    against the earlier reader, which copied each record into memory."""
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "ViT-L-14.pt").exists():
+        write_vit(d)
+    size = (d / "ViT-L-14.pt").stat().st_size / 2**30
+    for how in ("mapped", "copied"):
+        code = ("import sys, zipfile, torch, pneumollm as P, bench\n"
+                "path, how = P.Path(sys.argv[1]), sys.argv[2]\n"
+                "before = bench.status('RssAnon'), bench.status('RssFile')\n"
+                "if how == 'mapped':\n"
+                "    t = P.read_torchscript(path)\n"
+                "else:  # the earlier reader: each record read into a bytearray\n"
+                "    z = zipfile.ZipFile(path)\n"
+                "    t = {n: torch.frombuffer(bytearray(z.read(n)), dtype=torch.uint8) for n in z.namelist()\n"
+                "         if '/data/' in n and z.getinfo(n).file_size}\n"
+                "total = sum(float(v.float().sum()) for v in t.values())  # every page touched\n"
+                "print(*(f'{bench.status(k) - b:.2f}' for k, b in zip(('RssAnon', 'RssFile'), before)))\n")
+        out = subprocess.run([sys.executable, "-c", code, str(d / "ViT-L-14.pt"), how], capture_output=True,
+                             text=True, cwd=Path(__file__).parent)
+        anon, file = out.stdout.split() if out.returncode == 0 else ("?", out.stderr[-300:])
+        print(f"ViT-L-14.pt ({size:.2f} GiB) {how}: private memory +{anon} GiB, file pages +{file} GiB")
+
+
+def status(key: str) -> float:  # GiB, from /proc/self/status: VmRSS, VmHWM (peak), RssAnon, RssFile
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
     return int(line.split()[1]) / 2**20
 
@@ -231,6 +264,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once); time loading "
                     "and scoring on a CPU")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--read-vit", metavar="DIR", help="write a random ViT-L/14 TorchScript to DIR (once); the memory "
+                    "of reading it, mapped and as the earlier reader copied it")
     ap.add_argument("--suite", action="store_true", help="the GPU figures: " + "; ".join(SUITE))
     ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm"')
     return ap
@@ -323,6 +358,8 @@ def main():
         return bench_prepare(opt.prepare, opt.against, opt.workers, opt.repeat)
     if opt.load:
         return bench_load(opt.load, opt.threads)
+    if opt.read_vit:
+        return bench_read_vit(Path(opt.read_vit))
     if opt.load_step:
         step, folder = opt.load_step
         return write_full(Path(folder)) if step == "write" else load_full(Path(folder), step)
