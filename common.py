@@ -39,16 +39,17 @@ def ablation_flags(ap):
                               "flags named after PneumoArgs fields; the defaults are PneumoLLM as published")
     on = dict(action=argparse.BooleanOptionalAction, default=True)  # --x / --no-x
     g.add_argument("--engine", choices=["multi", "coop", "cocoop", "none"], default="multi", help="Table 6")
-    g.add_argument("--n-diag", type=int, default=4, help="K diagnosis tokens, Fig. 6b")
+    g.add_argument("--n-diag", type=int, default=4, help="K diagnosis tokens, Fig. 6b (with an --engine other "
+                   "than none)")
     g.add_argument("--cls-blocks", type=blocks, help="1-based ViT blocks giving CLS tokens, e.g. 12,24 "
                    "(default: 4, 8, ..)")
-    g.add_argument("--emitter", **on, help="Eq. 2's mask (Table 6)")
+    g.add_argument("--emitter", **on, help="Eq. 2's mask (Table 6; with an --engine other than none)")
     g.add_argument("--vit-adapters", **on, help="Table 6")
     g.add_argument("--llm-adapters", **on, help="Table 6")
     g.add_argument("--llm", **on, help="Table 4: --no-llm reads no LLaMA")
     g.add_argument("--encoder", choices=["clip", "conv"], default="clip", help="Fig. 6a (clip: any CLIP ViT file)")
     g.add_argument("--adapter-dropout", type=float, default=0.1, help="dropout inside every adapter")
-    g.add_argument("--train-engine", **on, help="the authors' code: no")
+    g.add_argument("--train-engine", **on, help="the authors' code: no (with an --engine other than none)")
     return g
 
 
