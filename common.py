@@ -10,6 +10,7 @@ what the data folder says (classes, crop, size).
 import argparse
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields
@@ -222,10 +223,14 @@ def normalise(x: torch.Tensor, cfg, size: int) -> torch.Tensor:  # (B, 1, H, W) 
 
 
 @torch.no_grad()
-def predict(model, images, cfg, batch=32) -> np.ndarray:  # (N, C): softmax, or sigmoids if multi-label
+def predict(model, images, cfg, batch=32, progress=False) -> np.ndarray:  # (N, C): softmax, or sigmoids
+    """Probabilities in batches (sigmoids if multi-label); `progress`: a line on stderr every 10 s."""
     model.eval()
-    out = []
+    out, last = [], time.time()
     for i in range(0, len(images), batch):
+        if progress and time.time() - last > 10:
+            print(f"  {i}/{len(images)} images scored", file=sys.stderr)
+            last = time.time()
         x = normalise(torch.as_tensor(images[i:i + batch]).to(cfg["device"]), cfg, model.args.vision.image_size)
         with autocast(cfg):
             logits = model(x).float()

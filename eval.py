@@ -25,6 +25,7 @@ specificity, AUC = mean one-vs-rest AUC). Multi-label sets get each finding's bi
 """
 import argparse
 import csv
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ import metrics as M
 import plots
 import pneumollm as P
 import prepare
-from folders import Data, Help, UserError, cli, encode_labels, write_atomic
+from folders import Data, Help, UserError, cli, encode_labels, replacing, write_atomic
 
 
 def read_predictions(path: Path, cfg: dict) -> tuple:  # (rows, labels, probabilities (N, C))
@@ -505,6 +506,129 @@ def probe_verdict(out: dict, y, scores: dict, draws: list) -> list:
     return lines
 
 
+def external(runs: Path, opt) -> int:
+    """--data DIR: every image of another prepared folder, scored by fold --fold's model, or with
+    --ensemble by the mean probability of the finished folds' models; the operating point carried over
+    from the run's validation split (the folds' pooled, for the ensemble), never chosen on DIR."""
+    folds = [f for f in range(1, opt.folds + 1) if C.finished(runs / f"fold{f}")] if opt.ensemble else [opt.fold]
+    if not folds:
+        raise UserError(f"{runs}: no finished fold to score {opt.data} with; train one first")
+    for f in folds:
+        C.check_finished(runs / f"fold{f}", f)
+    cfg = json.loads((runs / f"fold{folds[0]}/config.json").read_text())
+    other = Data(opt.data)
+    labels = mapped_labels(other, cfg, opt.classes)
+    if cfg["multi_label"] or len(cfg["classes"]) != 2:
+        raise UserError("--data scores binary runs; this run has classes " + ", ".join(cfg["classes"]))
+    y, images = encode_labels(labels, cfg["classes"], False), other.images(other.rows)
+    print(f"{other.folder}: {len(y)} images of {len({r['patient'] for r in other.rows})} patients, scored by "
+          + (f"the mean of folds {folds}" if opt.ensemble else f"fold {folds[0]}") + f" of {runs}")
+    scores = []
+    for f in folds:
+        model, run_cfg = C.load_run(runs / f"fold{f}", opt.device, keep_checkpoint_dtype=True)
+        scores.append(C.predict(model, images, run_cfg, batch=16, progress=True))
+    prob = np.mean(scores, 0)
+    cut = carried_threshold([runs / f"fold{f}" for f in folds], cfg, opt.sensitivity)
+    draws = resamples([r["patient"] for r in other.rows], y, 2)
+    out = dict(data=str(other.folder), folds=folds, images=len(y), threshold=cut,
+               paper=dict(metrics=M.metrics(y, prob), ci95={k: interval([M.metrics(y[i], prob[i])[k] for i in draws])
+                                                            for k in M.METRICS}),
+               operating_point=at_threshold(y, prob[:, 1], cut), calibration=calibration(y, prob, False))
+    base = np.mean([external_baseline(json.loads((runs / f"fold{f}/config.json").read_text()), other)
+                    for f in folds], 0)
+    out["baseline"] = dict(auc=M.roc_auc(y, base[:, 1]),
+                           auc_ci95=interval([M.roc_auc(y[i], base[i, 1]) for i in draws]))
+    out["shift"] = shift(Data(cfg["data"]).meta, other.meta)
+    folder = runs / f"external-{other.folder.name}-{folder_tag(other.folder)}" / (
+        "ensemble" if opt.ensemble else f"fold{folds[0]}")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_external(folder, other.rows, labels, prob, cut, cfg)
+    write_atomic(folder / "eval.json", json.dumps(out, indent=1))
+    plots.draw_reliability(folder / "reliability.png", prob[:, 1], y, f"{other.folder.name}: reliability")
+    print(external_report(out, cfg))
+    print(f"wrote predictions.csv, eval.json, reliability.png in {folder}")
+    return 0
+
+
+def mapped_labels(other: Data, cfg: dict, classes) -> list:
+    """DIR's labels in the run's names: equal label sets, or --classes 'theirs=ours,...'; else one line."""
+    names = dict(pair.split("=", 1) for pair in classes.split(",")) if classes else {}
+    labels = [names.get(r["label"], r["label"]) for r in other.rows]
+    if set(labels) != set(cfg["classes"]) or other.multi_label != cfg["multi_label"]:
+        raise UserError(f"{other.folder} has labels {sorted(set(labels))}, the run {cfg['classes']}: map names that "
+                        "mean the same with --classes 'theirs=ours,...'")
+    return labels
+
+
+def carried_threshold(runs: list, cfg: dict, sensitivity) -> float:
+    """The cut chosen on the runs' validation predictions (pooled over folds), as operating_point does."""
+    vals = [read_predictions(r / "val_predictions.csv", cfg)[1:] for r in runs if (r / "val_predictions.csv").exists()]
+    if not vals:
+        return 0.5
+    y, prob = np.concatenate([v[0] for v in vals]), np.concatenate([v[1] for v in vals])
+    return choose_threshold(y, prob[:, 1], sensitivity)
+
+
+def external_baseline(cfg: dict, other: Data) -> np.ndarray:
+    """The pixel baseline of the run (trained on its training patients, L2 on its validation) on DIR."""
+    data = run_data(cfg)
+    split = data.run_split(cfg)
+    x, y = pixels(data, split["train"]), data.labels(split["train"])
+    fits = {l2: fit_logistic(x, y, 2, False, l2) for l2 in (1.0, 30.0, 1000.0)}
+    best = 30.0
+    if split["val"]:
+        xv, yv = pixels(data, split["val"]), data.labels(split["val"])
+        best = max(fits, key=lambda l2: M.metrics(yv, fits[l2](xv))["auc"])
+    return fits[best](pixels(other, other.rows))
+
+
+def shift(ours: dict, theirs: dict) -> dict:
+    """The acquisition attributes (the audit's) pooled over classes: shares of each value in the run's
+    data and in DIR, for view, bit depth and photometric interpretation; mean width and height."""
+    out = {}
+    for attr in ("view", "bits", "photometric"):
+        shares = []
+        for meta in (ours, theirs):
+            counts = {}
+            for per in meta["audit"]["per_class"].get(attr, {}).values():
+                for v, n in per.items():
+                    counts[v] = counts.get(v, 0) + n
+            total = max(sum(counts.values()), 1)
+            shares.append({v: round(n / total, 3) for v, n in counts.items()})
+        out[attr] = dict(run=shares[0], data=shares[1])
+    for attr in ("width", "height"):
+        out[attr] = {who: np.mean([v for v in m["audit"]["per_class"].get(attr, {}).values() if v is not None] or [0])
+                     for who, m in (("run", ours), ("data", theirs))}
+    return out
+
+
+def folder_tag(folder: Path) -> str:  # a short tag of a folder's full path, to name the output folder
+    return hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
+
+
+def write_external(folder: Path, rows: list, labels: list, prob, cut: float, cfg: dict):
+    with replacing(folder / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "patient", "label", *(f"p_{c}" for c in cfg["classes"]), "decision"])
+        for r, label, p in zip(rows, labels, prob):
+            decision = cfg["classes"][1] if p[1] >= cut else cfg["classes"][0]
+            w.writerow([Path(r["image"]).stem, r["patient"], label, *(f"{q:.6f}" for q in p), decision])
+
+
+def external_report(out: dict, cfg: dict) -> str:
+    m, ci, op = out["paper"]["metrics"], out["paper"]["ci95"], out["operating_point"]
+    b, cal = out["baseline"], out["calibration"]
+    lines = ["  the paper's figures (argmax): " + "  ".join(f"{k} {pct(m[k])} [{pct(ci[k][0])}, {pct(ci[k][1])}]"
+                                                          for k in M.METRICS),
+             f"  operating point carried over from the run's validation (P >= {out['threshold']:.3f}): "
+             + "  ".join(f"{k} {pct(v)}" for k, v in op.items()),
+             f"  calibration: Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f} (15 bins)",
+             f"  baseline (the run's pixel logistic regression): AUC {pct(b['auc'])} [{pct(b['auc_ci95'][0])}, "
+             f"{pct(b['auc_ci95'][1])}]"]
+    lines += [f"  shift in {k}: run {v['run']}, this data {v['data']}" for k, v in out["shift"].items()]
+    return "\n".join(lines)
+
+
 def called(prob, cfg: dict, point: dict):  # binary: the class called at the run's threshold; else None (argmax)
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
         return None
@@ -538,6 +662,11 @@ def parser() -> argparse.ArgumentParser:
                     "with --image, one <name>.explain.png each; with --fold, a sheet of K test images")
     ap.add_argument("--probe", action="store_true", help="with --fold: re-score the test fold with the reference "
                     "framing and with the lung fields hidden; says whether the model reads outside the lungs")
+    ap.add_argument("--data", help="another prepared folder to score (external validation), with fold --fold's "
+                    "model or --ensemble; the run's operating point carried over")
+    ap.add_argument("--ensemble", action="store_true", help="with --data: the mean probability of the finished folds")
+    ap.add_argument("--classes", help="with --data: map its label names to the run's, e.g. 'healthy=normal,silicosis="
+                    "pneumoconiosis'")
     ap.add_argument("--explain-dir", default="explain", help="where --image --explain writes")
     ap.add_argument("--device", help="for --image (default: the run's)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch, for --image")
@@ -565,6 +694,9 @@ def main(argv=None):
     if opt.probe:
         C.apply_threads(opt.threads)
         return probe(runs, opt)
+    if opt.data:
+        C.apply_threads(opt.threads)
+        return external(runs, opt)
     eval_fold(runs, opt.fold, opt)
     return 0
 

@@ -2081,6 +2081,43 @@ def test_the_probe_stays_quiet_on_the_clean_demo(demo_data, tmp_path, capsys):
     assert "no sign that the model reads anything outside the lungs" in capsys.readouterr().out
 
 
+def test_external_validation_scores_every_image_with_the_runs_own_operating_point(demo_data, tmp_path, monkeypatch):
+    """--data: one row per prepared image; --ensemble is the mean of the folds' probabilities (by hand); the
+    cut is chosen on the runs' validation labels only; batched scoring equals one image at a time; another
+    label set is refused unless --classes maps it."""
+    for f in (1, 2):
+        train.main(train_args(demo_data, tmp_path / f"fold{f}", "--epochs", "1", "--fold", str(f)))
+    chosen, real = [], ev.choose_threshold
+    monkeypatch.setattr(ev, "choose_threshold", lambda y, s, *a: chosen.append(np.asarray(y)) or real(y, s, *a))
+    assert ev.main(["--runs", str(tmp_path), "--data", str(demo_data), "--ensemble"]) == 0
+    folder, = tmp_path.glob("external-data-*/ensemble")
+    rows = list(_csv.DictReader(open(folder / "predictions.csv")))
+    data = Data(demo_data)
+    assert [r["image"] for r in rows] == [Path(r["image"]).stem for r in data.rows]  # every prepared image, once
+    images, by_hand = data.images(data.rows), []
+    for f in (1, 2):
+        model, cfg = C.load_run(tmp_path / f"fold{f}", keep_checkpoint_dtype=True)
+        batched = C.predict(model, images, cfg)
+        one_by_one = np.concatenate([C.predict(model, images[i:i + 1], cfg) for i in range(40)])
+        np.testing.assert_allclose(batched[:40], one_by_one, atol=1e-5)
+        by_hand.append(batched)
+    np.testing.assert_allclose([float(r["p_pneumoconiosis"]) for r in rows], np.mean(by_hand, 0)[:, 1], atol=2e-6)
+    val = np.concatenate([ev.read_predictions(tmp_path / f"fold{f}/val_predictions.csv", cfg)[1] for f in (1, 2)])
+    assert len(chosen) == 1 and np.array_equal(chosen[0], val)  # the validation labels, never the external ones
+    cut = json.loads((folder / "eval.json").read_text())["threshold"]
+    assert all(r["decision"] == ("pneumoconiosis" if float(r["p_pneumoconiosis"]) >= cut else "normal") for r in rows)
+    other = tmp_path / "renamed"
+    shutil.copytree(demo_data, other)
+    manifest_text = (other / "manifest.csv").read_text()
+    (other / "manifest.csv").write_text(manifest_text.replace(",normal,", ",healthy,"))
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps(dict(meta, classes=["healthy", "pneumoconiosis"])))
+    with pytest.raises(UserError, match=r"labels \['healthy', 'pneumoconiosis'\], the run \['normal', "
+                                        r"'pneumoconiosis'\]"):
+        ev.main(["--runs", str(tmp_path), "--data", str(other)])
+    assert ev.main(["--runs", str(tmp_path), "--data", str(other), "--classes", "healthy=normal"]) == 0
+
+
 def test_a_model_trained_on_the_demo_says_it_is_not_for_diagnosis(demo_data, tmp_path, capsys):
     data = shutil.copytree(demo_data, tmp_path / "data")
     meta = json.loads((data / "meta.json").read_text())
