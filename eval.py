@@ -371,30 +371,60 @@ def score_images(runs: Path, opt) -> int:
         print("NOTE: the run's images were cropped to lung masks; new images are framed by the thorax box")
     if (Path(cfg["data"]) / "meta.json").exists():  # the data may have moved away; if it is there, it must match
         run_data(cfg)
-    failed, weights = [], []
-    for n, p in enumerate(opt.image, 1):
-        if not Path(p).is_file():
+    files = [f for p in opt.image for f in (sorted(x for x in Path(p).rglob("*") if x.is_file() and
+                                                    x.suffix.lower() in prepare.IMAGE_SUFFIXES)
+                                             if Path(p).is_dir() else [Path(p)])]
+    failed, scored = [], []  # scored: (place in the listing, file, crop, how it was cropped)
+    for n, p in enumerate(files, 1):
+        if not p.is_file():
             failed.append(f"{p}: no such file")
             continue
         try:  # exactly prepare.py's pipeline: read, window, 8 bits, crop, resize
-            img, _, how, _ = prepare.preprocess(Path(p), cfg["crop"], cfg["size"])
+            img, _, how, _ = prepare.preprocess(p, cfg["crop"], cfg["size"])
         except prepare.Skip as e:
             failed.append(f"{p}: {e}")
             continue
+        scored.append((n, p, img, how))
+    if scored:
+        probs = C.predict(model, np.stack([s[2] for s in scored])[:, None], cfg, batch=16, progress=True)
+        report_images(model, scored, probs, cfg, point, opt, Path(opt.csv or run / "image_scores.csv"))
+    for line in failed:
+        print(f"skipped {line}", file=sys.stderr)
+    return 2 if not scored else 0  # nothing scored: a mistake in the input
+
+
+def report_images(model, scored: list, probs: np.ndarray, cfg: dict, point: dict, opt, table: Path):
+    """A line per image for a handful (and their crops and maps when asked), a count for more; the CSV
+    names images by their place in the listing (image<N>), never by file name: it can name a patient."""
+    weights = []
+    for (n, p, img, how), prob in zip(scored, probs) if len(scored) <= 10 else ():
         if opt.save_crops:
             Path(opt.save_crops).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(Path(opt.save_crops) / f"crop{n}.png")
-        prob = C.predict(model, torch.tensor(img)[None, None], cfg)[0]
         print(f"{p}: " + describe(prob, cfg, point) + f"; crop: {how}"
               + (f"; crop saved as crop{n}.png" if opt.save_crops else ""))
-        if opt.explain is not None:  # named by its place on the command line: a file name can name a patient
+        if opt.explain is not None:
             weights.append(explain_image(model, img, cfg, Path(opt.explain_dir) / f"image{n}.explain.png",
                                          called(prob, cfg, point)))
-    for line in failed:
-        print(f"skipped {line}", file=sys.stderr)
+    if len(scored) > 10:
+        calls = [decision(prob, cfg, point) for prob in probs]
+        print(f"{len(scored)} images scored: " + ", ".join(f"{c} {calls.count(c)}" for c in sorted(set(calls)))
+              + " at the run's operating point")
+    with replacing(table) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", *(f"p_{c}" for c in cfg["classes"]), "decision"])
+        for (n, *_), prob in zip(scored, probs):
+            w.writerow([f"image{n}", *(f"{q:.6f}" for q in prob), decision(prob, cfg, point)])
+    print(f"wrote {table} (image<N>: the N-th file given, folders listed in sorted order)")
     if weights and weights[0] is not None:
         print(explain.describe_weights(torch.cat(weights), model.visual.keep))
-    return 2 if len(failed) == len(opt.image) else 0  # nothing scored: a mistake in the input
+
+
+def decision(prob, cfg: dict, point: dict) -> str:  # at the run's thresholds; multi-class: the argmax
+    if not point["thresholds"]:
+        return cfg["classes"][int(np.argmax(prob))]
+    found = [c for c, cut in point["thresholds"].items() if prob[cfg["classes"].index(c)] >= cut]
+    return "|".join(found) if cfg["multi_label"] else (found[0] if found else cfg["classes"][0])
 
 
 def explain_image(model, img: np.ndarray, cfg: dict, path: Path, target=None):
@@ -656,7 +686,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sensitivity", type=float, help="choose the threshold reaching this sensitivity on "
                     "validation (default: Youden's J)")
     ap.add_argument("--calibrate", action="store_true", help="also fit a temperature on validation; report both")
-    ap.add_argument("--image", nargs="+", help="DICOM/PNG/JPEG files to score with fold --fold's model")
+    ap.add_argument("--image", nargs="+", help="DICOM/PNG/JPEG files or folders to score with fold --fold's model")
+    ap.add_argument("--csv", help="with --image: where to write one row per image (default: the run folder's "
+                    "image_scores.csv)")
     ap.add_argument("--save-crops", metavar="DIR", help="with --image: write the crop the model saw")
     ap.add_argument("--explain", nargs="?", type=int, const=8, metavar="K", help="Grad-CAM maps (explain.py): "
                     "with --image, one <name>.explain.png each; with --fold, a sheet of K test images")

@@ -2118,6 +2118,25 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
     assert ev.main(["--runs", str(tmp_path), "--data", str(other), "--classes", "healthy=normal"]) == 0
 
 
+def test_image_scores_a_folder_in_batches_into_a_csv_without_file_names(demo_data, tmp_path, capsys):
+    train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "1"))
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i, r in enumerate(manifest(demo_data)[:12]):
+        shutil.copy(demo_data / r["image"], folder / f"DOE_JANE_{i:02d}.png")  # names that name a patient
+    (folder / "notes.txt").write_text("not an image")
+    capsys.readouterr()
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"12 images scored: (normal \d+, )?(pneumoconiosis \d+ )?at the run's operating point", out)
+    text = (tmp_path / "fold1/image_scores.csv").read_text()
+    rows = list(_csv.DictReader(text.splitlines()))
+    assert [r["image"] for r in rows] == [f"image{i}" for i in range(1, 13)] and "DOE" not in text
+    cfg = json.loads((tmp_path / "fold1/config.json").read_text())
+    cut = ev.operating_point(tmp_path / "fold1", cfg)["thresholds"]["pneumoconiosis"]  # the run's, from validation
+    assert all(r["decision"] == ("pneumoconiosis" if float(r["p_pneumoconiosis"]) >= cut else "normal") for r in rows)
+
+
 def test_a_model_trained_on_the_demo_says_it_is_not_for_diagnosis(demo_data, tmp_path, capsys):
     data = shutil.copytree(demo_data, tmp_path / "data")
     meta = json.loads((data / "meta.json").read_text())

@@ -34,7 +34,7 @@ from folders import Data, Help, Interrupted, UserError, cli, locked, replacing, 
 RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
 RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors", "state.pt", "metrics.json",
              "val_predictions.csv", "predictions.csv", "eval.json", "operating_point.json", "roc.png",
-             "reliability.png", "explain.png")
+             "reliability.png", "explain.png", "probe.json", "image_scores.csv")
 
 
 def parser() -> argparse.ArgumentParser:
