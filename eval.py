@@ -476,17 +476,25 @@ def probe(runs: Path, opt) -> int:
     thorax box, the same rule for every film) where the run was cropped otherwise, and with the lung
     fields (manifest.csv's lungs: fractions of the crop) filled with neutral grey. For each: the AUC
     with its patient interval, the mean P(disease) per class and the share called positive at the
-    run's threshold; then a verdict. Writes probe.json in the run folder."""
+    run's threshold; then a verdict. Writes probe.json in the run folder. With --data DIR: the same
+    for every image of that prepared folder (external validation), written in the run folder as
+    probe-<name>-<tag>.json."""
     run = runs / f"fold{opt.fold}"
     cfg, rows, y, prob = read_run(run, opt.fold)
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
         raise UserError("--probe compares the disease score of binary runs; this run has classes "
                         f"{cfg['classes']}{' (multi-label)' if cfg['multi_label'] else ''}")
     cut = operating_point(run, cfg, opt.sensitivity)["thresholds"][cfg["classes"][1]]
-    data = run_data(cfg)
-    by_name = {Path(r["image"]).stem: r for r in data.rows}
-    test = [by_name[r["image"]] for r in rows]
     model, cfg = C.load_run(run, opt.device, keep_checkpoint_dtype=True)
+    if opt.data:  # another site's folder: all of it, labels in the run's names
+        data = Data(opt.data)
+        test, y = data.rows, encode_labels(mapped_labels(data, cfg, opt.classes), cfg["classes"], False)
+        rows, prob = test, C.predict(model, data.images(test), cfg, batch=16, progress=True)
+        written = f"probe-{data.folder.name}-{folder_tag(data.folder)}.json"
+    else:
+        data, written = run_data(cfg), "probe.json"
+        by_name = {Path(r["image"]).stem: r for r in data.rows}
+        test = [by_name[r["image"]] for r in rows]
     scores = {"as trained": prob[:, 1]}
     if any(r["reference"] != r["image"] for r in test):
         scores["reference framing"] = C.predict(model, data.images(test, "reference"), cfg)[:, 1]
@@ -503,8 +511,8 @@ def probe(runs: Path, opt) -> int:
               + ", ".join(f"{c} {pct(v)} %" for c, v in out[name]["positive"].items()))
     out["verdict"] = probe_verdict(out, y, scores, draws)
     print("\n".join(out["verdict"]))
-    write_atomic(run / "probe.json", json.dumps(out, indent=1))
-    print(f"wrote {run / 'probe.json'}")
+    write_atomic(run / written, json.dumps(out, indent=1))
+    print(f"wrote {run / written}")
     return 0
 
 
@@ -518,13 +526,15 @@ def hide_lungs(images: np.ndarray, rows: list) -> np.ndarray:  # (N, 1, H, W) ui
 
 
 def probe_verdict(out: dict, y, scores: dict, draws: list) -> list:
-    """Alarms when the hidden-lung AUC's interval lies above chance, or when the reference framing
-    moves the AUC (the paired interval of the difference excludes 0)."""
+    """Alarms when the hidden-lung AUC's interval excludes chance (above it, or below it: a score that
+    ranks the classes backwards still reads them), or when the reference framing moves the AUC (the
+    paired interval of the difference excludes 0)."""
     hidden = out["lung fields hidden"]
     lo, hi = hidden["auc_ci95"]
     said = f"with the lung fields hidden the AUC is {pct(hidden['auc'])} [{pct(lo)}, {pct(hi)}]"
-    lines = [f"{said}: the model reads something outside the lungs (markers, framing, devices, text)" if lo > 0.5
-             else f"{said}, not above chance: no sign that the model reads anything outside the lungs"]
+    lines = [f"{said}: the model reads something outside the lungs (markers, framing, devices, text)"
+             if lo > 0.5 or hi < 0.5 else f"{said}, which holds chance: no sign that the model reads anything "
+             "outside the lungs"]
     if "reference framing" in scores:
         diff = interval([M.roc_auc(y[i], scores["as trained"][i]) - M.roc_auc(y[i], scores["reference framing"][i])
                          for i in draws])
