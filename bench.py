@@ -18,6 +18,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -80,7 +81,6 @@ def bench_prepare(labels: str, against: str, workers: int, repeat: int):
     taken from git): each in a fresh process with the same workers, into a fresh folder, taking turns
     `repeat` times; the medians and their ratio. Folders are deleted only at the end: ext4 is slow to
     create files for minutes after thousands were deleted, which would slow whichever run came next."""
-    import tempfile
     labels, here = Path(labels).resolve(), Path(__file__).resolve().parent
     n = sum(1 for _ in open(labels)) - 1
     rates = {f"before ({against})": [], "now": []}

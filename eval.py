@@ -171,10 +171,10 @@ def fit_logistic(x, y, n_classes: int, multi_label: bool, l2: float):
     return predict
 
 
-def baseline(cfg: dict, test_rows: list) -> np.ndarray:
-    """The test fold's probabilities from logistic regression on 32x32 pixels, trained on the run's
-    own training split (the same patients as the model), its L2 strength chosen on the run's validation
-    split (the AUC) when there is one."""
+def baseline_model(cfg: dict):
+    """Logistic regression on 32x32 pixels, trained on the run's own training split (the same patients
+    as the model), its L2 strength chosen on the run's validation split (the AUC) when there is one.
+    Returns (the run's data folder, its split, features -> probabilities)."""
     data = run_data(cfg)
     split = data.run_split(cfg)
     x, y = pixels(data, split["train"]), data.labels(split["train"])
@@ -183,8 +183,13 @@ def baseline(cfg: dict, test_rows: list) -> np.ndarray:
     if split["val"]:
         xv, yv = pixels(data, split["val"]), data.labels(split["val"])
         best = max(fits, key=lambda l2: M.metrics(yv, fits[l2](xv))["auc"])
+    return data, split, fits[best]
+
+
+def baseline(cfg: dict, test_rows: list) -> np.ndarray:  # the baseline's probabilities on the test fold
+    data, split, predict = baseline_model(cfg)
     by_name = {Path(r["image"]).stem: r for r in split["test"]}  # predictions.csv names images by pseudonym
-    return fits[best](pixels(data, [by_name[r["image"]] for r in test_rows]))
+    return predict(pixels(data, [by_name[r["image"]] for r in test_rows]))
 
 
 def roc_band(y, score, draws, grid=np.linspace(0, 1, 101)):  # pointwise 95 % band of tpr over fpr
@@ -206,16 +211,19 @@ def read_run(run: Path, fold: int) -> tuple:
     return (cfg, *read_predictions(run / "predictions.csv", cfg))
 
 
-def operating_point(run: Path, cfg: dict, sensitivity=None) -> dict:
-    """Thresholds chosen on the run's validation predictions, never on the test fold (the same rule
-    gives the same thresholds to --fold, --image and --explain; --fold saves them: operating_point.json)."""
+def operating_point(run: Path, cfg: dict, sensitivity=None, more=()) -> dict:
+    """Thresholds chosen on the run's validation predictions (pooled with those of the runs `more`: an
+    ensemble's folds), never on the test fold (the same rule gives the same thresholds to --fold,
+    --image, --explain and --data; --fold saves them: operating_point.json)."""
     if not cfg["multi_label"] and len(cfg["classes"]) > 2:
         return dict(rule="argmax (multi-class: no threshold)", thresholds={})
     names = cfg["classes"] if cfg["multi_label"] else cfg["classes"][1:]
     if not (run / "val_predictions.csv").exists():
         return dict(rule="0.5 (the run has no validation split to choose a threshold on)",
                     thresholds={c: 0.5 for c in names})
-    _, yv, pv = read_predictions(run / "val_predictions.csv", cfg)
+    vals = [read_predictions(r / "val_predictions.csv", cfg)[1:] for r in (run, *more)
+            if (r / "val_predictions.csv").exists()]
+    yv, pv = (np.concatenate(v) for v in zip(*vals))
     rule = "Youden's J" if sensitivity is None else f"sensitivity >= {sensitivity}"
     findings = as_binary(yv, pv, cfg["multi_label"])
     thresholds = {n: choose_threshold(y, s, sensitivity) for n, (_, y, s) in zip(names, findings)}
@@ -568,14 +576,15 @@ def external(runs: Path, opt) -> int:
         model, run_cfg = C.load_run(runs / f"fold{f}", opt.device, keep_checkpoint_dtype=True)
         scores.append(C.predict(model, images, run_cfg, batch=16, progress=True))
     prob = np.mean(scores, 0)
-    cut = carried_threshold([runs / f"fold{f}" for f in folds], cfg, opt.sensitivity)
+    point = operating_point(runs / f"fold{folds[0]}", cfg, opt.sensitivity, [runs / f"fold{f}" for f in folds[1:]])
+    cut = point["thresholds"][cfg["classes"][1]]
     draws = resamples([r["patient"] for r in other.rows], y, 2)
     out = dict(data=str(other.folder), folds=folds, images=len(y), threshold=cut,
                paper=dict(metrics=M.metrics(y, prob), ci95={k: interval([M.metrics(y[i], prob[i])[k] for i in draws])
                                                             for k in M.METRICS}),
                operating_point=at_threshold(y, prob[:, 1], cut), calibration=calibration(y, prob, False))
-    base = np.mean([external_baseline(json.loads((runs / f"fold{f}/config.json").read_text()), other)
-                    for f in folds], 0)
+    x = pixels(other, other.rows)
+    base = np.mean([baseline_model(json.loads((runs / f"fold{f}/config.json").read_text()))[2](x) for f in folds], 0)
     out["baseline"] = dict(auc=M.roc_auc(y, base[:, 1]),
                            auc_ci95=interval([M.roc_auc(y[i], base[i, 1]) for i in draws]))
     out["shift"] = shift(Data(cfg["data"]).meta, other.meta)
@@ -598,28 +607,6 @@ def mapped_labels(other: Data, cfg: dict, classes) -> list:
         raise UserError(f"{other.folder} has labels {sorted(set(labels))}, the run {cfg['classes']}: map names that "
                         "mean the same with --classes 'theirs=ours,...'")
     return labels
-
-
-def carried_threshold(runs: list, cfg: dict, sensitivity) -> float:
-    """The cut chosen on the runs' validation predictions (pooled over folds), as operating_point does."""
-    vals = [read_predictions(r / "val_predictions.csv", cfg)[1:] for r in runs if (r / "val_predictions.csv").exists()]
-    if not vals:
-        return 0.5
-    y, prob = np.concatenate([v[0] for v in vals]), np.concatenate([v[1] for v in vals])
-    return choose_threshold(y, prob[:, 1], sensitivity)
-
-
-def external_baseline(cfg: dict, other: Data) -> np.ndarray:
-    """The pixel baseline of the run (trained on its training patients, L2 on its validation) on DIR."""
-    data = run_data(cfg)
-    split = data.run_split(cfg)
-    x, y = pixels(data, split["train"]), data.labels(split["train"])
-    fits = {l2: fit_logistic(x, y, 2, False, l2) for l2 in (1.0, 30.0, 1000.0)}
-    best = 30.0
-    if split["val"]:
-        xv, yv = pixels(data, split["val"]), data.labels(split["val"])
-        best = max(fits, key=lambda l2: M.metrics(yv, fits[l2](xv))["auc"])
-    return fits[best](pixels(other, other.rows))
 
 
 def shift(ours: dict, theirs: dict) -> dict:
