@@ -123,10 +123,8 @@ def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
 
 
 def cast_frozen(model: P.PneumoLLM, dtype) -> P.PneumoLLM:  # from_pretrained's dtype policy for a random model
-    own = {id(p) for p in model.own_parameters()}
-    for p in model.parameters():
-        if id(p) not in own:  # CLIP's and LLaMA's weights in `dtype`; this project's stay fp32
-            p.data = p.data.to(dtype)
+    for p in model.frozen_parameters():  # CLIP's and LLaMA's weights in `dtype`; this project's stay fp32
+        p.data = p.data.to(dtype)
     return model
 
 
@@ -183,10 +181,9 @@ def available(device: str) -> str:
 
 def stored_dtype(model: P.PneumoLLM) -> str:
     """The DTYPES name of the dtype that holds most of the frozen weights."""
-    own, count = {id(p) for p in model.own_parameters()}, {}
-    for p in model.parameters():
-        if id(p) not in own:
-            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    count = {}
+    for p in model.frozen_parameters():
+        count[p.dtype] = count.get(p.dtype, 0) + p.numel()
     best = max(count, key=count.get) if count else torch.float32
     return next((name for name, d in P.DTYPES.items() if d == best), "fp32")
 

@@ -432,6 +432,10 @@ class PneumoLLM(nn.Module):
     def own_parameters(self) -> list:  # saved with a run; the rest is CLIP's and LLaMA's, frozen
         return [p for m in self.own_modules() for p in m.parameters()]
 
+    def frozen_parameters(self) -> list:  # CLIP's and LLaMA's
+        own = {id(p) for p in self.own_parameters()}
+        return [p for p in self.parameters() if id(p) not in own]
+
     def trainable_parameters(self) -> list:
         return [p for p in self.own_parameters() if p.requires_grad]
 
