@@ -205,25 +205,89 @@ def status(key: str) -> float:  # GiB, from /proc/self/status: VmRSS, VmHWM (pea
     return int(line.split()[1]) / 2**20
 
 
-def load_full(d: Path, llama: str):
-    """In a fresh process, as eval.py --image on a CPU: load with the frozen weights as stored
-    (memory-mapped, never copied; the TorchScript ViT is read into memory), adapters unmerged, then score
-    two images one at a time; report."""
-    size = sum(f.stat().st_size for f in [d / "ViT-L-14.pt", *(d / llama).glob("*")]) / 2**30
+def load_full(clip: Path, llama: Path, floors=False):
+    """In a fresh process, scoring as eval.py does on a CPU (common.load_run and predict: the frozen weights
+    as stored, memory-mapped, never copied; adapters unmerged; no autocast): one image, one image again
+    (the first reads the weights from the page cache or the disk) and a batch of 16 with the ViT as
+    stored; then, where the CPU has AMX, with the ViT in bf16 (common.for_cpu_scoring)."""
+    size = sum(f.stat().st_size for f in [clip, *llama.glob("*")]) / 2**30
     t = time.perf_counter()
-    model = P.from_pretrained(d / "ViT-L-14.pt", d / llama, "cpu").eval()
-    start, after_load = time.perf_counter() - t, status("VmHWM")
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    seconds = []
+    model = P.from_pretrained(clip, llama, "cpu").eval()
+    print(f"{llama.name}: files {size:.2f} GiB; start-up {time.perf_counter() - t:.1f} s (peak RSS "
+          f"{status('VmHWM'):.2f} GiB); {torch.get_num_threads()} threads", flush=True)
+    cfg, res = dict(device="cpu", dtype="as stored", norm="clip"), model.args.vision.image_size
+    images = torch.randint(0, 256, (16, 1, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def measure(vit: str, n: int, what: str):
+        t = time.perf_counter()
+        C.predict(model, images[:n], cfg, batch=n)
+        s = time.perf_counter() - t
+        print(f"  ViT {vit}, {what}: {s:.1f} s, {s / n:.2f} s per image; peak RSS {status('VmHWM'):.2f} GiB = "
+              f"{status('VmHWM') / size:.2f}x the files", flush=True)
+
+    stored = str(model.visual.conv1.weight.dtype).removeprefix("torch.")
+    for n, what in ((1, "first image"), (1, "one image"), (16, "a batch of 16")):
+        measure(stored, n, what)
+    if C.for_cpu_scoring(model):
+        for n, what in ((1, "one image"), (16, "a batch of 16"), (16, "a batch of 16 again")):
+            measure("bf16", n, what)
+    else:
+        print(f"  the ViT stays {stored}: eval.py moves it to bf16 only from fp16, on a CPU with AMX")
+    print(f"  now {status('RssAnon'):.2f} GiB private, {status('RssFile'):.2f} GiB mapped from the files")
+    if floors:
+        floor(clip, model, C.normalise(images, cfg, res))
+
+
+def flops(a: P.PneumoArgs) -> tuple[int, int]:
+    """Multiply-add FLOPs per image of the ViT (patch embedding; q/k/v, out, MLP, QK^T and AV in each block
+    up to the last one kept) and of LLaMA on its T tokens (q/k/v/o, SwiGLU, QK^T and AV); the engine,
+    projection, adapters and head add well under 0.1 %."""
+    v, l = a.vision, a.llama
+    patches, kv = (v.image_size // v.patch_size) ** 2, (l.n_kv_heads or l.n_heads) * (l.dim // l.n_heads)
+    n, t = patches + 1, len(a.blocks()) + a.n_diag * (a.engine != "none")
+    vit = 2 * patches * 3 * v.patch_size**2 * v.width + 2 * a.blocks()[-1] * n * (12 * v.width**2 + 2 * n * v.width)
+    llama = 2 * l.n_layers * t * (2 * l.dim**2 + 2 * l.dim * kv + 3 * l.dim * l.hidden_dim() + 2 * t * l.dim)
+    return vit, llama
+
+
+def floor(clip: Path, model: P.PneumoLLM, x):
+    """Each part alone on 16 images in fp16 and bf16 (the ViT read again as stored; one LLaMA layer, then a
+    bf16 copy of it, times the layers), the ViTs' CLS tokens against an fp32 ViT's, and the floor: the
+    FLOPs at this CPU's measured rate for a large matmul, the weights' bytes at its memory bandwidth."""
+    cpu, a, p = torch.device("cpu"), torch.randn(4096, 4096), model.args.llama
+    rate = {k: 2 * 4096**3 / timed(lambda: m @ m.T, cpu, 1, 3)[1] / 1e9
+            for k, m in (("fp16", a.half()), ("bf16", a.bfloat16()))}
+    big = torch.ones(2**27)  # 512 MiB
+    bandwidth = big.numel() * 4 / timed(big.sum, cpu, 1, 3)[1] / 1e9
+    n, k = len(model.args.blocks()), model.args.n_diag
+    h, mask = torch.randn(16, n + k, p.dim), P.emitter_mask(n, k)
+    cos, sin = model.llama.rope_tables(n + k, "cpu")
+    vits = {d: P.from_pretrained(clip, None, "cpu", dtype, llm=False).visual.eval()
+            for d, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    seconds, cls = {}, {}
     with torch.no_grad():
-        for _ in range(2):  # the first reads the weights from the page cache or the disk
-            t = time.perf_counter()
-            p = model(x).float().softmax(-1)[0, 1].item()
-            seconds.append(time.perf_counter() - t)
-    print(f"{llama}: files {size:.2f} GiB; start-up {start:.1f} s (peak RSS {after_load:.2f} GiB); one image "
-          f"{seconds[0]:.1f} s, then {seconds[1]:.1f} s (P = {p:.3f}); peak RSS {status('VmHWM'):.2f} GiB = "
-          f"{status('VmHWM') / size:.2f}x the files (now {status('RssAnon'):.2f} GiB private, "
-          f"{status('RssFile'):.2f} GiB mapped from the files); {torch.get_num_threads()} threads")
+        for d, t in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            seconds["ViT", d] = timed(lambda: cls.update({d: vits[d](x)}), cpu, 0, 1)[1]
+            layer = model.llama.layers[0].to(t)  # as LLaMA stored in this dtype would give
+            seconds["LLaMA", d] = p.n_layers * timed(lambda: layer(h.to(t), cos, sin, mask), cpu, 1, 3)[1]
+        ref = vits["fp32"](x)
+    vit, llama = flops(model.args)
+    weights = sum(q.numel() * 2 for q in model.frozen_parameters())  # bytes in fp16 or bf16
+    print(f"  this CPU: a 4096^3 matmul at {rate['fp16']:.0f} GFLOP/s in fp16, {rate['bf16']:.0f} in bf16; "
+          f"memory read at {bandwidth:.1f} GB/s")
+    for part, flop in (("ViT", vit), ("LLaMA", llama)):
+        print(f"  {part}: {flop / 1e9:.1f} GFLOP per image; 16 images in "
+              + ", ".join(f"{d} {seconds[part, d]:.1f} s ({16 * flop / seconds[part, d] / 1e9:.0f} GFLOP/s)"
+                          for d in ("fp16", "bf16")) + (" (one layer x the layers)" if part == "LLaMA" else ""))
+    at = {name: (vit / rate[v] + llama / rate[l]) / 1e9 for name, v, l in
+          (("fp16", "fp16", "fp16"), ("the ViT bf16, LLaMA fp16 (eval.py on AMX)", "bf16", "fp16"),
+           ("bf16", "bf16", "bf16"))}
+    print("  floor per image, the FLOPs at those rates: " + ", ".join(f"{k} {s:.2f} s" for k, s in at.items())
+          + f"; the bytes: {weights / 16 / bandwidth / 1e9:.3f} s at batch 16 ({weights / 1e9:.1f} GB of weights "
+          "read per batch)")
+    for d in ("fp16", "bf16"):
+        err = ((cls[d].float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
+        print(f"  the {d} ViT's CLS tokens against an fp32 ViT's: max relative error {err:.1e}")
 
 
 def bench_load(folder: str, threads):
@@ -362,7 +426,8 @@ def main():
         return bench_read_vit(Path(opt.read_vit))
     if opt.load_step:
         step, folder = opt.load_step
-        return write_full(Path(folder)) if step == "write" else load_full(Path(folder), step)
+        d = Path(folder)  # the floors once, with Meta's layout
+        return write_full(d) if step == "write" else load_full(d / "ViT-L-14.pt", d / step, step == "llama-7b")
     return bench_model(opt)
 
 

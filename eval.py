@@ -595,6 +595,8 @@ def external(runs: Path, opt) -> int:
     write_atomic(folder / "eval.json", json.dumps(out, indent=1))
     plots.draw_reliability(folder / "reliability.png", prob[:, 1], y, f"{other.folder.name}: reliability")
     print(external_report(out, cfg))
+    print(f"  what the model reads on these films (the lungs hidden, the framing changed): python eval.py --runs "
+          f"{runs} --fold {folds[0]} --probe --data {other.folder}")
     print(f"wrote predictions.csv, eval.json, reliability.png in {folder}")
     return 0
 

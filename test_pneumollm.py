@@ -12,6 +12,8 @@ real DICOMs and real radiographs (../shared/data, or $PNEUMOLLM_SHARED_DATA). Se
 """
 import argparse
 import collections
+import contextlib
+import copy
 import csv as _csv
 import importlib.util
 import io
@@ -38,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import audit
 import bench
@@ -671,6 +675,34 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
     assert model.visual.conv1.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
     err = (bf16 - fp32).abs().max() / fp32.abs().max()
     assert 0 < err < 0.03
+
+
+def test_cpu_scoring_moves_only_the_vit_to_bf16_and_only_on_amx(monkeypatch):
+    """Scoring on a CPU with fp16 checkpoints: where the CPU has AMX, the ViT's frozen weights become bf16
+    and nothing else changes dtype (LLaMA stays fp16 as stored, this project's parts fp32); the
+    probabilities stay within bf16's rounding of fp32's, and batched equals one at a time. No AMX, fp32
+    weights (a CPU-trained run) or no CLIP (the conv stem): nothing is converted."""
+    cfg = dict(device="cpu", dtype="as stored", norm="clip")
+    ref = tiny()
+    perturb_adapters(ref)
+    model = C.cast_frozen(copy.deepcopy(ref), torch.float16)
+    monkeypatch.setattr(C, "amx_bf16", lambda: False)
+    assert not C.for_cpu_scoring(model) and model.visual.conv1.weight.dtype == torch.float16
+    monkeypatch.setattr(C, "amx_bf16", lambda: True)
+    assert not C.for_cpu_scoring(tiny()) and not C.for_cpu_scoring(tiny(encoder="conv"))
+    assert C.for_cpu_scoring(model)
+    frozen = {id(p) for p in model.frozen_parameters()}
+    for name, p in model.named_parameters():
+        want = torch.float32 if id(p) not in frozen else torch.bfloat16 if name.startswith("visual.") else torch.float16
+        assert p.dtype == want, name
+    assert isinstance(C.autocast(cfg), contextlib.nullcontext)
+    images = torch.randint(0, 256, (6, 1, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batched = C.predict(model, images, cfg, batch=6)
+    alone = np.concatenate([C.predict(model, images[i:i + 1], cfg) for i in range(6)])
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    with torch.no_grad():
+        err = (torch.as_tensor(batched) - ref(C.normalise(images, cfg, 224)).softmax(-1)).abs().max()
+    assert 0 < err < 0.005  # 5e-4 measured (fp16 ViT: 2e-4)
 
 
 # ==================================================================================================
@@ -1677,7 +1709,8 @@ def test_a_finished_gpu_run_is_read_and_kept_on_a_cpu_in_its_stored_dtype(demo_d
     train.main(train_args(demo_data, out, "--epochs", "1"))
     assert "this run is finished" in capsys.readouterr().out
     model, loaded = C.load_run(out, keep_checkpoint_dtype=True)
-    assert loaded["device"] == "cpu" and loaded["dtype"] == C.stored_dtype(model) == "fp32"
+    assert loaded["device"] == "cpu" and loaded["dtype"] == "as stored"
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # a CPU-trained tiny run: fp32 as stored
     (out / "predictions.csv").unlink()  # unfinished now: resuming in another dtype would change the run
     with pytest.raises(UserError, match=r"other settings \(dtype 'fp16' there, 'fp32' now\)"):
         train.main(train_args(demo_data, out, "--epochs", "1"))
@@ -2291,6 +2324,29 @@ def test_bench_times_a_tiny_training_step_and_inference():
     r = run_script("bench.py", "--model", "tiny", "--iters", "1", "--threads", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"train step: [\d.]+ ms median", r.stdout) and re.search(r"[\d.]+ merged", r.stdout)
+
+
+def test_bench_counts_the_flops_that_run(clip_files, llama_files):
+    """bench.py's FLOP count, the README's floor for CPU scoring, equals torch's FlopCounterMode on the ViT
+    and the LLaMA blocks as they run (attention in its math form, so that it is counted; no adapters,
+    which the count leaves out), with MHA and with grouped-query attention."""
+    model = load(clip_files["jit"], llama_files["meta"], vit_adapters=False, llm_adapters=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as vit:
+            src = model.visual(torch.randn(1, 3, 56, 56))
+        h = model.proj(torch.cat([src, model.engine(src)], 1))
+        with FlopCounterMode(display=False) as llama:
+            model.llama(h, P.emitter_mask(4, 4))
+    assert bench.flops(model.args) == (vit.get_total_flops(), llama.get_total_flops())
+
+
+def test_bench_scores_as_eval_does_at_batch_1_and_16(clip_files, tmp_path, capsys):
+    """`bench.py --load`'s measurement, on tiny checkpoints in the real formats: one image twice, a batch
+    of 16, the floors; fp32 weights are never moved to bf16."""
+    bench.load_full(clip_files["jit"], write_llama(tmp_path, 4)["meta"], floors=True)
+    out = capsys.readouterr().out
+    assert len(re.findall(r"ViT float32, [a-z 0-9]+: [\d.]+ s, [\d.]+ s per image; peak RSS", out)) == 3
+    assert "the ViT stays float32" in out and "floor per image" in out and "CLS tokens against an fp32" in out
 
 
 def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp_path):
