@@ -225,7 +225,7 @@ def load_full(clip: Path, llama: Path, floors=False):
         print(f"  ViT {vit}, {what}: {s:.1f} s, {s / n:.2f} s per image; peak RSS {status('VmHWM'):.2f} GiB = "
               f"{status('VmHWM') / size:.2f}x the files", flush=True)
 
-    stored = str(model.visual.conv1.weight.dtype).removeprefix("torch.")
+    stored = next(k for k, t in P.DTYPES.items() if t == model.visual.conv1.weight.dtype)
     for n, what in ((1, "first image"), (1, "one image"), (16, "a batch of 16")):
         measure(stored, n, what)
     if C.for_cpu_scoring(model):

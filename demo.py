@@ -62,11 +62,15 @@ def phantom(rng, disease: bool, size_class: str, profusion: int) -> tuple:
     lungs &= yy > 80
     img[lungs] = 0.18
     img += lungs * smooth_noise(rng, 24, 0.03)
-    for side in (-1, 1):  # ribs: arcs across each lung field; clavicles on top
+    for side in (-1, 1):  # ribs: arcs across each lung field (drawn within its bounding box); clavicles on top
+        field = lungs & (side * (xx - c) > 0)
+        rows, cols = np.nonzero(field.any(1))[0], np.nonzero(field.any(0))[0]
+        box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        y, x, field = yy[box], xx[box], field[box]
+        arc, tilt = 0.0025 * (x - c - side * 40) ** 2, side * 0.15 * (x - c)
         for k in range(9):
             y0 = 100 + 30 * k + rng.normal(0, 2)
-            band = np.abs(yy - (y0 + 0.0025 * (xx - c - side * 40) ** 2 + side * 0.15 * (xx - c))) < 4.5
-            img += 0.09 * (band & lungs & (side * (xx - c) > 0))
+            img[box] += 0.09 * ((np.abs(y - (y0 + arc + tilt)) < 4.5) & field)
         img += 0.15 * ellipse(yy, xx, 95, c + side * 80 * s, 7, 75 * s)
     img = np.maximum(img, 0.68 * ellipse(yy, xx, 320, c + 25, 95 * s, 85 * s))  # heart
     img = np.maximum(img, 0.62 * (np.abs(xx - c) < 28 * s) * (yy > 40))  # mediastinum and spine

@@ -27,6 +27,7 @@ import argparse
 import csv
 import hashlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -595,8 +596,9 @@ def external(runs: Path, opt) -> int:
     write_atomic(folder / "eval.json", json.dumps(out, indent=1))
     plots.draw_reliability(folder / "reliability.png", prob[:, 1], y, f"{other.folder.name}: reliability")
     print(external_report(out, cfg))
-    print(f"  what the model reads on these films (the lungs hidden, the framing changed): python eval.py --runs "
-          f"{runs} --fold {folds[0]} --probe --data {other.folder}")
+    probe_command = shlex.join(["python", "eval.py", "--runs", str(runs), "--fold", str(folds[0]), "--probe", "--data",
+                                str(other.folder), *(["--classes", opt.classes] if opt.classes else [])])
+    print(f"  what the model reads on these films (the lungs hidden, the framing changed): {probe_command}")
     print(f"wrote predictions.csv, eval.json, reliability.png in {folder}")
     return 0
 

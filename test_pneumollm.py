@@ -2124,7 +2124,7 @@ def test_the_probe_stays_quiet_on_the_clean_demo(demo_data, tmp_path, capsys):
 
 
 def test_external_validation_scores_every_image_with_the_runs_own_operating_point(demo_data, demo_runs, tmp_path,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, capsys):
     """--data: one row per prepared image; --ensemble is the mean of the folds' probabilities (by hand); the
     cut is chosen on the runs' validation labels only; batched scoring equals one image at a time; another
     label set is refused unless --classes maps it."""
@@ -2157,9 +2157,11 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
     with pytest.raises(UserError, match=r"labels \['healthy', 'pneumoconiosis'\], the run \['normal', "
                                         r"'pneumoconiosis'\]"):
         ev.main(["--runs", str(tmp_path), "--data", str(other)])
+    capsys.readouterr()
     assert ev.main(["--runs", str(tmp_path), "--data", str(other), "--classes", "healthy=normal"]) == 0
-    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--probe", "--data", str(demo_data)]) == 0
-    probed, = (tmp_path / "fold1").glob("probe-data-*.json")  # the probe, on every image of the other folder
+    command = re.search(r"what the model reads on these films .*: python eval\.py (.*)", capsys.readouterr().out)
+    assert ev.main(shlex.split(command[1])) == 0  # the command it prints runs the probe on the same folder
+    probed, = (tmp_path / "fold1").glob("probe-renamed-*.json")  # the probe, on every image of the other folder
     assert json.loads(probed.read_text())["images"] == len(rows)
 
 
@@ -2299,8 +2301,9 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
           str(tmp_path / "p"),
           "--workers", "0"], "--workers 0: give 1 or more"),
     ]
-    for args, msg in cases:
-        r = run_script(*[str(here / args[0]), *args[1:]], cwd=tmp_path)
+    with multiprocessing.pool.ThreadPool(2) as pool:  # a process each, two at a time
+        runs = pool.map(lambda case: run_script(str(here / case[0][0]), *case[0][1:], cwd=tmp_path), cases)
+    for (args, msg), r in zip(cases, runs):
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "p").exists() and not (tmp_path / "o").exists()
@@ -2345,8 +2348,8 @@ def test_bench_scores_as_eval_does_at_batch_1_and_16(clip_files, tmp_path, capsy
     of 16, the floors; fp32 weights are never moved to bf16."""
     bench.load_full(clip_files["jit"], write_llama(tmp_path, 4)["meta"], floors=True)
     out = capsys.readouterr().out
-    assert len(re.findall(r"ViT float32, [a-z 0-9]+: [\d.]+ s, [\d.]+ s per image; peak RSS", out)) == 3
-    assert "the ViT stays float32" in out and "floor per image" in out and "CLS tokens against an fp32" in out
+    assert len(re.findall(r"ViT fp32, [a-z 0-9]+: [\d.]+ s, [\d.]+ s per image; peak RSS", out)) == 3
+    assert "the ViT stays fp32" in out and "floor per image" in out and "CLS tokens against an fp32" in out
 
 
 def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp_path):
