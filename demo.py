@@ -175,10 +175,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("out", help="folder for the DICOMs and labels.csv, e.g. data/demo_dicom")
     ap.add_argument("--patients", type=int, default=330, help="synthetic patients, 1-3 films each (default 330)")
+    ap.add_argument("--seed", type=int, default=20, help="another seed writes other patients: a second site for "
+                    "eval.py --data (default 20)")
     ap.add_argument("--shortcut", choices=list(MARKER_AT), help="a bright marker on every diseased film, in the "
                     "film's corner (outside the lung fields) or in a lung; for eval.py --probe")
     opt = ap.parse_args(argv)
-    labels = write_demo(Path(opt.out), opt.patients, shortcut=opt.shortcut)
+    labels = write_demo(Path(opt.out), opt.patients, opt.seed, opt.shortcut)
     print(f"prepare it: python prepare.py --images {opt.out} --labels {labels} --out data/NAME")
     return 0
 

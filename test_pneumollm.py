@@ -1190,13 +1190,16 @@ def test_nih_subset_prepares_with_the_patient_column(tmp_path):
     assert not any(r["patient"] in pid.values() or r["image"].split("/")[-1] in names for r in m)
 
 
-def test_demo_generator_is_deterministic(tmp_path):
+def test_demo_generator_is_deterministic_and_another_seed_is_another_site(tmp_path):
     demo.write_demo(tmp_path / "a", n_patients=4)
     demo.write_demo(tmp_path / "b", n_patients=4)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(files) > 4
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert demo.main([str(tmp_path / "c"), "--patients", "1", "--seed", "21"]) == 0
+    first, other = (pydicom.dcmread(tmp_path / d / "demo_0000_0.dcm").pixel_array for d in ("a", "c"))
+    assert first.shape == other.shape and not np.array_equal(first, other)
     ds = pydicom.dcmread(next((tmp_path / "a").glob("*.dcm")))
     assert ds.PatientName.family_name == "DEMO" and ds.Modality in ("CR", "DX")
 
