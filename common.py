@@ -171,7 +171,7 @@ def load_run(run: Path, device=None, keep_checkpoint_dtype=False) -> tuple[P.Pne
         cfg["dtype"] = "as stored"
         if for_cpu_scoring(model):
             print("the ViT computes in bf16 on this CPU's AMX units (its fp16 weights converted once; LLaMA "
-                  "stays fp16): about twice as fast; README 'Scoring with the real model on a CPU'")
+                  "stays fp16): 2.5x as fast; README 'Scoring with the real model on a CPU'")
     return model, cfg
 
 
@@ -189,9 +189,9 @@ def amx_bf16() -> bool:  # this CPU multiplies bf16 matrices in AMX tiles (Intel
 
 def for_cpu_scoring(model: P.PneumoLLM) -> bool:
     """Where the CPU has AMX, the ViT's frozen fp16 weights become bf16 (once; 0.57 GiB for ViT-L/14):
-    its matmuls over 257 tokens per image are compute-bound, and AMX multiplies bf16 about twice as
-    fast as the CPU multiplies fp16. LLaMA stays fp16 as stored: converting its 12.6 GB would cost, on
-    every batch, about what AMX saves. Returns whether it converted (bench.py --load measures both)."""
+    its matmuls over 257 tokens per image are compute-bound, and AMX multiplies bf16 about three times
+    as fast as the CPU multiplies fp16 (the whole ViT: 2.5x). LLaMA stays fp16 as stored: converting its
+    12.9 GB on every batch costs what AMX saves. Returns whether it converted (bench.py --load measures)."""
     own = {id(p) for p in model.own_parameters()}
     vit = [p for p in model.visual.parameters() if id(p) not in own]
     if not (vit and all(p.dtype == torch.float16 for p in vit) and amx_bf16()):

@@ -677,7 +677,7 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
     assert 0 < err < 0.03
 
 
-def test_cpu_scoring_moves_only_the_vit_to_bf16_and_only_on_amx(monkeypatch):
+def test_cpu_scoring_moves_only_the_vit_to_bf16_and_only_on_amx(demo_runs, monkeypatch, capsys):
     """Scoring on a CPU with fp16 checkpoints: where the CPU has AMX, the ViT's frozen weights become bf16
     and nothing else changes dtype (LLaMA stays fp16 as stored, this project's parts fp32); the
     probabilities stay within bf16's rounding of fp32's, and batched equals one at a time. No AMX, fp32
@@ -703,6 +703,11 @@ def test_cpu_scoring_moves_only_the_vit_to_bf16_and_only_on_amx(monkeypatch):
     with torch.no_grad():
         err = (torch.as_tensor(batched) - ref(C.normalise(images, cfg, 224)).softmax(-1)).abs().max()
     assert 0 < err < 0.005  # 5e-4 measured (fp16 ViT: 2e-4)
+    build = C.build  # a run whose checkpoints store fp16, scored on this CPU as eval.py scores it: it says so
+    monkeypatch.setattr(C, "build", lambda cfg, as_stored: C.cast_frozen(build(cfg, as_stored), torch.float16))
+    model, cfg = C.load_run(demo_runs / "fold1", keep_checkpoint_dtype=True)
+    assert cfg["dtype"] == "as stored" and model.visual.conv1.weight.dtype == torch.bfloat16
+    assert "the ViT computes in bf16 on this CPU's AMX units" in capsys.readouterr().out
 
 
 # ==================================================================================================
