@@ -51,101 +51,8 @@ def read_predictions(path: Path, cfg: dict) -> tuple:  # (rows, labels, probabil
     return rows, encode_labels([r["label"] for r in rows], cfg["classes"], cfg["multi_label"]), prob
 
 
-def as_binary(y, prob, multi_label: bool) -> list:
-    """[(name, y (N,) 0/1, p (N,))]: the disease score of a binary set, or each finding of a multi-label set."""
-    if multi_label:
-        return [(c, y[:, c], prob[:, c]) for c in range(prob.shape[1])]
-    return [("", y, prob[:, 1])] if prob.shape[1] == 2 else []
-
-
 # ------------------------------------------------------------------------------------------------
-# operating point and calibration
-
-
-def roc_curve(y, score):
-    """(fpr, tpr, thresholds) from the highest threshold down, one point per distinct score."""
-    y, score = np.asarray(y).astype(bool), np.asarray(score)
-    order = np.argsort(-score, kind="mergesort")
-    y, s = y[order], score[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)], np.r_[np.inf, s[last]]
-
-
-def choose_threshold(y, score, sensitivity=None) -> float:
-    """On validation: maximise Youden's J (sensitivity + specificity - 1) over the scores as cut-offs
-    (never one above them all, which would call every image negative), or take the highest threshold
-    whose sensitivity reaches `sensitivity`. Positive means score >= threshold."""
-    fpr, tpr, thr = (v[1:] for v in roc_curve(y, score))  # [0]: the cut-off above every score
-    if sensitivity is None:
-        return float(thr[np.argmax(tpr - fpr)])
-    return float(thr[np.argmax(tpr >= sensitivity)])
-
-
-def at_threshold(y, score, cut: float) -> dict:
-    y, pred = np.asarray(y).astype(bool), np.asarray(score) >= cut
-    tp, tn, fp, fn = (y & pred).sum(), (~y & ~pred).sum(), (~y & pred).sum(), (y & ~pred).sum()
-    ratio = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
-    return dict(sensitivity=ratio(tp, tp + fn), specificity=ratio(tn, tn + fp), accuracy=ratio(tp + tn, len(y)),
-                ppv=ratio(tp, tp + fp), npv=ratio(tn, tn + fn), f1=ratio(2 * tp, 2 * tp + fp + fn))
-
-
-def calibration(y, prob, multi_label: bool, bins=15) -> dict:
-    """Brier score: the mean squared difference between a probability and its 0/1 outcome, for the
-    disease class of a binary set (each finding of a multi-label set, averaged; multi-class: summed
-    over classes). ECE: over 15 equal-width bins of that probability, |mean predicted - observed
-    frequency| weighted by the share of images in the bin, summed (averaged over findings/classes)."""
-    hot = M.one_hot(y, prob.shape[1], multi_label)
-    cols = [1] if prob.shape[1] == 2 and not multi_label else list(range(prob.shape[1]))
-    sq = (prob - hot)[:, cols] ** 2
-    brier = sq.sum(1).mean() if not multi_label and len(cols) > 1 else sq.mean()
-    eces = []
-    for c in cols:
-        b = np.minimum((prob[:, c] * bins).astype(int), bins - 1)
-        gaps = [abs(prob[b == i, c].mean() - hot[b == i, c].mean()) * (b == i).mean() for i in np.unique(b)]
-        eces.append(sum(gaps))
-    return dict(brier=float(brier), ece=float(np.mean(eces)))
-
-
-def with_temperature(prob, temperature: float, multi_label: bool):
-    """Softmax(log p / T) (sigmoid(logit / T) per finding for multi-label sets): T > 1 softens."""
-    p = np.clip(prob, 1e-7, 1 - 1e-7)
-    if multi_label:
-        return 1 / (1 + np.exp(-np.log(p / (1 - p)) / temperature))
-    z = np.log(p) / temperature
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def fit_temperature(y, prob, multi_label: bool) -> float:
-    """The T that minimises the validation set's negative log-likelihood, on a fine log grid."""
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 601))
-    hot = M.one_hot(y, prob.shape[1], multi_label)
-    nll = [-(hot * np.log(np.clip(q, 1e-12, 1)) + (1 - hot) * np.log(np.clip(1 - q, 1e-12, 1)) * multi_label).sum()
-           for q in (with_temperature(prob, temp, multi_label) for temp in grid)]
-    return float(grid[int(np.argmin(nll))])
-
-
-# ------------------------------------------------------------------------------------------------
-# intervals and the baseline
-
-
-def resamples(patients, y, n_classes: int, n=1000, seed=0) -> list:
-    """Image indices of n bootstrap resamples of the patients (each drawn patient brings all its
-    images); resamples lacking a class (a finding's 0s or 1s) are redrawn."""
-    rng, y = np.random.default_rng(seed), np.asarray(y)
-    _, of = np.unique(np.asarray(patients), return_inverse=True)
-    images_of = [np.flatnonzero(of == p) for p in range(of.max() + 1)]
-    out = []
-    while len(out) < n:
-        i = np.concatenate([images_of[p] for p in rng.integers(0, len(images_of), len(images_of))])
-        if (np.unique(y[i]).size == n_classes) if y.ndim == 1 else np.ptp(y[i], 0).all():
-            out.append(i)
-    return out
-
-
-def interval(values) -> list:
-    return [float(v) for v in np.percentile(values, [2.5, 97.5])]
+# the baseline
 
 
 def run_data(cfg: dict) -> Data:  # the run's data folder, refused if it changed since the run was trained
@@ -193,15 +100,6 @@ def baseline(cfg: dict, test_rows: list) -> np.ndarray:  # the baseline's probab
     return predict(pixels(data, [by_name[r["image"]] for r in test_rows]))
 
 
-def roc_band(y, score, draws, grid=np.linspace(0, 1, 101)):  # pointwise 95 % band of tpr over fpr
-    tprs = []
-    for i in draws:
-        fpr, tpr, _ = roc_curve(y[i], score[i])
-        tprs.append(np.interp(grid, fpr, tpr))
-    lo, hi = np.percentile(tprs, [2.5, 97.5], axis=0)
-    return grid, lo, hi
-
-
 # ------------------------------------------------------------------------------------------------
 
 
@@ -226,9 +124,9 @@ def operating_point(run: Path, cfg: dict, sensitivity=None, more=()) -> dict:
             if (r / "val_predictions.csv").exists()]
     yv, pv = (np.concatenate(v) for v in zip(*vals))
     rule = "Youden's J" if sensitivity is None else f"sensitivity >= {sensitivity}"
-    findings = as_binary(yv, pv, cfg["multi_label"])
-    thresholds = {n: choose_threshold(y, s, sensitivity) for n, (_, y, s) in zip(names, findings)}
-    youden = {n: sum(at_threshold(y, s, thresholds[n])[k] for k in ("sensitivity", "specificity")) - 1
+    findings = M.as_binary(yv, pv, cfg["multi_label"])
+    thresholds = {n: M.choose_threshold(y, s, sensitivity) for n, (_, y, s) in zip(names, findings)}
+    youden = {n: sum(M.at_threshold(y, s, thresholds[n])[k] for k in ("sensitivity", "specificity")) - 1
               for n, (_, y, s) in zip(names, findings)}
     chance = [f"{n} (J {v:.2f})" for n, v in youden.items() if not v > 0]
     warn = f"; WARNING: no cut-off beats chance there for {', '.join(chance)}" if chance else ""
@@ -239,26 +137,26 @@ def evaluate(run: Path, fold: int, opt) -> dict:
     """Everything about one finished fold, as eval.json holds it."""
     cfg, rows, y, prob = read_run(run, fold)
     ml, patients = cfg["multi_label"], [r["patient"] for r in rows]
-    draws = resamples(patients, y, prob.shape[1])
+    draws = M.resamples(patients, y, prob.shape[1])
     m, model_draws = M.metrics(y, prob), [M.metrics(y[i], prob[i]) for i in draws]
     out = dict(fold=fold, images=len(y), patients=len(set(patients)), intervals="95 %, 1000 resamples of patients",
-               paper=dict(metrics=m, ci95={k: interval([d[k] for d in model_draws]) for k in M.METRICS}))
+               paper=dict(metrics=m, ci95={k: M.interval([d[k] for d in model_draws]) for k in M.METRICS}))
     point = operating_point(run, cfg, opt.sensitivity)
     write_atomic(run / "operating_point.json", json.dumps(point, indent=1))
-    findings = zip(as_binary(y, prob, ml), point["thresholds"])
-    out["operating_point"] = dict(point, per_finding={n: at_threshold(yb, s, point["thresholds"][n])
+    findings = zip(M.as_binary(y, prob, ml), point["thresholds"])
+    out["operating_point"] = dict(point, per_finding={n: M.at_threshold(yb, s, point["thresholds"][n])
                                                       for (_, yb, s), n in findings})
-    out["calibration"] = dict(bins=15, test=calibration(y, prob, ml))
+    out["calibration"] = dict(bins=15, test=M.calibration(y, prob, ml))
     if opt.calibrate and (run / "val_predictions.csv").exists():
         _, yv, pv = read_predictions(run / "val_predictions.csv", cfg)
-        temp = fit_temperature(yv, pv, ml)
-        out["calibration"].update(temperature=temp, calibrated=calibration(y, with_temperature(prob, temp, ml), ml))
+        temp = M.fit_temperature(yv, pv, ml)
+        out["calibration"].update(temperature=temp, calibrated=M.calibration(y, M.with_temperature(prob, temp, ml), ml))
     pb = baseline(cfg, rows)
     auc, base_auc = M.metrics(y, pb)["auc"], [M.metrics(y[i], pb[i])["auc"] for i in draws]
-    diff = interval([d["auc"] - b for d, b in zip(model_draws, base_auc)])
+    diff = M.interval([d["auc"] - b for d, b in zip(model_draws, base_auc)])
     verdict = "beats" if diff[0] > 0 else "does NOT beat" if m["auc"] <= auc else "is not clearly better than"
     out["baseline"] = dict(what="logistic regression on the 32x32 grey image, trained on the run's training "
-                                "patients", auc=auc, auc_ci95=interval(base_auc),
+                                "patients", auc=auc, auc_ci95=M.interval(base_auc),
                            model_minus_baseline_ci95=diff,
                            verdict=f"the model {verdict} the baseline")
     return dict(out, _curves=(cfg, y, prob, draws, pb))
@@ -301,14 +199,14 @@ def eval_fold(runs: Path, fold: int, opt) -> dict:
     cfg, y, prob, draws, _ = out.pop("_curves")
     print(report(out, cfg))
     write_atomic(run / "eval.json", json.dumps(out, indent=1))
-    for name, yb, score in as_binary(y, prob, cfg["multi_label"])[:1]:  # binary: disease; multi-label: 1st finding
+    for name, yb, score in M.as_binary(y, prob, cfg["multi_label"])[:1]:  # binary: disease; multi-label: 1st finding
         name = name or cfg["classes"][1]
         cut = out["operating_point"]["thresholds"][name]
-        r = at_threshold(yb, score, cut)
-        fpr, tpr, _ = roc_curve(yb, score)
+        r = M.at_threshold(yb, score, cut)
+        fpr, tpr, _ = M.roc_curve(yb, score)
         plots.draw_roc(run / "roc.png", [(f"AUC {out['paper']['metrics']['auc']:.3f}", fpr, tpr)],
                        f"fold {fold}: ROC of P({name}), 95 % band over patients",
-                       roc_band(yb, score, draws),
+                       M.roc_band(yb, score, draws),
                        (1 - r["specificity"], r["sensitivity"], f"operating point {cut:.2f}"))
         plots.draw_reliability(run / "reliability.png", score, yb, f"fold {fold}: reliability of P({name})")
     written = [n for n in ("eval.json", "operating_point.json", "roc.png", "reliability.png") if (run / n).exists()]
@@ -353,15 +251,15 @@ def pool(runs: Path, per: dict) -> dict:
     curves, ys, scores, base = [], [], [], []
     for f, o in per.items():
         cfg, y, prob, _, pb = o["_curves"]
-        model_and_baseline = zip(as_binary(y, prob, cfg["multi_label"])[:1], as_binary(y, pb, cfg["multi_label"]))
+        model_and_baseline = zip(M.as_binary(y, prob, cfg["multi_label"])[:1], M.as_binary(y, pb, cfg["multi_label"]))
         for (_, yb, s), (_, _, b) in model_and_baseline:
-            curves.append((f"fold {f}", *roc_curve(yb, s)[:2]))
+            curves.append((f"fold {f}", *M.roc_curve(yb, s)[:2]))
             ys, scores, base = ys + [yb], scores + [s], base + [b]
     if not ys:
         return dict(auc=float("nan"), baseline_auc=float("nan"))
     y, s = np.concatenate(ys), np.concatenate(scores)
     auc = M.roc_auc(y, s)
-    pooled = (f"pooled: AUC {auc:.3f}", *roc_curve(y, s)[:2])
+    pooled = (f"pooled: AUC {auc:.3f}", *M.roc_curve(y, s)[:2])
     plots.draw_roc(runs / "roc.png", curves + [pooled], "every fold's ROC, and pooled")
     return dict(auc=auc, baseline_auc=M.roc_auc(y, np.concatenate(base)))
 
@@ -508,10 +406,10 @@ def probe(runs: Path, opt) -> int:
     if any(r["reference"] != r["image"] for r in test):
         scores["reference framing"] = C.predict(model, data.images(test, "reference"), cfg)[:, 1]
     scores["lung fields hidden"] = C.predict(model, hide_lungs(data.images(test), test), cfg)[:, 1]
-    draws = resamples([r["patient"] for r in rows], y, 2)
+    draws = M.resamples([r["patient"] for r in rows], y, 2)
     out = dict(fold=opt.fold, images=len(y), threshold=cut, intervals="95 %, 1000 resamples of patients")
     for name, s in scores.items():
-        out[name] = dict(auc=M.roc_auc(y, s), auc_ci95=interval([M.roc_auc(y[i], s[i]) for i in draws]),
+        out[name] = dict(auc=M.roc_auc(y, s), auc_ci95=M.interval([M.roc_auc(y[i], s[i]) for i in draws]),
                          mean_p={c: float(s[y == k].mean()) for k, c in enumerate(cfg["classes"])},
                          positive={c: float((s[y == k] >= cut).mean()) for k, c in enumerate(cfg["classes"])})
         print(f"{name}: AUC {pct(out[name]['auc'])} [{pct(out[name]['auc_ci95'][0])}, "
@@ -545,7 +443,7 @@ def probe_verdict(out: dict, y, scores: dict, draws: list) -> list:
              if lo > 0.5 or hi < 0.5 else f"{said}, which holds chance: no sign that the model reads anything "
              "outside the lungs"]
     if "reference framing" in scores:
-        diff = interval([M.roc_auc(y[i], scores["as trained"][i]) - M.roc_auc(y[i], scores["reference framing"][i])
+        diff = M.interval([M.roc_auc(y[i], scores["as trained"][i]) - M.roc_auc(y[i], scores["reference framing"][i])
                          for i in draws])
         moved = diff[0] > 0 or diff[1] < 0
         lines.append(f"as trained minus reference framing, AUC: [{pct(diff[0])}, {pct(diff[1])}]: "
@@ -579,15 +477,15 @@ def external(runs: Path, opt) -> int:
     prob = np.mean(scores, 0)
     point = operating_point(runs / f"fold{folds[0]}", cfg, opt.sensitivity, [runs / f"fold{f}" for f in folds[1:]])
     cut = point["thresholds"][cfg["classes"][1]]
-    draws = resamples([r["patient"] for r in other.rows], y, 2)
+    draws = M.resamples([r["patient"] for r in other.rows], y, 2)
     out = dict(data=str(other.folder), folds=folds, images=len(y), threshold=cut,
-               paper=dict(metrics=M.metrics(y, prob), ci95={k: interval([M.metrics(y[i], prob[i])[k] for i in draws])
+               paper=dict(metrics=M.metrics(y, prob), ci95={k: M.interval([M.metrics(y[i], prob[i])[k] for i in draws])
                                                             for k in M.METRICS}),
-               operating_point=at_threshold(y, prob[:, 1], cut), calibration=calibration(y, prob, False))
+               operating_point=M.at_threshold(y, prob[:, 1], cut), calibration=M.calibration(y, prob, False))
     x = pixels(other, other.rows)
     base = np.mean([baseline_model(json.loads((runs / f"fold{f}/config.json").read_text()))[2](x) for f in folds], 0)
     out["baseline"] = dict(auc=M.roc_auc(y, base[:, 1]),
-                           auc_ci95=interval([M.roc_auc(y[i], base[i, 1]) for i in draws]))
+                           auc_ci95=M.interval([M.roc_auc(y[i], base[i, 1]) for i in draws]))
     out["shift"] = shift(Data(cfg["data"]).meta, other.meta)
     folder = runs / f"external-{other.folder.name}-{folder_tag(other.folder)}" / (
         "ensemble" if opt.ensemble else f"fold{folds[0]}")

@@ -1,7 +1,8 @@
 """
 The numbers, numpy only: the paper's metrics (sensitivity, specificity, accuracy, ROC AUC and AVG,
 checked against scikit-learn in the tests), one-hot labels, and the small logistic regression that
-both the shortcut audit (audit.py) and the pixel baseline (eval.py) fit.
+both the shortcut audit (audit.py) and the pixel baseline (eval.py) fit; then what eval.py reports
+beyond the paper: ROC curves, operating points, calibration, and intervals from resampled patients.
 """
 import numpy as np
 
@@ -65,3 +66,105 @@ def logistic(x: np.ndarray, y: np.ndarray, l2=1.0, steps=25) -> np.ndarray:
         p = 1 / (1 + np.exp(-x @ w))
         w -= np.linalg.solve(x.T @ (x * (p * (1 - p))[:, None]) + ridge, x.T @ (p - y) + ridge @ w)
     return w
+
+
+# ------------------------------------------------------------------------------------------------
+# what eval.py reports beyond the paper: the operating point, calibration, patient intervals
+
+
+def as_binary(y, prob, multi_label: bool) -> list:
+    """[(name, y (N,) 0/1, p (N,))]: the disease score of a binary set, or each finding of a multi-label set."""
+    if multi_label:
+        return [(c, y[:, c], prob[:, c]) for c in range(prob.shape[1])]
+    return [("", y, prob[:, 1])] if prob.shape[1] == 2 else []
+
+
+def roc_curve(y, score):
+    """(fpr, tpr, thresholds) from the highest threshold down, one point per distinct score."""
+    y, score = np.asarray(y).astype(bool), np.asarray(score)
+    order = np.argsort(-score, kind="mergesort")
+    y, s = y[order], score[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)], np.r_[np.inf, s[last]]
+
+
+def roc_band(y, score, draws, grid=np.linspace(0, 1, 101)):  # pointwise 95 % band of tpr over fpr
+    tprs = []
+    for i in draws:
+        fpr, tpr, _ = roc_curve(y[i], score[i])
+        tprs.append(np.interp(grid, fpr, tpr))
+    lo, hi = np.percentile(tprs, [2.5, 97.5], axis=0)
+    return grid, lo, hi
+
+
+def choose_threshold(y, score, sensitivity=None) -> float:
+    """On validation: maximise Youden's J (sensitivity + specificity - 1) over the scores as cut-offs
+    (never one above them all, which would call every image negative), or take the highest threshold
+    whose sensitivity reaches `sensitivity`. Positive means score >= threshold."""
+    fpr, tpr, thr = (v[1:] for v in roc_curve(y, score))  # [0]: the cut-off above every score
+    if sensitivity is None:
+        return float(thr[np.argmax(tpr - fpr)])
+    return float(thr[np.argmax(tpr >= sensitivity)])
+
+
+def at_threshold(y, score, cut: float) -> dict:
+    y, pred = np.asarray(y).astype(bool), np.asarray(score) >= cut
+    tp, tn, fp, fn = (y & pred).sum(), (~y & ~pred).sum(), (~y & pred).sum(), (y & ~pred).sum()
+    ratio = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
+    return dict(sensitivity=ratio(tp, tp + fn), specificity=ratio(tn, tn + fp), accuracy=ratio(tp + tn, len(y)),
+                ppv=ratio(tp, tp + fp), npv=ratio(tn, tn + fn), f1=ratio(2 * tp, 2 * tp + fp + fn))
+
+
+def calibration(y, prob, multi_label: bool, bins=15) -> dict:
+    """Brier score: the mean squared difference between a probability and its 0/1 outcome, for the
+    disease class of a binary set (each finding of a multi-label set, averaged; multi-class: summed
+    over classes). ECE: over 15 equal-width bins of that probability, |mean predicted - observed
+    frequency| weighted by the share of images in the bin, summed (averaged over findings/classes)."""
+    hot = one_hot(y, prob.shape[1], multi_label)
+    cols = [1] if prob.shape[1] == 2 and not multi_label else list(range(prob.shape[1]))
+    sq = (prob - hot)[:, cols] ** 2
+    brier = sq.sum(1).mean() if not multi_label and len(cols) > 1 else sq.mean()
+    eces = []
+    for c in cols:
+        b = np.minimum((prob[:, c] * bins).astype(int), bins - 1)
+        gaps = [abs(prob[b == i, c].mean() - hot[b == i, c].mean()) * (b == i).mean() for i in np.unique(b)]
+        eces.append(sum(gaps))
+    return dict(brier=float(brier), ece=float(np.mean(eces)))
+
+
+def with_temperature(prob, temperature: float, multi_label: bool):
+    """Softmax(log p / T) (sigmoid(logit / T) per finding for multi-label sets): T > 1 softens."""
+    p = np.clip(prob, 1e-7, 1 - 1e-7)
+    if multi_label:
+        return 1 / (1 + np.exp(-np.log(p / (1 - p)) / temperature))
+    z = np.log(p) / temperature
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def fit_temperature(y, prob, multi_label: bool) -> float:
+    """The T that minimises the validation set's negative log-likelihood, on a fine log grid."""
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 601))
+    hot = one_hot(y, prob.shape[1], multi_label)
+    nll = [-(hot * np.log(np.clip(q, 1e-12, 1)) + (1 - hot) * np.log(np.clip(1 - q, 1e-12, 1)) * multi_label).sum()
+           for q in (with_temperature(prob, temp, multi_label) for temp in grid)]
+    return float(grid[int(np.argmin(nll))])
+
+
+def resamples(patients, y, n_classes: int, n=1000, seed=0) -> list:
+    """Image indices of n bootstrap resamples of the patients (each drawn patient brings all its
+    images); resamples lacking a class (a finding's 0s or 1s) are redrawn."""
+    rng, y = np.random.default_rng(seed), np.asarray(y)
+    _, of = np.unique(np.asarray(patients), return_inverse=True)
+    images_of = [np.flatnonzero(of == p) for p in range(of.max() + 1)]
+    out = []
+    while len(out) < n:
+        i = np.concatenate([images_of[p] for p in rng.integers(0, len(images_of), len(images_of))])
+        if (np.unique(y[i]).size == n_classes) if y.ndim == 1 else np.ptp(y[i], 0).all():
+            out.append(i)
+    return out
+
+
+def interval(values) -> list:
+    return [float(v) for v in np.percentile(values, [2.5, 97.5])]

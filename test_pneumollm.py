@@ -1924,7 +1924,7 @@ def test_binary_metrics_match_sklearn_with_ties():
     assert m["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, pred))
     assert m["confusion"] == sklearn_metrics.confusion_matrix(y, pred).tolist()
     assert m["avg"] == pytest.approx(np.mean([m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")]))
-    fpr, tpr, thr = ev.roc_curve(y, score)
+    fpr, tpr, thr = M.roc_curve(y, score)
     f2, t2, th2 = sklearn_metrics.roc_curve(y, score, drop_intermediate=False)
     np.testing.assert_allclose(fpr, f2)
     np.testing.assert_allclose(tpr, t2)
@@ -1986,7 +1986,7 @@ def test_unfinished_runs_are_not_evaluated_and_the_table_names_missing_folds(dem
 
 def test_no_operating_point_calls_every_image_negative_and_chance_is_said(tmp_path):
     # Youden's J by hand over the cut-offs 0.9, 0.8, 0.2, 0.1: -0.5, -1, -0.5, 0; above them all (nobody positive): 0
-    assert ev.choose_threshold([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]) == 0.1
+    assert M.choose_threshold([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]) == 0.1
     (tmp_path / "val_predictions.csv").write_text("image,label,p_normal,p_sick\n" + "".join(
         f"i{i},{'sick' if i % 2 else 'normal'},{1 - p},{p}\n" for i, p in enumerate([0.9, 0.1, 0.8, 0.2])))
     point = ev.operating_point(tmp_path, dict(classes=["normal", "sick"], multi_label=False))
@@ -1996,8 +1996,8 @@ def test_no_operating_point_calls_every_image_negative_and_chance_is_said(tmp_pa
 
 def test_operating_point_is_chosen_on_validation_and_applied_to_test(demo_data, tmp_path, monkeypatch, capsys):
     train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "8", "--lr", "3e-3"))
-    seen, real = [], ev.choose_threshold
-    monkeypatch.setattr(ev, "choose_threshold", lambda y, s, sens=None: seen.append(np.asarray(y)) or real(y, s, sens))
+    seen, real = [], M.choose_threshold
+    monkeypatch.setattr(M, "choose_threshold", lambda y, s, sens=None: seen.append(np.asarray(y)) or real(y, s, sens))
     ev.main(["--runs", str(tmp_path), "--fold", "1"])
     val = [r["label"] == "pneumoconiosis" for r in _csv.DictReader(open(tmp_path / "fold1/val_predictions.csv"))]
     assert len(seen) == 1 and seen[0].tolist() == val  # the validation labels, never the test fold's
@@ -2027,17 +2027,17 @@ def test_calibration_figures_by_hand():
     y = np.array([0, 1, 1, 1, 0])
     p1 = np.array([0.13, 0.14, 0.15, 0.8, 0.6])
     prob = np.stack([1 - p1, p1], 1)
-    cal = ev.calibration(y, prob, False)
+    cal = M.calibration(y, prob, False)
     assert cal["brier"] == pytest.approx((0.13 ** 2 + 0.86 ** 2 + 0.85 ** 2 + 0.2 ** 2 + 0.6 ** 2) / 5)
     # bins of width 1/15: 0.13 in bin 1, {0.14, 0.15} in bin 2 (mean 0.145, both positive), 0.6 in 9, 0.8 in 12
     assert cal["ece"] == pytest.approx((0.13 + 2 * abs(0.145 - 1) + 0.6 + 0.2) / 5)
-    softened = ev.with_temperature(np.array([[0.2, 0.8]]), 2.0, False)[0, 1]
+    softened = M.with_temperature(np.array([[0.2, 0.8]]), 2.0, False)[0, 1]
     assert softened == pytest.approx(0.8 ** 0.5 / (0.2 ** 0.5 + 0.8 ** 0.5))
     rng = np.random.default_rng(0)  # outcomes drawn from calibrated logits z, scores from 2 z: T = 2 undoes it
     z = rng.normal(0, 2, 4000)
     yy = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)
     sharp = 1 / (1 + np.exp(-2 * z))
-    t = ev.fit_temperature(yy, np.stack([1 - sharp, sharp], 1), False)
+    t = M.fit_temperature(yy, np.stack([1 - sharp, sharp], 1), False)
     assert 1.7 < t < 2.3
 
 
@@ -2046,7 +2046,7 @@ def test_bootstrap_resamples_patients_not_images():
     y = np.array([0, 0, 0, 1, 1, 1, 0, 1, 1, 0])
     groups = {p: [i for i, q in enumerate(patients) if q == p] for p in set(patients)}
     sizes = set()
-    for idx in ev.resamples(patients, y, 2, n=200):
+    for idx in M.resamples(patients, y, 2, n=200):
         counts = np.bincount(idx, minlength=len(y))
         for p, members in groups.items():  # a drawn patient brings all its images, as often as it is drawn
             assert len(set(counts[members])) == 1, p
@@ -2137,8 +2137,8 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
     cut is chosen on the runs' validation labels only; batched scoring equals one image at a time; another
     label set is refused unless --classes maps it."""
     shutil.copytree(demo_runs, tmp_path, dirs_exist_ok=True)  # its own copy: the outputs land in the runs folder
-    chosen, real = [], ev.choose_threshold
-    monkeypatch.setattr(ev, "choose_threshold", lambda y, s, *a: chosen.append(np.asarray(y)) or real(y, s, *a))
+    chosen, real = [], M.choose_threshold
+    monkeypatch.setattr(M, "choose_threshold", lambda y, s, *a: chosen.append(np.asarray(y)) or real(y, s, *a))
     assert ev.main(["--runs", str(tmp_path), "--data", str(demo_data), "--ensemble"]) == 0
     folder, = tmp_path.glob("external-data-*/ensemble")
     rows = list(_csv.DictReader(open(folder / "predictions.csv")))
