@@ -55,7 +55,7 @@ def cv_auc(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> float:
     score = np.zeros(len(y))
     for f in np.unique(folds):
         train, test = folds != f, folds == f
-        w = logistic(x[train], y[train]) if 0 < y[train].mean() < 1 else np.zeros(x.shape[1] + 1)
+        w = logistic(x[train], y[train]) if 0 < y[train].sum() < train.sum() else np.zeros(x.shape[1] + 1)
         score[test] = np.c_[np.ones(test.sum()), x[test]] @ w
     return roc_auc(y, score)
 

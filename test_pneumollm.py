@@ -263,14 +263,24 @@ def run_prepare(tmp_path, images, rows, *extra, header=("image", "label")):
     return rc, out
 
 
-def manifest(out):
-    with open(out / "manifest.csv", newline="") as f:
+def csv_rows(path) -> list:
+    with open(path, newline="") as f:
         return list(_csv.DictReader(f))
+
+
+def loaded_image(path) -> Image.Image:  # loaded, its file closed
+    with Image.open(path) as im:
+        im.load()
+        return im
+
+
+def manifest(out):
+    return csv_rows(out / "manifest.csv")
 
 
 def skipped_files(out):  # meta.json names skipped images by pseudonym; the mapping beside the key names their files
     mapping, = out.parent.glob("out-*.mapping.csv")
-    sources = {r["image"]: os.path.basename(r["source"]) for r in _csv.DictReader(open(mapping))}
+    sources = {r["image"]: os.path.basename(r["source"]) for r in csv_rows(mapping)}
     return {sources[k]: v for k, v in json.loads((out / "meta.json").read_text())["skipped"].items()}
 
 
@@ -1064,7 +1074,7 @@ def test_every_real_dicom_is_prepared_or_skipped_with_its_reason(tmp_path):
     for r in manifest(out):
         with Image.open(out / r["image"]) as im:
             assert im.size == (224, 224) and im.mode == "L"
-    assert Image.open(out / "preview.png").size[0] > 224
+    assert loaded_image(out / "preview.png").size[0] > 224
 
 
 @needs_data
@@ -1137,7 +1147,7 @@ def test_corrupt_and_truncated_files_are_skipped_and_the_rest_prepared(tmp_path)
     good = ["barre_CR-MONO1-10-chest.dcm", "nih_dx_chest_nofinding_google.dcm"]
     for g in good:
         shutil.copy(os.path.join(DICOM, g), src / g)
-    data = open(os.path.join(DICOM, "RG1_UNCR.dcm"), "rb").read()
+    data = Path(DICOM, "RG1_UNCR.dcm").read_bytes()
     (src / "truncated.dcm").write_bytes(data[: len(data) // 2])
     (src / "notdicom.dcm").write_bytes(b"hello, this is not a DICOM file at all" * 10)
     Image.fromarray(np.zeros((1, 1), np.uint8)).save(src / "dot.png")
@@ -1157,7 +1167,7 @@ def test_corrupt_and_truncated_files_are_skipped_and_the_rest_prepared(tmp_path)
 def test_sixteen_bit_png_is_windowed_not_clipped(tmp_path):
     x = np.linspace(1000, 3000, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(x).save(tmp_path / "a.png")
-    assert Image.open(tmp_path / "a.png").mode.startswith("I;16")
+    assert loaded_image(tmp_path / "a.png").mode.startswith("I;16")
     img, attrs = prepare.read_image(tmp_path / "a.png")
     lo, hi = np.percentile(x, [0.5, 99.5])  # a DICOM without VOI tags gets the same robust range
     np.testing.assert_allclose(img, np.clip((x - lo) / (hi - lo), 0, 1))
@@ -1273,7 +1283,7 @@ def test_the_framing_does_not_move_when_the_lungs_turn_white(tmp_path):
     the same films with their outlined lung fields painted white (as consolidation or an effusion would),
     are framed alike. (The density lung search this replaced moved or fell back on such films.)"""
     for r in list(_csv.DictReader(NIH_LUNGS.splitlines()))[:8]:
-        img = np.array(Image.open(prepare.Path(SHARED, "nih_cxr_pneumonia/images", r["image"] + ".png")).convert("L"))
+        img = np.array(loaded_image(prepare.Path(SHARED, "nih_cxr_pneumonia/images", r["image"] + ".png")).convert("L"))
         x0, y0, x1, y1 = (int(r[k]) for k in ("left", "top", "right", "bottom"))
         white = img.copy()
         white[y0:y1, x0:x1] = 255
@@ -1289,7 +1299,7 @@ def test_the_framing_does_not_move_when_the_lungs_turn_white(tmp_path):
 def test_nih_framing_tells_nothing_the_film_does_not_and_the_view_confounder_is_flagged(tmp_path, capsys):
     src = os.path.join(SHARED, "nih_cxr_pneumonia")
     rc, out = run_prepare(tmp_path, src, [(r["image"], r["label"], r["patient_id"], r["view"]) for r in
-                                          _csv.DictReader(open(os.path.join(src, "labels.csv")))],
+                                          csv_rows(os.path.join(src, "labels.csv"))],
                           header=("image", "label", "patient_id", "view"))
     printed = capsys.readouterr().out
     meta, rows = json.loads((out / "meta.json").read_text()), manifest(out)
@@ -1301,9 +1311,9 @@ def test_nih_framing_tells_nothing_the_film_does_not_and_the_view_confounder_is_
     sets = audit["auc_sets"]  # the films are all 512 px: the film's attributes are its view (0.617 by hand)
     assert 0.55 < sets["film (view, size)"] < 0.65 and audit["crop_adds"] <= 0.03
     assert not audit["flags"] and not audit["warning"]
-    sheet = np.asarray(Image.open(out / "preview.png").convert("RGB")).astype(int)
+    sheet = np.asarray(loaded_image(out / "preview.png").convert("RGB")).astype(int)
     assert ((sheet[..., 1] > 180) & (sheet[..., 0] < 90) & (sheet[..., 2] < 90)).sum() > 1000  # lung regions in green
-    pid = {r["image"]: r["patient_id"] for r in _csv.DictReader(open(os.path.join(src, "labels.csv")))}
+    pid = {r["image"]: r["patient_id"] for r in csv_rows(os.path.join(src, "labels.csv"))}
     assert not any(r["patient"] in pid.values() or os.path.basename(r["image"]) in {os.path.basename(k) for k in pid}
                    for r in rows)
 
@@ -1322,7 +1332,7 @@ def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
     Image.fromarray(mask).save(tmp_path / "masks/b.png")
     rows = [("a.png", "1"), ("b.png", "0")]
     rc, out = run_prepare(tmp_path, src, rows, "--masks", str(tmp_path / "masks"), "--size", "20", "--folds", "1")
-    crop = np.asarray(Image.open(out / manifest(out)[0]["image"]))
+    crop = np.asarray(loaded_image(out / manifest(out)[0]["image"]))
     assert rc == 0 and crop.shape == (20, 20) and crop[:, 0].mean() < crop[:, -1].mean()  # the gradient fills the crop
     flat = np.flatnonzero(mask.ravel())  # CheXmask RLE: 1-based starts, row by row
     runs = " ".join(f"{s + 1} 20" for s in flat[::20])
@@ -1332,7 +1342,7 @@ def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
     shutil.rmtree(out)
     rc, out = run_prepare(tmp_path, src, rows, "--masks", str(tmp_path / "chexmask.csv"), "--size", "20",
                           "--folds", "1")
-    assert rc == 0 and np.array_equal(np.asarray(Image.open(out / manifest(out)[0]["image"])), crop)
+    assert rc == 0 and np.array_equal(np.asarray(loaded_image(out / manifest(out)[0]["image"])), crop)
 
 
 def audit_items(n=300, seed=0, **shortcut):
@@ -1437,7 +1447,7 @@ def test_a_data_folder_is_consistent_or_refused(tmp_path):
     (out / ".lock").write_text("999999999")  # a dead one does not
     assert run_prepare(tmp_path, src, rows, "--folds", "2")[0] == 0 and not (out / ".lock").exists()
     rc, out = run_prepare(tmp_path, src, rows, "--folds", "2", "--crop", "none", "--size", "128", "--restart")
-    assert rc == 0 and Image.open(out / manifest(out)[0]["image"]).size == (128, 128)
+    assert rc == 0 and loaded_image(out / manifest(out)[0]["image"]).size == (128, 128)
 
 
 def test_data_folders_know_their_sources_and_settings(tmp_path, capsys):
@@ -1837,7 +1847,7 @@ def test_combined_ablation_flags_survive_the_run_and_the_reload(demo_data, tmp_p
     assert (a.question_ids, a.engine, a.blocks(), a.vit_adapters) == (cfg["question_ids"], "cocoop", [2, 4], False)
     data = Data(demo_data)
     prob = C.predict(model, data.images(data.split(1, 0)["test"]), cfg)[:, 1]
-    saved = [float(r["p_pneumoconiosis"]) for r in _csv.DictReader(open(out / "predictions.csv"))]
+    saved = [float(r["p_pneumoconiosis"]) for r in csv_rows(out / "predictions.csv")]
     np.testing.assert_allclose(prob, saved, atol=2e-6)
 
 
@@ -1858,7 +1868,7 @@ def test_multilabel_set_prepares_trains_and_evaluates(demo_data, tmp_path):
     m = train.main(train_args(out, tmp_path / "run/fold1", "--epochs", "2", "--val-frac", "0.2"))
     assert set(m) >= {"sensitivity", "specificity", "accuracy", "auc",
                       "avg"} and np.array(m["confusion"]).shape == (2, 2, 2)
-    pred = list(_csv.DictReader(open(tmp_path / "run/fold1/predictions.csv")))
+    pred = csv_rows(tmp_path / "run/fold1/predictions.csv")
     probs = np.array([[float(p["p_opacity"]), float(p["p_pneumoconiosis"])] for p in pred])
     assert probs.shape == (len(pred), 2) and not np.allclose(probs.sum(1), 1)  # two sigmoids, not a softmax
     assert all(set(p["prediction"].split("|")) <= {"", "opacity", "pneumoconiosis"} for p in pred)
@@ -1999,11 +2009,11 @@ def test_operating_point_is_chosen_on_validation_and_applied_to_test(demo_data, 
     seen, real = [], M.choose_threshold
     monkeypatch.setattr(M, "choose_threshold", lambda y, s, sens=None: seen.append(np.asarray(y)) or real(y, s, sens))
     ev.main(["--runs", str(tmp_path), "--fold", "1"])
-    val = [r["label"] == "pneumoconiosis" for r in _csv.DictReader(open(tmp_path / "fold1/val_predictions.csv"))]
+    val = [r["label"] == "pneumoconiosis" for r in csv_rows(tmp_path / "fold1/val_predictions.csv")]
     assert len(seen) == 1 and seen[0].tolist() == val  # the validation labels, never the test fold's
     out = json.loads((tmp_path / "fold1/eval.json").read_text())
     t = json.loads((tmp_path / "fold1/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
-    pred = list(_csv.DictReader(open(tmp_path / "fold1/predictions.csv")))
+    pred = csv_rows(tmp_path / "fold1/predictions.csv")
     y = np.array([r["label"] == "pneumoconiosis" for r in pred])
     p = np.array([float(r["p_pneumoconiosis"]) for r in pred])
     tp, fp, fn, tn = (y & (p >= t)).sum(), (~y & (p >= t)).sum(), (y & (p < t)).sum(), (~y & (p < t)).sum()
@@ -2013,14 +2023,14 @@ def test_operating_point_is_chosen_on_validation_and_applied_to_test(demo_data, 
                                                                                                     nan_ok=True)
     assert got["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
     yv = np.array(val)
-    pv = np.array([float(r["p_pneumoconiosis"]) for r in _csv.DictReader(open(tmp_path / "fold1/val_predictions.csv"))])
+    pv = np.array([float(r["p_pneumoconiosis"]) for r in csv_rows(tmp_path / "fold1/val_predictions.csv")])
     youden = max(((pv[yv] >= c).mean() + (pv[~yv] < c).mean() - 1, c) for c in np.unique(pv))  # by hand, over cut-offs
     assert (pv[yv] >= t).mean() + (pv[~yv] < t).mean() - 1 == pytest.approx(youden[0])
     ev.main(["--runs", str(tmp_path), "--fold", "1", "--sensitivity", "0.9"])
     t90 = json.loads((tmp_path / "fold1/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
     assert (pv[yv] >= t90).mean() >= 0.9 and not any((pv[yv] >= c).mean() >= 0.9 for c in np.unique(pv) if c > t90)
     for name in ("roc.png", "reliability.png"):
-        assert Image.open(tmp_path / "fold1" / name).size == (500, 500)
+        assert loaded_image(tmp_path / "fold1" / name).size == (500, 500)
 
 
 def test_calibration_figures_by_hand():
@@ -2141,7 +2151,7 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
     monkeypatch.setattr(M, "choose_threshold", lambda y, s, *a: chosen.append(np.asarray(y)) or real(y, s, *a))
     assert ev.main(["--runs", str(tmp_path), "--data", str(demo_data), "--ensemble"]) == 0
     folder, = tmp_path.glob("external-data-*/ensemble")
-    rows = list(_csv.DictReader(open(folder / "predictions.csv")))
+    rows = csv_rows(folder / "predictions.csv")
     data = Data(demo_data)
     assert [r["image"] for r in rows] == [Path(r["image"]).stem for r in data.rows]  # every prepared image, once
     images, by_hand = data.images(data.rows), []
@@ -2253,7 +2263,7 @@ def test_explain_writes_a_map_per_image_and_a_sheet_per_fold(demo_data, tmp_path
     monkeypatch.setattr(explain, "explain_images", lambda *a: targets.append(a[3]) or real(*a))
     assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--explain", "6"]) == 0
     out = capsys.readouterr().out
-    sheet = Image.open(tmp_path / "fold1/explain.png")
+    sheet = loaded_image(tmp_path / "fold1/explain.png")
     kinds = re.search(r"6 test images \((((TP|FP|FN|TN), ){5}(TP|FP|FN|TN))\)", out).group(1).split(", ")
     assert sheet.size == (4 * 224, 2 * 224) and targets == [[int(k in ("TP", "FP")) for k in kinds]]  # as called
     rows = re.findall(r"diagnosis token \d: ((?:[01]\.\d\d\s*){4})", out)
@@ -2262,7 +2272,7 @@ def test_explain_writes_a_map_per_image_and_a_sheet_per_fold(demo_data, tmp_path
         assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", os.path.join(DICOM, "RG1_UNCR.dcm"),
                         "--explain", "--explain-dir", str(tmp_path / "maps")]) == 0
         assert os.listdir(tmp_path / "maps") == ["image1.explain.png"]  # never the input's name: it can name a patient
-        assert Image.open(tmp_path / "maps/image1.explain.png").size == (224, 224)
+        assert loaded_image(tmp_path / "maps/image1.explain.png").size == (224, 224)
         called = re.search(r"(positive|negative) at the run's threshold", capsys.readouterr().out).group(1)
         assert targets[-1] == [int(called == "positive")]  # the map of the class called, not of the argmax
 
