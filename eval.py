@@ -136,40 +136,46 @@ def operating_point(run: Path, cfg: dict, sensitivity=None, more=()) -> dict:
 def evaluate(run: Path, fold: int, opt) -> dict:
     """Everything about one finished fold, as eval.json holds it."""
     cfg, rows, y, prob = read_run(run, fold)
-    ml, patients = cfg["multi_label"], [r["patient"] for r in rows]
-    draws = M.resamples(patients, y, prob.shape[1])
-    m, model_draws = M.metrics(y, prob), [M.metrics(y[i], prob[i]) for i in draws]
-    out = dict(fold=fold, images=len(y), patients=len(set(patients)), intervals="95 %, 1000 resamples of patients",
-               paper=dict(metrics=m, ci95={k: M.interval([d[k] for d in model_draws]) for k in M.METRICS}))
     point = operating_point(run, cfg, opt.sensitivity)
     write_atomic(run / "operating_point.json", json.dumps(point, indent=1))
-    findings = zip(M.as_binary(y, prob, ml), point["thresholds"])
-    out["operating_point"] = dict(point, per_finding={n: M.at_threshold(yb, s, point["thresholds"][n])
-                                                      for (_, yb, s), n in findings})
-    out["calibration"] = dict(bins=15, test=M.calibration(y, prob, ml))
+    pb = baseline(cfg, rows)
+    out, draws = figures(y, prob, [r["patient"] for r in rows], cfg, point, pb)
     if opt.calibrate and (run / "val_predictions.csv").exists():
-        _, yv, pv = read_predictions(run / "val_predictions.csv", cfg)
+        ml, (_, yv, pv) = cfg["multi_label"], read_predictions(run / "val_predictions.csv", cfg)
         temp = M.fit_temperature(yv, pv, ml)
         out["calibration"].update(temperature=temp, calibrated=M.calibration(y, M.with_temperature(prob, temp, ml), ml))
-    pb = baseline(cfg, rows)
+    return dict(dict(fold=fold, **out), _curves=(cfg, y, prob, draws, pb))
+
+
+def figures(y, prob, patients: list, cfg: dict, point: dict, pb) -> tuple:
+    """What eval.py reports on scored images (a test fold, or another site's folder): the paper's metrics
+    with patient-level intervals, the figures at the operating point, calibration, and the pixel
+    baseline's probabilities `pb` against the model's (the paired difference of AUC). Returns (the
+    figures, the resamples)."""
+    ml = cfg["multi_label"]
+    draws = M.resamples(patients, y, prob.shape[1])
+    m, model_draws = M.metrics(y, prob), [M.metrics(y[i], prob[i]) for i in draws]
+    findings = zip(M.as_binary(y, prob, ml), point["thresholds"])
     auc, base_auc = M.metrics(y, pb)["auc"], [M.metrics(y[i], pb[i])["auc"] for i in draws]
     diff = M.interval([d["auc"] - b for d, b in zip(model_draws, base_auc)])
     verdict = "beats" if diff[0] > 0 else "does NOT beat" if m["auc"] <= auc else "is not clearly better than"
-    out["baseline"] = dict(what="logistic regression on the 32x32 grey image, trained on the run's training "
-                                "patients", auc=auc, auc_ci95=M.interval(base_auc),
-                           model_minus_baseline_ci95=diff,
-                           verdict=f"the model {verdict} the baseline")
-    return dict(out, _curves=(cfg, y, prob, draws, pb))
+    return dict(images=len(y), patients=len(set(patients)), intervals="95 %, 1000 resamples of patients",
+                paper=dict(metrics=m, ci95={k: M.interval([d[k] for d in model_draws]) for k in M.METRICS}),
+                operating_point=dict(point, per_finding={n: M.at_threshold(yb, s, point["thresholds"][n])
+                                                         for (_, yb, s), n in findings}),
+                calibration=dict(bins=15, test=M.calibration(y, prob, ml)),
+                baseline=dict(what="logistic regression on the 32x32 grey image, trained on the run's training "
+                                   "patients", auc=auc, auc_ci95=M.interval(base_auc),
+                              model_minus_baseline_ci95=diff, verdict=f"the model {verdict} the baseline")), draws
 
 
 def pct(v) -> str:
     return f"{100 * v:.1f}"
 
 
-def report(out: dict, cfg: dict) -> str:
+def report(out: dict, cfg: dict, what: str) -> str:
     m, ci = out["paper"]["metrics"], out["paper"]["ci95"]
-    lines = [f"fold {out['fold']}: {out['images']} test images of {out['patients']} patients; 95 % intervals "
-             "resample patients",
+    lines = [f"{what}: {out['images']} images of {out['patients']} patients; 95 % intervals resample patients",
              "  the paper's figures (argmax): " + "  ".join(f"{k} {pct(m[k])} [{pct(ci[k][0])}, {pct(ci[k][1])}]"
                                                            for k in M.METRICS)]
     layout = "per finding [[tn, fp], [fn, tp]]" if cfg["multi_label"] else "rows true, cols predicted"
@@ -197,21 +203,26 @@ def eval_fold(runs: Path, fold: int, opt) -> dict:
     run = runs / f"fold{fold}"
     out = evaluate(run, fold, opt)
     cfg, y, prob, draws, _ = out.pop("_curves")
-    print(report(out, cfg))
+    print(report(out, cfg, f"fold {fold}, test"))
     write_atomic(run / "eval.json", json.dumps(out, indent=1))
-    for name, yb, score in M.as_binary(y, prob, cfg["multi_label"])[:1]:  # binary: disease; multi-label: 1st finding
-        name = name or cfg["classes"][1]
-        cut = out["operating_point"]["thresholds"][name]
-        r = M.at_threshold(yb, score, cut)
-        fpr, tpr, _ = M.roc_curve(yb, score)
-        plots.draw_roc(run / "roc.png", [(f"AUC {out['paper']['metrics']['auc']:.3f}", fpr, tpr)],
-                       f"fold {fold}: ROC of P({name}), 95 % band over patients",
-                       M.roc_band(yb, score, draws),
-                       (1 - r["specificity"], r["sensitivity"], f"operating point {cut:.2f}"))
-        plots.draw_reliability(run / "reliability.png", score, yb, f"fold {fold}: reliability of P({name})")
+    draw_curves(run, out, cfg, y, prob, draws, f"fold {fold}")
     written = [n for n in ("eval.json", "operating_point.json", "roc.png", "reliability.png") if (run / n).exists()]
     print(f"wrote {', '.join(written)} in {run}")
     return out
+
+
+def draw_curves(folder: Path, out: dict, cfg: dict, y, prob, draws, title: str):
+    """roc.png (with the patients' 95 % band and the operating point) and reliability.png, of the disease
+    score (binary) or of the first finding (multi-label); none for multi-class sets."""
+    cuts = out["operating_point"]["thresholds"]  # in the order of as_binary's findings
+    for (_, yb, score), name in list(zip(M.as_binary(y, prob, cfg["multi_label"]), cuts))[:1]:
+        cut = cuts[name]
+        r = M.at_threshold(yb, score, cut)
+        fpr, tpr, _ = M.roc_curve(yb, score)
+        plots.draw_roc(folder / "roc.png", [(f"AUC {M.roc_auc(yb, score):.3f}", fpr, tpr)],
+                       f"{title}: ROC of P({name}), 95 % band over patients", M.roc_band(yb, score, draws),
+                       (1 - r["specificity"], r["sensitivity"], f"operating point {cut:.2f}"))
+        plots.draw_reliability(folder / "reliability.png", score, yb, f"{title}: reliability of P({name})")
 
 
 def table(runs: Path, opt) -> int:
@@ -465,50 +476,49 @@ def external(runs: Path, opt) -> int:
     cfg = json.loads((runs / f"fold{folds[0]}/config.json").read_text())
     other = Data(opt.data)
     labels = mapped_labels(other, cfg, opt.classes)
-    if cfg["multi_label"] or len(cfg["classes"]) != 2:
-        raise UserError("--data scores binary runs; this run has classes " + ", ".join(cfg["classes"]))
-    y, images = encode_labels(labels, cfg["classes"], False), other.images(other.rows)
-    print(f"{other.folder}: {len(y)} images of {len({r['patient'] for r in other.rows})} patients, scored by "
-          + (f"the mean of folds {folds}" if opt.ensemble else f"fold {folds[0]}") + f" of {runs}")
+    y, images = encode_labels(labels, cfg["classes"], cfg["multi_label"]), other.images(other.rows)
+    what = f"{other.folder}, scored by " + (f"the mean of folds {folds}" if opt.ensemble else f"fold {folds[0]}")
     scores = []
     for f in folds:
         model, run_cfg = C.load_run(runs / f"fold{f}", opt.device, keep_checkpoint_dtype=True)
         scores.append(C.predict(model, images, run_cfg, batch=16, progress=True))
     prob = np.mean(scores, 0)
     point = operating_point(runs / f"fold{folds[0]}", cfg, opt.sensitivity, [runs / f"fold{f}" for f in folds[1:]])
-    cut = point["thresholds"][cfg["classes"][1]]
-    draws = M.resamples([r["patient"] for r in other.rows], y, 2)
-    out = dict(data=str(other.folder), folds=folds, images=len(y), threshold=cut,
-               paper=dict(metrics=M.metrics(y, prob), ci95={k: M.interval([M.metrics(y[i], prob[i])[k] for i in draws])
-                                                            for k in M.METRICS}),
-               operating_point=M.at_threshold(y, prob[:, 1], cut), calibration=M.calibration(y, prob, False))
+    if point["thresholds"]:
+        point["rule"] = "carried over: " + point["rule"]
     x = pixels(other, other.rows)
     base = np.mean([baseline_model(json.loads((runs / f"fold{f}/config.json").read_text()))[2](x) for f in folds], 0)
-    out["baseline"] = dict(auc=M.roc_auc(y, base[:, 1]),
-                           auc_ci95=M.interval([M.roc_auc(y[i], base[i, 1]) for i in draws]))
-    out["shift"] = shift(Data(cfg["data"]).meta, other.meta)
+    out, draws = figures(y, prob, [r["patient"] for r in other.rows], cfg, point, base)
+    out = dict(data=str(other.folder), folds=folds, **out, shift=shift(Data(cfg["data"]).meta, other.meta))
     folder = runs / f"external-{other.folder.name}-{folder_tag(other.folder)}" / (
         "ensemble" if opt.ensemble else f"fold{folds[0]}")
     folder.mkdir(parents=True, exist_ok=True)
-    write_external(folder, other.rows, labels, prob, cut, cfg)
+    write_external(folder, other.rows, labels, prob, cfg, point)
     write_atomic(folder / "eval.json", json.dumps(out, indent=1))
-    plots.draw_reliability(folder / "reliability.png", prob[:, 1], y, f"{other.folder.name}: reliability")
-    print(external_report(out, cfg))
-    probe_command = shlex.join(["python", "eval.py", "--runs", str(runs), "--fold", str(folds[0]), "--probe", "--data",
-                                str(other.folder), *(["--classes", opt.classes] if opt.classes else [])])
-    print(f"  what the model reads on these films (the lungs hidden, the framing changed): {probe_command}")
-    print(f"wrote predictions.csv, eval.json, reliability.png in {folder}")
+    draw_curves(folder, out, cfg, y, prob, draws, other.folder.name)
+    print(report(out, cfg, what))
+    print("\n".join(f"  shift in {k}: run {v['run']}, this data {v['data']}" for k, v in out["shift"].items()))
+    if not cfg["multi_label"] and len(cfg["classes"]) == 2:
+        probe_command = shlex.join(["python", "eval.py", "--runs", str(runs), "--fold", str(folds[0]), "--probe",
+                                    "--data", str(other.folder), *(["--classes", opt.classes] if opt.classes else [])])
+        print(f"  what the model reads on these films (the lungs hidden, the framing changed): {probe_command}")
+    written = [n for n in ("predictions.csv", "eval.json", "roc.png", "reliability.png") if (folder / n).exists()]
+    print(f"wrote {', '.join(written)} in {folder}")
     return 0
 
 
 def mapped_labels(other: Data, cfg: dict, classes) -> list:
-    """DIR's labels in the run's names: equal label sets, or --classes 'theirs=ours,...'; else one line."""
+    """DIR's labels in the run's names (each finding of a multi-label set): equal class sets, or --classes
+    'theirs=ours,...'; else one line naming both."""
     names = dict(pair.split("=", 1) for pair in classes.split(",")) if classes else {}
-    labels = [names.get(r["label"], r["label"]) for r in other.rows]
-    if set(labels) != set(cfg["classes"]) or other.multi_label != cfg["multi_label"]:
-        raise UserError(f"{other.folder} has labels {sorted(set(labels))}, the run {cfg['classes']}: map names that "
-                        "mean the same with --classes 'theirs=ours,...'")
-    return labels
+    theirs = sorted(names.get(c, c) for c in other.classes)
+    if theirs != sorted(cfg["classes"]) or other.multi_label != cfg["multi_label"]:
+        kind = lambda ml: " (multi-label)" if ml else ""  # noqa: E731
+        raise UserError(f"{other.folder} has labels {theirs}{kind(other.multi_label)}, the run {cfg['classes']}"
+                        f"{kind(cfg['multi_label'])}: map names that mean the same with --classes 'theirs=ours,...'")
+    if other.multi_label:
+        return ["|".join(names.get(f, f) for f in r["label"].split("|")) for r in other.rows]
+    return [names.get(r["label"], r["label"]) for r in other.rows]
 
 
 def shift(ours: dict, theirs: dict) -> dict:
@@ -535,27 +545,12 @@ def folder_tag(folder: Path) -> str:  # a short tag of a folder's full path, to 
     return hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
 
 
-def write_external(folder: Path, rows: list, labels: list, prob, cut: float, cfg: dict):
+def write_external(folder: Path, rows: list, labels: list, prob, cfg: dict, point: dict):
     with replacing(folder / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "patient", "label", *(f"p_{c}" for c in cfg["classes"]), "decision"])
         for r, label, p in zip(rows, labels, prob):
-            decision = cfg["classes"][1] if p[1] >= cut else cfg["classes"][0]
-            w.writerow([Path(r["image"]).stem, r["patient"], label, *(f"{q:.6f}" for q in p), decision])
-
-
-def external_report(out: dict, cfg: dict) -> str:
-    m, ci, op = out["paper"]["metrics"], out["paper"]["ci95"], out["operating_point"]
-    b, cal = out["baseline"], out["calibration"]
-    lines = ["  the paper's figures (argmax): " + "  ".join(f"{k} {pct(m[k])} [{pct(ci[k][0])}, {pct(ci[k][1])}]"
-                                                          for k in M.METRICS),
-             f"  operating point carried over from the run's validation (P >= {out['threshold']:.3f}): "
-             + "  ".join(f"{k} {pct(v)}" for k, v in op.items()),
-             f"  calibration: Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f} (15 bins)",
-             f"  baseline (the run's pixel logistic regression): AUC {pct(b['auc'])} [{pct(b['auc_ci95'][0])}, "
-             f"{pct(b['auc_ci95'][1])}]"]
-    lines += [f"  shift in {k}: run {v['run']}, this data {v['data']}" for k, v in out["shift"].items()]
-    return "\n".join(lines)
+            w.writerow([Path(r["image"]).stem, r["patient"], label, *(f"{q:.6f}" for q in p), decision(p, cfg, point)])
 
 
 def called(prob, cfg: dict, point: dict):  # binary: the class called at the run's threshold; else None (argmax)

@@ -51,6 +51,7 @@ import eval as ev
 import explain
 import lungcrop
 import metrics as M
+import plots
 import pneumollm as P
 import prepare
 import train
@@ -1851,28 +1852,57 @@ def test_combined_ablation_flags_survive_the_run_and_the_reload(demo_data, tmp_p
     np.testing.assert_allclose(prob, saved, atol=2e-6)
 
 
-def test_multilabel_set_prepares_trains_and_evaluates(demo_data, tmp_path):
+@pytest.mark.parametrize("kind", ["multi-label", "multi-class"])
+def test_multilabel_and_multiclass_sets_prepare_train_evaluate_and_score_another_folder(demo_data, tmp_path, kind,
+                                                                                          monkeypatch):
+    """The demo again with a second finding on every other diseased film (multi-label: `a|b`) or a third
+    class instead: prepared, trained, evaluated, and scored as an external folder with the decision at
+    each finding's carried-over threshold (multi-label) or the argmax (multi-class)."""
     src = tmp_path / "png"
     src.mkdir()
     rows = []
-    for r in manifest(demo_data):  # the demo images again, with a second finding on every other disease case
+    for r in manifest(demo_data):
         name = Path(r["image"]).name
         shutil.copy(demo_data / r["image"], src / name)
-        label = r["label"] if r["label"] == "normal" else "pneumoconiosis" + (" | opacity" if len(rows) % 2 else "")
+        second = len(rows) % 2 and r["label"] != "normal"
+        label = (("pneumoconiosis | opacity" if kind == "multi-label" else "silicosis") if second else r["label"])
         rows.append((name, label, r["patient"]))
     rc, out = run_prepare(tmp_path, src, rows, "--crop", "none", header=("image", "label", "patient"))
     meta = json.loads((out / "meta.json").read_text())
-    assert rc == 0 and meta["multi_label"] and meta["classes"] == ["opacity", "pneumoconiosis"]
-    assert {r["label"] for r in manifest(out)} == {"normal", "pneumoconiosis", "opacity|pneumoconiosis"}
-    assert sum(c["opacity"] for c in meta["counts"].values()) == sum("opacity" in l for _, l, _ in rows)
+    ml = kind == "multi-label"
+    assert rc == 0 and meta["multi_label"] == ml
+    if ml:
+        assert meta["classes"] == ["opacity", "pneumoconiosis"]
+        assert {r["label"] for r in manifest(out)} == {"normal", "pneumoconiosis", "opacity|pneumoconiosis"}
+        assert sum(c["opacity"] for c in meta["counts"].values()) == sum("opacity" in l for _, l, _ in rows)
+    else:
+        assert sorted(meta["classes"]) == ["normal", "pneumoconiosis", "silicosis"]
     m = train.main(train_args(out, tmp_path / "run/fold1", "--epochs", "2", "--val-frac", "0.2"))
-    assert set(m) >= {"sensitivity", "specificity", "accuracy", "auc",
-                      "avg"} and np.array(m["confusion"]).shape == (2, 2, 2)
+    assert set(m) >= {"sensitivity", "specificity", "accuracy", "auc", "avg"}
+    assert np.array(m["confusion"]).shape == ((2, 2, 2) if ml else (3, 3))
     pred = csv_rows(tmp_path / "run/fold1/predictions.csv")
-    probs = np.array([[float(p["p_opacity"]), float(p["p_pneumoconiosis"])] for p in pred])
-    assert probs.shape == (len(pred), 2) and not np.allclose(probs.sum(1), 1)  # two sigmoids, not a softmax
-    assert all(set(p["prediction"].split("|")) <= {"", "opacity", "pneumoconiosis"} for p in pred)
+    probs = np.array([[float(p[f"p_{c}"]) for c in meta["classes"]] for p in pred])
+    assert np.allclose(probs.sum(1), 1) != ml  # sigmoids per finding, or a softmax
     assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1"]) == 0
+    drawn = []
+    monkeypatch.setattr(plots, "draw_roc", lambda path, curves, title, band, point: drawn.append((title, point)))
+    assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1", "--data", str(out)]) == 0
+    folder, = (tmp_path / "run").glob("external-out-*/fold1")
+    scored, result = csv_rows(folder / "predictions.csv"), json.loads((folder / "eval.json").read_text())
+    cuts = result["operating_point"]["thresholds"]
+    if ml:  # the curve is the first finding's, with that finding's operating point
+        first = result["operating_point"]["per_finding"]["opacity"]
+        (title, (x, y, _)), = drawn
+        assert "P(opacity)" in title and (x, y) == (1 - first["specificity"], first["sensitivity"])
+    else:
+        assert not drawn and not (folder / "roc.png").exists()
+    assert [r["image"] for r in scored] == [Path(r["image"]).stem for r in manifest(out)]
+    assert sorted(cuts) == (meta["classes"] if ml else [])
+    for r in scored:  # (the folder holds the run's validation films: a score can sit on its cut, 6 decimals here)
+        p = {c: float(r[f"p_{c}"]) for c in meta["classes"]}
+        if not any(abs(p[c] - cut) < 2e-6 for c, cut in cuts.items()):
+            assert r["decision"] == ("|".join(c for c in meta["classes"] if p[c] >= cuts[c]) if ml else
+                                     max(p, key=p.get))
 
 
 @pytest.mark.slow
@@ -2164,7 +2194,7 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
     np.testing.assert_allclose([float(r["p_pneumoconiosis"]) for r in rows], np.mean(by_hand, 0)[:, 1], atol=2e-6)
     val = np.concatenate([ev.read_predictions(tmp_path / f"fold{f}/val_predictions.csv", cfg)[1] for f in (1, 2)])
     assert len(chosen) == 1 and np.array_equal(chosen[0], val)  # the validation labels, never the external ones
-    cut = json.loads((folder / "eval.json").read_text())["threshold"]
+    cut = json.loads((folder / "eval.json").read_text())["operating_point"]["thresholds"]["pneumoconiosis"]
     assert all(r["decision"] == ("pneumoconiosis" if float(r["p_pneumoconiosis"]) >= cut else "normal") for r in rows)
     other = tmp_path / "renamed"
     shutil.copytree(demo_data, other)
