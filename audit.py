@@ -91,7 +91,7 @@ def shortcut_audit(items: list, classes: list, folds: list, multi_label: bool) -
     alone = {attr: auc_of([attr]) for attr in CATEGORICAL + NUMERIC + GEOMETRY}
     flags = pure_flags(items, member)
     worst = max([*sets.values(), *alone.values()])
-    return dict(per_class=per_class, auc=sets["all attributes"], auc_sets=sets, auc_by_attribute=alone,
+    return dict(per_class=per_class, auc_sets=sets, auc_by_attribute=alone,
                 crop_adds=sets["film + crop geometry"] - sets["film (view, size)"], flags=flags,
                 differs=differs(per_class, member), warn_at=WARN_AUC, warning=worst >= WARN_AUC or bool(flags))
 

@@ -192,8 +192,8 @@ def for_cpu_scoring(model: P.PneumoLLM) -> bool:
     its matmuls over 257 tokens per image are compute-bound, and AMX multiplies bf16 about three times
     as fast as the CPU multiplies fp16 (the whole ViT: 2.5x). LLaMA stays fp16 as stored: converting its
     12.9 GB on every batch costs what AMX saves. Returns whether it converted (bench.py --load measures)."""
-    own = {id(p) for p in model.own_parameters()}
-    vit = [p for p in model.visual.parameters() if id(p) not in own]
+    frozen = {id(p) for p in model.frozen_parameters()}
+    vit = [p for p in model.visual.parameters() if id(p) in frozen]
     if not (vit and all(p.dtype == torch.float16 for p in vit) and amx_bf16()):
         return False
     for p in vit:

@@ -62,8 +62,12 @@ def run_data(cfg: dict) -> Data:  # the run's data folder, refused if it changed
 
 
 def pixels(data: Data, rows) -> np.ndarray:  # (N, 1024): the 32x32 grey image in [0, 1]
-    return np.stack([np.asarray(Image.open(data.folder / r["image"]).convert("L").resize((32, 32), Image.BILINEAR),
-                                np.float32).ravel() / 255 for r in rows])
+    return small(data.images(rows))
+
+
+def small(images: np.ndarray) -> np.ndarray:  # (N, 1, H, W) uint8 -> (N, 1024) in [0, 1]
+    return np.stack([np.asarray(Image.fromarray(img[0]).resize((32, 32), Image.BILINEAR), np.float32).ravel() / 255
+                     for img in images])
 
 
 def fit_logistic(x, y, n_classes: int, multi_label: bool, l2: float):
@@ -407,16 +411,18 @@ def probe(runs: Path, opt) -> int:
     if opt.data:  # another site's folder: all of it, labels in the run's names
         data = Data(opt.data)
         test, y = data.rows, encode_labels(mapped_labels(data, cfg, opt.classes), cfg["classes"], False)
-        rows, prob = test, C.predict(model, data.images(test), cfg, batch=16, progress=True)
+        images = data.images(test)
+        rows, prob = test, C.predict(model, images, cfg, batch=16, progress=True)
         written = f"probe-{data.folder.name}-{folder_tag(data.folder)}.json"
     else:
         data, written = run_data(cfg), "probe.json"
         by_name = {Path(r["image"]).stem: r for r in data.rows}
         test = [by_name[r["image"]] for r in rows]
+        images = data.images(test)
     scores = {"as trained": prob[:, 1]}
     if any(r["reference"] != r["image"] for r in test):
         scores["reference framing"] = C.predict(model, data.images(test, "reference"), cfg)[:, 1]
-    scores["lung fields hidden"] = C.predict(model, hide_lungs(data.images(test), test), cfg)[:, 1]
+    scores["lung fields hidden"] = C.predict(model, hide_lungs(images, test), cfg)[:, 1]
     draws = M.resamples([r["patient"] for r in rows], y, 2)
     out = dict(fold=opt.fold, images=len(y), threshold=cut, intervals="95 %, 1000 resamples of patients")
     for name, s in scores.items():
@@ -486,7 +492,7 @@ def external(runs: Path, opt) -> int:
     point = operating_point(runs / f"fold{folds[0]}", cfg, opt.sensitivity, [runs / f"fold{f}" for f in folds[1:]])
     if point["thresholds"]:
         point["rule"] = "carried over: " + point["rule"]
-    x = pixels(other, other.rows)
+    x = small(images)  # the baseline's pixels, from the images already read
     base = np.mean([baseline_model(json.loads((runs / f"fold{f}/config.json").read_text()))[2](x) for f in folds], 0)
     out, draws = figures(y, prob, [r["patient"] for r in other.rows], cfg, point, base)
     out = dict(data=str(other.folder), folds=folds, **out, shift=shift(Data(cfg["data"]).meta, other.meta))

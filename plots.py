@@ -70,8 +70,8 @@ def draw_reliability(path: Path, score, y, title: str, bins=15):
 def overlay(crop: np.ndarray, heat: np.ndarray, caption: str) -> Image.Image:
     """The grey crop with the map over it (transparent to red to yellow), a colour scale on the right
     (the map's 0 to its peak, 1) and a caption of one or more lines."""
-    grey = np.stack([crop.astype(float)] * 3, -1)
-    im = Image.fromarray((grey * (1 - alpha(heat)) + colours(heat) * alpha(heat)).astype(np.uint8))
+    grey, a = np.stack([crop.astype(float)] * 3, -1), alpha(heat)
+    im = Image.fromarray((grey * (1 - a) + colours(heat) * a).astype(np.uint8))
     d = ImageDraw.Draw(im)
     lines = caption.splitlines()
     d.rectangle([0, 0, im.width, 13 * len(lines)], fill=(0, 0, 0))

@@ -739,13 +739,13 @@ _HF_CLIP = [  # Hugging Face name -> OpenAI name
 def read_clip_hf(folder: Path, act=None) -> tuple[VisionArgs, dict]:
     cfg = json.loads((folder / "config.json").read_text())
     c = cfg.get("vision_config", cfg)
-    _check_config(folder, c, dict(hidden_act=("quick_gelu", "gelu"), layer_norm_eps=(1e-5,), num_channels=(3,)),
-                  dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3))
-    if act and act != c.get("hidden_act", "quick_gelu"):
-        raise CheckpointError(f"{folder}/config.json: hidden_act is {c.get('hidden_act', 'quick_gelu')!r}, not the "
-                              f"{act!r} asked for (--clip-act)")
+    _check_config(folder, c, dict(hidden_act=("quick_gelu", "gelu"), layer_norm_eps=(1e-5,), num_channels=(3,)))
+    hidden_act = c.get("hidden_act", "quick_gelu")
+    if act and act != hidden_act:
+        raise CheckpointError(f"{folder}/config.json: hidden_act is {hidden_act!r}, not the {act!r} asked for "
+                              "(--clip-act)")
     v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"],
-                   c["image_size"], c.get("hidden_act", "quick_gelu"))
+                   c["image_size"], hidden_act)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors files next to config.json")
@@ -767,10 +767,11 @@ def read_clip_hf(folder: Path, act=None) -> tuple[VisionArgs, dict]:
     return v, out
 
 
-def _check_config(folder: Path, c: dict, allowed: dict, default: dict):
-    """Every config field that changes the math must hold a value this model computes; else one line."""
+def _check_config(folder: Path, c: dict, allowed: dict):
+    """Every config field that changes the math must hold a value this model computes (the first is the
+    field's default, when the config leaves it out); else one line."""
     for name, values in allowed.items():
-        if c.get(name, default[name]) not in values:
+        if c.get(name, values[0]) not in values:
             raise CheckpointError(f"{folder}/config.json: {name} = {c[name]!r} is not supported (this model "
                                   f"computes {' or '.join(map(repr, values))})")
 
@@ -788,8 +789,7 @@ def read_llama_hf(folder: Path) -> tuple[LlamaArgs, dict]:
     c = json.loads((folder / "config.json").read_text())
     heads = c["hidden_size"] // c["num_attention_heads"]
     _check_config(folder, c, dict(hidden_act=("silu",), attention_bias=(False,), mlp_bias=(False,),
-                                  head_dim=(None, heads), pretraining_tp=(1,)),
-                  dict(hidden_act="silu", attention_bias=False, mlp_bias=False, head_dim=None, pretraining_tp=1))
+                                  head_dim=(None, heads), pretraining_tp=(1,)))
     rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise CheckpointError(f"{folder}/config.json: rope scaling {rope.get('rope_type')} is not supported")

@@ -1397,7 +1397,7 @@ def test_acquisition_that_separates_the_classes_is_a_loud_warning(tmp_path, caps
     rows = [(f"im{i}.png", "sick" if i % 2 else "well", f"p{i}", "AP" if i % 2 else "PA") for i in range(60)]
     rc, out = run_prepare(tmp_path, src, rows, "--crop", "none", header=("image", "label", "patient", "view"))
     report = json.loads((out / "meta.json").read_text())["audit"]
-    assert rc == 0 and report["auc"] > 0.95 and report["warning"]
+    assert rc == 0 and report["auc_sets"]["all attributes"] > 0.95 and report["warning"]
     assert "WARNING: what the acquisition or the framing says separates the classes" in capsys.readouterr().out
 
 
