@@ -8,7 +8,9 @@ every flag of train.py under its own name (the ablation flags are PneumoArgs' fi
 what the data folder says (classes, crop, size).
 """
 import argparse
+import ctypes
 import json
+import mmap
 import os
 import sys
 import time
@@ -157,11 +159,11 @@ def read_state(run: Path) -> dict:
                         "to train the run again from scratch") from None
 
 
-def load_run(run: Path, device=None, keep_checkpoint_dtype=False) -> tuple[P.PneumoLLM, dict]:
+def load_run(run: Path, device=None, keep_checkpoint_dtype=False, cpu_dtype="auto") -> tuple[P.PneumoLLM, dict]:
     """A finished run's model with the weights of its chosen epoch, and its config. On a CPU,
-    keep_checkpoint_dtype scores with the frozen weights as the checkpoints store them: memory-mapped,
-    never copied (LLaMA-7B in fp32 would need 27 GB), each part in its weights' dtype, without autocast
-    (which would recast them on every call); on a CPU with AMX, the ViT in bf16 (for_cpu_scoring)."""
+    keep_checkpoint_dtype scores with the frozen weights read as the checkpoints store them (memory-
+    mapped, never copied: LLaMA-7B in fp32 would need 27 GB), then each part put in the dtype this CPU
+    multiplies fastest (for_cpu_scoring; `cpu_dtype` forces one, "stored" keeps them), without autocast."""
     cfg = json.loads((run / "config.json").read_text())
     cfg["device"] = device or available(cfg["device"])
     as_stored = keep_checkpoint_dtype and cfg["device"] == "cpu"
@@ -169,9 +171,8 @@ def load_run(run: Path, device=None, keep_checkpoint_dtype=False) -> tuple[P.Pne
     model.load_trainable(run / "best.safetensors")
     if as_stored:
         cfg["dtype"] = "as stored"
-        if for_cpu_scoring(model):
-            print("the ViT computes in bf16 on this CPU's AMX units (its fp16 weights converted once; LLaMA "
-                  "stays fp16): 2.5x as fast; README 'Scoring with the real model on a CPU'")
+        if cpu_dtype != "stored":
+            print(for_cpu_scoring(model, None if cpu_dtype == "auto" else cpu_dtype))
     return model, cfg
 
 
@@ -183,22 +184,121 @@ def available(device: str) -> str:
     return device if index is None or index < torch.cuda.device_count() else "cuda"
 
 
-def amx_bf16() -> bool:  # this CPU multiplies bf16 matrices in AMX tiles (Intel Xeon since Sapphire Rapids)
-    return bool(getattr(torch.cpu, "get_capabilities", dict)().get("amx_bf16"))
+# ------------------------------------------------------------------------------------------------
+# scoring on a CPU: each frozen part computes in the dtype this CPU multiplies fastest
 
 
-def for_cpu_scoring(model: P.PneumoLLM) -> bool:
-    """Where the CPU has AMX, the ViT's frozen fp16 weights become bf16 (once; 0.57 GiB for ViT-L/14):
-    its matmuls over 257 tokens per image are compute-bound, and AMX multiplies bf16 about three times
-    as fast as the CPU multiplies fp16 (the whole ViT: 2.5x). LLaMA stays fp16 as stored: converting its
-    12.9 GB on every batch costs what AMX saves. Returns whether it converted (bench.py --load measures)."""
-    frozen = {id(p) for p in model.frozen_parameters()}
-    vit = [p for p in model.visual.parameters() if id(p) in frozen]
-    if not (vit and all(p.dtype == torch.float16 for p in vit) and amx_bf16()):
-        return False
-    for p in vit:
-        p.data = p.data.to(torch.bfloat16)
-    return True
+CPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def cpu_parts(model: P.PneumoLLM) -> dict:
+    """The frozen parts to place: name -> (module, its blocks, rows and width of its products at a
+    batch of 16). The ViT multiplies 257 tokens per image (one image's rows stand for the batch's);
+    LLaMA the batch's 16 x T tokens."""
+    a, parts = model.args, {}
+    if isinstance(model.visual, P.VisionTransformer):
+        v = a.vision
+        parts["ViT"] = model.visual, model.visual.transformer.resblocks, (v.image_size // v.patch_size) ** 2 + 1, v.width
+    if model.llama is not None:
+        t = len(a.blocks()) + a.n_diag * (a.engine != "none") + len(a.question_ids)
+        parts["LLaMA"] = model.llama, model.llama.layers, 16 * t, a.llama.dim
+    return parts
+
+
+def matmul_rate(rows: int, width: int, dtype, stored, per_call: bool) -> float:
+    """GFLOP/s of x (rows, width) @ W.T, W (width/4, width) stored in `stored`, computed in `dtype`;
+    per_call: W is converted on every call (the part's weights upcast as its blocks run). One untimed
+    call (the kernel's set-up), then calls for at least 20 ms."""
+    x, w = torch.randn(rows, width).to(dtype), torch.randn(max(width // 4, 1), width).to(stored)
+    w_now = w if per_call else w.to(dtype)
+    op = (lambda: F.linear(x, w.to(dtype))) if per_call else (lambda: F.linear(x, w_now))
+    op()
+    n, t0 = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - t0 < 0.02:
+        op()
+        n += 1
+    return 2 * rows * width * w.shape[0] * n / (time.perf_counter() - t0) / 1e9
+
+
+def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> dict:
+    """Per part: (dtype, how, {dtype: measured GFLOP/s}). The candidates lose no range: fp16 weights may
+    compute in fp16, bf16 or fp32, bf16 ones in bf16 or fp32, fp32 ones in fp32 (nothing measured).
+    Another dtype wins over the stored one only at >= 1.25x its rate (timing noise). `how`: "as stored",
+    "converted" once (to a dtype no wider, or when the copy adds under 1 GiB), else "upcast" block by
+    block as each runs (LLaMA-7B in fp32 would need 27 GB; `spare`: bytes). `force`: a CPU_DTYPES name for every part."""
+    frozen, out = {id(p) for p in model.frozen_parameters()}, {}
+    for name, (module, _, rows, width) in cpu_parts(model).items():
+        weights = [p for p in module.parameters() if id(p) in frozen]
+        stored, n = weights[0].dtype, sum(p.numel() for p in weights)
+        wider = [d for d, t in CPU_DTYPES.items() if t.itemsize > stored.itemsize or t == stored
+                 or (stored == torch.float16 and t == torch.bfloat16)]
+        how = {d: "as stored" if CPU_DTYPES[d] == stored else "converted" if CPU_DTYPES[d].itemsize <= stored.itemsize
+               or n * (CPU_DTYPES[d].itemsize - stored.itemsize) < spare else "upcast" for d in wider}
+        gflops = {d: (rates or matmul_rate)(rows, width, CPU_DTYPES[d], stored, how[d] == "upcast") for d in wider} \
+            if len(wider) > 1 else {}
+        best = max(gflops, key=lambda d: gflops[d] * (1.25 if how[d] == "as stored" else 1)) if gflops else wider[0]
+        dtype = force or best
+        out[name] = dtype, how.get(dtype, "converted"), gflops
+    return out
+
+
+def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> str:
+    """Puts each frozen part in the dtype choose_cpu_dtypes picks; returns the line that says so."""
+    frozen, said = {id(p) for p in model.frozen_parameters()}, []
+    for name, (dtype, how, gflops) in choose_cpu_dtypes(model, force, rates, spare).items():
+        module, blocks = cpu_parts(model)[name][:2]
+        t, inside = CPU_DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
+        if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
+            convert([p for p in module.parameters() if id(p) in frozen and id(p) not in inside], t)
+            for b in blocks:
+                upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t)
+        elif how == "converted":
+            convert([p for p in module.parameters() if id(p) in frozen], t)
+        why = "forced" if force else ("GFLOP/s here: " + ", ".join(f"{d} {r:.0f}" for d, r in gflops.items())
+                                      if gflops else "nothing wider to try")
+        said.append(f"{name} in {dtype}, {how}{' block by block' if how == 'upcast' else ''} ({why})")
+    return "scoring on this CPU: " + "; ".join(said)
+
+
+def convert(params: list, dtype):
+    """In place, one tensor at a time; each source's whole pages go back to the OS at once (a memory-
+    mapped checkpoint's pages would otherwise stay counted until the last tensor is converted)."""
+    for p in params:
+        if p.dtype != dtype:
+            old, p.data = p.data, p.data.to(dtype)
+            release(old)
+
+
+def release(t: torch.Tensor):
+    """madvise(MADV_DONTNEED) over the pages that lie wholly inside t, which is about to be dropped
+    and shares its storage with nothing else: file pages are dropped (read again if touched), private
+    ones freed. Linux and macOS; elsewhere the pages go when the last tensor of the file goes."""
+    storage = t.untyped_storage()
+    if storage.nbytes() != t.numel() * t.element_size() or not hasattr(ctypes, "CDLL") or os.name != "posix":
+        return
+    page = mmap.PAGESIZE
+    start = -(-storage.data_ptr() // page) * page
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+
+def upcast_while_running(block: torch.nn.Module, frozen: list, dtype):
+    """The block's `frozen` weights in `dtype` for the length of its forward only (one block's copy at
+    a time), the stored ones put back after it."""
+    stored = []
+
+    def before(*_):
+        stored[:] = [p.data for p in frozen]
+        for p in frozen:
+            p.data = p.data.to(dtype)
+
+    def after(*_):
+        for p, s in zip(frozen, stored):
+            p.data = s
+        stored.clear()
+    block.register_forward_pre_hook(before)
+    block.register_forward_hook(after)
 
 
 def tokenize(tokenizer, text: str) -> tuple[list, int]:

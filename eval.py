@@ -282,7 +282,7 @@ def pool(runs: Path, per: dict) -> dict:
 def score_images(runs: Path, opt) -> int:
     run = runs / f"fold{opt.fold}"
     C.check_finished(run, opt.fold)
-    model, cfg = C.load_run(run, opt.device, keep_checkpoint_dtype=True)
+    model, cfg = C.load_run(run, opt.device, True, opt.cpu_dtype)
     point = operating_point(run, cfg, opt.sensitivity)
     if cfg["crop"] not in ("thorax", "none"):
         raise UserError(f"{run}: trained on a data folder cropped by the density lung search ({cfg['crop']!r}), "
@@ -377,7 +377,7 @@ def explain_fold(runs: Path, opt) -> int:
     chosen = []
     while len(chosen) < opt.explain and any(queues.values()):
         chosen += [(k, q.pop(0)) for k, q in queues.items() if q][:opt.explain - len(chosen)]
-    model, cfg = C.load_run(run, opt.device, keep_checkpoint_dtype=True)
+    model, cfg = C.load_run(run, opt.device, True, opt.cpu_dtype)
     data = run_data(cfg)
     by_name = {Path(r["image"]).stem: r for r in data.rows}
     images = torch.from_numpy(data.images([by_name[rows[i]["image"]] for _, i in chosen]))
@@ -407,7 +407,7 @@ def probe(runs: Path, opt) -> int:
         raise UserError("--probe compares the disease score of binary runs; this run has classes "
                         f"{cfg['classes']}{' (multi-label)' if cfg['multi_label'] else ''}")
     cut = operating_point(run, cfg, opt.sensitivity)["thresholds"][cfg["classes"][1]]
-    model, cfg = C.load_run(run, opt.device, keep_checkpoint_dtype=True)
+    model, cfg = C.load_run(run, opt.device, True, opt.cpu_dtype)
     if opt.data:  # another site's folder: all of it, labels in the run's names
         data = Data(opt.data)
         test, y = data.rows, encode_labels(mapped_labels(data, cfg, opt.classes), cfg["classes"], False)
@@ -486,7 +486,7 @@ def external(runs: Path, opt) -> int:
     what = f"{other.folder}, scored by " + (f"the mean of folds {folds}" if opt.ensemble else f"fold {folds[0]}")
     scores = []
     for f in folds:
-        model, run_cfg = C.load_run(runs / f"fold{f}", opt.device, keep_checkpoint_dtype=True)
+        model, run_cfg = C.load_run(runs / f"fold{f}", opt.device, True, opt.cpu_dtype)
         scores.append(C.predict(model, images, run_cfg, batch=16, progress=True))
     prob = np.mean(scores, 0)
     point = operating_point(runs / f"fold{folds[0]}", cfg, opt.sensitivity, [runs / f"fold{f}" for f in folds[1:]])
@@ -602,6 +602,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--explain-dir", default="explain", help="where --image --explain writes")
     ap.add_argument("--device", help="for --image (default: the run's)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch, for --image")
+    ap.add_argument("--cpu-dtype", choices=["auto", "stored", *C.CPU_DTYPES], default="auto",
+                    help="on a CPU, the dtype the frozen ViT and LLaMA compute in: auto measures which this CPU "
+                    "multiplies fastest (README 'Scoring with the real model on a CPU'); stored keeps the checkpoints'")
     return ap
 
 
