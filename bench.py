@@ -10,6 +10,7 @@ checkpoint needed). Prints figures; nothing here is a test.
     python bench.py --suite --model full                          # on a GPU: training configurations side by side
 """
 import argparse
+import copy
 import json
 import os
 import re
@@ -205,37 +206,46 @@ def status(key: str) -> float:  # GiB, from /proc/self/status: VmRSS, VmHWM (pea
     return int(line.split()[1]) / 2**20
 
 
-def load_full(clip: Path, llama: Path, floors=False):
-    """In a fresh process, scoring as eval.py does on a CPU (common.load_run and predict: the frozen weights
-    as stored, memory-mapped, never copied; adapters unmerged; no autocast): one image, one image again
-    (the first reads the weights from the page cache or the disk) and a batch of 16 with the ViT as
-    stored; then, where the CPU has AMX, with the ViT in bf16 (common.for_cpu_scoring)."""
+GOALS = dict(batch=0.6, one=2.0, startup=20.0, rss=1.15)  # s per image at 16, s for one, s, x the files
+
+
+def load_full(clip: Path, llama: Path, floors=False, cpu_dtype="auto"):
+    """In a fresh process, scoring as eval.py does on a CPU (the frozen weights read as stored, memory-
+    mapped; then common.for_cpu_scoring's measured dtypes; common.predict, no autocast): start-up
+    (reading and converting included), the first image, one image again, a batch of 16, peak RSS, each
+    against its goal; with `floors`, where the time goes. Last, one image with the weights as stored
+    (the previous policy, for comparison; after the peak RSS is read)."""
     size = sum(f.stat().st_size for f in [clip, *llama.glob("*")]) / 2**30
     t = time.perf_counter()
     model = P.from_pretrained(clip, llama, "cpu").eval()
-    print(f"{llama.name}: files {size:.2f} GiB; start-up {time.perf_counter() - t:.1f} s (peak RSS "
-          f"{status('VmHWM'):.2f} GiB); {torch.get_num_threads()} threads", flush=True)
+    line = "weights as stored" if cpu_dtype == "stored" else C.for_cpu_scoring(model, None if cpu_dtype == "auto"
+                                                                                else cpu_dtype)
+    startup = time.perf_counter() - t
+    print(f"{llama.name}: files {size:.2f} GiB; {torch.get_num_threads()} threads; {line}\n"
+          f"  start-up {startup:.1f} s (goal {GOALS['startup']:.0f} s)", flush=True)
     cfg, res = dict(device="cpu", dtype="as stored", norm="clip"), model.args.vision.image_size
     images = torch.randint(0, 256, (16, 1, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
-    def measure(vit: str, n: int, what: str):
+    def measure(n: int, what: str, goal=None) -> float:
         t = time.perf_counter()
         C.predict(model, images[:n], cfg, batch=n)
-        s = time.perf_counter() - t
-        print(f"  ViT {vit}, {what}: {s:.1f} s, {s / n:.2f} s per image; peak RSS {status('VmHWM'):.2f} GiB = "
-              f"{status('VmHWM') / size:.2f}x the files", flush=True)
+        s = (time.perf_counter() - t) / n
+        print(f"  {what}: {s:.2f} s per image" + (f" (goal {goal} s)" if goal else ""), flush=True)
+        return s
 
-    stored = next(k for k, t in P.DTYPES.items() if t == model.visual.conv1.weight.dtype)
-    for n, what in ((1, "first image"), (1, "one image"), (16, "a batch of 16")):
-        measure(stored, n, what)
-    if C.for_cpu_scoring(model):
-        for n, what in ((1, "one image"), (16, "a batch of 16"), (16, "a batch of 16 again")):
-            measure("bf16", n, what)
-    else:
-        print(f"  the ViT stays {stored}: eval.py moves it to bf16 only from fp16, on a CPU with AMX")
-    print(f"  now {status('RssAnon'):.2f} GiB private, {status('RssFile'):.2f} GiB mapped from the files")
+    measure(1, "first image")
+    one, batch = measure(1, "one image", GOALS["one"]), measure(16, "a batch of 16", GOALS["batch"])
+    peak = status("VmHWM")
+    print(f"  peak RSS {peak:.2f} GiB = {peak / size:.2f}x the files (goal {GOALS['rss']}x); now "
+          f"{status('RssAnon'):.2f} GiB private, {status('RssFile'):.2f} GiB mapped from the files", flush=True)
+    met = dict(batch=batch <= GOALS["batch"], one=one <= GOALS["one"], startup=startup <= GOALS["startup"],
+               rss=peak / size <= GOALS["rss"])
+    print("  goals met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()), flush=True)
     if floors:
-        floor(clip, model, C.normalise(images, cfg, res))
+        floor(clip, model, C.normalise(images, cfg, res), batch)
+    del model
+    model = P.from_pretrained(clip, llama, "cpu").eval()
+    measure(1, "one image with the weights as stored (no conversion)")
 
 
 def flops(a: P.PneumoArgs) -> tuple[int, int]:
@@ -250,49 +260,56 @@ def flops(a: P.PneumoArgs) -> tuple[int, int]:
     return vit, llama
 
 
-def floor(clip: Path, model: P.PneumoLLM, x):
-    """Each part alone on 16 images in fp16 and bf16 (the ViT read again as stored; one LLaMA layer, then a
-    bf16 copy of it, times the layers), the ViTs' CLS tokens against an fp32 ViT's, and the floor: the
-    FLOPs at this CPU's measured rate for a large matmul, the weights' bytes at its memory bandwidth."""
-    cpu, a, p = torch.device("cpu"), torch.randn(4096, 4096), model.args.llama
-    rate = {k: 2 * 4096**3 / timed(lambda: m @ m.T, cpu, 1, 3)[1] / 1e9
-            for k, m in (("fp16", a.half()), ("bf16", a.bfloat16()))}
+def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
+    """This CPU's rates in this run (common.matmul_rate at each part's shapes for 16 images, per dtype;
+    memory read bandwidth), the floor they give for the dtypes chosen and for the fastest ones, against
+    the measured batch; then the precision of each dtype against fp32 (the same fp16 weights): the ViT's
+    CLS tokens on 2 images and one LLaMA layer's output on 16 x T tokens."""
+    vit, llama = flops(model.args)
+    parts = C.cpu_parts(model)
+    chosen = dict(ViT=model.visual.conv1.weight.dtype, LLaMA=model.llama.norm.weight.dtype)  # never upcast per call
+    shapes = dict(ViT=(16 * parts["ViT"][2], parts["ViT"][3]), LLaMA=(parts["LLaMA"][2], parts["LLaMA"][3]))
+    rate = {(name, d): C.matmul_rate(r, w, t, torch.float16, False) for name, (r, w) in shapes.items()
+            for d, t in C.CPU_DTYPES.items()}
     big = torch.ones(2**27)  # 512 MiB
-    bandwidth = big.numel() * 4 / timed(big.sum, cpu, 1, 3)[1] / 1e9
-    n, k = len(model.args.blocks()), model.args.n_diag
+    bandwidth = big.numel() * 4 / timed(big.sum, torch.device("cpu"), 1, 3)[1] / 1e9
+    weights = sum(q.numel() * 2 for q in model.frozen_parameters())  # bytes of the checkpoints (fp16)
+    for name in parts:
+        print(f"  {name} products at batch 16, GFLOP/s: " + ", ".join(f"{d} {rate[name, d]:.0f}" for d in C.CPU_DTYPES))
+    flop = dict(ViT=vit, LLaMA=llama)
+    names = {t: d for d, t in C.CPU_DTYPES.items()}
+    at = sum(flop[n] / rate[n, names[chosen[n]]] for n in parts) / 1e9
+    best = sum(flop[n] / max(rate[n, d] for d in C.CPU_DTYPES) for n in parts) / 1e9
+    print(f"  floor per image at batch 16: the FLOPs ({vit / 1e9:.1f} + {llama / 1e9:.1f} GFLOP) {at:.2f} s in the "
+          f"chosen dtypes ({best:.2f} s in each part's fastest); the bytes {weights / 16 / bandwidth / 1e9:.3f} s "
+          f"({weights / 1e9:.1f} GB at {bandwidth:.1f} GB/s); measured {measured:.2f} s = {measured / at:.2f}x the floor")
+    p, n, k = model.args.llama, len(model.args.blocks()), model.args.n_diag
     h, mask = torch.randn(16, n + k, p.dim), P.emitter_mask(n, k)
     cos, sin = model.llama.rope_tables(n + k, "cpu")
-    vits = {d: P.from_pretrained(clip, None, "cpu", dtype, llm=False).visual.eval()
-            for d, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32))}
-    seconds, cls = {}, {}
+    with torch.no_grad():  # each part alone on the batch, as the policy runs it
+        took = dict(ViT=timed(lambda: model.visual(x), torch.device("cpu"), 0, 1)[1],
+                    LLaMA=timed(lambda: model.llama(h.to(chosen["LLaMA"]), mask), torch.device("cpu"), 0, 1)[1])
+    print("  where a batch of 16 goes, per image: " + ", ".join(
+        f"{name} {took[name] / 16:.2f} s ({16 * flop[name] / took[name] / 1e9:.0f} GFLOP/s)" for name in parts))
+    fp16 = P.from_pretrained(clip, None, "cpu", llm=False).visual.eval()
+    layer = P.TransformerBlock(model.args).eval()  # LLaMA-7B's layer shapes, random weights
     with torch.no_grad():
-        for d, t in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-            seconds["ViT", d] = timed(lambda: cls.update({d: vits[d](x)}), cpu, 0, 1)[1]
-            layer = model.llama.layers[0].to(t)  # as LLaMA stored in this dtype would give
-            seconds["LLaMA", d] = p.n_layers * timed(lambda: layer(h.to(t), cos, sin, mask), cpu, 1, 3)[1]
-        ref = vits["fp32"](x)
-    vit, llama = flops(model.args)
-    weights = sum(q.numel() * 2 for q in model.frozen_parameters())  # bytes in fp16 or bf16
-    print(f"  this CPU: a 4096^3 matmul at {rate['fp16']:.0f} GFLOP/s in fp16, {rate['bf16']:.0f} in bf16; "
-          f"memory read at {bandwidth:.1f} GB/s")
-    for part, flop in (("ViT", vit), ("LLaMA", llama)):
-        print(f"  {part}: {flop / 1e9:.1f} GFLOP per image; 16 images in "
-              + ", ".join(f"{d} {seconds[part, d]:.1f} s ({16 * flop / seconds[part, d] / 1e9:.0f} GFLOP/s)"
-                          for d in ("fp16", "bf16")) + (" (one layer x the layers)" if part == "LLaMA" else ""))
-    at = {name: (vit / rate[v] + llama / rate[l]) / 1e9 for name, v, l in
-          (("fp16", "fp16", "fp16"), ("the ViT bf16, LLaMA fp16 (eval.py on AMX)", "bf16", "fp16"),
-           ("bf16", "bf16", "bf16"))}
-    print("  floor per image, the FLOPs at those rates: " + ", ".join(f"{k} {s:.2f} s" for k, s in at.items())
-          + f"; the bytes: {weights / 16 / bandwidth / 1e9:.3f} s at batch 16 ({weights / 1e9:.1f} GB of weights "
-          "read per batch)")
-    for d in ("fp16", "bf16"):
-        err = ((cls[d].float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
-        print(f"  the {d} ViT's CLS tokens against an fp32 ViT's: max relative error {err:.1e}")
+        for m in (fp16, layer):  # the fp16-rounded weights in fp32: the reference
+            for q in m.parameters():
+                q.data = q.data.to(torch.float16).float()
+        cls_ref, out_ref = fp16(x[:2]), layer(h, cos, sin, mask)
+        for d in ("fp16", "bf16"):
+            t = C.CPU_DTYPES[d]
+            vit_d, layer_d = copy.deepcopy(fp16).to(t), copy.deepcopy(layer).to(t)
+            cls_d, out_d = vit_d(x[:2]).float(), layer_d(h.to(t), cos, sin, mask).float()
+            err = [((a - b).norm(dim=-1) / b.norm(dim=-1)).max() for a, b in ((cls_d, cls_ref), (out_d, out_ref))]
+            print(f"  {d} against fp32: the ViT's CLS tokens off by at most {err[0]:.1e} of their norm, "
+                  f"a LLaMA layer's output by {err[1]:.1e}")
 
 
-def bench_load(folder: str, threads):
+def bench_load(folder: str, threads, cpu_dtype):
     d = Path(folder)
-    flags = ["--threads", str(threads)] if threads else []
+    flags = (["--threads", str(threads)] if threads else []) + ["--cpu-dtype", cpu_dtype]
     if not (d / "ViT-L-14.pt").exists():
         t = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--load-step", "write", folder], check=True)
@@ -327,6 +344,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint-vit", action="store_true", help="recompute ViT activations in the backward")
     ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once); time loading "
                     "and scoring on a CPU")
+    ap.add_argument("--cpu-dtype", choices=["auto", "stored", *C.CPU_DTYPES], default="auto",
+                    help="--load: the frozen parts' dtype, as eval.py --cpu-dtype")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--read-vit", metavar="DIR", help="write a random ViT-L/14 TorchScript to DIR (once); the memory "
                     "of reading it, mapped and as the earlier reader copied it")
@@ -421,13 +440,14 @@ def main():
     if opt.prepare:
         return bench_prepare(opt.prepare, opt.against, opt.workers, opt.repeat)
     if opt.load:
-        return bench_load(opt.load, opt.threads)
+        return bench_load(opt.load, opt.threads, opt.cpu_dtype)
     if opt.read_vit:
         return bench_read_vit(Path(opt.read_vit))
     if opt.load_step:
         step, folder = opt.load_step
         d = Path(folder)  # the floors once, with Meta's layout
-        return write_full(d) if step == "write" else load_full(d / "ViT-L-14.pt", d / step, step == "llama-7b")
+        return write_full(d) if step == "write" else load_full(d / "ViT-L-14.pt", d / step, step == "llama-7b",
+                                                               opt.cpu_dtype)
     return bench_model(opt)
 
 

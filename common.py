@@ -221,12 +221,14 @@ def matmul_rate(rows: int, width: int, dtype, stored, per_call: bool) -> float:
 
 
 def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> dict:
-    """Per part: (dtype, how, {dtype: measured GFLOP/s}). The candidates lose no range: fp16 weights may
-    compute in fp16, bf16 or fp32, bf16 ones in bf16 or fp32, fp32 ones in fp32 (nothing measured).
+    """Per part: (dtype, how, {dtype: measured GFLOP/s}, rows). The candidates lose no range: fp16 weights
+    may compute in fp16, bf16 or fp32, bf16 ones in bf16 or fp32, fp32 ones in fp32 (nothing measured).
     Another dtype wins over the stored one only at >= 1.25x its rate (timing noise). `how`: "as stored",
     "converted" once (to a dtype no wider, or when the copy adds under 1 GiB), else "upcast" block by
-    block as each runs (LLaMA-7B in fp32 would need 27 GB; `spare`: bytes). `force`: a CPU_DTYPES name for every part."""
-    frozen, out = {id(p) for p in model.frozen_parameters()}, {}
+    block as each runs (LLaMA-7B in fp32 would need 27 GB; `spare`: bytes), for calls of at least `rows`
+    tokens: fewer (one image) are memory-bound, and there the stored dtype is measured against it.
+    `force`: a CPU_DTYPES name for every part."""
+    frozen, out, rates = {id(p) for p in model.frozen_parameters()}, {}, rates or matmul_rate
     for name, (module, _, rows, width) in cpu_parts(model).items():
         weights = [p for p in module.parameters() if id(p) in frozen]
         stored, n = weights[0].dtype, sum(p.numel() for p in weights)
@@ -234,29 +236,35 @@ def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -
                  or (stored == torch.float16 and t == torch.bfloat16)]
         how = {d: "as stored" if CPU_DTYPES[d] == stored else "converted" if CPU_DTYPES[d].itemsize <= stored.itemsize
                or n * (CPU_DTYPES[d].itemsize - stored.itemsize) < spare else "upcast" for d in wider}
-        gflops = {d: (rates or matmul_rate)(rows, width, CPU_DTYPES[d], stored, how[d] == "upcast") for d in wider} \
+        gflops = {d: rates(rows, width, CPU_DTYPES[d], stored, how[d] == "upcast") for d in wider} \
             if len(wider) > 1 else {}
         best = max(gflops, key=lambda d: gflops[d] * (1.25 if how[d] == "as stored" else 1)) if gflops else wider[0]
         dtype = force or best
-        out[name] = dtype, how.get(dtype, "converted"), gflops
+        least = 0
+        if how.get(dtype) == "upcast" and not force:  # from how many images a call does upcasting pay?
+            least = next((r for r in (rows // 16, rows // 4) if rates(r, width, CPU_DTYPES[dtype], stored, True)
+                          > rates(r, width, stored, stored, False)), rows)
+        out[name] = dtype, how.get(dtype, "converted"), gflops, least
     return out
 
 
 def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> str:
     """Puts each frozen part in the dtype choose_cpu_dtypes picks; returns the line that says so."""
     frozen, said = {id(p) for p in model.frozen_parameters()}, []
-    for name, (dtype, how, gflops) in choose_cpu_dtypes(model, force, rates, spare).items():
-        module, blocks = cpu_parts(model)[name][:2]
+    for name, (dtype, how, gflops, least) in choose_cpu_dtypes(model, force, rates, spare).items():
+        module, blocks, rows = cpu_parts(model)[name][:3]
         t, inside = CPU_DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
         if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
             convert([p for p in module.parameters() if id(p) in frozen and id(p) not in inside], t)
             for b in blocks:
-                upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t)
+                upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t, least)
         elif how == "converted":
             convert([p for p in module.parameters() if id(p) in frozen], t)
         why = "forced" if force else ("GFLOP/s here: " + ", ".join(f"{d} {r:.0f}" for d, r in gflops.items())
                                       if gflops else "nothing wider to try")
-        said.append(f"{name} in {dtype}, {how}{' block by block' if how == 'upcast' else ''} ({why})")
+        images = f" for batches of {max(1, 16 * least // rows)}+ images (smaller ones in the stored dtype)" \
+            if least > rows // 16 else ""
+        said.append(f"{name} in {dtype}, {how}{' block by block' + images if how == 'upcast' else ''} ({why})")
     return "scoring on this CPU: " + "; ".join(said)
 
 
@@ -283,20 +291,24 @@ def release(t: torch.Tensor):
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
 
-def upcast_while_running(block: torch.nn.Module, frozen: list, dtype):
+def upcast_while_running(block: torch.nn.Module, frozen: list, dtype, least=0):
     """The block's `frozen` weights in `dtype` for the length of its forward only (one block's copy at
-    a time), the stored ones put back after it."""
+    a time), the stored ones put back after it. A call of fewer than `least` tokens runs in the stored
+    dtype instead (its input cast to it); the output leaves in `dtype` either way."""
     stored = []
 
-    def before(*_):
+    def before(_, args):
+        if args[0].shape[:-1].numel() < least:
+            return (args[0].to(frozen[0].dtype), *args[1:])
         stored[:] = [p.data for p in frozen]
         for p in frozen:
             p.data = p.data.to(dtype)
 
-    def after(*_):
+    def after(_, args, out):
         for p, s in zip(frozen, stored):
             p.data = s
         stored.clear()
+        return out.to(dtype)
     block.register_forward_pre_hook(before)
     block.register_forward_hook(after)
 

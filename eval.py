@@ -114,33 +114,47 @@ def read_run(run: Path, fold: int) -> tuple:
     return (cfg, *read_predictions(run / "predictions.csv", cfg))
 
 
-def operating_point(run: Path, cfg: dict, sensitivity=None, more=()) -> dict:
+def operating_point(run: Path, cfg: dict, sensitivity=None, more=(), saved=True) -> dict:
     """Thresholds chosen on the run's validation predictions (pooled with those of the runs `more`: an
-    ensemble's folds), never on the test fold (the same rule gives the same thresholds to --fold,
-    --image, --explain and --data; --fold saves them: operating_point.json)."""
+    ensemble's folds), never on the test fold. One rule for every mode: --fold (and --all) choose it,
+    Youden's J or --sensitivity, and save it in operating_point.json; --image, --explain, --probe and
+    --data apply the saved rule (`saved`) unless given --sensitivity, always to the validation
+    predictions as they are now. A run trained with a validation split and missing its predictions is
+    refused, never given 0.5."""
     if not cfg["multi_label"] and len(cfg["classes"]) > 2:
         return dict(rule="argmax (multi-class: no threshold)", thresholds={})
     names = cfg["classes"] if cfg["multi_label"] else cfg["classes"][1:]
-    if not (run / "val_predictions.csv").exists():
-        return dict(rule="0.5 (the run has no validation split to choose a threshold on)",
+    file = run / "operating_point.json"
+    if sensitivity is None and saved and file.exists():
+        sensitivity = json.loads(file.read_text()).get("sensitivity")
+        how = f" (saved by eval.py --fold {cfg['fold']}: {file.name})"
+    else:
+        how = "" if sensitivity is None else " (--sensitivity)"
+    if cfg.get("val_frac", 0) == 0:
+        return dict(rule="0.5 (the run has no validation split to choose a threshold on)", sensitivity=None,
                     thresholds={c: 0.5 for c in names})
-    vals = [read_predictions(r / "val_predictions.csv", cfg)[1:] for r in (run, *more)
-            if (r / "val_predictions.csv").exists()]
+    for r in (run, *more):
+        if not (r / "val_predictions.csv").exists():
+            raise UserError(f"{r / 'val_predictions.csv'}: missing, though the run held out --val-frac "
+                            f"{cfg['val_frac']} of its patients to choose its threshold on; restore the file, or "
+                            "train the run again with the same train.py command and --restart")
+    vals = [read_predictions(r / "val_predictions.csv", cfg)[1:] for r in (run, *more)]
     yv, pv = (np.concatenate(v) for v in zip(*vals))
-    rule = "Youden's J" if sensitivity is None else f"sensitivity >= {sensitivity}"
+    rule = ("Youden's J" if sensitivity is None else f"sensitivity >= {sensitivity}") + how
     findings = M.as_binary(yv, pv, cfg["multi_label"])
     thresholds = {n: M.choose_threshold(y, s, sensitivity) for n, (_, y, s) in zip(names, findings)}
     youden = {n: sum(M.at_threshold(y, s, thresholds[n])[k] for k in ("sensitivity", "specificity")) - 1
               for n, (_, y, s) in zip(names, findings)}
     chance = [f"{n} (J {v:.2f})" for n, v in youden.items() if not v > 0]
     warn = f"; WARNING: no cut-off beats chance there for {', '.join(chance)}" if chance else ""
-    return dict(rule=f"{rule} on the validation split ({len(yv)} images){warn}", thresholds=thresholds)
+    return dict(rule=f"{rule} on the validation split ({len(yv)} images){warn}", sensitivity=sensitivity,
+                thresholds=thresholds)
 
 
 def evaluate(run: Path, fold: int, opt) -> dict:
     """Everything about one finished fold, as eval.json holds it."""
     cfg, rows, y, prob = read_run(run, fold)
-    point = operating_point(run, cfg, opt.sensitivity)
+    point = operating_point(run, cfg, opt.sensitivity, saved=False)
     write_atomic(run / "operating_point.json", json.dumps(point, indent=1))
     pb = baseline(cfg, rows)
     out, draws = figures(y, prob, [r["patient"] for r in rows], cfg, point, pb)
@@ -516,7 +530,15 @@ def external(runs: Path, opt) -> int:
 def mapped_labels(other: Data, cfg: dict, classes) -> list:
     """DIR's labels in the run's names (each finding of a multi-label set): equal class sets, or --classes
     'theirs=ours,...'; else one line naming both."""
-    names = dict(pair.split("=", 1) for pair in classes.split(",")) if classes else {}
+    pairs = [p.split("=") for p in classes.split(",")] if classes else []
+    if any(len(p) != 2 or not all(x.strip() for x in p) for p in pairs):
+        raise UserError(f"--classes {classes!r}: give pairs theirs=ours separated by commas, e.g. "
+                        f"'healthy={cfg['classes'][0]}', with DIR's label names ({', '.join(other.classes)}) on the left")
+    names = {a.strip(): b.strip() for a, b in pairs}
+    unknown = sorted(set(names) - set(other.classes)) + sorted(set(names.values()) - set(cfg["classes"]))
+    if unknown:
+        raise UserError(f"--classes {classes!r}: {unknown} are not labels of {other.folder} ({other.classes}) "
+                        f"on the left, or of the run ({cfg['classes']}) on the right")
     theirs = sorted(names.get(c, c) for c in other.classes)
     if theirs != sorted(cfg["classes"]) or other.multi_label != cfg["multi_label"]:
         kind = lambda ml: " (multi-label)" if ml else ""  # noqa: E731
@@ -572,7 +594,7 @@ def describe(prob, cfg: dict, point: dict) -> str:
     words = []
     for name, cut in point["thresholds"].items():
         q = prob[cfg["classes"].index(name)]
-        words.append(f"P({name}) = {q:.3f}, {'positive' if q >= cut else 'negative'} at the run's threshold {cut:.3f}")
+        words.append(f"P({name}) = {q:.3f}, {'positive' if q >= cut else 'negative'} at {cut:.3f} ({point['rule'].split(' on the ')[0]})")
     return "; ".join(words)
 
 

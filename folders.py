@@ -8,6 +8,7 @@ fold, crop), meta.json (settings, classes, counts, the shortcut audit) and recor
 """
 import argparse
 import csv
+import errno
 import json
 import os
 import sys
@@ -37,7 +38,7 @@ def cli(main, errors=()):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
         print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
@@ -93,7 +94,14 @@ def replacing(path: Path):
     at once (a kill leaves the old file or the new one, never half of one)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    yield tmp
+    try:
+        yield tmp
+    except BaseException as e:  # nothing half-written is left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and "write" in str(e):  # torch.save's writer on a full disk
+            raise OSError(errno.EIO, f"could not be written ({str(e).splitlines()[0][:120]}); is the disk full?",
+                          str(path)) from None
+        raise
     os.replace(tmp, path)
 
 
@@ -102,20 +110,26 @@ def write_atomic(path: Path, text: str):
         tmp.write_text(text)
 
 
-def make_folds(patients: list, labels: list, k: int, seed: int) -> list:
-    """Stratified k folds grouped by patient: shuffled patients, largest first, each into the fold
-    where its labels are least represented so far. No patient is ever in two folds."""
-    classes = sorted(set(labels))
+def make_folds(patients: list, labels: list, k: int, seed: int, multi_label=False) -> list:
+    """Stratified k folds grouped by patient: shuffled patients, largest first, each into the fold where
+    it adds least to the sum over folds and columns of (the fold's share of the column)^2, that is,
+    where its own labels are least represented so far. No patient is ever in two folds. Multi-label sets
+    (findings written a|b; "" or a normal name is a column too) balance every finding and the images,
+    not the combinations, which are too many and too rare to balance."""
+    atoms = (lambda y: y.split("|")) if multi_label else (lambda y: [y])  # noqa: E731
+    classes = sorted({a for y in labels for a in atoms(y)})
     groups = {}
     for p, y in zip(patients, labels):
-        groups.setdefault(p, np.zeros(len(classes)))[classes.index(y)] += 1
+        v = groups.setdefault(p, np.zeros(len(classes) + multi_label))
+        v[[classes.index(a) for a in atoms(y)]] += 1
+        v[-1] += multi_label  # the images
     order = list(groups)
     np.random.default_rng(seed).shuffle(order)
     order.sort(key=lambda p: -groups[p].sum())
     total = np.maximum(sum(groups.values()), 1)
-    counts, fold_of = np.zeros((k, len(classes))), {}
+    counts, fold_of = np.zeros((k, len(total))), {}
     for p in order:
-        cost = (((counts + groups[p]) / total) ** 2).sum(1) + 1e-9 * np.arange(k)
+        cost = (((counts + groups[p]) / total) ** 2 - (counts / total) ** 2).sum(1) + 1e-9 * np.arange(k)
         fold_of[p] = int(np.argmin(cost))
         counts[fold_of[p]] += groups[p]
     return [fold_of[p] + 1 for p in patients]
@@ -161,7 +175,7 @@ class Data:
         out = {"test": test, "train": rest, "val": []}
         if val_frac > 0:
             k = max(2, round(1 / val_frac))  # inner folds; the first is the validation split
-            inner = make_folds([r["patient"] for r in rest], [r["label"] for r in rest], k, seed)
+            inner = make_folds([r["patient"] for r in rest], [r["label"] for r in rest], k, seed, self.multi_label)
             out["train"] = [r for r, f in zip(rest, inner) if f != 1]
             out["val"] = [r for r, f in zip(rest, inner) if f == 1]
         seen = {r["patient"] for r in out["train"] + out["val"]}

@@ -503,7 +503,8 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
         alone += not raw
         it["patient"] = "P" + pseudonym(key, "patient", raw or f"image:{it['rel']}", 12)
         it.update(done[it["id"]], view=it["view"] or done[it["id"]].get("view", ""))
-    folds = make_folds([it["patient"] for it in kept], [it["label"] for it in kept], opt.folds, opt.seed)
+    folds = make_folds([it["patient"] for it in kept], [it["label"] for it in kept], opt.folds, opt.seed,
+                       opt.multi_label)
     check_folds(kept, folds, names, opt)
     patients = (f"{alone} of {len(kept)} images have no patient (no --patient-col, no DICOM PatientID): each is "
                 "its own patient, so one patient's films can land in training and test folds alike, and the "
@@ -532,7 +533,8 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
     print("  crop: " + ("the lung masks' boxes (--masks)" if opt.masks else "the film minus a 2 % border, the same "
                          "rule for every film" if opt.crop == "thorax" else "none, the whole film"))
     for f, c in counts.items():
-        print(f"  fold {f}: {sum(c.values()):4d} images  " + "  ".join(f"{n}: {v}" for n, v in c.items()))
+        size = sum(str(r["fold"]) == f for r in rows)
+        print(f"  fold {f}: {size:4d} images  " + "  ".join(f"{n}: {v}" for n, v in c.items()))
     if alone:
         print(f"WARNING: {patients}", file=sys.stderr)
     print(audit.describe(report))

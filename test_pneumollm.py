@@ -55,7 +55,7 @@ import plots
 import pneumollm as P
 import prepare
 import train
-from folders import Data, Interrupted, UserError, make_folds
+from folders import Data, Interrupted, UserError, cli, make_folds
 
 transformers = pytest.importorskip("transformers")
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -730,6 +730,26 @@ def test_cpu_scoring_follows_the_measured_rates_and_stays_close_to_fp32(fast, wa
         torch.testing.assert_close(torch.as_tensor(batched), rounded, rtol=0, atol=1e-6)
 
 
+def test_upcasting_runs_only_for_batches_where_it_was_measured_faster():
+    """Where fp32 wins only from 4 images a call (one image is memory-bound), LLaMA's blocks upcast for
+    a batch of 6 and run one image in the stored fp16; the line says from how many images."""
+    def rates(rows, width, dtype, stored, per_call):  # fp32 (upcast) faster than fp16 from 4 images a call
+        return 1.0 if dtype == stored else 0.5 if dtype == torch.bfloat16 else 2.0 if rows >= 4 * t else 0.9
+    model = C.cast_frozen(tiny(), torch.float16)
+    t = C.cpu_parts(model)["LLaMA"][2] // 16
+    line = C.for_cpu_scoring(model, rates=rates, spare=0)
+    assert "LLaMA in fp32, upcast block by block for batches of 4+ images" in line
+    seen = []
+    wq = model.llama.layers[0].attention.wq
+    wq.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[0], m.weight.dtype, args[0].dtype)))
+    cfg = dict(device="cpu", dtype="as stored", norm="clip")
+    images = torch.randint(0, 256, (6, 1, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batched, alone = C.predict(model, images, cfg), C.predict(model, images[:1], cfg)
+    assert seen == [(6, torch.float32, torch.float32), (1, torch.float16, torch.float16)]
+    np.testing.assert_allclose(batched[:1], alone, atol=2e-3)
+    assert wq.weight.dtype == torch.float16
+
+
 def test_cpu_dtype_choice_margin_candidates_and_force():
     """The stored dtype is kept unless another is >= 1.25x as fast; fp32 weights are never narrowed
     (nothing measured); bf16 ones never become fp16; --cpu-dtype forces one dtype for both parts."""
@@ -1258,6 +1278,30 @@ def test_nih_folds_are_patient_disjoint_and_balanced():
     for k in range(1, 6):
         ys = [int(y) for y, f in zip(labels, folds) if f == k]
         assert 180 <= len(ys) <= 220 and abs(np.mean(ys) - 0.5) < 0.04
+
+
+@needs_data
+def test_multi_label_folds_balance_images_and_every_finding():
+    """NIH's own findings as a multi-label set (15 findings in 80 combinations, "No Finding" among them):
+    5 folds of about 200 images each, every finding with 25 images or more within 40 % of its fair share
+    in every fold, no patient in two folds. Balancing the combinations instead (each one a class, as
+    single-label sets do) misses it."""
+    with open(os.path.join(SHARED, "nih_cxr_pneumonia/labels.csv"), newline="") as f:
+        rows = list(_csv.DictReader(f))
+    patients, labels = [r["patient_id"] for r in rows], [r["nih_findings"] for r in rows]
+
+    def balanced(folds):
+        sizes = np.bincount(folds, minlength=6)[1:]
+        findings = {x for y in labels for x in y.split("|")}
+        per = {x: np.bincount([f for y, f in zip(labels, folds) if x in y.split("|")], minlength=6)[1:]
+               for x in findings}
+        fair = all(abs(c - c.sum() / 5).max() <= 0.4 * c.sum() / 5 for c in per.values() if c.sum() >= 25)
+        return sizes.min() >= 180 and sizes.max() <= 220 and fair
+    folds = make_folds(patients, labels, 5, seed=0, multi_label=True)
+    of = {}
+    for p, f in zip(patients, folds):
+        assert of.setdefault(p, f) == f
+    assert balanced(folds) and not balanced(make_folds(patients, labels, 5, seed=0))
 
 
 @needs_data
@@ -2301,6 +2345,33 @@ def test_image_scores_a_folder_in_batches_into_a_csv_without_file_names(demo_dat
     assert all(r["decision"] == ("pneumoconiosis" if float(r["p_pneumoconiosis"]) >= cut else "normal") for r in rows)
 
 
+def test_the_saved_operating_point_is_the_one_applied_and_a_lost_validation_file_is_refused(demo_data, demo_runs,
+                                                                                               tmp_path, capsys):
+    """--fold --sensitivity saves its rule; --image then applies that rule (not Youden's J) and names it;
+    --fold without it saves Youden's again. A run trained with a validation split whose
+    val_predictions.csv is gone is refused in one line, and its saved point is left as it was."""
+    run = shutil.copytree(demo_runs / "fold1", tmp_path / "fold1")
+    cfg = json.loads((run / "config.json").read_text())
+    _, yv, pv = ev.read_predictions(run / "val_predictions.csv", cfg)
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--sensitivity", "0.9"]) == 0
+    saved = json.loads((run / "operating_point.json").read_text())
+    cut = saved["thresholds"]["pneumoconiosis"]
+    assert saved["sensitivity"] == 0.9 and (pv[yv == 1, 1] >= cut).mean() >= 0.9  # sensitivity on validation
+    images = [str(demo_data / r["image"]) for r in manifest(demo_data)[:3]]
+    capsys.readouterr()
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", *images]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"at {cut:.3f} (sensitivity >= 0.9 (saved by eval.py --fold 1: operating_point.json))") == 3
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1"]) == 0
+    youden = json.loads((run / "operating_point.json").read_text())
+    assert youden["sensitivity"] is None and youden["rule"].startswith("Youden's J on the validation split")
+    (run / "val_predictions.csv").unlink()
+    with pytest.raises(UserError, match=r"val_predictions.csv: missing, though the run held out --val-frac 0.1 .*"
+                                        r"--restart"):
+        ev.main(["--runs", str(tmp_path), "--fold", "1"])
+    assert json.loads((run / "operating_point.json").read_text()) == youden
+
+
 def test_a_model_trained_on_the_demo_says_it_is_not_for_diagnosis(demo_data, tmp_path, capsys):
     data = shutil.copytree(demo_data, tmp_path / "data")
     meta = json.loads((data / "meta.json").read_text())
@@ -2417,13 +2488,40 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
         (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out",
           str(tmp_path / "p"),
           "--workers", "0"], "--workers 0: give 1 or more"),
-    ]
+        (["eval.py", "--runs", str(run.parent), "--data", str(demo_data), "--classes", "garbage"],
+         "--classes 'garbage': give pairs theirs=ours"),
+        (["eval.py", "--runs", str(run.parent), "--data", str(demo_data), "--classes", "sick=pneumoconiosis"],
+         "['sick'] are not labels of"),
+    ] + [(["train.py", "--data", str(demo_data), "--model", "tiny", "--out", str(tmp_path / "o"), flag, value],
+          f"{flag} {value}: give") for flag, value in (("--batch-size", "0"), ("--lr", "-1"), ("--epochs", "0"),
+                                                      ("--val-frac", "1.5"), ("--min-lr", "nan"))
+    ] + ([] if torch.cuda.is_available() else [(["train.py", "--data", str(demo_data), "--model", "tiny", "--out",
+                                                 str(tmp_path / "o"), "--device", "cuda"], "this torch sees no GPU")])
     with multiprocessing.pool.ThreadPool(2) as pool:  # a process each, two at a time
         runs = pool.map(lambda case: run_script(str(here / case[0][0]), *case[0][1:], cwd=tmp_path), cases)
     for (args, msg), r in zip(cases, runs):
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "p").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_while_training_is_one_line_and_leaves_no_temporary_file(demo_data, tmp_path, monkeypatch,
+                                                                               capsys):
+    """torch.save failing half-way (its writer's RuntimeError, as on a full disk): exit 2, one line naming
+    the file, no state.pt.tmp left; the same command then resumes or starts cleanly."""
+    real = torch.save
+    def full(obj, f, *a, **kw):
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nfile write failed")
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    assert cli(lambda: train.main(train_args(demo_data, out, "--epochs", "1"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {out / 'state.pt'}: could not be written" in err and "disk full" in err
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real)
+    train.main(train_args(demo_data, out, "--epochs", "1"))
+    assert (out / "predictions.csv").exists()
 
 
 def test_the_default_threads_are_the_idle_cores(monkeypatch):
@@ -2461,12 +2559,17 @@ def test_bench_counts_the_flops_that_run(clip_files, llama_files):
 
 
 def test_bench_scores_as_eval_does_at_batch_1_and_16(clip_files, tmp_path, capsys):
-    """`bench.py --load`'s measurement, on tiny checkpoints in the real formats: one image twice, a batch
-    of 16, the floors; fp32 weights are never moved to bf16."""
+    """`bench.py --load`'s measurement, on tiny checkpoints in the real formats: eval.py's policy line, the
+    first image, one image, a batch of 16 and start-up against their goals, the floor from this run's
+    rates and each dtype's precision; fp32 weights are never narrowed."""
     bench.load_full(clip_files["jit"], write_llama(tmp_path, 4)["meta"], floors=True)
     out = capsys.readouterr().out
-    assert len(re.findall(r"ViT fp32, [a-z 0-9]+: [\d.]+ s, [\d.]+ s per image; peak RSS", out)) == 3
-    assert "the ViT stays fp32" in out and "floor per image" in out and "CLS tokens against an fp32" in out
+    assert "scoring on this CPU: ViT in fp32, as stored (nothing wider to try); LLaMA in fp32" in out
+    assert len(re.findall(r"(first image|one image|a batch of 16): [\d.]+ s per image", out)) == 3
+    assert re.search(r"goals met: batch (yes|NO), one (yes|NO), startup (yes|NO), rss (yes|NO)", out)
+    assert re.search(r"floor per image at batch 16: .* measured [\d.]+ s = [\d.]+x the floor", out)
+    assert re.search(r"bf16 against fp32: the ViT's CLS tokens off by at most \d\.\de-0\d", out)
+    assert "one image with the weights as stored (no conversion)" in out
 
 
 def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp_path):

@@ -80,6 +80,20 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_numbers(cfg: dict):
+    """Values no run can use, refused by flag before anything is written."""
+    wrong = {"epochs": (cfg["epochs"] < 1, "1 or more"), "batch-size": (cfg["batch_size"] < 1, "1 or more"),
+             "lr": (not cfg["lr"] > 0, "a rate above 0"), "min-lr": (not cfg["min_lr"] >= 0, "0 or more"),
+             "warmup-epochs": (not cfg["warmup_epochs"] >= 0, "0 or more"),
+             "warmup-lr": (not cfg["warmup_lr"] >= 0, "0 or more"),
+             "weight-decay": (not cfg["weight_decay"] >= 0, "0 or more"),
+             "val-frac": (not 0 <= cfg["val_frac"] < 1, "a fraction of the training patients in [0, 1), e.g. 0.1"),
+             "adapter-dropout": (not 0 <= cfg["adapter_dropout"] < 1, "a probability in [0, 1)")}
+    for flag, (bad, give) in wrong.items():
+        if bad:
+            raise UserError(f"--{flag} {cfg[flag.replace('-', '_')]}: give {give}")
+
+
 def parse(argv=None) -> dict:
     """The run's settings, under the flags' names: contradictions refused, no-op flags normalised (one
     model, one config.json)."""
@@ -101,6 +115,10 @@ def parse(argv=None) -> dict:
             raise UserError("--select val chooses the epoch on the validation split, which --val-frac 0 leaves empty: "
                             "pass --select last, or a --val-frac above 0")
         cfg["select"] = "last"
+    check_numbers(cfg)
+    if cfg["device"] != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg['device']}: this torch sees no GPU (a CPU-only build, or no driver); "
+                        "pass --device cpu, or install a CUDA build of torch")
     if cfg["question"] and not cfg["llm"]:
         raise UserError("--question feeds the LLM, so it cannot go with --no-llm")
     if cfg["engine"] == "none":  # no diagnosis tokens: nothing to mask, count or train
