@@ -332,7 +332,8 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=Help)
     ap.add_argument("--prepare", metavar="LABELS", help="time prepare.py on this label file's images, side by "
                     "side with --against")
-    ap.add_argument("--against", default="c812046", help="the commit whose prepare.py --prepare also times")
+    ap.add_argument("--against", default="c812046", help="a git commit whose prepare.py --prepare also times, side by "
+                    "side (default: c812046, an earlier commit of this repository)")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py's processes for --prepare")
     ap.add_argument("--repeat", type=int, default=3, help="--prepare: runs of each, taking turns (medians)")
     ap.add_argument("--model", choices=list(SIZES), default="tiny", help="full: ViT-L/14 + LLaMA-7B, random")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import pneumollm as P
-from folders import Data, UserError
+from folders import Data, UserError, pid_alive
 
 def runtime_flags(ap):
     """Flags that change where and how fast a run goes, not what it computes."""
@@ -146,6 +146,11 @@ def check_finished(run: Path, fold: int):
         raise UserError(f"{run}: no run there; train it first: python train.py --fold {fold} --out {run}")
     cfg = json.loads((run / "config.json").read_text())
     epoch = read_state(run)["epoch"] if (run / "state.pt").exists() else 0
+    lock = run / ".lock"
+    pid = lock.read_text().strip() if lock.exists() else ""
+    if pid.isdigit() and pid_alive(int(pid)):
+        raise UserError(f"{run}: still training (process {pid}, epoch {epoch} of {cfg['epochs']} done); evaluate "
+                        "it when it finishes")
     raise UserError(f"{run}: training stopped at epoch {epoch} of {cfg['epochs']}; run the same train.py command "
                     "again to finish it (it resumes)")
 
@@ -206,10 +211,11 @@ def cpu_parts(model: P.PneumoLLM) -> dict:
 
 
 def matmul_rate(rows: int, width: int, dtype, stored, per_call: bool) -> float:
-    """GFLOP/s of x (rows, width) @ W.T, W (width/4, width) stored in `stored`, computed in `dtype`;
-    per_call: W is converted on every call (the part's weights upcast as its blocks run). One untimed
-    call (the kernel's set-up), then calls for at least 20 ms."""
-    x, w = torch.randn(rows, width).to(dtype), torch.randn(max(width // 4, 1), width).to(stored)
+    """GFLOP/s of x (rows, width) @ W.T, W (width, width) stored in `stored`, computed in `dtype`;
+    per_call: W is converted on every call (the part's weights upcast as its blocks run). W as large as
+    a layer's (LLaMA's: 32 MiB, past most caches), so that few rows are as memory-bound as they are in
+    the model. One untimed call (the kernel's set-up), then calls for at least 20 ms."""
+    x, w = torch.randn(rows, width).to(dtype), torch.randn(width, width).to(stored)
     w_now = w if per_call else w.to(dtype)
     op = (lambda: F.linear(x, w.to(dtype))) if per_call else (lambda: F.linear(x, w_now))
     op()
@@ -243,7 +249,7 @@ def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -
         least = 0
         if how.get(dtype) == "upcast" and not force:  # from how many images a call does upcasting pay?
             least = next((r for r in (rows // 16, rows // 4) if rates(r, width, CPU_DTYPES[dtype], stored, True)
-                          > rates(r, width, stored, stored, False)), rows)
+                          > 1.25 * rates(r, width, stored, stored, False)), rows)
         out[name] = dtype, how.get(dtype, "converted"), gflops, least
     return out
 

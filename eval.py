@@ -1,6 +1,8 @@
 """
-Evaluation a reader can act on, from the predictions.csv that train.py writes when a run finishes
-(no model is rebuilt, except to score new images):
+Evaluates finished runs from the predictions.csv that train.py writes, and scores new images and
+other sites' folders with a run's model.
+
+No model is rebuilt, except to score images:
 
     python eval.py --fold 1                  # fold 1's test set: the paper's figures, and what comes next
     python eval.py --all                     # the finished folds as the paper's Table 2 (markdown + JSON)
@@ -130,7 +132,7 @@ def operating_point(run: Path, cfg: dict, sensitivity=None, more=(), saved=True)
         how = f" (saved by eval.py --fold {cfg['fold']}: {file.name})"
     else:
         how = "" if sensitivity is None else " (--sensitivity)"
-    if cfg.get("val_frac", 0) == 0:
+    if cfg.get("val_frac") == 0 or "val_frac" not in cfg and not (run / "val_predictions.csv").exists():
         return dict(rule="0.5 (the run has no validation split to choose a threshold on)", sensitivity=None,
                     thresholds={c: 0.5 for c in names})
     for r in (run, *more):
@@ -594,7 +596,7 @@ def describe(prob, cfg: dict, point: dict) -> str:
     words = []
     for name, cut in point["thresholds"].items():
         q = prob[cfg["classes"].index(name)]
-        words.append(f"P({name}) = {q:.3f}, {'positive' if q >= cut else 'negative'} at {cut:.3f} ({point['rule'].split(' on the ')[0]})")
+        words.append(f"P({name}) = {q:.3f}, {'positive' if q >= cut else 'negative'} at the run's threshold {cut:.3f} ({point['rule'].split(' on the ')[0]})")
     return "; ".join(words)
 
 

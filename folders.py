@@ -83,7 +83,7 @@ class Help(argparse.HelpFormatter):
     """Each flag's default once, where it has one; none where the help already says it or there is none."""
 
     def _get_help_string(self, action):
-        if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS):
+        if "(default" in action.help or action.default in (None, False, "", argparse.SUPPRESS):
             return action.help
         return action.help + " (default: %(default)s)"
 

@@ -1,7 +1,7 @@
 """
 From a folder of radiographs (DICOM, PNG, JPEG, TIFF) and a label list to cropped 224 px PNGs in
 patient-level folds, as in PneumoLLM §4.1: window with the DICOM's own VOI settings, to 8 bits,
-crop to the lungs, resize.
+crop to the thorax (the film minus a 2 % border; with --masks, the lungs' box), resize.
 
     python prepare.py --images DIR --labels labels.csv --out data/NAME [--classes normal,disease]
     python prepare.py --demo        # synthetic DICOM phantoms -> data/demo (see demo.py)
@@ -140,6 +140,8 @@ def read_picture(path: Path, max_pixels=MAX_PIXELS) -> tuple:
 
 
 def read_image(path: Path, max_pixels=MAX_PIXELS) -> tuple:  # (float in [0, 1] or 8-bit as stored, attributes)
+    if path.stat().st_size == 0:
+        raise Skip("an empty file (0 bytes)")
     picture = path.suffix.lower() in IMAGE_SUFFIXES - {".dcm", ".dicom", ".dic", ""}
     img, attrs = read_picture(path, max_pixels) if picture else read_dicom(path, max_pixels)
     if min(img.shape) < 8:
@@ -237,8 +239,11 @@ def read_table(path: Path) -> tuple:
     """(rows, columns) of a CSV: Excel's "CSV UTF-8" (a byte-order mark) and ;- or tab-separated files too."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not readable as a UTF-8 CSV ({type(e).__name__})")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 (byte {e.start}); save it as 'CSV UTF-8' (Excel) or convert it, e.g. "
+                        f"iconv -f latin1 -t utf-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: not readable ({e.strerror or type(e).__name__})") from None
     if not text.strip():
         raise UserError(f"{path}: empty; give a CSV with a header and one row per image")
     delimiter = max(",;\t", key=text.splitlines()[0].count)
@@ -277,6 +282,8 @@ def read_labels(opt) -> tuple:
     lc = pick(cols, opt.label_col, LABEL_COLS, "label", opt.labels)
     pc = pick(cols, opt.patient_col, PATIENT_COLS, "patient", opt.labels, needed=False)
     vc = pick(cols, opt.view_col, VIEW_COLS, "view", opt.labels, needed=False)
+    if not Path(opt.images).is_dir():
+        raise UserError(f"--images {opt.images}: no such folder; give the folder that holds the images")
     files, by_name = find_files(Path(opt.images))
     items, seen = [], set()
     for i, r in enumerate(rows, start=2):
@@ -321,7 +328,7 @@ def label_set(items: list, opt) -> list:
     twins = [sorted(v) for v in spelled.values() if len(v) > 1]
     if twins:
         raise UserError(f"{opt.labels}: {' and '.join(repr(s) for s in twins[0])} differ only in case or spaces: "
-                        "fix the file, or declare the labels with --classes")
+                        "one class or two? Write it one way in the file")
     if opt.multi_label:  # classes are the findings; "normal" is none of them
         return sorted(n for n in names if n.lower() not in NORMAL_NAMES)
     order = lambda s: (int(s), s) if s.lstrip("-").isdigit() else (s.lower() not in NORMAL_NAMES, s)  # noqa: E731

@@ -2240,7 +2240,7 @@ def test_baseline_is_scikit_learns_logistic_regression_with_l2_chosen_on_validat
                 for l2 in (1.0, 30.0, 1000.0)}
         val = {l2: sklearn_metrics.roc_auc_score(y["val"], f.predict_proba(z["val"])[:, 1]) for l2, f in fits.items()}
         ours = ev.baseline(cfg, [dict(image=Path(r["image"]).stem) for r in split["test"]])
-        best = max(val, key=val.get)  # the first of equals, as the code takes it
+        best = max(val, key=lambda l2: round(val[l2], 12))  # the first of equals (to rounding), as the code takes it
         np.testing.assert_allclose(ours[:, 1], fits[best].predict_proba(z["test"])[:, 1], atol=1e-4, err_msg=str(fold))
         choices.append(len(set(np.round(list(val.values()), 9))) > 1 and best != 1.0)
     assert any(choices)
@@ -2274,7 +2274,7 @@ def test_tiny_training_learns_a_visible_sign_and_the_probe_says_where_it_is(tmp_
         assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1", "--image", os.path.join(DICOM,
                                                                                                  "RG1_UNCR.dcm")]) == 0
         assert re.search(r"RG1_UNCR\.dcm: P\(pneumoconiosis\) = [01]\.\d{3}, (positive|negative) at the run's "
-                         r"threshold [01]\.\d{3}; crop: thorax", capsys.readouterr().out)
+                         r"threshold [01]\.\d{3} \(Youden's J \(saved by eval.py --fold 1: operating_point.json\)\); crop: thorax", capsys.readouterr().out)
 
 
 def test_the_probe_stays_quiet_on_the_clean_demo(demo_data, tmp_path, capsys):
@@ -2361,7 +2361,8 @@ def test_the_saved_operating_point_is_the_one_applied_and_a_lost_validation_file
     capsys.readouterr()
     assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", *images]) == 0
     out = capsys.readouterr().out
-    assert out.count(f"at {cut:.3f} (sensitivity >= 0.9 (saved by eval.py --fold 1: operating_point.json))") == 3
+    assert out.count(f"at the run's threshold {cut:.3f} (sensitivity >= 0.9 (saved by eval.py --fold 1: "
+                     "operating_point.json))") == 3
     assert ev.main(["--runs", str(tmp_path), "--fold", "1"]) == 0
     youden = json.loads((run / "operating_point.json").read_text())
     assert youden["sensitivity"] is None and youden["rule"].startswith("Youden's J on the validation split")
@@ -2458,6 +2459,7 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
     (bare / "manifest.csv").write_text("image,label,patient,fold\n")
     write_labels(tmp_path / "labels.csv", [("a.png", "x")])
     (tmp_path / "header.csv").write_text("image,label\n")
+    (tmp_path / "latin1.csv").write_bytes("image,label\nJosé.png,normal\n".encode("latin1"))
     run = tmp_path / "runs/fold1"
     train.main(train_args(demo_data, run, "--epochs", "1"))
     (run / "best.safetensors").write_bytes((run / "best.safetensors").read_bytes()[:100])  # truncated
@@ -2492,6 +2494,10 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
          "--classes 'garbage': give pairs theirs=ours"),
         (["eval.py", "--runs", str(run.parent), "--data", str(demo_data), "--classes", "sick=pneumoconiosis"],
          "['sick'] are not labels of"),
+        (["prepare.py", "--images", str(tmp_path / "no_such_folder"), "--labels", str(tmp_path / "labels.csv"),
+          "--out", str(tmp_path / "p")], "no_such_folder: no such folder"),
+        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "latin1.csv"), "--out",
+          str(tmp_path / "p")], "latin1.csv: not UTF-8 (byte 15); save it as 'CSV UTF-8'"),
     ] + [(["train.py", "--data", str(demo_data), "--model", "tiny", "--out", str(tmp_path / "o"), flag, value],
           f"{flag} {value}: give") for flag, value in (("--batch-size", "0"), ("--lr", "-1"), ("--epochs", "0"),
                                                       ("--val-frac", "1.5"), ("--min-lr", "nan"))
@@ -2522,6 +2528,27 @@ def test_a_full_disk_while_training_is_one_line_and_leaves_no_temporary_file(dem
     monkeypatch.setattr(torch, "save", real)
     train.main(train_args(demo_data, out, "--epochs", "1"))
     assert (out / "predictions.csv").exists()
+
+
+def test_a_live_run_a_lost_model_and_an_empty_file_are_named(demo_data, tmp_path):
+    """eval.py on a run that is still training says so (not 'training stopped'); train.py on a finished
+    run whose best.safetensors is gone says to --restart; a 0-byte image is skipped as empty."""
+    run = tmp_path / "fold1"
+    train.main(train_args(demo_data, run, "--epochs", "1"))
+    (run / "predictions.csv").rename(run / "held.csv")
+    (run / ".lock").write_text(str(os.getpid()))  # a live train.py holds it
+    with pytest.raises(UserError, match=r"fold1: still training \(process \d+, epoch 1 of 1 done\)"):
+        C.check_finished(run, 1)
+    (run / ".lock").unlink()
+    with pytest.raises(UserError, match="training stopped at epoch 1 of 1"):
+        C.check_finished(run, 1)
+    (run / "held.csv").rename(run / "predictions.csv")
+    (run / "best.safetensors").unlink()
+    with pytest.raises(UserError, match=r"best.safetensors: missing, so the finished run has no model; pass --restart"):
+        train.main(train_args(demo_data, run, "--epochs", "1"))
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    with pytest.raises(prepare.Skip, match="an empty file"):
+        prepare.read_image(tmp_path / "empty.dcm")
 
 
 def test_the_default_threads_are_the_idle_cores(monkeypatch):
@@ -2579,7 +2606,7 @@ def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp
         text = ap.format_help()
         for action in ap._actions:  # a default, where there is one, is said once, and "None" never
             said = ap._get_formatter()._expand_help(action).count("(default")
-            assert said <= 1 and said >= (action.default not in (None, False, argparse.SUPPRESS)), action.dest
+            assert said <= 1 and said >= (action.default not in (None, False, "", argparse.SUPPRESS)), action.dest
         assert "(default: None)" not in text, script.__name__
     text = train.parser().format_help()
     for flag, default in [("--epochs", "100"), ("--model", "full"), ("--lr", "0.0003"), ("--seed", "20")]:

@@ -91,7 +91,7 @@ def check_numbers(cfg: dict):
              "adapter-dropout": (not 0 <= cfg["adapter_dropout"] < 1, "a probability in [0, 1)")}
     for flag, (bad, give) in wrong.items():
         if bad:
-            raise UserError(f"--{flag} {cfg[flag.replace('-', '_')]}: give {give}")
+            raise UserError(f"--{flag} {cfg[flag.replace('-', '_')]:g}: give {give}")
 
 
 def parse(argv=None) -> dict:
@@ -384,6 +384,7 @@ def final_test(model: P.PneumoLLM, data: Data, split: dict, cfg: dict, epoch: in
           + "  ".join(f"{k} {100 * m[k]:.2f}" for k in M.METRICS))
     layout = "per finding [[tn, fp], [fn, tp]]" if cfg["multi_label"] else "rows true, cols predicted"
     print(f"confusion ({layout}, {cfg['classes']}): {m['confusion']}")
+    print(f"the run is in {out}; next: python eval.py --runs {out.parent} --fold {cfg['fold']}")
     return m
 
 
@@ -413,6 +414,9 @@ def setup(argv) -> tuple:
 def main(argv=None):
     cfg, data, split, verdict = setup(argv)
     out = Path(cfg["out"])
+    if verdict == "finished" and not (out / "best.safetensors").exists():
+        raise UserError(f"{out / 'best.safetensors'}: missing, so the finished run has no model; pass --restart "
+                        "to train it again")
     if verdict == "finished":
         print(f"{out}: this run is finished; eval.py reads it; pass --restart to train it again")
         return json.loads((out / "metrics.json").read_text())["metrics"]
