@@ -6,8 +6,11 @@ as the disease.
 
 Attributes per image: view position (DICOM ViewPosition or the label file's view column), original
 width and height, bit depth, photometric interpretation, manufacturer and model (not identifiers),
-pixel spacing, how the image was cropped, and the crop box's geometry (corners, width, height,
-aspect): a framing that depends on the disease is a shortcut too. A small logistic regression on
+pixel spacing, the source's encoding (DICOM transfer syntax or file format, the file's bytes per
+pixel, a JPEG's mean quantisation step), how the image was cropped, and the crop box's geometry
+(corners, width, height, aspect): a framing that depends on the disease is a shortcut too. An
+attribute no image has is "unknown", one with a single value "constant": both are untested, never
+a chance AUC. A small logistic regression on
 these attributes (one-hot and standardised, L2), cross-validated over prepare.py's patient folds,
 scores each class (one-vs-rest; each finding of a multi-label set): each attribute alone, the film's
 own attributes (view, size), those plus the crop's geometry, and all together. Any AUC of 0.65 or
@@ -18,11 +21,13 @@ import numpy as np
 
 from metrics import logistic, roc_auc
 
-CATEGORICAL = ("view", "photometric", "manufacturer", "model", "bits", "crop")
-NUMERIC = ("width", "height", "spacing")
+CATEGORICAL = ("view", "photometric", "manufacturer", "model", "bits", "crop", "encoding")
+NUMERIC = ("width", "height", "spacing", "bytes_per_pixel", "jpeg_q")
 GEOMETRY = ("box_x0", "box_y0", "box_x1", "box_y1", "box_w", "box_h", "box_aspect")  # the crop box
+ENCODING = ("encoding", "bytes_per_pixel", "jpeg_q", "bits")  # how the source file was stored
 SETS = {"film (view, size)": ("view", "width", "height"),
         "film + crop geometry": ("view", "width", "height", "crop") + GEOMETRY,
+        "source encoding": ENCODING,
         "all attributes": CATEGORICAL + NUMERIC + GEOMETRY}
 WARN_AUC = 0.65
 PURE_MIN, PURE_SHARE = 10, 0.95
@@ -71,8 +76,10 @@ def with_geometry(it: dict) -> dict:
 
 def shortcut_audit(items: list, classes: list, folds: list, multi_label: bool) -> dict:
     """Per class: the attributes' values (counts) or means. Per class vs the rest, the cross-validated
-    AUC of each attribute alone, of each set in SETS and of all together; the flags (categorical
-    values) that are nearly one class; a warning when any AUC reaches WARN_AUC or any flag is pure."""
+    AUC of each attribute alone, of each set in SETS and of all together; None where nothing could be
+    tested: an attribute no image has ("unknown") or one value for every image ("constant"). The flags
+    (categorical values) that are nearly one class; a warning when any AUC reaches WARN_AUC or any flag
+    is pure."""
     items, folds = [with_geometry(it) for it in items], np.asarray(folds)
     member = {c: np.array([c in it["label"].split("|") if multi_label else it["label"] == c for it in items])
               for c in classes}
@@ -84,16 +91,31 @@ def shortcut_audit(items: list, classes: list, folds: list, multi_label: bool) -
                                    for v in sorted({str(x) for x in vals})} for c in classes}
         else:
             per_class[attr] = {c: _mean([x for m, x in zip(member[c], vals) if m]) for c in classes}
+    untested = {a: why for a in CATEGORICAL + NUMERIC + GEOMETRY if (why := untestable(items, a))}
     targets = classes[-1:] if len(classes) == 2 and not multi_label else classes
-    auc_of = lambda attrs: max(cv_auc(columns(items, attrs), member[c].astype(float), folds)  # noqa: E731
-                               for c in targets)
+
+    def auc_of(attrs):  # the best class's, or None when none of `attrs` can be tested
+        x = columns(items, [a for a in attrs if a not in untested])
+        return max(cv_auc(x, member[c].astype(float), folds) for c in targets) if x.shape[1] else None
     sets = {name: auc_of(attrs) for name, attrs in SETS.items()}
-    alone = {attr: auc_of([attr]) for attr in CATEGORICAL + NUMERIC + GEOMETRY}
+    alone = {attr: auc_of([attr]) for attr in CATEGORICAL + NUMERIC + GEOMETRY if attr not in untested}
     flags = pure_flags(items, member)
-    worst = max([*sets.values(), *alone.values()])
-    return dict(per_class=per_class, auc_sets=sets, auc_by_attribute=alone,
-                crop_adds=sets["film + crop geometry"] - sets["film (view, size)"], flags=flags,
+    worst = max([v for v in [*sets.values(), *alone.values()] if v is not None], default=0.5)
+    film, crop = sets["film (view, size)"], sets["film + crop geometry"]
+    return dict(per_class=per_class, auc_sets=sets, auc_by_attribute=alone, untested=untested,
+                crop_adds=None if film is None or crop is None else crop - film, flags=flags,
                 differs=differs(per_class, member), warn_at=WARN_AUC, warning=worst >= WARN_AUC or bool(flags))
+
+
+def untestable(items: list, attr: str):
+    """'unknown' when no image has the attribute, 'constant: <value>' when every image has the same
+    one; else None (it can be tested)."""
+    values = [it.get(attr) for it in items]
+    if all(v in (None, "") for v in values):
+        return "unknown"
+    if len({str(v) for v in values}) == 1:
+        return f"constant: {values[0]}"
+    return None
 
 
 def pure_flags(items: list, member: dict) -> list:
@@ -143,14 +165,22 @@ def describe(report: dict) -> str:
         if len(values) > 1 and attr not in GEOMETRY:
             lines.append(f"  {attr}: " + "; ".join(f"{c} {v}" for c, v in per.items()))
     culprits = sorted(report["auc_by_attribute"].items(), key=lambda kv: -kv[1])[:3]
+    said = lambda v: "untested" if v is None else f"{v:.2f}"  # noqa: E731
+    adds = "" if report["crop_adds"] is None else f"; the crop adds {report['crop_adds']:+.2f}"
     lines.append("  cross-validated AUC (patient folds; chance 0.50): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in report["auc_sets"].items()) + f"; the crop adds {report['crop_adds']:+.2f}"
+        f"{k} {said(v)}" for k, v in report["auc_sets"].items()) + adds
                  + "; alone: " + ", ".join(f"{k} {v:.2f}" for k, v in culprits))
+    untested = report.get("untested", {})
+    for kind in ("unknown", "constant"):
+        names = [f"{a}{' (' + w.split(': ', 1)[1] + ')' if ': ' in w else ''}" for a, w in untested.items()
+                 if w.startswith(kind) and a not in GEOMETRY]
+        if names:
+            lines.append(f"  untested, {kind}: {', '.join(names)}")
     for attr, how in report["differs"].items():
         lines.append(f"  FLAG {attr} differs between classes ({how}): a possible confounder")
     if report["warning"]:
         high = [f"{k} {v:.2f}" for k, v in {**report["auc_sets"], **report["auc_by_attribute"]}.items()
-                if v >= WARN_AUC]
+                if v is not None and v >= WARN_AUC]
         lines += ["!" * 100, "WARNING: what the acquisition or the framing says separates the classes:"]
         lines += [f"  AUC >= {WARN_AUC}: {', '.join(high)}"] if high else []
         lines += [f"  nearly one class: {f}" for f in report["flags"]]

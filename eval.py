@@ -497,8 +497,18 @@ def external(runs: Path, opt) -> int:
         C.check_finished(runs / f"fold{f}", f)
     cfg = json.loads((runs / f"fold{folds[0]}/config.json").read_text())
     other = Data(opt.data)
-    labels = mapped_labels(other, cfg, opt.classes)
-    y, images = encode_labels(labels, cfg["classes"], cfg["multi_label"]), other.images(other.rows)
+    labels, images = mapped_labels(other, cfg, opt.classes), other.images(other.rows)
+    own = own_films(cfg, images)
+    if own.all():
+        raise UserError(f"{other.folder}: all {len(own)} films are the run's own (the same pixels as in "
+                        f"{cfg['data']}); external validation needs films the run never saw: eval.py --fold scores "
+                        "its test fold")
+    if own.any():
+        print(f"WARNING: {own.sum()} of {len(own)} films of {other.folder} are the run's own (the same pixels as in "
+              f"{cfg['data']}): left out; the other {(~own).sum()} are scored")
+    rows, labels, images = [r for r, o in zip(other.rows, own) if not o], [x for x, o in zip(labels, own) if not o], \
+        images[~own]
+    y = encode_labels(labels, cfg["classes"], cfg["multi_label"])
     what = f"{other.folder}, scored by " + (f"the mean of folds {folds}" if opt.ensemble else f"fold {folds[0]}")
     scores = []
     for f in folds:
@@ -510,15 +520,18 @@ def external(runs: Path, opt) -> int:
         point["rule"] = "carried over: " + point["rule"]
     x = small(images)  # the baseline's pixels, from the images already read
     base = np.mean([baseline_model(json.loads((runs / f"fold{f}/config.json").read_text()))[2](x) for f in folds], 0)
-    out, draws = figures(y, prob, [r["patient"] for r in other.rows], cfg, point, base)
-    out = dict(data=str(other.folder), folds=folds, **out, shift=shift(Data(cfg["data"]).meta, other.meta))
-    folder = runs / f"external-{other.folder.name}-{folder_tag(other.folder)}" / (
+    out, draws = figures(y, prob, [r["patient"] for r in rows], cfg, point, base)
+    out = dict(data=str(other.folder), folds=folds, classes_mapping=opt.classes, left_out_as_own=int(own.sum()),
+               **out, shift=shift(Data(cfg["data"]).meta, other.meta))
+    mapping = f"-classes-{hashlib.sha256(opt.classes.encode()).hexdigest()[:6]}" if opt.classes else ""
+    folder = runs / f"external-{other.folder.name}-{folder_tag(other.folder)}{mapping}" / (
         "ensemble" if opt.ensemble else f"fold{folds[0]}")
     folder.mkdir(parents=True, exist_ok=True)
-    write_external(folder, other.rows, labels, prob, cfg, point)
+    write_external(folder, rows, labels, prob, cfg, point)
     write_atomic(folder / "eval.json", json.dumps(out, indent=1))
     draw_curves(folder, out, cfg, y, prob, draws, other.folder.name)
     print(report(out, cfg, what))
+    print("\n".join(beside_the_run(out, runs / f"fold{folds[0]}", cfg, y, prob, point)))
     print("\n".join(f"  shift in {k}: run {v['run']}, this data {v['data']}" for k, v in out["shift"].items()))
     if not cfg["multi_label"] and len(cfg["classes"]) == 2:
         probe_command = shlex.join(["python", "eval.py", "--runs", str(runs), "--fold", str(folds[0]), "--probe",
@@ -527,6 +540,47 @@ def external(runs: Path, opt) -> int:
     written = [n for n in ("predictions.csv", "eval.json", "roc.png", "reliability.png") if (folder / n).exists()]
     print(f"wrote {', '.join(written)} in {folder}")
     return 0
+
+
+def own_films(cfg: dict, images: np.ndarray) -> np.ndarray:
+    """(N,) bool: which of `images` are films of the run's own data folder, by pixel content (names can
+    differ, or mean other films): their 16 x 16 thumbnails within 2 grey levels (RMS) of one there."""
+    if not (Path(cfg["data"]) / "manifest.csv").exists():
+        print(f"NOTE: the run's data folder {cfg['data']} is not here: whether these films are its own is unchecked")
+        return np.zeros(len(images), bool)
+    ours = run_data(cfg)
+
+    def thumbs(x):  # (N, 1, H, W) uint8 -> (N, 256) float
+        t = torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(x, dtype=torch.float32), 16)
+        return t.flatten(1).numpy()
+    a, b = thumbs(images), thumbs(ours.images(ours.rows))
+    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None] - 2 * a @ b.T  # squared distances, (N, M)
+    return d2.min(1) < 256 * 2.0**2
+
+
+def beside_the_run(out: dict, run: Path, cfg: dict, y, prob, point: dict) -> list:
+    """The external figures next to the run's own test fold (calibration, the share called positive),
+    and warnings: an AUC interval below chance, a cut-off that calls nearly every film one way."""
+    _, _, yt, pt = read_run(run, cfg["fold"])
+    ml = cfg["multi_label"]
+    here, there = M.calibration(y, prob, ml), M.calibration(yt, pt, ml)
+    lines = [f"  beside the run's own test fold: Brier {here['brier']:.3f} (test fold {there['brier']:.3f}), "
+             f"ECE {here['ece']:.3f} ({there['ece']:.3f})"]
+    for name, (_, _, s), (_, _, st) in zip(point["thresholds"], M.as_binary(y, prob, ml), M.as_binary(yt, pt, ml)):
+        cut = point["thresholds"][name]
+        share, test = (s >= cut).mean(), (st >= cut).mean()
+        lines.append(f"  {name}: called positive at P >= {cut:.3f}: {pct(share)} % of these films (test fold "
+                     f"{pct(test)} %)")
+        if max(share, 1 - share) >= 0.95:
+            lines.append(f"WARNING: the carried-over cut-off calls {pct(max(share, 1 - share))} % of these films "
+                         f"{'positive' if share >= 0.5 else 'negative'} for {name}: it does not carry over to this "
+                         "site; choose one on labelled films from it")
+    lo, hi = out["paper"]["ci95"]["auc"]
+    if hi < 0.5:
+        lines.append(f"WARNING: the AUC's interval [{pct(lo)}, {pct(hi)}] lies below 0.5: the model ranks these "
+                     "films backwards. Are the labels or --classes reversed? If not, it reads something that "
+                     "flips between the sites")
+    return lines
 
 
 def mapped_labels(other: Data, cfg: dict, classes) -> list:
@@ -553,7 +607,8 @@ def mapped_labels(other: Data, cfg: dict, classes) -> list:
 
 def shift(ours: dict, theirs: dict) -> dict:
     """The acquisition attributes (the audit's) pooled over classes: shares of each value in the run's
-    data and in DIR, for view, bit depth and photometric interpretation; mean width and height."""
+    data and in DIR, for view, bit depth and photometric interpretation; mean width and height; "unknown"
+    where no image says."""
     out = {}
     for attr in ("view", "bits", "photometric"):
         shares = []
@@ -563,11 +618,13 @@ def shift(ours: dict, theirs: dict) -> dict:
                 for v, n in per.items():
                     counts[v] = counts.get(v, 0) + n
             total = max(sum(counts.values()), 1)
-            shares.append({v: round(n / total, 3) for v, n in counts.items()})
+            known = set(counts) - {"", "None"}
+            shares.append({v: round(n / total, 3) for v, n in counts.items()} if known else "unknown")
         out[attr] = dict(run=shares[0], data=shares[1])
     for attr in ("width", "height"):
-        out[attr] = {who: np.mean([v for v in m["audit"]["per_class"].get(attr, {}).values() if v is not None] or [0])
-                     for who, m in (("run", ours), ("data", theirs))}
+        means = {who: [v for v in m["audit"]["per_class"].get(attr, {}).values() if v is not None]
+                 for who, m in (("run", ours), ("data", theirs))}
+        out[attr] = {who: float(np.mean(v)) if v else "unknown" for who, v in means.items()}
     return out
 
 

@@ -111,6 +111,7 @@ def read_dicom(path: Path, max_pixels=MAX_PIXELS) -> tuple:
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     tag = lambda name: str(ds.get(name, "") or "")  # noqa: E731
     return y, dict(view=tag("ViewPosition"), bits=int(ds.get("BitsStored", 0) or 0),
+                   encoding=ds.file_meta.TransferSyntaxUID.name,
                    photometric=tag("PhotometricInterpretation"), manufacturer=tag("Manufacturer"),
                    model=tag("ManufacturerModelName"),
                    spacing=float(spacing[0]) if spacing else None)
@@ -130,9 +131,12 @@ def read_picture(path: Path, max_pixels=MAX_PIXELS) -> tuple:
         with Image.open(path) as im:
             if im.width * im.height > max_pixels:
                 raise Skip(f"{im.width}x{im.height} pixels, more than --max-pixels {max_pixels}")
+            tables = getattr(im, "quantization", None) or {}  # JPEG: lower steps, higher quality
+            stored = dict(encoding=" ".join(str(x) for x in (im.format, im.info.get("compression")) if x),
+                          jpeg_q=float(np.mean(tables[0])) if 0 in tables else None)
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                return robust_window(np.asarray(im)), dict(bits=16 if im.mode.startswith("I;16") else 32)
-            return np.asarray(im if im.mode == "L" else im.convert("L")), dict(bits=8)
+                return robust_window(np.asarray(im)), dict(stored, bits=16 if im.mode.startswith("I;16") else 32)
+            return np.asarray(im if im.mode == "L" else im.convert("L")), dict(stored, bits=8)
     except Skip:
         raise
     except Exception as e:
@@ -146,7 +150,8 @@ def read_image(path: Path, max_pixels=MAX_PIXELS) -> tuple:  # (float in [0, 1] 
     img, attrs = read_picture(path, max_pixels) if picture else read_dicom(path, max_pixels)
     if min(img.shape) < 8:
         raise Skip(f"image of {img.shape[1]}x{img.shape[0]} pixels is too small")
-    return img, dict(attrs, width=img.shape[1], height=img.shape[0])
+    return img, dict(attrs, width=img.shape[1], height=img.shape[0],
+                     bytes_per_pixel=round(path.stat().st_size / img.size, 4))
 
 
 # ------------------------------------------------------------------------------------------------
