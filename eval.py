@@ -44,6 +44,7 @@ import plots
 import pneumollm as P
 import prepare
 from folders import Data, Help, UserError, cli, encode_labels, replacing, write_atomic
+from lungcrop import lung_fields
 
 
 def read_predictions(path: Path, cfg: dict) -> tuple:  # (rows, labels, probabilities (N, C))
@@ -410,13 +411,13 @@ def explain_fold(runs: Path, opt) -> int:
 
 
 def probe(runs: Path, opt) -> int:
-    """--probe: what the model reads. The test fold scored as trained, with the reference framing (the
-    thorax box, the same rule for every film) where the run was cropped otherwise, and with the lung
-    fields (manifest.csv's lungs: fractions of the crop) filled with neutral grey. For each: the AUC
-    with its patient interval, the mean P(disease) per class and the share called positive at the
-    run's threshold; then a verdict. Writes probe.json in the run folder. With --data DIR: the same
-    for every image of that prepared folder (external validation), written in the run folder as
-    probe-<name>-<tag>.json."""
+    """--probe: where the model reads. The test fold (or with --data DIR every image of that folder) is
+    scored again (a) with each cell of an 8 x 8 grid over the crop in turn filled with neutral grey: the
+    AUC drop per cell with its patient interval, and how much of each cell lies outside the lung fields
+    (lungcrop.lung_fields: approximate ellipses, or the masks' boxes); (b) with the lung fields hidden;
+    (c) with the reference framing where the run was cropped otherwise. A verdict that must hold with
+    the lung fields grown and shrunk by 3 % of the crop, else "inconclusive". Writes probe.json (or
+    probe-<name>-<tag>.json) and probe.png (the drops over the mean crop, the lung fields outlined)."""
     run = runs / f"fold{opt.fold}"
     cfg, rows, y, prob = read_run(run, opt.fold)
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
@@ -429,18 +430,25 @@ def probe(runs: Path, opt) -> int:
         test, y = data.rows, encode_labels(mapped_labels(data, cfg, opt.classes), cfg["classes"], False)
         images = data.images(test)
         rows, prob = test, C.predict(model, images, cfg, batch=16, progress=True)
-        written = f"probe-{data.folder.name}-{folder_tag(data.folder)}.json"
+        written = f"probe-{data.folder.name}-{folder_tag(data.folder)}"
     else:
-        data, written = run_data(cfg), "probe.json"
+        data, written = run_data(cfg), "probe"
         by_name = {Path(r["image"]).stem: r for r in data.rows}
         test = [by_name[r["image"]] for r in rows]
         images = data.images(test)
+    draws = M.resamples([r["patient"] for r in rows], y, 2)
+    size = images.shape[-1]
+    fields = {g: np.stack([lung_fields([float(v) for v in r["lungs"].split()], r["crop"], size, g) for r in test])
+              for g in (-0.03, 0.0, 0.03)}
     scores = {"as trained": prob[:, 1]}
     if any(r["reference"] != r["image"] for r in test):
         scores["reference framing"] = C.predict(model, data.images(test, "reference"), cfg)[:, 1]
-    scores["lung fields hidden"] = C.predict(model, hide_lungs(images, test), cfg)[:, 1]
-    draws = M.resamples([r["patient"] for r in rows], y, 2)
-    out = dict(fold=opt.fold, images=len(y), threshold=cut, intervals="95 %, 1000 resamples of patients")
+    scores["lung fields hidden"] = C.predict(model, np.where(fields[0.0][:, None], 128, images).astype(np.uint8),
+                                             cfg)[:, 1]
+    out = dict(fold=opt.fold, images=len(y), threshold=cut, intervals="95 %, 1000 resamples of patients",
+               lung_fields=dict(what="the lung masks' boxes" if all(r["crop"] == "mask" for r in test) else
+                                "approximate: two ellipses where the lungs lie on average (lungcrop.LUNG_FIELDS)",
+                                share_of_crop=float(fields[0.0].mean())))
     for name, s in scores.items():
         out[name] = dict(auc=M.roc_auc(y, s), auc_ci95=M.interval([M.roc_auc(y[i], s[i]) for i in draws]),
                          mean_p={c: float(s[y == k].mean()) for k, c in enumerate(cfg["classes"])},
@@ -449,32 +457,75 @@ def probe(runs: Path, opt) -> int:
               f"{pct(out[name]['auc_ci95'][1])}]; mean P({cfg['classes'][1]}) " + ", ".join(
                   f"{c} {v:.3f}" for c, v in out[name]["mean_p"].items()) + f"; called positive at {cut:.3f}: "
               + ", ".join(f"{c} {pct(v)} %" for c, v in out[name]["positive"].items()))
+    out["occlusion"] = occlusion(model, images, cfg, y, draws, fields)
     out["verdict"] = probe_verdict(out, y, scores, draws)
     print("\n".join(out["verdict"]))
-    write_atomic(run / written, json.dumps(out, indent=1))
-    print(f"wrote {run / written}")
+    write_atomic(run / f"{written}.json", json.dumps(out, indent=1))
+    grid = out["occlusion"]
+    plots.draw_probe(run / f"{written}.png", images.mean(0)[0], np.array(grid["drop"]), np.array(grid["significant"]),
+                     fields[0.0].mean(0) >= 0.5, f"{cfg['classes'][1]}: AUC drop when each cell is hidden (red), "
+                     f"lung fields ({out['lung_fields']['what'].split(':')[0]}) in green")
+    print(f"wrote {run / written}.json, {run / written}.png")
     return 0
 
 
-def hide_lungs(images: np.ndarray, rows: list) -> np.ndarray:  # (N, 1, H, W) uint8: lung fields grey
-    out = images.copy()
-    h, w = images.shape[-2:]
-    for img, r in zip(out, rows):
-        x0, y0, x1, y1 = (float(v) for v in r["lungs"].split())
-        img[:, int(y0 * h):int(np.ceil(y1 * h)), int(x0 * w):int(np.ceil(x1 * w))] = 128
-    return out
+def occlusion(model, images: np.ndarray, cfg: dict, y, draws: list, fields: dict, grid=8) -> dict:
+    """Each of grid x grid cells of the crop in turn filled with neutral grey (128) on every image: the AUC
+    drop (as trained minus with the cell hidden) with its paired patient interval; each cell's share
+    outside the lung fields for each growth of `fields` ({grow: (N, H, W) bool}); the share of the total
+    positive drop that comes from outside them."""
+    size = images.shape[-1]
+    edges = np.linspace(0, size, grid + 1).round().astype(int)
+    s0 = C.predict(model, images, cfg)[:, 1]
+    auc0, base = M.roc_auc(y, s0), [M.roc_auc(y[i], s0[i]) for i in draws]
+    drop, ci, outside = np.zeros((grid, grid)), np.zeros((grid, grid, 2)), {g: np.zeros((grid, grid)) for g in fields}
+    for r in range(grid):
+        for c in range(grid):
+            rs, cs = slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1])
+            hidden = images.copy()
+            hidden[..., rs, cs] = 128
+            s = C.predict(model, hidden, cfg)[:, 1]
+            drop[r, c] = auc0 - M.roc_auc(y, s)
+            ci[r, c] = M.interval([b - M.roc_auc(y[i], s[i]) for b, i in zip(base, draws)])
+            for g, f in fields.items():
+                outside[g][r, c] = 1 - f[:, rs, cs].mean()
+    positive = np.clip(drop, 0, None)
+    share = {g: float((positive * o).sum() / positive.sum()) if positive.sum() else None for g, o in outside.items()}
+    return dict(grid=grid, cell_px=int(edges[1]), auc=auc0, drop=drop.tolist(), drop_ci95=ci.tolist(),
+                significant=(ci[..., 0] > 0).tolist(), outside={str(g): o.tolist() for g, o in outside.items()},
+                outside_share_of_drop={str(g): v for g, v in share.items()})
 
 
 def probe_verdict(out: dict, y, scores: dict, draws: list) -> list:
-    """Alarms when the hidden-lung AUC's interval excludes chance (above it, or below it: a score that
-    ranks the classes backwards still reads them), or when the reference framing moves the AUC (the
-    paired interval of the difference excludes 0)."""
+    """The alarm: a cell whose hiding lowers the AUC beyond chance (its interval above 0) and lies mostly
+    outside the lung fields; it must hold with the fields grown and shrunk by 3 % of the crop, else the
+    verdict is "inconclusive". Then the lung fields hidden whole, and the framing (the paired interval of
+    as trained minus the reference framing)."""
+    occ, lf = out["occlusion"], out["lung_fields"]
+    significant = np.array(occ["significant"])
+    culprits = {g: [(r, c) for r, c in zip(*np.nonzero(significant)) if o[r][c] >= 0.5]
+                for g, o in occ["outside"].items()}
+    alarms = {g: bool(v) for g, v in culprits.items()}
+    share = occ["outside_share_of_drop"]["0.0"]
+    fields = f"lung fields ({lf['what']}; {pct(lf['share_of_crop'])} % of the crop)"
+    said = (f"hiding each of {occ['grid']}x{occ['grid']} cells of {occ['cell_px']} px in turn: {int(significant.sum())} "
+            f"lower the AUC ({pct(occ['auc'])}) beyond chance" + ("" if share is None else
+            f"; {pct(share)} % of the total drop comes from outside the {fields}"))
+    if all(alarms.values()):
+        where = ", ".join(f"row {r + 1} col {c + 1}" for r, c in culprits["0.0"])
+        lines = [f"{said}: the model reads something outside the lungs (markers, text, devices, the body's edge): "
+                 f"cells {where} (probe.png)"]
+    elif not any(alarms.values()):
+        lines = [f"{said}: no cell outside the lung fields lowers it beyond chance: no sign that the model reads "
+                 "anything outside the lungs"]
+    else:
+        lines = [f"{said}: inconclusive: whether a cell that matters lies outside the lungs depends on how "
+                 "large the lung fields are drawn (grown or shrunk by 3 % of the crop); see probe.png"]
     hidden = out["lung fields hidden"]
     lo, hi = hidden["auc_ci95"]
-    said = f"with the lung fields hidden the AUC is {pct(hidden['auc'])} [{pct(lo)}, {pct(hi)}]"
-    lines = [f"{said}: the model reads something outside the lungs (markers, framing, devices, text)"
-             if lo > 0.5 or hi < 0.5 else f"{said}, which holds chance: no sign that the model reads anything "
-             "outside the lungs"]
+    lines.append(f"with the lung fields hidden whole the AUC is {pct(hidden['auc'])} [{pct(lo)}, {pct(hi)}]"
+                 + (": the model still separates the classes without them" if lo > 0.5 or hi < 0.5 else
+                    ", which holds chance"))
     if "reference framing" in scores:
         diff = M.interval([M.roc_auc(y[i], scores["as trained"][i]) - M.roc_auc(y[i], scores["reference framing"][i])
                          for i in draws])

@@ -1,6 +1,6 @@
 """
 The pictures eval.py writes, with Pillow alone: ROC curves (ticks, a bootstrap band, the operating
-point), reliability diagrams, and explanation overlays and contact sheets.
+point), reliability diagrams, explanation overlays and contact sheets, and the probe's occlusion map.
 """
 from pathlib import Path
 
@@ -99,3 +99,30 @@ def sheet(tiles: list, columns=4) -> Image.Image:
     for i, t in enumerate(tiles):
         out.paste(t, ((i % columns) * w, (i // columns) * h))
     return out
+
+
+def draw_probe(path: Path, mean_crop: np.ndarray, drop: np.ndarray, significant: np.ndarray, lungs: np.ndarray,
+               caption: str, scale=2):
+    """--probe's picture: the mean crop, each grid cell tinted red by its AUC drop (its share of the
+    largest; none for a drop <= 0), cells that lower the AUC beyond chance framed in red with their drop
+    in AUC points, the lung fields' outline in green."""
+    size, grid = mean_crop.shape[0] * scale, drop.shape[0]
+    edges = np.linspace(0, size, grid + 1).round().astype(int)
+    heat = np.clip(drop / max(drop.max(), 1e-9), 0, 1)
+    index = np.searchsorted(edges, np.arange(size), "right") - 1  # the cell of each pixel row / column
+    cells = heat[index][:, index]
+    grey = np.kron(mean_crop, np.ones((scale, scale)))
+    a = 0.55 * cells[..., None]
+    rgb = np.stack([grey] * 3, -1) * (1 - a) + np.array([255.0, 0, 0]) * a
+    edge = np.kron(lungs, np.ones((scale, scale), bool))
+    edge = edge & ~(np.roll(edge, 1, 0) & np.roll(edge, -1, 0) & np.roll(edge, 1, 1) & np.roll(edge, -1, 1))
+    rgb[edge] = (0, 220, 0)
+    im = Image.new("RGB", (size, size + 30), "black")
+    im.paste(Image.fromarray(rgb.astype(np.uint8)), (0, 30))
+    d = ImageDraw.Draw(im)
+    for r, c in zip(*np.nonzero(significant)):
+        d.rectangle([edges[c], 30 + edges[r], edges[c + 1] - 1, 30 + edges[r + 1] - 1], outline=(255, 60, 60))
+        d.text((edges[c] + 3, 30 + edges[r] + 3), f"{100 * drop[r, c]:.0f}", fill=(255, 255, 0))
+    for i, line in enumerate([caption[:75], caption[75:150]]):
+        d.text((3, 2 + 13 * i), line, fill=(255, 255, 255))
+    im.save(path)
