@@ -463,8 +463,9 @@ def probe(runs: Path, opt) -> int:
     write_atomic(run / f"{written}.json", json.dumps(out, indent=1))
     grid = out["occlusion"]
     plots.draw_probe(run / f"{written}.png", images.mean(0)[0], np.array(grid["drop"]), np.array(grid["significant"]),
-                     fields[0.0].mean(0) >= 0.5, f"{cfg['classes'][1]}: AUC drop when each cell is hidden (red), "
-                     f"lung fields ({out['lung_fields']['what'].split(':')[0]}) in green")
+                     fields[0.0].mean(0) >= 0.5, f"P({cfg['classes'][1]}): AUC drop when each cell is hidden (red; darkest "
+                     f"{pct(max(0, np.max(grid['drop'])))} points), lung fields "
+                     f"({out['lung_fields']['what'].split(':')[0]}) in green")
     print(f"wrote {run / written}.json, {run / written}.png")
     return 0
 
@@ -587,7 +588,7 @@ def external(runs: Path, opt) -> int:
     if not cfg["multi_label"] and len(cfg["classes"]) == 2:
         probe_command = shlex.join(["python", "eval.py", "--runs", str(runs), "--fold", str(folds[0]), "--probe",
                                     "--data", str(other.folder), *(["--classes", opt.classes] if opt.classes else [])])
-        print(f"  what the model reads on these films (the lungs hidden, the framing changed): {probe_command}")
+        print(f"  where the model reads on these films (the probe's occlusion grid): {probe_command}")
     written = [n for n in ("predictions.csv", "eval.json", "roc.png", "reliability.png") if (folder / n).exists()]
     print(f"wrote {', '.join(written)} in {folder}")
     return 0

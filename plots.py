@@ -2,6 +2,7 @@
 The pictures eval.py writes, with Pillow alone: ROC curves (ticks, a bootstrap band, the operating
 point), reliability diagrams, explanation overlays and contact sheets, and the probe's occlusion map.
 """
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,6 @@ def draw_probe(path: Path, mean_crop: np.ndarray, drop: np.ndarray, significant:
     for r, c in zip(*np.nonzero(significant)):
         d.rectangle([edges[c], 30 + edges[r], edges[c + 1] - 1, 30 + edges[r + 1] - 1], outline=(255, 60, 60))
         d.text((edges[c] + 3, 30 + edges[r] + 3), f"{100 * drop[r, c]:.0f}", fill=(255, 255, 0))
-    for i, line in enumerate([caption[:75], caption[75:150]]):
+    for i, line in enumerate(textwrap.wrap(caption, 75)[:2]):
         d.text((3, 2 + 13 * i), line, fill=(255, 255, 255))
     im.save(path)

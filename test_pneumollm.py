@@ -2000,16 +2000,19 @@ def test_multilabel_and_multiclass_sets_prepare_train_evaluate_and_score_another
     """The demo again with a second finding on every other diseased film (multi-label: `a|b`) or a third
     class instead: prepared, trained, evaluated, and scored as an external folder with the decision at
     each finding's carried-over threshold (multi-label) or the argmax (multi-class)."""
-    src = tmp_path / "png"
-    src.mkdir()
-    rows = []
-    for r in manifest(demo_data):
-        name = Path(r["image"]).name
-        shutil.copy(demo_data / r["image"], src / name)
-        second = len(rows) % 2 and r["label"] != "normal"
-        label = (("pneumoconiosis | opacity" if kind == "multi-label" else "silicosis") if second else r["label"])
-        rows.append((name, label, r["patient"]))
-    rc, out = run_prepare(tmp_path, src, rows, "--crop", "none", header=("image", "label", "patient"))
+    def relabelled(data, where):  # the prepared films of `data`, prepared again with the second finding or class
+        src = where / "png"
+        src.mkdir(parents=True)
+        rows = []
+        for r in manifest(data):
+            name = Path(r["image"]).name
+            shutil.copy(data / r["image"], src / name)
+            second = len(rows) % 2 and r["label"] != "normal"
+            label = (("pneumoconiosis | opacity" if kind == "multi-label" else "silicosis") if second else r["label"])
+            rows.append((name, label, r["patient"]))
+        return rows, *run_prepare(where, src, rows, "--crop", "none", header=("image", "label", "patient"))
+    rows, rc, out = relabelled(demo_data, tmp_path)
+    *_, other = relabelled(second_site(tmp_path / "site"), tmp_path / "other")
     meta = json.loads((out / "meta.json").read_text())
     ml = kind == "multi-label"
     assert rc == 0 and meta["multi_label"] == ml
@@ -2028,7 +2031,7 @@ def test_multilabel_and_multiclass_sets_prepare_train_evaluate_and_score_another
     assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1"]) == 0
     drawn = []
     monkeypatch.setattr(plots, "draw_roc", lambda path, curves, title, band, point: drawn.append((title, point)))
-    assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1", "--data", str(out)]) == 0
+    assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1", "--data", str(other)]) == 0
     folder, = (tmp_path / "run").glob("external-out-*/fold1")
     scored, result = csv_rows(folder / "predictions.csv"), json.loads((folder / "eval.json").read_text())
     cuts = result["operating_point"]["thresholds"]
@@ -2038,9 +2041,9 @@ def test_multilabel_and_multiclass_sets_prepare_train_evaluate_and_score_another
         assert "P(opacity)" in title and (x, y) == (1 - first["specificity"], first["sensitivity"])
     else:
         assert not drawn and not (folder / "roc.png").exists()
-    assert [r["image"] for r in scored] == [Path(r["image"]).stem for r in manifest(out)]
+    assert [r["image"] for r in scored] == [Path(r["image"]).stem for r in manifest(other)]
     assert sorted(cuts) == (meta["classes"] if ml else [])
-    for r in scored:  # (the folder holds the run's validation films: a score can sit on its cut, 6 decimals here)
+    for r in scored:  # (a score can sit on its cut: the CSV holds 6 decimals)
         p = {c: float(r[f"p_{c}"]) for c in meta["classes"]}
         if not any(abs(p[c] - cut) < 2e-6 for c, cut in cuts.items()):
             assert r["decision"] == ("|".join(c for c in meta["classes"] if p[c] >= cuts[c]) if ml else
@@ -2421,7 +2424,7 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
         ev.main(["--runs", str(tmp_path), "--data", str(other)])
     capsys.readouterr()
     assert ev.main(["--runs", str(tmp_path), "--data", str(other), "--classes", "healthy=normal"]) == 0
-    command = re.search(r"what the model reads on these films .*: python eval\.py (.*)", capsys.readouterr().out)
+    command = re.search(r"where the model reads on these films .*: python eval\.py (.*)", capsys.readouterr().out)
     assert ev.main(shlex.split(command[1])) == 0  # the command it prints runs the probe on the same folder
     probed, = (tmp_path / "fold1").glob("probe-renamed-*.json")  # the probe, on every image of the other folder
     assert json.loads(probed.read_text())["images"] == len(rows)
