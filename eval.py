@@ -326,13 +326,21 @@ def score_images(runs: Path, opt) -> int:
         scored.append((n, p, img, how))
     if scored:
         probs = C.predict(model, np.stack([s[2] for s in scored])[:, None], cfg, batch=16, progress=True)
-        report_images(model, scored, probs, cfg, point, opt, Path(opt.csv or run / "image_scores.csv"))
+        report_images(model, scored, probs, cfg, point, opt, Path(opt.csv) if opt.csv else fresh(run / "image_scores.csv"),
+                      Path(opt.explain_dir) if opt.explain_dir else fresh(run / "explain"))
     for line in failed:
         print(f"skipped {line}", file=sys.stderr)
     return 2 if not scored else 0  # nothing scored: a mistake in the input
 
 
-def report_images(model, scored: list, probs: np.ndarray, cfg: dict, point: dict, opt, table: Path):
+def fresh(path: Path) -> Path:  # path, else path-2, path-3, ..: each command's results beside the earlier ones
+    k = 1
+    while (p := path if k == 1 else path.with_name(f"{path.stem}-{k}{path.suffix}")).exists():
+        k += 1
+    return p
+
+
+def report_images(model, scored: list, probs: np.ndarray, cfg: dict, point: dict, opt, table: Path, maps: Path):
     """A line per image for a handful (and their crops and maps when asked), a count for more; the CSV
     names images by their place in the listing (image<N>), never by file name: it can name a patient."""
     weights = []
@@ -343,7 +351,7 @@ def report_images(model, scored: list, probs: np.ndarray, cfg: dict, point: dict
         print(f"{p}: " + describe(prob, cfg, point) + f"; crop: {how}"
               + (f"; crop saved as crop{n}.png" if opt.save_crops else ""))
         if opt.explain is not None:
-            weights.append(explain_image(model, img, cfg, Path(opt.explain_dir) / f"image{n}.explain.png",
+            weights.append(explain_image(model, img, cfg, maps / f"image{n}.explain.png",
                                          called(prob, cfg, point)))
     if len(scored) > 10:
         calls = [decision(prob, cfg, point) for prob in probs]
@@ -721,7 +729,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calibrate", action="store_true", help="also fit a temperature on validation; report both")
     ap.add_argument("--image", nargs="+", help="DICOM/PNG/JPEG files or folders to score with fold --fold's model")
     ap.add_argument("--csv", help="with --image: where to write one row per image (default: the run folder's "
-                    "image_scores.csv)")
+                    "image_scores.csv, or image_scores-2.csv, .. where earlier results are)")
     ap.add_argument("--save-crops", metavar="DIR", help="with --image: write the crop the model saw")
     ap.add_argument("--explain", nargs="?", type=int, const=8, metavar="K", help="Grad-CAM maps (explain.py): "
                     "with --image, one <name>.explain.png each; with --fold, a sheet of K test images")
@@ -732,7 +740,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ensemble", action="store_true", help="with --data: the mean probability of the finished folds")
     ap.add_argument("--classes", help="with --data: map its label names to the run's, e.g. 'healthy=normal,silicosis="
                     "pneumoconiosis'")
-    ap.add_argument("--explain-dir", default="explain", help="where --image --explain writes")
+    ap.add_argument("--explain-dir", help="where --image --explain writes (default: the run folder's explain/, or "
+                    "explain-2/, .. where earlier maps are)")
     ap.add_argument("--device", help="for --image (default: the run's)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch, for --image")
     ap.add_argument("--cpu-dtype", choices=["auto", "stored", *C.CPU_DTYPES], default="auto",

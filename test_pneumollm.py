@@ -2491,6 +2491,9 @@ def test_image_scores_a_folder_in_batches_into_a_csv_without_file_names(demo_dat
     cfg = json.loads((tmp_path / "fold1/config.json").read_text())
     cut = ev.operating_point(tmp_path / "fold1", cfg)["thresholds"]["pneumoconiosis"]  # the run's, from validation
     assert all(r["decision"] == ("pneumoconiosis" if float(r["p_pneumoconiosis"]) >= cut else "normal") for r in rows)
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(folder)]) == 0  # again: beside, not over
+    assert (tmp_path / "fold1/image_scores.csv").read_text() == text
+    assert (tmp_path / "fold1/image_scores-2.csv").read_text() == text
 
 
 def test_the_saved_operating_point_is_the_one_applied_and_a_lost_validation_file_is_refused(demo_data, demo_runs,
