@@ -282,7 +282,8 @@ def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
     best = sum(flop[n] / max(rate[n, d] for d in C.CPU_DTYPES) for n in parts) / 1e9
     print(f"  floor per image at batch 16: the FLOPs ({vit / 1e9:.1f} + {llama / 1e9:.1f} GFLOP) {at:.2f} s in the "
           f"chosen dtypes ({best:.2f} s in each part's fastest); the bytes {weights / 16 / bandwidth / 1e9:.3f} s "
-          f"({weights / 1e9:.1f} GB at {bandwidth:.1f} GB/s); measured {measured:.2f} s = {measured / at:.2f}x the floor")
+          f"({weights / 1e9:.1f} GB at {bandwidth:.1f} GB/s); measured {measured:.2f} s = {measured / at:.2f}x "
+          "the floor")
     p, n, k = model.args.llama, len(model.args.blocks()), model.args.n_diag
     h, mask = torch.randn(16, n + k, p.dim), P.emitter_mask(n, k)
     cos, sin = model.llama.rope_tables(n + k, "cpu")

@@ -203,7 +203,8 @@ def cpu_parts(model: P.PneumoLLM) -> dict:
     a, parts = model.args, {}
     if isinstance(model.visual, P.VisionTransformer):
         v = a.vision
-        parts["ViT"] = model.visual, model.visual.transformer.resblocks, (v.image_size // v.patch_size) ** 2 + 1, v.width
+        tokens = (v.image_size // v.patch_size) ** 2 + 1
+        parts["ViT"] = model.visual, model.visual.transformer.resblocks, tokens, v.width
     if model.llama is not None:
         t = len(a.blocks()) + a.n_diag * (a.engine != "none") + len(a.question_ids)
         parts["LLaMA"] = model.llama, model.llama.layers, 16 * t, a.llama.dim

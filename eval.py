@@ -326,8 +326,9 @@ def score_images(runs: Path, opt) -> int:
         scored.append((n, p, img, how))
     if scored:
         probs = C.predict(model, np.stack([s[2] for s in scored])[:, None], cfg, batch=16, progress=True)
-        report_images(model, scored, probs, cfg, point, opt, Path(opt.csv) if opt.csv else fresh(run / "image_scores.csv"),
-                      Path(opt.explain_dir) if opt.explain_dir else fresh(run / "explain"))
+        table = Path(opt.csv) if opt.csv else fresh(run / "image_scores.csv")
+        maps = Path(opt.explain_dir) if opt.explain_dir else fresh(run / "explain")
+        report_images(model, scored, probs, cfg, point, opt, table, maps)
     for line in failed:
         print(f"skipped {line}", file=sys.stderr)
     return 2 if not scored else 0  # nothing scored: a mistake in the input
@@ -422,7 +423,7 @@ def probe(runs: Path, opt) -> int:
     """--probe: where the model reads. The test fold (or with --data DIR every image of that folder) is
     scored again (a) with each cell of an 8 x 8 grid over the crop in turn filled with neutral grey: the
     AUC drop per cell with its patient interval, and how much of each cell lies outside the lung fields
-    (lungcrop.lung_fields: approximate ellipses, or the masks' boxes); (b) with the lung fields hidden;
+    (lungcrop.lung_fields: the lung masks, or approximate ellipses); (b) with the lung fields hidden;
     (c) with the reference framing where the run was cropped otherwise. A verdict that must hold with
     the lung fields grown and shrunk by 3 % of the crop, else "inconclusive". Writes probe.json (or
     probe-<name>-<tag>.json) and probe.png (the drops over the mean crop, the lung fields outlined)."""
@@ -446,15 +447,17 @@ def probe(runs: Path, opt) -> int:
         images = data.images(test)
     draws = M.resamples([r["patient"] for r in rows], y, 2)
     size = images.shape[-1]
-    fields = {g: np.stack([lung_fields([float(v) for v in r["lungs"].split()], r["crop"], size, g) for r in test])
-              for g in (-0.03, 0.0, 0.03)}
+    masks = [data.folder / "masks" / Path(r["image"]).name for r in test]
+    masks = [np.asarray(Image.open(m)) > 127 if m.exists() else None for m in masks]
+    regions = [[float(v) for v in r["lungs"].split()] for r in test]
+    fields = {g: np.stack([lung_fields(x, size, g, m) for x, m in zip(regions, masks)]) for g in (-0.03, 0.0, 0.03)}
     scores = {"as trained": prob[:, 1]}
     if any(r["reference"] != r["image"] for r in test):
         scores["reference framing"] = C.predict(model, data.images(test, "reference"), cfg)[:, 1]
     scores["lung fields hidden"] = C.predict(model, np.where(fields[0.0][:, None], 128, images).astype(np.uint8),
                                              cfg)[:, 1]
     out = dict(fold=opt.fold, images=len(y), threshold=cut, intervals="95 %, 1000 resamples of patients",
-               lung_fields=dict(what="the lung masks' boxes" if all(r["crop"] == "mask" for r in test) else
+               lung_fields=dict(what="the lung masks" if all(m is not None for m in masks) else
                                 "approximate: two ellipses where the lungs lie on average (lungcrop.LUNG_FIELDS)",
                                 share_of_crop=float(fields[0.0].mean())))
     for name, s in scores.items():
@@ -471,7 +474,8 @@ def probe(runs: Path, opt) -> int:
     write_atomic(run / f"{written}.json", json.dumps(out, indent=1))
     grid = out["occlusion"]
     plots.draw_probe(run / f"{written}.png", images.mean(0)[0], np.array(grid["drop"]), np.array(grid["significant"]),
-                     fields[0.0].mean(0) >= 0.5, f"P({cfg['classes'][1]}): AUC drop when each cell is hidden (red; darkest "
+                     fields[0.0].mean(0) >= 0.5, f"P({cfg['classes'][1]}): AUC drop when each cell is hidden (red; "
+                     f"darkest "
                      f"{pct(max(0, np.max(grid['drop'])))} points), lung fields "
                      f"({out['lung_fields']['what'].split(':')[0]}) in green")
     print(f"wrote {run / written}.json, {run / written}.png")
@@ -517,8 +521,8 @@ def probe_verdict(out: dict, y, scores: dict, draws: list) -> list:
     alarms = {g: bool(v) for g, v in culprits.items()}
     share = occ["outside_share_of_drop"]["0.0"]
     fields = f"lung fields ({lf['what']}; {pct(lf['share_of_crop'])} % of the crop)"
-    said = (f"hiding each of {occ['grid']}x{occ['grid']} cells of {occ['cell_px']} px in turn: {int(significant.sum())} "
-            f"lower the AUC ({pct(occ['auc'])}) beyond chance" + ("" if share is None else
+    said = (f"hiding each of {occ['grid']}x{occ['grid']} cells of {occ['cell_px']} px in turn: "
+            f"{int(significant.sum())} lower the AUC ({pct(occ['auc'])}) beyond chance" + ("" if share is None else
             f"; {pct(share)} % of the total drop comes from outside the {fields}"))
     if all(alarms.values()):
         where = ", ".join(f"row {r + 1} col {c + 1}" for r, c in culprits["0.0"])
@@ -649,7 +653,8 @@ def mapped_labels(other: Data, cfg: dict, classes) -> list:
     pairs = [p.split("=") for p in classes.split(",")] if classes else []
     if any(len(p) != 2 or not all(x.strip() for x in p) for p in pairs):
         raise UserError(f"--classes {classes!r}: give pairs theirs=ours separated by commas, e.g. "
-                        f"'healthy={cfg['classes'][0]}', with DIR's label names ({', '.join(other.classes)}) on the left")
+                        f"'healthy={cfg['classes'][0]}', with DIR's label names ({', '.join(other.classes)}) on the "
+                        "left")
     names = {a.strip(): b.strip() for a, b in pairs}
     unknown = sorted(set(names) - set(other.classes)) + sorted(set(names.values()) - set(cfg["classes"]))
     if unknown:
@@ -713,7 +718,8 @@ def describe(prob, cfg: dict, point: dict) -> str:
     words = []
     for name, cut in point["thresholds"].items():
         q = prob[cfg["classes"].index(name)]
-        words.append(f"P({name}) = {q:.3f}, {'positive' if q >= cut else 'negative'} at the run's threshold {cut:.3f} ({point['rule'].split(' on the ')[0]})")
+        words.append(f"P({name}) = {q:.3f}, {'positive' if q >= cut else 'negative'} at the run's threshold "
+                     f"{cut:.3f} ({point['rule'].split(' on the ')[0]})")
     return "; ".join(words)
 
 

@@ -15,10 +15,12 @@ plausible lung shape under opacities): pass them with prepare.py --masks (`mask_
 `LUNG_REGION` (fractions of the crop's width and height) is a fixed rectangle that holds the
 hand-outlined lungs of the tests' NIH films; manifest.csv keeps it per image (with --masks, the mask's
 own box). It is 81 % of the crop, shoulders, heart and diaphragm included, so --probe does not hide it:
-it reads the lung fields as `lung_fields` draws them, two ellipses placed where the lungs of those
-films lie on average (approximate: about a third of the crop), or with --masks the mask's box.
+it reads the lung fields as `lung_fields` draws them: with --masks the mask itself (prepare.py writes
+it into the crop, masks/<id>.png), else two ellipses placed where the lungs of those films lie on
+average (approximate: about a third of the crop).
 """
 import numpy as np
+from PIL import Image, ImageFilter
 
 BORDER = 0.02  # of the film's width and height, cut on every side: the film's edge, markers at its rim
 LUNG_REGION = (0.05, 0.03, 0.95, 0.93)  # left, top, right, bottom: fractions of the thorax crop
@@ -27,15 +29,19 @@ LUNG_REGION = (0.05, 0.03, 0.95, 0.93)  # left, top, right, bottom: fractions of
 LUNG_FIELDS = ((0.32, 0.44, 0.18, 0.31), (0.68, 0.44, 0.18, 0.31))  # (cx, cy, rx, ry) of each lung, thorax crop
 
 
-def lung_fields(lungs, crop: str, size: int, grow=0.0) -> np.ndarray:
+def lung_fields(lungs, size: int, grow=0.0, mask=None) -> np.ndarray:
     """(size, size) bool: an image's lung fields in its crop, grown by `grow` (a fraction of the crop;
-    negative shrinks). `lungs`: manifest.csv's region (x0, y0, x1, y1 fractions; LUNG_REGION where the
-    crop is the thorax box); `crop`: how it was cropped. A mask crop: its mask's box; else the two
-    LUNG_FIELDS ellipses, carried from the thorax box's LUNG_REGION to this image's region."""
+    negative shrinks). `mask`: the image's lung mask in the crop (prepare.py --masks), grown or shrunk
+    by whole pixels; else the two LUNG_FIELDS ellipses, carried from the thorax box's LUNG_REGION to
+    `lungs`, the image's region in manifest.csv (x0, y0, x1, y1 fractions of the crop)."""
+    if mask is not None:
+        px = round(abs(grow) * size)
+        im = Image.fromarray(mask.astype(np.uint8) * 255)
+        if px:
+            im = im.filter(ImageFilter.MaxFilter(2 * px + 1) if grow > 0 else ImageFilter.MinFilter(2 * px + 1))
+        return np.asarray(im) > 127
     yy, xx = (np.mgrid[:size, :size] + 0.5) / size
     x0, y0, x1, y1 = lungs
-    if crop == "mask":
-        return (xx >= x0 - grow) & (xx <= x1 + grow) & (yy >= y0 - grow) & (yy <= y1 + grow)
     sx, sy = (x1 - x0) / (LUNG_REGION[2] - LUNG_REGION[0]), (y1 - y0) / (LUNG_REGION[3] - LUNG_REGION[1])
     fields = [(((xx - x0 - (cx - LUNG_REGION[0]) * sx) / (rx * sx + grow)) ** 2
                + ((yy - y0 - (cy - LUNG_REGION[1]) * sy) / (ry * sy + grow)) ** 2) <= 1

@@ -185,17 +185,19 @@ def preprocess(path: Path, crop="thorax", size=224, mask=None, max_pixels=MAX_PI
             raise Skip("its lung mask is empty")
         box, how = mask_box(m), "mask"
         lungs = region_in_crop(box, mask_box(m, margin=0))
+        outline = resized(m.astype(np.uint8) * 255, box, size) > 127  # the lung fields in the crop, for --probe
     elif crop == "thorax":
-        box, how, lungs = thorax, "thorax", LUNG_REGION
+        box, how, lungs, outline = thorax, "thorax", LUNG_REGION, None
     else:  # the whole film; the lung fields where the thorax crop would put them
-        box, how = (0, 0, w, h), "none"
+        box, how, outline = (0, 0, w, h), "none", None
         tx0, ty0, tx1, ty1 = thorax
         x0, y0, x1, y1 = LUNG_REGION
         lungs = region_in_crop(box, (tx0 + x0 * (tx1 - tx0), ty0 + y0 * (ty1 - ty0),
                                      tx0 + x1 * (tx1 - tx0), ty0 + y1 * (ty1 - ty0)))
     framed = [resized(img8, b, size) for b in (box, thorax)]
     reference = None if how == "thorax" else framed[1]
-    return framed[0], reference, how, dict(attrs, box=[int(v) for v in box], lungs=list(lungs))
+    extra = {} if outline is None else dict(lung_mask=outline)
+    return framed[0], reference, how, dict(attrs, box=[int(v) for v in box], lungs=list(lungs), **extra)
 
 
 def resized(img8: np.ndarray, box, size: int) -> np.ndarray:  # Lanczos: anti-aliased
@@ -203,10 +205,14 @@ def resized(img8: np.ndarray, box, size: int) -> np.ndarray:  # Lanczos: anti-al
 
 
 def prepare_one(job) -> dict:
-    """Writes images/<id>.png (and reference/<id>.png where the crop is not the reference framing);
+    """Writes images/<id>.png (and reference/<id>.png where the crop is not the reference framing, and
+    masks/<id>.png, the lung mask in the crop, with --masks);
     returns its record (crop status, attributes) for records.jsonl."""
     path, out_png, crop, mask, size, max_pixels, source = job
     img, reference, how, attrs = preprocess(path, crop, size, mask, max_pixels)
+    lung_mask = attrs.pop("lung_mask", None)  # --masks: the mask in the crop, masks/<id>.png
+    if lung_mask is not None:
+        Image.fromarray(lung_mask.astype(np.uint8) * 255).save(out_png.parent.parent / "masks" / out_png.name)
     # zlib RLE: fast and small; no text chunks. Half an image (a crash) has no record: it is redone
     Image.fromarray(img).save(out_png, format="PNG", compress_type=3)
     if reference is not None:
@@ -375,10 +381,10 @@ def check_settings(out: Path, opt):
 
 def empty_for_restart(out: Path, opt):
     if opt.restart:
-        for sub in ("images", "reference"):
+        for sub in ("images", "reference", "masks"):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / "records.jsonl").unlink(missing_ok=True)
-    for sub in ("images", "reference"):
+    for sub in ("images", "reference", "masks"):
         (out / sub).mkdir(exist_ok=True)
 
 

@@ -696,7 +696,8 @@ def test_cpu_scoring_follows_the_measured_rates_and_stays_close_to_fp32(fast, wa
     bf16 converted once, fp16 as stored, or fp32 upcast block by block as each block runs (what LLaMA-7B
     gets, as its 27 GB fp32 copy would not fit: here forced by a zero memory allowance). This project's parts
     stay fp32. Probabilities stay within 5e-3 of an fp32 model's (measured: bf16 4e-4, fp16 3e-4,
-    fp32 1e-5: the weights' fp16 rounding), batched equals one image at a time, and the upcast blocks hand their stored weights back."""
+    fp32 1e-5: the weights' fp16 rounding), batched equals one image at a time, and the upcast blocks hand
+    their stored weights back."""
     cfg = dict(device="cpu", dtype="as stored", norm="clip")
     ref = tiny()
     perturb_adapters(ref)
@@ -755,7 +756,8 @@ def test_cpu_dtype_choice_margin_candidates_and_force():
     assert {k: v[0] for k, v in C.choose_cpu_dtypes(model, rates=rates(1.3)).items()} == dict(ViT="bf16", LLaMA="bf16")
     a = model.args  # rows: one image's tokens (patches + CLS) for the ViT, 16 images' T tokens for LLaMA
     tokens = (a.vision.image_size // a.vision.patch_size) ** 2 + 1
-    assert {(r, w) for r, w, *_ in calls} == {(tokens, a.vision.width), (16 * (len(a.blocks()) + a.n_diag), a.llama.dim)}
+    t = len(a.blocks()) + a.n_diag
+    assert {(r, w) for r, w, *_ in calls} == {(tokens, a.vision.width), (16 * t, a.llama.dim)}
     calls.clear()
     assert C.for_cpu_scoring(tiny(), rates=rates(9.0)).count("fp32, as stored (nothing wider to try)") == 2
     assert calls == []
@@ -1452,6 +1454,9 @@ def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
     rc, out = run_prepare(tmp_path, src, rows, "--masks", str(tmp_path / "masks"), "--size", "20", "--folds", "1")
     crop = np.asarray(loaded_image(out / manifest(out)[0]["image"]))
     assert rc == 0 and crop.shape == (20, 20) and crop[:, 0].mean() < crop[:, -1].mean()  # the gradient fills the crop
+    # the mask in the crop, for --probe: the crop is the mask's box plus 1 px (5 %) each side, so its edge is out
+    lungs = np.asarray(loaded_image(out / "masks" / Path(manifest(out)[0]["image"]).name)) > 127
+    assert lungs.shape == (20, 20) and lungs[2:-2, 2:-2].all() and not lungs[0].any() and not lungs[:, -1].any()
     flat = np.flatnonzero(mask.ravel())  # CheXmask RLE: 1-based starts, row by row
     runs = " ".join(f"{s + 1} 20" for s in flat[::20])
     assert np.array_equal(lungcrop.rle_mask(runs, 40, 60), mask > 0)
@@ -2301,7 +2306,8 @@ def test_the_probe_finds_a_mark_outside_the_lungs_on_real_films(nih_subset, tmp_
     """Real NIH films of both classes; every pneumonia film carries a small bright square (14 px of the 224
     px crop) (a) in a corner, (b) over the right shoulder above the apex: outside the lungs, but inside the
     81 % rectangle the probe used to hide, or (c) inside the right lung. The tiny model learns it (train.py,
-    fold 1, lr 3e-3, the last of 30 epochs: 20 validation images choose an epoch too noisily here). --probe's 8 x 8 occlusion grid finds the marked cell; (a) and (b) raise the alarm
+    fold 1, lr 3e-3, the last of 30 epochs: 20 validation images choose an epoch too noisily here).
+    --probe's 8 x 8 occlusion grid finds the marked cell; (a) and (b) raise the alarm
     with the lung fields grown or shrunk alike, (c) is not blamed on the outside. What the probe hides as
     the lung fields is, pixel for pixel, lungcrop.lung_fields of the manifest's region."""
     data = shutil.copytree(nih_subset, tmp_path / "data")
@@ -2329,7 +2335,7 @@ def test_the_probe_finds_a_mark_outside_the_lungs_on_real_films(nih_subset, tmp_
         assert f"row {r + 1} col {c + 1}" in out and occ["outside_share_of_drop"]["0.0"] > 0.5
     rows = [by for by in manifest(data) if by["fold"] == "1"]
     images = np.stack([np.array(loaded_image(data / x["image"])) for x in rows])
-    fields = np.stack([lungcrop.lung_fields([float(v) for v in x["lungs"].split()], x["crop"], 224) for x in rows])
+    fields = np.stack([lungcrop.lung_fields([float(v) for v in x["lungs"].split()], 224) for x in rows])
     hidden = next(x for x in seen if len(x) == len(rows) and (x[:, 0] != images).any() and
                   ((x[:, 0] == 128) | (x[:, 0] == images)).all() and (x[:, 0][fields] == 128).all())
     np.testing.assert_array_equal(hidden[:, 0], np.where(fields, 128, images))
@@ -2348,8 +2354,9 @@ def test_the_probe_finds_a_mark_outside_the_lungs_on_real_films(nih_subset, tmp_
 def test_the_approximate_lung_fields_lie_in_the_hand_outlined_lungs():
     """The probe's lung fields without masks (two ellipses, 35 % of the thorax crop): on the 20 hand-outlined
     NIH films, at least 65 % of their area lies in the outlined lungs' box on every film and 85 % on
-    average (measured: 67-100 %, mean 89 %); grown and shrunk by 3 % of the crop they cover 43 % and 26 %."""
-    fields = lungcrop.lung_fields(lungcrop.LUNG_REGION, "thorax", 224)
+    average (measured: 67-100 %, mean 89 %); grown and shrunk by 3 % of the crop they cover 43 % and 26 %.
+    Another crop's region carries them along; a mask (--masks) is used as it is, grown by whole pixels."""
+    fields = lungcrop.lung_fields(lungcrop.LUNG_REGION, 224)
     assert fields.mean() == pytest.approx(0.351, abs=0.002)
     yy, xx = (np.mgrid[:224, :224] + 0.5) / 224
     shares = []
@@ -2361,16 +2368,19 @@ def test_the_approximate_lung_fields_lie_in_the_hand_outlined_lungs():
         shares.append((fields & box).sum() / fields.sum())
     assert min(shares) >= 0.65 and np.mean(shares) >= 0.85
     for grow, share in ((0.03, 0.435), (-0.03, 0.264)):
-        assert lungcrop.lung_fields(lungcrop.LUNG_REGION, "thorax", 224, grow).mean() == pytest.approx(share, abs=0.002)
+        assert lungcrop.lung_fields(lungcrop.LUNG_REGION, 224, grow).mean() == pytest.approx(share, abs=0.002)
     # another crop's region carries the ellipses with it: the whole film ("none"), by hand
     region = (0.1, 0.2, 0.7, 0.8)  # x0, y0, x1, y1
-    moved = lungcrop.lung_fields(region, "none", 224)
+    moved = lungcrop.lung_fields(region, 224)
     sx = sy = 0.6 / 0.9
     cx, cy = 0.1 + (0.32 - 0.05) * sx, 0.2 + (0.44 - 0.03) * sy
     inside = ((xx - cx) / (0.18 * sx)) ** 2 + ((yy - cy) / (0.31 * sy)) ** 2 <= 1
     assert (moved & inside).sum() == inside.sum() and moved.mean() == pytest.approx(0.351 * sx * sy, abs=0.002)
-    box = lungcrop.lung_fields(region, "mask", 224)  # a mask's box, as it is
-    assert box.mean() == pytest.approx(0.36, abs=0.01)
+    mask = np.zeros((224, 224), bool)  # a mask (--masks) as it is, grown and shrunk by 3 % of 224 px: 7 px
+    mask[100:140, 50:90] = True
+    assert np.array_equal(lungcrop.lung_fields(region, 224, 0.0, mask), mask)
+    for grow, side in ((0.03, 54), (-0.03, 26)):
+        assert lungcrop.lung_fields(region, 224, grow, mask).sum() == side**2
 
 
 def test_the_probe_stays_quiet_on_the_clean_demo(demo_data, tmp_path, capsys):
