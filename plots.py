@@ -63,7 +63,7 @@ def draw_reliability(path: Path, score, y, title: str, bins=15):
         d.rectangle([xy(lo, y[b == i].mean()), xy(hi, 0)], fill=(120, 160, 220), outline=(40, 70, 140))
         d.text((xy(lo, 0)[0] + 2, xy(0, 1)[1] - 12), str(int((b == i).sum())), fill=(90, 90, 90))
     outline(d, xy)
-    d.text((xy(0, 0)[0], xy(0, 0)[1] + 36), "bars: observed frequency per bin; numbers above: images per bin",
+    d.text((xy(0, 0)[0], xy(0, 0)[1] + 36), "bars: observed frequency per bin; at the top: images in each bin",
            fill="black")
     im.save(path)
 
