@@ -436,8 +436,13 @@ def probe(runs: Path, opt) -> int:
     model, cfg = C.load_run(run, opt.device, True, opt.cpu_dtype)
     if opt.data:  # another site's folder: all of it, labels in the run's names
         data = Data(opt.data)
-        test, y = data.rows, encode_labels(mapped_labels(data, cfg, opt.classes), cfg["classes"], False)
-        images = data.images(test)
+        y, images = encode_labels(mapped_labels(data, cfg, opt.classes), cfg["classes"], False), data.images(data.rows)
+        own = own_films(cfg, images)
+        if own.all():
+            raise UserError(f"{data.folder}: all {len(own)} films are the run's own; --probe scores its test fold")
+        if own.any():
+            print(f"WARNING: {own.sum()} of {len(own)} films of {data.folder} are the run's own: left out")
+        test, y, images = [r for r, o in zip(data.rows, own) if not o], y[~own], images[~own]
         rows, prob = test, C.predict(model, images, cfg, batch=16, progress=True)
         written = f"probe-{data.folder.name}-{folder_tag(data.folder)}"
     else:

@@ -2455,6 +2455,8 @@ def test_external_validation_refuses_the_runs_own_films_and_warns_when_it_should
     (renamed / "meta.json").write_text(json.dumps(dict(meta, classes=["healthy", "pneumoconiosis"])))
     with pytest.raises(UserError, match="films are the run's own"):
         ev.main(["--runs", str(runs), "--data", str(renamed), "--classes", "healthy=normal"])
+    with pytest.raises(UserError, match="all 105 films are the run's own; --probe scores its test fold"):
+        ev.main(["--runs", str(runs), "--fold", "1", "--probe", "--data", str(demo_data)])
     mixed = shutil.copytree(second_site(tmp_path), tmp_path / "mixed")
     theirs, ours = manifest(mixed), manifest(demo_data)
     for a, b in zip(theirs[:3], ours[:3]):  # three of the run's films among the other site's
