@@ -458,6 +458,8 @@ def mapping_path(opt, out: Path, key: bytes) -> Path:
                         "put it elsewhere")
     if not path.parent.is_dir():
         raise UserError(f"--mapping {path}: its folder {path.parent} does not exist; create it or choose another")
+    if not os.access(path.parent, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"--mapping {path}: not writable; choose another place (it is written before any image)")
     return path
 
 

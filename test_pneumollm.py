@@ -2714,6 +2714,20 @@ def test_a_live_run_a_lost_model_and_an_empty_file_are_named(demo_data, tmp_path
         prepare.read_image(tmp_path / "empty.dcm")
 
 
+def test_a_read_only_mapping_target_is_refused_before_any_image(tmp_path, monkeypatch):
+    """(As root every path is writable, so the OS's answer is faked for the one target.)"""
+    write_labels(pngs(tmp_path / "imgs", 4) / "labels.csv", [(f"im{i}.png", "ab"[i % 2]) for i in range(4)])
+    target = tmp_path / "locked" / "map.csv"
+    target.parent.mkdir()
+    access = os.access
+    monkeypatch.setattr(prepare.os, "access", lambda p, mode: Path(p) != target.parent and access(p, mode))
+    with pytest.raises(UserError, match=r"--mapping .*map.csv: not writable; choose another place"):
+        prepare.main(["--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "imgs/labels.csv"), "--out",
+                      str(tmp_path / "p"), "--key-file", str(tmp_path / "key"), "--mapping", str(target),
+                      "--folds", "2"])
+    assert not (tmp_path / "p").exists()
+
+
 def test_the_default_threads_are_the_idle_cores(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     try:
