@@ -29,6 +29,7 @@ import argparse
 import csv
 import hashlib
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -227,23 +228,32 @@ def eval_fold(runs: Path, fold: int, opt) -> dict:
     print(report(out, cfg, f"fold {fold}, test"))
     write_atomic(run / "eval.json", json.dumps(out, indent=1))
     draw_curves(run, out, cfg, y, prob, draws, f"fold {fold}")
-    written = [n for n in ("eval.json", "operating_point.json", "roc.png", "reliability.png") if (run / n).exists()]
+    written = [n for n in ("eval.json", "operating_point.json") if (run / n).exists()] + sorted(
+        p.name for p in run.glob("*.png") if p.name.startswith(("roc", "reliability")))
     print(f"wrote {', '.join(written)} in {run}")
     return out
 
 
 def draw_curves(folder: Path, out: dict, cfg: dict, y, prob, draws, title: str):
-    """roc.png (with the patients' 95 % band and the operating point) and reliability.png, of the disease
-    score (binary) or of the first finding (multi-label); none for multi-class sets."""
-    cuts = out["operating_point"]["thresholds"]  # in the order of as_binary's findings
-    for (_, yb, score), name in list(zip(M.as_binary(y, prob, cfg["multi_label"]), cuts))[:1]:
-        cut = cuts[name]
-        r = M.at_threshold(yb, score, cut)
+    """roc.png (with the patients' 95 % band and the operating point) and reliability.png of the disease
+    score (binary); of each finding (multi-label: roc-<finding>.png, reliability-<finding>.png, each
+    with its own cut) or each class against the rest (multi-class, no cut: the argmax decides)."""
+    cuts = out["operating_point"]["thresholds"]
+    if cfg["multi_label"] or len(cfg["classes"]) > 2:
+        hot = M.one_hot(y, prob.shape[1], cfg["multi_label"])
+        curves = [(c, hot[:, i], prob[:, i], f"-{re.sub(r'[^A-Za-z0-9_.-]+', '_', c)}")
+                  for i, c in enumerate(cfg["classes"])]
+    else:
+        curves = [(cfg["classes"][1], y, prob[:, 1], "")]
+    for name, yb, score, tag in curves:
+        cut = cuts.get(name)
+        r = None if cut is None else M.at_threshold(yb, score, cut)
         fpr, tpr, _ = M.roc_curve(yb, score)
-        plots.draw_roc(folder / "roc.png", [(f"AUC {M.roc_auc(yb, score):.3f}", fpr, tpr)],
-                       f"{title}: ROC of P({name}), 95 % band over patients", M.roc_band(yb, score, draws),
-                       (1 - r["specificity"], r["sensitivity"], f"operating point {cut:.2f}"))
-        plots.draw_reliability(folder / "reliability.png", score, yb, f"{title}: reliability of P({name})")
+        rest = "" if len(curves) == 1 or cfg["multi_label"] else " against the rest"
+        plots.draw_roc(folder / f"roc{tag}.png", [(f"AUC {M.roc_auc(yb, score):.3f}", fpr, tpr)],
+                       f"{title}: ROC of P({name}){rest}, 95 % band over patients", M.roc_band(yb, score, draws),
+                       None if r is None else (1 - r["specificity"], r["sensitivity"], f"operating point {cut:.2f}"))
+        plots.draw_reliability(folder / f"reliability{tag}.png", score, yb, f"{title}: reliability of P({name})")
 
 
 def table(runs: Path, opt) -> int:
@@ -606,7 +616,7 @@ def external(runs: Path, opt) -> int:
         probe_command = shlex.join(["python", "eval.py", "--runs", str(runs), "--fold", str(folds[0]), "--probe",
                                     "--data", str(other.folder), *(["--classes", opt.classes] if opt.classes else [])])
         print(f"  where the model reads on these films (the probe's occlusion grid): {probe_command}")
-    written = [n for n in ("predictions.csv", "eval.json", "roc.png", "reliability.png") if (folder / n).exists()]
+    written = ["predictions.csv", "eval.json"] + sorted(p.name for p in folder.glob("*.png"))
     print(f"wrote {', '.join(written)} in {folder}")
     return 0
 

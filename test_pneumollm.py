@@ -2040,12 +2040,17 @@ def test_multilabel_and_multiclass_sets_prepare_train_evaluate_and_score_another
     folder, = (tmp_path / "run").glob("external-out-*/fold1")
     scored, result = csv_rows(folder / "predictions.csv"), json.loads((folder / "eval.json").read_text())
     cuts = result["operating_point"]["thresholds"]
-    if ml:  # the curve is the first finding's, with that finding's operating point
-        first = result["operating_point"]["per_finding"]["opacity"]
-        (title, (x, y, _)), = drawn
-        assert "P(opacity)" in title and (x, y) == (1 - first["specificity"], first["sensitivity"])
-    else:
-        assert not drawn and not (folder / "roc.png").exists()
+    if ml:  # a curve per finding, each with that finding's operating point
+        assert len(drawn) == 2
+        for name in meta["classes"]:
+            at = result["operating_point"]["per_finding"][name]
+            (title, (x, y, _)), = [d for d in drawn if f"P({name})" in d[0]]
+            assert (x, y) == (1 - at["specificity"], at["sensitivity"])
+            assert (folder / f"reliability-{name}.png").exists()
+    else:  # each class against the rest, no cut (the argmax decides)
+        assert len(drawn) == 3 and all(point is None and "against the rest" in title for title, point in drawn)
+        assert sorted(p.name for p in folder.glob("reliability-*.png")) == [
+            f"reliability-{c}.png" for c in sorted(meta["classes"])]
     assert [r["image"] for r in scored] == [Path(r["image"]).stem for r in manifest(other)]
     assert sorted(cuts) == (meta["classes"] if ml else [])
     for r in scored:  # (a score can sit on its cut: the CSV holds 6 decimals)
