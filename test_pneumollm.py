@@ -1944,6 +1944,17 @@ def test_a_run_folder_resumes_refuses_or_keeps_but_never_overwrites(demo_data, t
     train.main(train_args(demo_data, out, "--epochs", "2", "--restart"))
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    failed = tmp_path / "failed"  # a command that failed before its first epoch ended: nothing to keep
+    failed.mkdir()
+    cfg = json.loads((out / "config.json").read_text())
+    (failed / "config.json").write_text(json.dumps(dict(cfg, out=str(failed), lr=-1.0, epochs=7)))
+    (failed / "log.jsonl").write_text('{"epoch": 1, "loss": 9.9}\n')
+    capsys.readouterr()
+    train.main(train_args(demo_data, failed, "--epochs", "1"))
+    assert "a run that never finished an epoch, with other settings (epochs, lr): started again" in \
+        capsys.readouterr().out
+    assert [json.loads(line)["loss"] != 9.9 for line in (failed / "log.jsonl").read_text().splitlines()] == [True]
+    assert json.loads((failed / "config.json").read_text())["epochs"] == 1
 
 
 def test_refused_runs_leave_no_folder_behind(demo_data, tmp_path):

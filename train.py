@@ -144,13 +144,19 @@ def tokenize_question(cfg: dict):
 
 
 def claim(out: Path, cfg: dict) -> str:
-    """'new', 'resume' or 'finished'. A run in `out` with other settings is refused, naming them."""
+    """'new', 'resume' or 'finished'. A run in `out` with other settings is refused, naming them, unless it
+    never finished an epoch (a command that failed early): then it starts again with the new settings."""
     if cfg["restart"] or not (out / "config.json").exists():
         return "new"
     old = json.loads((out / "config.json").read_text())
     # a finished run is the same run on another machine: its dtype followed the device it trained on
     ignored = RUNTIME + (("dtype",) if C.finished(out) else ())
     diff = [k for k in sorted(set(old) | set(cfg)) if k not in ignored and old.get(k) != cfg.get(k)]
+    if diff and not C.finished(out) and not (out / "state.pt").exists():  # it never finished an epoch: nothing to keep
+        print(f"{out}: a run that never finished an epoch, with other settings ({', '.join(diff[:4])}): started "
+              "again with these")
+        cfg["restart"] = True
+        return "new"
     if "data_fingerprint" in diff:
         raise UserError(f"{cfg['data']} changed since the run in {out} started on it (prepared again: other images, "
                         "labels or folds): pass another --out, or --restart to discard the run")
