@@ -2366,6 +2366,38 @@ def test_the_probe_finds_a_mark_outside_the_lungs_on_real_films(nih_subset, tmp_
                          capsys.readouterr().out)
 
 
+def test_a_masks_run_is_probed_with_its_own_masks(demo_data, tmp_path, capsys, monkeypatch):
+    """prepare.py --masks (here each demo film's lung box, drawn as a mask), a run, then --probe: the lung
+    fields it hides are the masks prepare.py wrote into the crops (masks/<id>.png), pixel for pixel, and
+    the output names them as masks, not as the approximate ellipses."""
+    dicoms, truth = demo_data.parent / "dicom", np.load(demo_data.parent / "dicom/truth.npz")
+    (tmp_path / "masks").mkdir()
+    for name, (x0, y0, x1, y1) in zip(truth["names"], truth["lung_boxes"]):
+        shape = pydicom.dcmread(dicoms / name).pixel_array.shape
+        mask = np.zeros(shape, np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / (Path(name).stem + ".png"))
+    data = tmp_path / "data"
+    assert prepare.main(["--images", str(dicoms), "--labels", str(dicoms / "labels.csv"), "--out", str(data),
+                         "--masks", str(tmp_path / "masks"), "--key-file", str(tmp_path / "key"),
+                         "--workers", "2"]) == 0
+    train.main(train_args(data, tmp_path / "runs/fold1", "--epochs", "1"))
+    seen, predict = [], C.predict
+    monkeypatch.setattr(C, "predict", lambda model, x, *a, **k: seen.append(np.array(x)) or predict(model, x, *a, **k))
+    capsys.readouterr()
+    assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1", "--probe"]) == 0
+    probe = json.loads((tmp_path / "runs/fold1/probe.json").read_text())
+    rows = [r for r in manifest(data) if r["fold"] == "1"]
+    masks = np.stack([np.array(loaded_image(data / "masks" / Path(r["image"]).name)) > 127 for r in rows])
+    images = np.stack([np.array(loaded_image(data / r["reference"])) for r in rows])
+    assert probe["lung_fields"]["what"] == "the lung masks" and "lung fields (the lung masks;" in capsys.readouterr().out
+    assert probe["lung_fields"]["share_of_crop"] == pytest.approx(masks.mean())
+    hidden = [x for x in seen if len(x) == len(rows) and (x[:, 0][masks] == 128).all()]
+    crops = np.stack([np.array(loaded_image(data / r["image"])) for r in rows])
+    assert any(np.array_equal(x[:, 0], np.where(masks, 128, crops)) for x in hidden)
+    assert "reference framing" in probe and images.shape == crops.shape
+
+
 @needs_data
 def test_the_approximate_lung_fields_lie_in_the_hand_outlined_lungs():
     """The probe's lung fields without masks (two ellipses, 35 % of the thorax crop): on the 20 hand-outlined
