@@ -1525,6 +1525,24 @@ def test_the_audit_reads_the_source_encoding_and_says_what_it_could_not_test(tmp
     assert "film (view, size) untested" in printed and "untested, unknown: view" in printed
 
 
+def test_the_pure_flag_rule_on_an_imbalanced_set():
+    """97 % sick, 3 % well: a value held only by sick films says nothing the base rate does not (not a flag);
+    one held by 10 of the 12 well films is (a flag), however rare."""
+    labels = ["sick"] * 388 + ["well"] * 12
+    makers = ["X"] * 20 + ["Y"] * 368 + ["Z"] * 10 + ["Y"] * 2
+    items = [dict(label=label, manufacturer=m) for label, m in zip(labels, makers)]
+    member = {c: np.array([label == c for label in labels]) for c in ("well", "sick")}
+    assert audit.pure_flags(items, member) == ["manufacturer=Z: 10 images, 100 % well"]
+
+
+def test_the_thorax_box_of_a_non_square_film_cuts_2_percent_of_each_side(tmp_path):
+    """(left, top, right, bottom): 2 % of the width off the sides, 2 % of the height off top and bottom."""
+    assert lungcrop.thorax_box((1000, 600)) == (12, 20, 588, 980)
+    Image.fromarray(np.full((1000, 600), 90, np.uint8)).save(tmp_path / "tall.png")
+    _, _, how, attrs = prepare.preprocess(tmp_path / "tall.png")
+    assert how == "thorax" and attrs["box"] == [12, 20, 588, 980] and (attrs["width"], attrs["height"]) == (600, 1000)
+
+
 def test_audit_cross_validated_auc_is_scikit_learns_logistic_regression_out_of_fold():
     """The audit's model is L2 logistic regression with an unpenalised bias: scikit-learn's with C = 1 / l2."""
     linear_model = pytest.importorskip("sklearn.linear_model")
