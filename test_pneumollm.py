@@ -1126,6 +1126,19 @@ def test_a_benign_top_level_torchscript_class_is_read(tmp_path, monkeypatch):
     assert torch.equal(got["w"], values.view(2, 3)) and torch.equal(got["sub.b"], values[3:])
 
 
+def test_a_torchscript_record_shorter_or_longer_than_its_storage_is_refused(tmp_path, monkeypatch):
+    """A storage that declares 6 fp16 values (12 bytes) over a record of 10 or 14 bytes: refused in one line
+    naming both sizes, never read past its end or half-filled."""
+    torch_module = types.ModuleType("__torch__")
+    torch_module.Node = Node
+    monkeypatch.setitem(sys.modules, "__torch__", torch_module)
+    for n in (5, 7):
+        values = torch.arange(n, dtype=torch.float16).numpy().tobytes()
+        path = crafted_archive(tmp_path / f"r{n}.pt", Node(w=View(Record("0", 6), [2, 3], [3, 1])), {"0": values})
+        with pytest.raises(P.CheckpointError, match=f"record 0 holds {2 * n} bytes, its storage declares 12"):
+            P.read_torchscript(path)
+
+
 def test_refusals_are_one_line_and_never_suggest_turning_the_safety_off(tmp_path, monkeypatch):
     monkeypatch.setenv("PWNED", str(tmp_path / "pwned"))
     torch.save({"x": Exploit()}, tmp_path / "evil.pt")
