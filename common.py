@@ -14,6 +14,7 @@ import mmap
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
@@ -278,10 +279,12 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> 
 def convert(params: list, dtype):
     """In place, one tensor at a time; each source's whole pages go back to the OS at once (a memory-
     mapped checkpoint's pages would otherwise stay counted until the last tensor is converted)."""
+    users = Counter(p.untyped_storage().data_ptr() for p in params)  # tied weights: one storage, two names
     for p in params:
         if p.dtype != dtype:
             old, p.data = p.data, p.data.to(dtype)
-            release(old)
+            if users[old.untyped_storage().data_ptr()] == 1:
+                release(old)
 
 
 def release(t: torch.Tensor):

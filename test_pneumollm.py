@@ -789,6 +789,11 @@ def test_converting_a_memory_mapped_checkpoint_hands_its_pages_back(tmp_path):
     sums = [float(p.float().sum()) for p in params]  # the converted copies are intact
     assert sums == [float(t.bfloat16().float().sum()) for t in
                     torch.load(tmp_path / "c.pth", weights_only=True).values()]
+    w = torch.nn.Parameter(torch.randn(2048, 2048), requires_grad=False)  # tied: one storage under two names
+    tied = torch.nn.Parameter(w.data, requires_grad=False)
+    want = w.data.bfloat16().clone()
+    C.convert([w, tied], torch.bfloat16)
+    assert torch.equal(w.data, want) and torch.equal(tied.data, want)  # the second read before the pages went
 
 
 def test_eval_scores_with_the_policy_and_says_so(demo_runs, monkeypatch, capsys):
