@@ -2426,7 +2426,8 @@ def test_a_masks_run_is_probed_with_its_own_masks(demo_data, tmp_path, capsys, m
     rows = [r for r in manifest(data) if r["fold"] == "1"]
     masks = np.stack([np.array(loaded_image(data / "masks" / Path(r["image"]).name)) > 127 for r in rows])
     images = np.stack([np.array(loaded_image(data / r["reference"])) for r in rows])
-    assert probe["lung_fields"]["what"] == "the lung masks" and "lung fields (the lung masks;" in capsys.readouterr().out
+    assert probe["lung_fields"]["what"] == "the lung masks"
+    assert "lung fields (the lung masks;" in capsys.readouterr().out
     assert probe["lung_fields"]["share_of_crop"] == pytest.approx(masks.mean())
     hidden = [x for x in seen if len(x) == len(rows) and (x[:, 0][masks] == 128).all()]
     crops = np.stack([np.array(loaded_image(data / r["image"])) for r in rows])
@@ -2490,9 +2491,19 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
     site = second_site(tmp_path)
     chosen, real = [], M.choose_threshold
     monkeypatch.setattr(M, "choose_threshold", lambda y, s, *a: chosen.append(np.asarray(y)) or real(y, s, *a))
+    drawn, resamples = [], M.resamples
+    monkeypatch.setattr(M, "resamples", lambda p, *a, **k: drawn.append((list(p), resamples(p, *a, **k)))
+                        or drawn[-1][1])
     assert ev.main(["--runs", str(tmp_path), "--data", str(site), "--ensemble"]) == 0
     folder, = tmp_path.glob("external-site-*/ensemble")
     rows = csv_rows(folder / "predictions.csv")
+    patients, draws = drawn[0]  # the intervals resample patients, each with all of its films
+    assert patients == [r["patient"] for r in rows] and len(set(patients)) < len(patients)
+    films = {p: [i for i, q in enumerate(patients) if q == p] for p in set(patients)}
+    for draw in draws[:100]:
+        count = collections.Counter(draw.tolist())
+        for p, own in films.items():
+            assert len({count[i] for i in own}) == 1, p  # a patient's films are drawn together, or not at all
     data = Data(site)
     assert [r["image"] for r in rows] == [Path(r["image"]).stem for r in data.rows]  # every prepared image, once
     images, by_hand = data.images(data.rows), []
