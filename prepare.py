@@ -10,7 +10,8 @@ Labels are one class per image, or several findings per image written a|b (multi
 are the findings, and a "normal"/"No Finding" image has none of them). --classes declares the label
 set and its order; without it, two spellings of one label (case, spaces) are an error.
 
-Writes data/NAME/{images/*.png, records.jsonl (one line per image), manifest.csv, meta.json, preview.png}.
+Writes data/NAME/{images/*.png, records.jsonl (one line per image), manifest.csv, meta.json, preview.png},
+and with --masks reference/*.png (the thorax framing) and masks/*.png (each lung mask in its crop).
 Nothing from the input that could name a patient reaches the folder: images and patients are named
 by keyed hashes (HMAC-SHA256) whose key lives outside it (--key-file); the pseudonym -> source file
 mapping is written beside the key (or to --mapping), never into the folder.
