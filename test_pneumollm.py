@@ -2823,6 +2823,22 @@ def test_a_read_only_mapping_target_is_refused_before_any_image(tmp_path, monkey
     assert not (tmp_path / "p").exists()
 
 
+def test_a_run_is_refused_on_data_prepared_again_from_changed_source_pixels(tmp_path):
+    """Same file names, one source film's pixels changed, prepare.py again into the same folder (it redoes
+    that film): the run trained on the old folder is refused by eval.py, never scored against new pixels."""
+    src = pngs(tmp_path / "imgs", 24, lambda i: 40 + 8 * i)
+    rows = [(f"im{i}.png", "ab"[i % 2], f"p{i}") for i in range(24)]
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2", header=("image", "label", "patient"))
+    assert rc == 0
+    train.main(train_args(out, tmp_path / "runs/fold1", "--epochs", "1", "--val-frac", "0"))
+    assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1"]) == 0
+    Image.fromarray(np.full((64, 64), 250, np.uint8)).save(src / "im3.png")  # the same name, other pixels
+    rc, _ = run_prepare(tmp_path, src, rows, "--folds", "2", header=("image", "label", "patient"))
+    assert rc == 0
+    with pytest.raises(UserError, match=r"changed since .*fold1 was trained on it"):
+        ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1"])
+
+
 def test_the_default_threads_are_the_idle_cores(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     try:
