@@ -1821,6 +1821,28 @@ def test_every_step_sees_a_full_batch_and_padding_weighs_nothing():
     torch.testing.assert_close(padded, real)
 
 
+def test_train_epochs_loss_is_the_mean_over_each_batchs_real_images():
+    """train_epoch itself on 21 images in batches of 16 (a full batch, then 5 real images and 11 pads), at
+    a learning rate too small to move the weights: its loss is the mean of the two batches' mean
+    cross-entropies, each over its real images only, in the order the run's seed draws (by hand)."""
+    cfg = train.parse(["--model", "tiny", "--device", "cpu", "--lr", "1e-20", "--min-lr", "0", "--warmup-lr", "0",
+                       "--warmup-epochs", "0", "--adapter-dropout", "0", "--batch-size", "16", "--seed", "3",
+                       "--epochs", "1", "--val-frac", "0", "--threads", "2"]) | dict(multi_label=False)
+    torch.manual_seed(0)
+    model = P.PneumoLLM(P.tiny_args(n_classes=2, adapter_dropout=0.0))
+    perturb_adapters(model)
+    x = torch.randint(0, 256, (21, 1, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 2, (21,), generator=torch.Generator().manual_seed(2))
+    tr = train.Training(model, cfg)
+    rec = train.train_epoch(tr, model, x, y, train.Ranks(cfg))
+    order = torch.randperm(21, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        logits = model(C.normalise(x[order], cfg, model.args.vision.image_size))
+    by_hand = (F.cross_entropy(logits[:16], y[order][:16]) + F.cross_entropy(logits[16:], y[order][16:])) / 2
+    assert rec["loss"] == pytest.approx(float(by_hand), rel=1e-5) and rec["skipped"] == 0
+
+
 def test_non_finite_steps_are_skipped_and_an_all_bad_epoch_stops(demo_data, tmp_path, monkeypatch):
     real, calls = train.loss_fn, []
 
