@@ -1861,19 +1861,22 @@ def test_non_finite_steps_are_skipped_and_an_all_bad_epoch_stops(demo_data, tmp_
 
 
 def test_fp16_overflow_steps_are_counted_and_the_loss_scale_logged(demo_data, tmp_path, monkeypatch, capsys):
-    """GradScaler skips a step whose gradients overflow; the log says how many were skipped and the scale."""
+    """GradScaler skips a step whose gradients overflow; the log says how many were skipped in each epoch
+    (the second counted from its own first step) and the scale."""
     real, calls = train.Training.__init__, []
 
     def overflow_every_other_backward(self, model, cfg):
         real(self, model, cfg)
         model.head.weight.register_hook(lambda g: calls.append(1) or (g * float("inf") if len(calls) % 2 else g))
     monkeypatch.setattr(train.Training, "__init__", overflow_every_other_backward)
-    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "1", "--val-frac", "0"))
-    rec = json.loads((tmp_path / "run/log.jsonl").read_text())
-    steps = len(calls)
-    assert rec["skipped"] == (steps + 1) // 2 and np.isfinite(rec["loss"])  # the 1st, 3rd, ... backward overflowed
-    assert rec["scale"] == 65536.0 / 2 ** rec["skipped"]  # halved at each skipped step (growth needs 2000 good ones)
-    assert f"{rec['skipped']} of {steps} steps skipped" in capsys.readouterr().err
+    train.main(train_args(demo_data, tmp_path / "run", "--epochs", "2", "--val-frac", "0"))
+    first, second = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    steps = len(calls) // 2  # per epoch; the 1st, 3rd, ... backward of the run overflowed
+    odd = lambda a, b: sum(k % 2 for k in range(a, b + 1))  # noqa: E731
+    assert [first["skipped"], second["skipped"]] == [odd(1, steps), odd(steps + 1, 2 * steps)]  # each epoch its own
+    assert np.isfinite(first["loss"]) and np.isfinite(second["loss"])
+    assert second["scale"] == 65536.0 / 2 ** (first["skipped"] + second["skipped"])  # halved at each skipped step
+    assert f"{first['skipped']} of {steps} steps skipped" in capsys.readouterr().err
 
 
 def test_kill_and_resume_equals_uninterrupted(demo_data, tmp_path, monkeypatch, capsys):
