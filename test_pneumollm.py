@@ -826,6 +826,33 @@ def test_vit_cls_tokens_match_transformers(clip_files, llama_files, fmt):
         torch.testing.assert_close(ours[:, i], ref[i + 1][:, 0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_gelu_run_is_rebuilt_by_eval_with_its_activation(clip_files, llama_files, demo_data, tmp_path):
+    """train.py --clip-act gelu on an OpenAI-layout state dict; eval.py's load_run rebuilds the run from its
+    config.json with the same activation: its CLS tokens equal transformers' CLIPVisionModel with exact GELU
+    on the same weights, and not the QuickGELU one's."""
+    out = tmp_path / "runs/fold1"
+    train.main(train_args(demo_data, out, "--epochs", "1", "--model", "full", "--clip", str(clip_files["pt"]),
+                          "--clip-act", "gelu", "--llama", str(llama_files["meta"]), "--cls-blocks", "1,2,3,4"))
+    model, cfg = C.load_run(out, keep_checkpoint_dtype=True, cpu_dtype="stored")
+    with torch.no_grad():  # the trained adapters back to the identity: the frozen ViT alone is compared
+        for m in model.modules():
+            if isinstance(m, P.RepAdapter):
+                m.up_weight.zero_(), m.up_bias.zero_()
+    quick = clip_files["ref"]
+    config = transformers.CLIPVisionConfig(**dict(quick.config.to_dict(), hidden_act="gelu"))
+    gelu = transformers.CLIPVisionModel(config).eval()
+    gelu.load_state_dict(quick.state_dict())  # the same weights (transformers 5: no .vision_model level)
+    img = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ours = model.eval().visual(img)
+        want = gelu(pixel_values=img, output_hidden_states=True).hidden_states
+        other = quick(pixel_values=img, output_hidden_states=True).hidden_states
+    assert cfg["clip_act"] == "gelu"
+    for i in range(4):
+        torch.testing.assert_close(ours[:, i], want[i + 1][:, 0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours[:, 3], other[4][:, 0], atol=1e-3)
+
+
 def test_an_openclip_style_gelu_vit_matches_transformers_and_unknown_math_is_refused(clip_files, llama_files,
                                                                                       tmp_path):
     """LAION/OpenCLIP ViTs use exact GELU: a Hugging Face folder says so (hidden_act), an OpenAI-layout state dict
