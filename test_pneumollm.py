@@ -2487,6 +2487,27 @@ def test_a_masks_run_is_probed_with_its_own_masks(demo_data, tmp_path, capsys, m
     assert "reference framing" in probe and images.shape == crops.shape
 
 
+def test_the_probe_verdict_alarms_only_when_every_variant_agrees_and_reads_intervals_both_ways():
+    """probe_verdict on hand-made figures: a significant cell outside the lung fields under every growth is
+    the alarm, under some only is "inconclusive", under none is quiet; the lung fields hidden whole with an
+    interval below chance (a score that ranks backwards still reads the classes) is said as reading them."""
+    def out(outside, hidden):
+        grid = np.zeros((8, 8), bool)
+        grid[0, 1] = True
+        occ = dict(grid=8, cell_px=28, auc=0.9, significant=grid.tolist(), outside_share_of_drop={"0.0": 0.7},
+                   outside={g: np.full((8, 8), v).tolist() for g, v in zip(("-0.03", "0.0", "0.03"), outside)})
+        return {"occlusion": occ, "lung_fields": dict(what="approximate: two ellipses", share_of_crop=0.35),
+                "lung fields hidden": dict(auc=float(np.mean(hidden)), auc_ci95=list(hidden))}
+    y, draws = np.array([0, 1]), []
+    alarm = ev.probe_verdict(out((0.9, 0.8, 0.6), (0.4, 0.6)), y, {}, draws)
+    assert "the model reads something outside the lungs" in alarm[0] and "cells row 1 col 2" in alarm[0]
+    assert "holds chance" in alarm[1]
+    assert "inconclusive" in ev.probe_verdict(out((0.9, 0.6, 0.3), (0.4, 0.6)), y, {}, draws)[0]
+    quiet = ev.probe_verdict(out((0.2, 0.1, 0.0), (0.2, 0.4)), y, {}, draws)
+    assert "no sign that the model reads anything outside the lungs" in quiet[0]
+    assert "still separates the classes without them" in quiet[1]  # [0.2, 0.4]: below chance, read backwards
+
+
 @needs_data
 def test_the_approximate_lung_fields_lie_in_the_hand_outlined_lungs():
     """The probe's lung fields without masks (two ellipses, 35 % of the thorax crop): on the 20 hand-outlined
