@@ -527,8 +527,9 @@ def occlusion(model, images: np.ndarray, cfg: dict, y, draws: list, fields: dict
 def probe_verdict(out: dict, y, scores: dict, draws: list) -> list:
     """The alarm: a cell whose hiding lowers the AUC beyond chance (its interval above 0) and lies mostly
     outside the lung fields; it must hold with the fields grown and shrunk by 3 % of the crop, else the
-    verdict is "inconclusive". Then the lung fields hidden whole, and the framing (the paired interval of
-    as trained minus the reference framing)."""
+    verdict is "inconclusive". Where no single cell matters, the lung fields hidden whole must leave
+    chance (an interval holding 0.5), else the signal outside them is spread over many cells. Then the
+    framing (the paired interval of as trained minus the reference framing)."""
     occ, lf = out["occlusion"], out["lung_fields"]
     significant = np.array(occ["significant"])
     culprits = {g: [(r, c) for r, c in zip(*np.nonzero(significant)) if o[r][c] >= 0.5]
@@ -539,21 +540,25 @@ def probe_verdict(out: dict, y, scores: dict, draws: list) -> list:
     said = (f"hiding each of {occ['grid']}x{occ['grid']} cells of {occ['cell_px']} px in turn: "
             f"{int(significant.sum())} lower the AUC ({pct(occ['auc'])}) beyond chance" + ("" if share is None else
             f"; {pct(share)} % of the total drop comes from outside the {fields}"))
+    hidden = out["lung fields hidden"]
+    lo, hi = hidden["auc_ci95"]
+    whole = f"with the lung fields hidden whole the AUC is {pct(hidden['auc'])} [{pct(lo)}, {pct(hi)}]"
     if all(alarms.values()):
         where = ", ".join(f"row {r + 1} col {c + 1}" for r, c in culprits["0.0"])
         lines = [f"{said}: the model reads something outside the lungs (markers, text, devices, the body's edge): "
                  f"cells {where} (probe.png)"]
-    elif not any(alarms.values()):
-        lines = [f"{said}: no cell outside the lung fields lowers it beyond chance: no sign that the model reads "
-                 "anything outside the lungs"]
-    else:
+    elif any(alarms.values()):
         lines = [f"{said}: inconclusive: whether a cell that matters lies outside the lungs depends on how "
                  "large the lung fields are drawn (grown or shrunk by 3 % of the crop); see probe.png"]
-    hidden = out["lung fields hidden"]
-    lo, hi = hidden["auc_ci95"]
-    lines.append(f"with the lung fields hidden whole the AUC is {pct(hidden['auc'])} [{pct(lo)}, {pct(hi)}]"
-                 + (": the model still separates the classes without them" if lo > 0.5 or hi < 0.5 else
-                    ", which holds chance"))
+    elif lo > 0.5 or hi < 0.5:  # no single cell, yet the fields hidden whole leave the classes apart
+        lines = [f"{said}; but {whole}: the model reads something outside the lung fields spread over many cells "
+                 "(the body's outline, the view, the exposure, or lung near the fields' edges: they are drawn "
+                 "smaller than the lungs)"]
+    else:
+        lines = [f"{said}: no cell outside the lung fields lowers it beyond chance: no sign that the model reads "
+                 "anything outside the lungs"]
+    lines.append(whole + (": the model still separates the classes without them" if lo > 0.5 or hi < 0.5 else
+                          ", which holds chance"))
     if "reference framing" in scores:
         diff = M.interval([M.roc_auc(y[i], scores["as trained"][i]) - M.roc_auc(y[i], scores["reference framing"][i])
                          for i in draws])

@@ -2489,8 +2489,9 @@ def test_a_masks_run_is_probed_with_its_own_masks(demo_data, tmp_path, capsys, m
 
 def test_the_probe_verdict_alarms_only_when_every_variant_agrees_and_reads_intervals_both_ways():
     """probe_verdict on hand-made figures: a significant cell outside the lung fields under every growth is
-    the alarm, under some only is "inconclusive", under none is quiet; the lung fields hidden whole with an
-    interval below chance (a score that ranks backwards still reads the classes) is said as reading them."""
+    the alarm, under some only is "inconclusive", under none is quiet only if the lung fields hidden whole
+    hold chance; an interval above or below it (a score that ranks backwards still reads the classes) is
+    a signal spread outside them."""
     def out(outside, hidden):
         grid = np.zeros((8, 8), bool)
         grid[0, 1] = True
@@ -2503,9 +2504,12 @@ def test_the_probe_verdict_alarms_only_when_every_variant_agrees_and_reads_inter
     assert "the model reads something outside the lungs" in alarm[0] and "cells row 1 col 2" in alarm[0]
     assert "holds chance" in alarm[1]
     assert "inconclusive" in ev.probe_verdict(out((0.9, 0.6, 0.3), (0.4, 0.6)), y, {}, draws)[0]
-    quiet = ev.probe_verdict(out((0.2, 0.1, 0.0), (0.2, 0.4)), y, {}, draws)
-    assert "no sign that the model reads anything outside the lungs" in quiet[0]
-    assert "still separates the classes without them" in quiet[1]  # [0.2, 0.4]: below chance, read backwards
+    quiet = ev.probe_verdict(out((0.2, 0.1, 0.0), (0.4, 0.6)), y, {}, draws)
+    assert "no sign that the model reads anything outside the lungs" in quiet[0] and "holds chance" in quiet[1]
+    for hidden in ((0.2, 0.4), (0.6, 0.8)):  # no single cell, but the lungs hidden whole leave the classes apart
+        spread = ev.probe_verdict(out((0.2, 0.1, 0.0), hidden), y, {}, draws)  # (below chance: read backwards)
+        assert "reads something outside the lung fields spread over many cells" in spread[0]
+        assert "still separates the classes without them" in spread[1]
 
 
 @needs_data
