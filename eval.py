@@ -447,11 +447,7 @@ def probe(runs: Path, opt) -> int:
     if opt.data:  # another site's folder: all of it, labels in the run's names
         data = Data(opt.data)
         y, images = encode_labels(mapped_labels(data, cfg, opt.classes), cfg["classes"], False), data.images(data.rows)
-        own = own_films(cfg, images)
-        if own.all():
-            raise UserError(f"{data.folder}: all {len(own)} films are the run's own; --probe scores its test fold")
-        if own.any():
-            print(f"WARNING: {own.sum()} of {len(own)} films of {data.folder} are the run's own: left out")
+        own = own_films(cfg, data.folder, images)
         test, y, images = [r for r, o in zip(data.rows, own) if not o], y[~own], images[~own]
         rows, prob = test, C.predict(model, images, cfg, batch=16, progress=True)
         written = f"probe-{data.folder.name}-{folder_tag(data.folder)}"
@@ -483,28 +479,26 @@ def probe(runs: Path, opt) -> int:
               f"{pct(out[name]['auc_ci95'][1])}]; mean P({cfg['classes'][1]}) " + ", ".join(
                   f"{c} {v:.3f}" for c, v in out[name]["mean_p"].items()) + f"; called positive at {cut:.3f}: "
               + ", ".join(f"{c} {pct(v)} %" for c, v in out[name]["positive"].items()))
-    out["occlusion"] = occlusion(model, images, cfg, y, draws, fields)
+    out["occlusion"] = occlusion(model, images, scores["as trained"], cfg, y, draws, fields)
     out["verdict"] = probe_verdict(out, y, scores, draws)
     print("\n".join(out["verdict"]))
     write_atomic(run / f"{written}.json", json.dumps(out, indent=1))
     grid = out["occlusion"]
     plots.draw_probe(run / f"{written}.png", images.mean(0)[0], np.array(grid["drop"]), np.array(grid["significant"]),
                      fields[0.0].mean(0) >= 0.5, f"P({cfg['classes'][1]}): AUC drop when each cell is hidden (red; "
-                     f"darkest "
-                     f"{pct(max(0, np.max(grid['drop'])))} points), lung fields "
+                     f"darkest {pct(max(0, np.max(grid['drop'])))} points), lung fields "
                      f"({out['lung_fields']['what'].split(':')[0]}) in green")
     print(f"wrote {run / written}.json, {run / written}.png")
     return 0
 
 
-def occlusion(model, images: np.ndarray, cfg: dict, y, draws: list, fields: dict, grid=8) -> dict:
+def occlusion(model, images: np.ndarray, s0, cfg: dict, y, draws: list, fields: dict, grid=8) -> dict:
     """Each of grid x grid cells of the crop in turn filled with neutral grey (128) on every image: the AUC
-    drop (as trained minus with the cell hidden) with its paired patient interval; each cell's share
+    drop (as trained, `s0`, minus with the cell hidden) with its paired patient interval; each cell's share
     outside the lung fields for each growth of `fields` ({grow: (N, H, W) bool}); the share of the total
     positive drop that comes from outside them."""
     size = images.shape[-1]
     edges = np.linspace(0, size, grid + 1).round().astype(int)
-    s0 = C.predict(model, images, cfg)[:, 1]
     auc0, base = M.roc_auc(y, s0), [M.roc_auc(y[i], s0[i]) for i in draws]
     drop, ci, outside = np.zeros((grid, grid)), np.zeros((grid, grid, 2)), {g: np.zeros((grid, grid)) for g in fields}
     for r in range(grid):
@@ -582,14 +576,7 @@ def external(runs: Path, opt) -> int:
     cfg = json.loads((runs / f"fold{folds[0]}/config.json").read_text())
     other = Data(opt.data)
     labels, images = mapped_labels(other, cfg, opt.classes), other.images(other.rows)
-    own = own_films(cfg, images)
-    if own.all():
-        raise UserError(f"{other.folder}: all {len(own)} films are the run's own (the same pixels as in "
-                        f"{cfg['data']}); external validation needs films the run never saw: eval.py --fold scores "
-                        "its test fold")
-    if own.any():
-        print(f"WARNING: {own.sum()} of {len(own)} films of {other.folder} are the run's own (the same pixels as in "
-              f"{cfg['data']}): left out; the other {(~own).sum()} are scored")
+    own = own_films(cfg, other.folder, images)
     rows, labels, images = [r for r, o in zip(other.rows, own) if not o], [x for x, o in zip(labels, own) if not o], \
         images[~own]
     y = encode_labels(labels, cfg["classes"], cfg["multi_label"])
@@ -626,9 +613,10 @@ def external(runs: Path, opt) -> int:
     return 0
 
 
-def own_films(cfg: dict, images: np.ndarray) -> np.ndarray:
-    """(N,) bool: which of `images` are films of the run's own data folder, by pixel content (names can
-    differ, or mean other films): their 16 x 16 thumbnails within 2 grey levels (RMS) of one there."""
+def own_films(cfg: dict, folder: Path, images: np.ndarray) -> np.ndarray:
+    """(N,) bool: which of `folder`'s `images` are films of the run's own data folder, by pixel content
+    (names can differ, or mean other films): their 16 x 16 thumbnails within 2 grey levels (RMS) of one
+    there. All of them: refused; some: a warning (the callers leave them out)."""
     if not (Path(cfg["data"]) / "manifest.csv").exists():
         print(f"NOTE: the run's data folder {cfg['data']} is not here: whether these films are its own is unchecked")
         return np.zeros(len(images), bool)
@@ -639,7 +627,15 @@ def own_films(cfg: dict, images: np.ndarray) -> np.ndarray:
         return t.flatten(1).numpy()
     a, b = thumbs(images), thumbs(ours.images(ours.rows))
     d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None] - 2 * a @ b.T  # squared distances, (N, M)
-    return d2.min(1) < 256 * 2.0**2
+    own = d2.min(1) < 256 * 2.0**2
+    same = f"the run's own (the same pixels as in {cfg['data']})"
+    if own.all():
+        raise UserError(f"{folder}: all {len(own)} films are {same}; external validation needs films the run "
+                        "never saw: eval.py --fold (and --probe) score its test fold")
+    if own.any():
+        print(f"WARNING: {own.sum()} of {len(own)} films of {folder} are {same}: left out; the other "
+              f"{(~own).sum()} are scored")
+    return own
 
 
 def beside_the_run(out: dict, run: Path, cfg: dict, y, prob, point: dict) -> list:
