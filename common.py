@@ -99,23 +99,26 @@ def pneumo_fields(cfg: dict) -> dict:
 
 
 def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
-    """The run's model with fresh trainable weights (seeded): tiny and random, or from the checkpoints,
-    whose frozen weights are cast to the run's dtype, or kept as stored (memory-mapped where the file
-    allows it, never copied)."""
+    """The run's model with fresh trainable weights (seeded): tiny and random (--model random), or from
+    the checkpoints (--model tiny: the demo's, from pretrain.py), whose frozen weights are cast to the
+    run's dtype, or kept as stored (memory-mapped where the file allows it, never copied)."""
     device, dtype = torch.device(cfg["device"]), None if as_stored else P.DTYPES[cfg["dtype"]]
     torch.manual_seed(cfg["seed"])
     kw = dict(pneumo_fields(cfg), n_classes=len(cfg["classes"]))
     try:  # flags are checked again against the real shapes (e.g. --cls-blocks beyond the ViT's blocks)
-        if cfg["model"] == "tiny":
+        if cfg["model"] == "random":
             model = P.PneumoLLM(P.tiny_args(vocab_size=cfg.get("vocab_size", -1), **kw)).to(device)
             return cast_frozen(model, dtype) if dtype else model
     except ValueError as e:
         raise UserError(f"{e} (check the ablation flags)") from None
     for path, needed in ((cfg["clip"], kw["encoder"] == "clip"), (cfg["llama"], kw["llm"])):
+        if needed and not Path(path).exists() and cfg["model"] == "tiny":
+            raise UserError(f"{path} not found: python pretrain.py writes the tiny model's checkpoints (python "
+                            "prepare.py --demo does too)")
         if needed and not Path(path).exists():
             raise UserError(f"{path} not found: PneumoLLM needs OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as "
                             "Meta or Hugging Face ship it (--llama); README 'The real model' says what to put "
-                            "where; --model tiny runs without them")
+                            "where; --model tiny runs on the demo's small checkpoints instead")
     try:
         return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype,
                                  cfg.get("clip_act"), **kw)

@@ -37,7 +37,8 @@ from folders import replacing
 
 SIZE, SPACING = 512, 0.7  # pixels, mm per pixel
 SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
-NODULE_RADIUS_MM = {"p": (0.6, 0.75), "q": (0.75, 1.5), "r": (1.5, 3.0)}
+NODULE_RADIUS_MM = {"p": (0.6, 0.75), "q": (0.75, 1.5), "r": (1.5, 3.0)}  # ILO: diameters < 1.5, 1.5-3, 3-10 mm
+OPACITIES_PER_ZONE = 70  # per zone of each lung and profusion category
 
 
 def ellipse(yy, xx, cy, cx, ry, rx):
@@ -49,10 +50,41 @@ def smooth_noise(rng, n, scale):
     return np.asarray(Image.fromarray(small).resize((SIZE, SIZE), Image.BICUBIC)) * scale
 
 
-def phantom(rng, disease: bool, size_class: str, profusion: int) -> tuple:
+ZONES = 3  # ILO: each lung in upper, middle and lower thirds
+
+
+def zones_of(lungs: np.ndarray) -> np.ndarray:
+    """(SIZE, SIZE) int: 0 outside the lungs, 1-3 upper, middle, lower third of the lungs' height."""
+    rows = np.nonzero(lungs.any(1))[0]
+    third = (np.arange(SIZE) - rows[0]) * ZONES // (rows[-1] + 1 - rows[0])
+    return np.where(lungs, np.clip(third, 0, ZONES - 1)[:, None] + 1, 0)
+
+
+def spots(rng, img, base, where: np.ndarray, n: int, radius_mm: tuple, height: float) -> np.ndarray:
+    """Adds to img n round gaussian opacities (radius drawn in mm) centred at random pixels of `where`;
+    overlapping ones do not pile up (each is added to `base`, img without them). Returns their mask."""
+    mask = np.zeros(img.shape, bool)
+    py, px = np.nonzero(where) if n else ((), ())
+    for _ in range(n if len(py) else 0):
+        i = rng.integers(len(py))
+        r = rng.uniform(*radius_mm) / SPACING
+        y, x, h = py[i], px[i], int(3 * r) + 2
+        sl = np.s_[max(0, y - h):y + h, max(0, x - h):x + h]
+        yy, xx = np.ogrid[sl]
+        bump = height * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * (r / 1.5) ** 2))
+        img[sl] = np.maximum(img[sl], base[sl] + bump)
+        mask[sl] |= bump > 0.05
+    return mask
+
+
+def phantom(rng, profusion=0.0, size_class="q", heart=1.0) -> tuple:
     """Attenuation images in [0, 1] (bright = dense), (SIZE, SIZE) float32, with and without the
-    opacities (the second sets the window); and, for tests only, the lung fields and the opacities
-    as (SIZE, SIZE) masks."""
+    opacities (the second sets the window); the lung fields and the opacities as (SIZE, SIZE) masks;
+    and the anatomy that pretrain() learns to describe: the body's shift, its scale, the heart's size.
+
+    profusion: the ILO major category (0 normal; 1-3, fractions are subcategories). Small rounded
+    opacities of one size class fill the upper zones first: zone z (1 upper .. 3 lower) of each lung
+    gets OPACITIES_PER_ZONE * (profusion - z + 1) of them, none below 0."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     c, s = SIZE / 2 + rng.normal(0, 8), SIZE / 512 * (1 + rng.normal(0, 0.04))
     img = np.where(ellipse(yy, xx, 270, c, 250 * s, 215 * s), 0.55, 0.04).astype(np.float32)
@@ -72,22 +104,16 @@ def phantom(rng, disease: bool, size_class: str, profusion: int) -> tuple:
             y0 = 100 + 30 * k + rng.normal(0, 2)
             img[box] += 0.09 * ((np.abs(y - (y0 + arc + tilt)) < 4.5) & field)
         img += 0.15 * ellipse(yy, xx, 95, c + side * 80 * s, 7, 75 * s)
-    img = np.maximum(img, 0.68 * ellipse(yy, xx, 320, c + 25, 95 * s, 85 * s))  # heart
+    img = np.maximum(img, 0.68 * ellipse(yy, xx, 320, c + 25, 95 * s * heart, 85 * s * heart))
     img = np.maximum(img, 0.62 * (np.abs(xx - c) < 28 * s) * (yy > 40))  # mediastinum and spine
-    opacities, nodules = np.zeros_like(lungs), np.zeros_like(img)
-    if disease:
-        lo, hi = NODULE_RADIUS_MM[size_class]
-        py, px = np.nonzero(lungs)  # anywhere in either lung
-        for _ in range(profusion):
-            i = rng.integers(len(py))
-            r = rng.uniform(lo, hi) / SPACING
-            y, x, h = py[i], px[i], int(3 * r) + 2
-            sl = np.s_[max(0, y - h):y + h, max(0, x - h):x + h]
-            bump = 0.3 * np.exp(-((yy[sl] - y) ** 2 + (xx[sl] - x) ** 2) / (2 * (r / 1.5) ** 2))
-            nodules[sl] = np.maximum(nodules[sl], bump)  # overlapping nodules do not pile up
-            opacities[sl] |= bump > 0.05
-    img += rng.normal(0, 0.015, img.shape).astype(np.float32)
-    return np.clip(img + nodules, 0, 1), np.clip(img, 0, 1), lungs, opacities
+    anatomy = img + rng.normal(0, 0.015, img.shape).astype(np.float32)  # detector noise
+    img = anatomy.copy()
+    zones, opacities = zones_of(lungs), np.zeros_like(lungs)
+    for z in range(1, ZONES + 1):
+        n = round(OPACITIES_PER_ZONE * max(0.0, profusion - z + 1))
+        for side in (-1, 1):
+            opacities |= spots(rng, img, anatomy, (zones == z) & (side * (xx - c) > 0), n, NODULE_RADIUS_MM[size_class], 0.3)
+    return np.clip(img, 0, 1), np.clip(anatomy, 0, 1), lungs, opacities, (c - SIZE / 2, s, heart)
 
 
 def to_dicom(path: Path, img: np.ndarray, anatomy: np.ndarray, rng, patient: int, image: int):
@@ -148,10 +174,10 @@ def write_demo(folder: Path, n_patients=330, seed=20, shortcut=None) -> Path:
         if p and p % 50 == 0:
             print(f"  {p}/{n_patients} patients", file=sys.stderr)
         disease = rng.random() < 0.6
-        size_class, profusion = str(rng.choice(list("pqr"))), int(rng.integers(120, 400))
+        size_class, profusion = str(rng.choice(list("pqr"))), disease * rng.uniform(1, 3.5)
         for i in range(int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):
             name = f"demo_{p:04d}_{i}.dcm"
-            img, anatomy, lungs, opacities = phantom(rng, disease, size_class, profusion)
+            img, anatomy, lungs, opacities, _ = phantom(rng, profusion, size_class)
             mark = np.zeros(img.shape, bool)
             if shortcut and disease:
                 img, mark = marker(img, shortcut)

@@ -431,8 +431,9 @@ def explain_fold(runs: Path, opt) -> int:
 
 def probe(runs: Path, opt) -> int:
     """--probe: where the model reads. The test fold (or with --data DIR every image of that folder) is
-    scored again (a) with each cell of an 8 x 8 grid over the crop in turn filled with neutral grey: the
-    AUC drop per cell with its patient interval, and how much of each cell lies outside the lung fields
+    scored again (a) with each cell of an 8 x 8 grid over the crop in turn replaced by the mean of the
+    probed films there (the same pixels for every film: it hides what differs between films, and leaves
+    no grey patch for the model to react to): the AUC drop per cell with its patient interval, and how much of each cell lies outside the lung fields
     (lungcrop.lung_fields: the lung masks, or approximate ellipses); (b) with the lung fields hidden;
     (c) with the reference framing where the run was cropped otherwise. A verdict that must hold with
     the lung fields grown and shrunk by 3 % of the crop, else "inconclusive". Writes probe.json (or
@@ -456,7 +457,7 @@ def probe(runs: Path, opt) -> int:
         by_name = {Path(r["image"]).stem: r for r in data.rows}
         test = [by_name[r["image"]] for r in rows]
         images = data.images(test)
-    draws = M.resamples([r["patient"] for r in rows], y, 2)
+    draws = M.resamples([r["patient"] for r in rows], y, 2, n=2000)  # Holm's test over 64 cells needs p < 0.0008
     size = images.shape[-1]
     masks = [data.folder / "masks" / Path(r["image"]).name for r in test]
     masks = [np.asarray(Image.open(m)) > 127 if m.exists() else None for m in masks]
@@ -465,8 +466,8 @@ def probe(runs: Path, opt) -> int:
     scores = {"as trained": prob[:, 1]}
     if any(r["reference"] != r["image"] for r in test):
         scores["reference framing"] = C.predict(model, data.images(test, "reference"), cfg)[:, 1]
-    scores["lung fields hidden"] = C.predict(model, np.where(fields[0.0][:, None], 128, images).astype(np.uint8),
-                                             cfg)[:, 1]
+    mean = images.mean(0).round().astype(np.uint8)  # (1, H, W): what hides a place, the same for every film
+    scores["lung fields hidden"] = C.predict(model, np.where(fields[0.0][:, None], mean, images), cfg)[:, 1]
     out = dict(fold=opt.fold, images=len(y), threshold=cut, intervals="95 %, 1000 resamples of patients",
                lung_fields=dict(what="the lung masks" if all(m is not None for m in masks) else
                                 "approximate: two ellipses where the lungs lie on average (lungcrop.LUNG_FIELDS)",
@@ -479,7 +480,7 @@ def probe(runs: Path, opt) -> int:
               f"{pct(out[name]['auc_ci95'][1])}]; mean P({cfg['classes'][1]}) " + ", ".join(
                   f"{c} {v:.3f}" for c, v in out[name]["mean_p"].items()) + f"; called positive at {cut:.3f}: "
               + ", ".join(f"{c} {pct(v)} %" for c, v in out[name]["positive"].items()))
-    out["occlusion"] = occlusion(model, images, scores["as trained"], cfg, y, draws, fields)
+    out["occlusion"] = occlusion(model, images, mean, scores["as trained"], cfg, y, draws, fields)
     out["verdict"] = probe_verdict(out, y, scores, draws)
     print("\n".join(out["verdict"]))
     write_atomic(run / f"{written}.json", json.dumps(out, indent=1))
@@ -492,29 +493,33 @@ def probe(runs: Path, opt) -> int:
     return 0
 
 
-def occlusion(model, images: np.ndarray, s0, cfg: dict, y, draws: list, fields: dict, grid=8) -> dict:
-    """Each of grid x grid cells of the crop in turn filled with neutral grey (128) on every image: the AUC
-    drop (as trained, `s0`, minus with the cell hidden) with its paired patient interval; each cell's share
-    outside the lung fields for each growth of `fields` ({grow: (N, H, W) bool}); the share of the total
-    positive drop that comes from outside them."""
+def occlusion(model, images: np.ndarray, mean, s0, cfg: dict, y, draws: list, fields: dict, grid=8) -> dict:
+    """Each of grid x grid cells of the crop in turn replaced by `mean` (the films' mean) on every image: the
+    AUC drop (as trained, `s0`, minus with the cell hidden) with its paired patient interval; which cells
+    lower it beyond chance, tested together (the share of resamples where the drop is not above 0 as each
+    cell's p-value, Holm's test at 5 % family-wise, so that 64 cells do not bring 64 chances of a false
+    alarm); each cell's share outside the lung fields for each growth of `fields` ({grow: (N, H, W)
+    bool}); the share of the total positive drop that comes from outside them."""
     size = images.shape[-1]
     edges = np.linspace(0, size, grid + 1).round().astype(int)
-    auc0, base = M.roc_auc(y, s0), [M.roc_auc(y[i], s0[i]) for i in draws]
-    drop, ci, outside = np.zeros((grid, grid)), np.zeros((grid, grid, 2)), {g: np.zeros((grid, grid)) for g in fields}
+    auc0, base = M.roc_auc(y, s0), np.array([M.roc_auc(y[i], s0[i]) for i in draws])
+    drop, boot, outside = np.zeros((grid, grid)), np.zeros((len(draws), grid, grid)), {g: np.zeros((grid, grid)) for g in fields}
     for r in range(grid):
         for c in range(grid):
             rs, cs = slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1])
             hidden = images.copy()
-            hidden[..., rs, cs] = 128
+            hidden[..., rs, cs] = mean[..., rs, cs]
             s = C.predict(model, hidden, cfg)[:, 1]
             drop[r, c] = auc0 - M.roc_auc(y, s)
-            ci[r, c] = M.interval([b - M.roc_auc(y[i], s[i]) for b, i in zip(base, draws)])
+            boot[:, r, c] = base - [M.roc_auc(y[i], s[i]) for i in draws]
             for g, f in fields.items():
                 outside[g][r, c] = 1 - f[:, rs, cs].mean()
+    ci = np.percentile(boot, [2.5, 97.5], axis=0).transpose(1, 2, 0)
+    p = ((boot <= 0).sum(0) + 1) / (len(draws) + 1)  # (grid, grid) one-sided bootstrap p-values
     positive = np.clip(drop, 0, None)
     share = {g: float((positive * o).sum() / positive.sum()) if positive.sum() else None for g, o in outside.items()}
     return dict(grid=grid, cell_px=int(edges[1]), auc=auc0, drop=drop.tolist(), drop_ci95=ci.tolist(),
-                significant=(ci[..., 0] > 0).tolist(), outside={str(g): o.tolist() for g, o in outside.items()},
+                p=p.tolist(), significant=M.holm(p.ravel()).reshape(grid, grid).tolist(), outside={str(g): o.tolist() for g, o in outside.items()},
                 outside_share_of_drop={str(g): v for g, v in share.items()})
 
 

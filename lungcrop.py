@@ -56,6 +56,10 @@ def thorax_box(shape) -> tuple:
     return round(BORDER * w), round(BORDER * h), round((1 - BORDER) * w), round((1 - BORDER) * h)
 
 
+def resized(img8: np.ndarray, box, size: int) -> np.ndarray:  # the crop, Lanczos-resized (anti-aliased)
+    return np.asarray(Image.fromarray(img8).crop(box).resize((size, size), Image.LANCZOS))
+
+
 def mask_box(mask: np.ndarray, margin=0.05):  # --masks: the mask's box plus 5 % each side
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:

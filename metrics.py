@@ -168,3 +168,13 @@ def resamples(patients, y, n_classes: int, n=1000, seed=0) -> list:
 
 def interval(values) -> list:
     return [float(v) for v in np.percentile(values, [2.5, 97.5])]
+
+
+def holm(p: np.ndarray, alpha=0.05) -> np.ndarray:
+    """Holm's step-down test of K hypotheses at family-wise error `alpha`: which of the p-values (K,) reject."""
+    order, reject = np.argsort(p), np.zeros(len(p), bool)
+    for rank, k in enumerate(order):
+        if p[k] > alpha / (len(p) - rank):
+            break
+        reject[k] = True
+    return reject

@@ -46,8 +46,9 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 import audit
 import demo
+import pretrain
 from folders import Help, Interrupted, UserError, cli, locked, make_folds, write_atomic
-from lungcrop import LUNG_REGION, mask_box, region_in_crop, rle_mask, thorax_box
+from lungcrop import LUNG_REGION, mask_box, region_in_crop, resized, rle_mask, thorax_box
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 IMAGE_COLS = ("image", "file", "filename", "path", "image index")  # label-file columns, found by name
@@ -199,10 +200,6 @@ def preprocess(path: Path, crop="thorax", size=224, mask=None, max_pixels=MAX_PI
     reference = None if how == "thorax" else framed[1]
     extra = {} if outline is None else dict(lung_mask=outline)
     return framed[0], reference, how, dict(attrs, box=[int(v) for v in box], lungs=list(lungs), **extra)
-
-
-def resized(img8: np.ndarray, box, size: int) -> np.ndarray:  # Lanczos: anti-aliased
-    return np.asarray(Image.fromarray(img8).crop(box).resize((size, size), Image.LANCZOS))
 
 
 def prepare_one(job) -> dict:
@@ -617,6 +614,7 @@ def main(argv=None):
     if opt.demo:
         src = Path(opt.images or "data/demo_dicom")
         demo.write_demo(src)
+        pretrain.pretrain(Path("checkpoints/tiny"))
         opt.images, opt.labels, opt.out = src, src / "labels.csv", opt.out or "data/demo"
     if not (opt.images and opt.labels and opt.out):
         raise UserError("give --images, --labels and --out (or --demo)")

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from scipy import ndimage
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,6 +48,7 @@ import audit
 import bench
 import common as C
 import demo
+import pretrain
 import eval as ev
 import explain
 import lungcrop
@@ -236,7 +238,7 @@ def demo_runs(demo_data, tmp_path_factory):
 
 
 def train_args(data, out, *extra):  # two threads, as the suite sets them, not the idle cores it would measure
-    return ["--data", str(data), "--out", str(out), "--model", "tiny", "--batch-size", "16", "--threads", "2", *extra]
+    return ["--data", str(data), "--out", str(out), "--model", "random", "--batch-size", "16", "--threads", "2", *extra]
 
 
 def last_weights(run) -> dict:  # the trainable weights of a run's resume point
@@ -300,7 +302,7 @@ VARIANTS = {  # train.py flags
 
 
 def tiny_variant(flags, seed=0):
-    cfg = dict(train.parse(["--model", "tiny", *flags]), multi_label=False)
+    cfg = dict(train.parse(["--model", "random", *flags]), multi_label=False)
     torch.manual_seed(seed)
     return P.PneumoLLM(P.tiny_args(**C.pneumo_fields(cfg))), cfg
 
@@ -600,7 +602,7 @@ def test_adapter_dropout_is_p_0_1_in_training_and_off_in_eval():
     y = torch.cat([h[:, :4] @ a.up_weight[:32].T, h[:, 4:] @ a.up_weight[32:].T], 1) + a.up_bias
     torch.testing.assert_close(out, x + y)
     assert dropped[-1] == 0.0 and all(m.dropout.p == 0.1 for m in adapters)
-    built = P.PneumoLLM(P.tiny_args(**C.pneumo_fields(train.parse(["--model", "tiny"]))))  # train.py's default too
+    built = P.PneumoLLM(P.tiny_args(**C.pneumo_fields(train.parse(["--model", "random"]))))  # train.py's default too
     assert {m.dropout.p for m in built.modules() if isinstance(m, P.RepAdapter)} == {0.1}
 
 
@@ -1373,6 +1375,76 @@ def test_demo_generator_is_deterministic_and_another_seed_is_another_site(tmp_pa
     assert ds.PatientName.family_name == "DEMO" and ds.Modality in ("CR", "DX")
 
 
+def test_the_demo_disease_fills_the_upper_zones_first_in_ilo_sizes():
+    """ILO profusion by zone (demo.phantom): category 1 puts opacities in the upper zones only, 2 in the
+    upper and middle, 3 in all; each zone of each lung gets OPACITIES_PER_ZONE * (profusion - z + 1)
+    opacities (counted here as connected blobs of the truth mask, which overlaps can merge: at most that
+    many, and most of them); a normal film has none, and the opacities' radius is the size class's."""
+    for profusion, zones_hit in ((0.0, set()), (1.0, {1}), (2.0, {1, 2}), (3.0, {1, 2, 3})):
+        img, anatomy, lungs, opac, (shift, _, _) = demo.phantom(np.random.default_rng(5), profusion, "p")
+        zones, (labels, n) = demo.zones_of(lungs), ndimage.label(opac)
+        centres = np.round(ndimage.center_of_mass(opac, labels, range(1, n + 1))).astype(int).reshape(-1, 2)
+        for z in (1, 2, 3):
+            for left in (True, False):  # each opacity counted once, in the zone and lung of its centre
+                side = (zones[centres[:, 0], centres[:, 1]] == z) & ((centres[:, 1] < demo.SIZE / 2 + shift) == left)
+                expected = round(demo.OPACITIES_PER_ZONE * max(0.0, profusion - z + 1))
+                assert (0.6 * expected <= side.sum() <= expected) if z in zones_hit else side.sum() <= 1, \
+                    (profusion, z, side.sum(), expected)
+        assert (img >= anatomy).all() and (profusion or np.array_equal(img, anatomy))
+    for size, (lo, hi) in demo.NODULE_RADIUS_MM.items():  # a bump of height 0.3, sigma r / 1.5, exceeds 0.05
+        _, _, _, opac, _ = demo.phantom(np.random.default_rng(5), 1.0, size)  # out to r * sqrt(2 ln 6) * 1/1.5
+        labels, n = ndimage.label(opac)
+        radii = np.sqrt(np.bincount(labels.ravel())[1:] / np.pi) * demo.SPACING / (np.sqrt(2 * np.log(6)) / 1.5)
+        assert lo * 0.8 <= np.median(radii) <= hi * 1.2, (size, np.median(radii))
+
+
+def test_pretrain_writes_a_tiny_clip_and_llama_that_the_real_loaders_read(tmp_path, monkeypatch):
+    """pretrain.py: an OpenAI-layout CLIP state dict (visual.*, fp16, ln_post and proj included) and a Meta
+    LLaMA folder, read by read_clip / read_llama with the shapes written; train.py --model tiny builds the
+    model from them through from_pretrained (the frozen weights equal the files'); its films are other
+    patients (seed 1000) with no disease; a thumbnail target is each 28 px cell's mean, by hand."""
+    profusions = []
+    real = demo.phantom
+    monkeypatch.setattr(demo, "phantom", lambda rng, profusion=0.0, *a, **k: profusions.append(profusion) or
+                        real(rng, profusion, *a, **k))
+    crop, target = pretrain.film((pretrain.SEED, 3))
+    assert profusions == [0.0]
+    assert crop.shape == (224, 224) and crop.dtype == np.uint8 and target.shape == (3 + 64,)
+    cell = crop[28:56, 84:112].astype(float).mean() / 255
+    assert target[3 + 1 * 8 + 3] == pytest.approx((cell - 0.45) / 0.3, abs=1e-5)
+    monkeypatch.setattr(demo, "phantom", real)
+    folder = pretrain.pretrain(tmp_path / "tiny", films=16, epochs=1, workers=1)
+    vision, entries = P.read_clip(folder / "ViT-tiny.pt")
+    assert (vision.width, vision.layers, vision.heads, vision.patch_size, vision.image_size) == (64, 4, 1, 28, 224)
+    assert {"visual.ln_post.weight", "visual.proj", "visual.conv1.weight"} <= set(entries)
+    assert all(e.get().dtype == torch.float16 for e in entries.values())
+    llama, blocks = P.read_llama(folder / "llama-tiny")
+    assert (llama.dim, llama.n_layers, llama.n_heads) == (64, 2, 4) and "layers.1.feed_forward.w2.weight" in blocks
+    cfg = dict(train.parse(["--model", "tiny", "--clip", str(folder / "ViT-tiny.pt"), "--llama",
+                            str(folder / "llama-tiny")]), classes=["a", "b"], multi_label=False)
+    model = C.build(cfg)
+    assert torch.equal(model.visual.conv1.weight, entries["visual.conv1.weight"].get().float())
+    assert torch.equal(model.llama.layers[1].feed_forward.w2.weight, blocks["layers.1.feed_forward.w2.weight"].get().float())
+    before = (folder / "ViT-tiny.pt").stat().st_mtime_ns
+    pretrain.pretrain(folder, films=16, epochs=1, workers=1)  # made once: a second call keeps the files
+    assert (folder / "ViT-tiny.pt").stat().st_mtime_ns == before
+
+
+def test_each_model_has_its_own_recipe_defaults_and_random_reads_no_checkpoint(tmp_path):
+    full, tiny, random = (train.parse(["--model", m]) for m in ("full", "tiny", "random"))
+    assert (full["lr"], full["epochs"], full["clip"]) == (3e-4, 100, "checkpoints/ViT-L-14.pt")  # the paper's
+    assert (tiny["lr"], tiny["epochs"], tiny["clip"]) == (3e-3, 30, "checkpoints/tiny/ViT-tiny.pt")
+    assert (random["lr"], random["epochs"]) == (3e-3, 30)
+    assert train.parse(["--model", "tiny", "--lr", "1e-4", "--epochs", "5"])["lr"] == 1e-4
+    with pytest.raises(UserError, match="--model random reads no checkpoints"):
+        train.parse(["--model", "random", "--clip", "x.pt"])
+    cfg = dict(tiny, clip=str(tmp_path / "none.pt"), classes=["a", "b"], multi_label=False)
+    with pytest.raises(UserError, match="python pretrain.py writes the tiny model's checkpoints"):
+        C.build(cfg)
+    help_text = train.parser().format_help()
+    assert "3e-3 (tiny" in help_text and "3e-4 (full" in help_text
+
+
 # Lung fields outlined by hand on 20 shared NIH films, 13 pneumonias (label 1) and 7 normals (0), among them
 # hazy and consolidated portable AP films (00010524_001, 00003528_017, 00007256_004): the outermost lung
 # pixels, apices to costophrenic angles (left, top, right, bottom; 512 px), read off a 32 px grid.
@@ -1775,7 +1847,7 @@ def test_normalisation_constants_and_grey_to_three_channels():
 
 def test_adamw_settings_and_weight_decay_groups():
     model = tiny()
-    cfg = dict(train.parse(["--model", "tiny"]), multi_label=False)
+    cfg = dict(train.parse(["--model", "random"]), multi_label=False)
     opt = train.Training(model, cfg).opt
     trainable = model.trainable_parameters()
     seen = [id(p) for g in opt.param_groups for p in g["params"]]
@@ -1852,7 +1924,7 @@ def test_train_epochs_loss_is_the_mean_over_each_batchs_real_images():
     """train_epoch itself on 21 images in batches of 16 (a full batch, then 5 real images and 11 pads), at
     a learning rate too small to move the weights: its loss is the mean of the two batches' mean
     cross-entropies, each over its real images only, in the order the run's seed draws (by hand)."""
-    cfg = train.parse(["--model", "tiny", "--device", "cpu", "--lr", "1e-20", "--min-lr", "0", "--warmup-lr", "0",
+    cfg = train.parse(["--model", "random", "--device", "cpu", "--lr", "1e-20", "--min-lr", "0", "--warmup-lr", "0",
                        "--warmup-epochs", "0", "--adapter-dropout", "0", "--batch-size", "16", "--seed", "3",
                        "--epochs", "1", "--val-frac", "0", "--threads", "2"]) | dict(multi_label=False)
     torch.manual_seed(0)
@@ -2064,7 +2136,7 @@ def test_refused_runs_leave_no_folder_behind(demo_data, tmp_path):
 
 
 def test_missing_checkpoint_gives_the_download_message(demo_data, tmp_path):
-    with pytest.raises(UserError, match=r"nope/ViT-L-14\.pt not found: .*--model tiny runs without them"):
+    with pytest.raises(UserError, match=r"nope/ViT-L-14\.pt not found: .*--model tiny runs on the demo"):
         train.main(["--data", str(demo_data), "--out", str(tmp_path), "--clip", "nope/ViT-L-14.pt", "--llama",
                     "nope/llama"])
 
@@ -2440,9 +2512,10 @@ def test_the_probe_finds_a_mark_outside_the_lungs_on_real_films(nih_subset, tmp_
     rows = [by for by in manifest(data) if by["fold"] == "1"]
     images = np.stack([np.array(loaded_image(data / x["image"])) for x in rows])
     fields = np.stack([lungcrop.lung_fields([float(v) for v in x["lungs"].split()], 224) for x in rows])
+    mean = np.broadcast_to(images.mean(0).round().astype(np.uint8), images.shape)  # the fill: the films' mean
     hidden = next(x for x in seen if len(x) == len(rows) and (x[:, 0] != images).any() and
-                  ((x[:, 0] == 128) | (x[:, 0] == images)).all() and (x[:, 0][fields] == 128).all())
-    np.testing.assert_array_equal(hidden[:, 0], np.where(fields, 128, images))
+                  ((x[:, 0] == mean) | (x[:, 0] == images)).all() and (x[:, 0][fields] == mean[fields]).all())
+    np.testing.assert_array_equal(hidden[:, 0], np.where(fields, mean, images))
     assert probe["lung_fields"]["share_of_crop"] == pytest.approx(fields.mean())
     assert (tmp_path / "runs/fold1/probe.png").exists()
     if where == "lung":  # the rest of what a user runs next on a trained fold
@@ -2481,9 +2554,9 @@ def test_a_masks_run_is_probed_with_its_own_masks(demo_data, tmp_path, capsys, m
     assert probe["lung_fields"]["what"] == "the lung masks"
     assert "lung fields (the lung masks;" in capsys.readouterr().out
     assert probe["lung_fields"]["share_of_crop"] == pytest.approx(masks.mean())
-    hidden = [x for x in seen if len(x) == len(rows) and (x[:, 0][masks] == 128).all()]
     crops = np.stack([np.array(loaded_image(data / r["image"])) for r in rows])
-    assert any(np.array_equal(x[:, 0], np.where(masks, 128, crops)) for x in hidden)
+    mean = crops.mean(0).round().astype(np.uint8)  # what hides a place: the films' mean there
+    assert any(len(x) == len(rows) and np.array_equal(x[:, 0], np.where(masks, mean, crops)) for x in seen)
     assert "reference framing" in probe and images.shape == crops.shape
 
 
@@ -2812,13 +2885,13 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
         (["eval.py", "--runs", str(run.parent), "--fold", "1", "--explain", "-3"], "--explain -3: give how many"),
         (["eval.py", "--runs", str(run.parent), "--image", str(tmp_path / "labels.csv")],
          "best.safetensors: not a readable safetensors file"),
-        (["train.py", "--data", str(demo_data), "--model", "tiny", "--batch-size", "16", "--epochs", "1", "--out",
+        (["train.py", "--data", str(demo_data), "--model", "random", "--batch-size", "16", "--epochs", "1", "--out",
           str(stopped)], "state.pt: not a readable resume point"),
         (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "header.csv"), "--out",
           str(tmp_path / "p")], "a header and no rows"),
         (["eval.py", "--runs", str(tmp_path / "none"), "--fold", "1"], "no run there"),
         (["eval.py", "--runs", str(tmp_path / "none"), "--image", "a.png"], "no run there"),
-        (["train.py", "--data", str(bare), "--model", "tiny", "--out", str(tmp_path / "o")], "meta.json not found"),
+        (["train.py", "--data", str(bare), "--model", "random", "--out", str(tmp_path / "o")], "meta.json not found"),
         (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out",
           str(tmp_path / "p"),
           "--folds", "0"], "--folds 0: give 1 or more"),
@@ -2833,10 +2906,10 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path):
           "--out", str(tmp_path / "p")], "no_such_folder: no such folder"),
         (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "latin1.csv"), "--out",
           str(tmp_path / "p")], "latin1.csv: not UTF-8 (byte 15); save it as 'CSV UTF-8'"),
-    ] + [(["train.py", "--data", str(demo_data), "--model", "tiny", "--out", str(tmp_path / "o"), flag, value],
+    ] + [(["train.py", "--data", str(demo_data), "--model", "random", "--out", str(tmp_path / "o"), flag, value],
           f"{flag} {value}: give") for flag, value in (("--batch-size", "0"), ("--lr", "-1"), ("--epochs", "0"),
                                                       ("--val-frac", "1.5"), ("--min-lr", "nan"))
-    ] + ([] if torch.cuda.is_available() else [(["train.py", "--data", str(demo_data), "--model", "tiny", "--out",
+    ] + ([] if torch.cuda.is_available() else [(["train.py", "--data", str(demo_data), "--model", "random", "--out",
                                                  str(tmp_path / "o"), "--device", "cuda"], "this torch sees no GPU")])
     with multiprocessing.pool.ThreadPool(2) as pool:  # a process each, two at a time
         runs = pool.map(lambda case: run_script(str(here / case[0][0]), *case[0][1:], cwd=tmp_path), cases)

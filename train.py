@@ -31,6 +31,11 @@ import metrics as M
 import pneumollm as P
 from folders import Data, Help, Interrupted, UserError, cli, locked, replacing, write_atomic
 
+MODELS = {  # --model: where its checkpoints are, and its recipe's own defaults
+    "full": dict(clip="checkpoints/ViT-L-14.pt", llama="checkpoints/llama-7b", lr=3e-4, epochs=100),
+    "tiny": dict(clip="checkpoints/tiny/ViT-tiny.pt", llama="checkpoints/tiny/llama-tiny", lr=3e-3, epochs=30),
+    "random": dict(clip=None, llama=None, lr=3e-3, epochs=30),
+}
 RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
 RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors", "state.pt", "metrics.json",
              "val_predictions.csv", "predictions.csv", "eval.json", "operating_point.json", "roc.png",
@@ -42,10 +47,13 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=Help)
     ap.add_argument("--data", default="data/demo", help="a folder written by prepare.py")
     ap.add_argument("--fold", type=int, default=1, help="the test fold; the others train")
-    ap.add_argument("--model", choices=["full", "tiny"], default="full",
-                    help="full: the checkpoints in --clip/--llama; tiny: a small random model for demos and tests")
-    ap.add_argument("--clip", default="checkpoints/ViT-L-14.pt", help="CLIP checkpoint (README: The real model)")
-    ap.add_argument("--llama", default="checkpoints/llama-7b", help="LLaMA folder, Meta's or Hugging Face's")
+    ap.add_argument("--model", choices=list(MODELS), default="full",
+                    help="full: ViT-L/14 + LLaMA-7B; tiny: the demo's, pretrained by prepare.py --demo (pretrain.py); "
+                    "random: tiny with random frozen weights (tests; what the pretraining buys)")
+    ap.add_argument("--clip", help="CLIP checkpoint (default: checkpoints/ViT-L-14.pt (full), "
+                    "checkpoints/tiny/ViT-tiny.pt (tiny); README: The real model)")
+    ap.add_argument("--llama", help="LLaMA folder, Meta's or Hugging Face's (default: checkpoints/llama-7b (full), "
+                    "checkpoints/tiny/llama-tiny (tiny))")
     ap.add_argument("--clip-act", choices=["quick_gelu", "gelu"], help="the ViT MLP's activation, for an "
                     "OpenAI-layout state dict of an OpenCLIP/LAION tower (gelu); a Hugging Face config states it "
                     "(default: the config's, else quick_gelu, OpenAI's)")
@@ -53,9 +61,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--restart", action="store_true", help="discard the run in --out and train from scratch "
                     "(without it an interrupted run resumes and a finished one is left alone)")
     r = ap.add_argument_group("recipe (paper §4.1)")
-    r.add_argument("--epochs", type=int, default=100, help="epochs")
+    r.add_argument("--epochs", type=int, help="epochs (default: 100 (full, the paper's), 30 (tiny, random))")
     r.add_argument("--batch-size", type=int, default=16, help="images per step (over all processes)")
-    r.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    r.add_argument("--lr", type=float, help="peak learning rate (default: 3e-4 (full, the paper's), 3e-3 (tiny, "
+                   "random: a few-MB model needs larger steps))")
     r.add_argument("--min-lr", type=float, default=1e-7, help="learning rate at the end of the cosine")
     r.add_argument("--warmup-epochs", type=float, default=2, help="linear warmup length")
     r.add_argument("--warmup-lr", type=float, default=5e-7, help="learning rate at step 0")
@@ -100,6 +109,9 @@ def parse(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = vars(parser().parse_args(argv))
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if cfg["model"] == "random" and {"--clip", "--llama"} & given:
+        raise UserError("--model random reads no checkpoints: pass --model tiny or full with --clip/--llama")
+    cfg.update({k: v for k, v in MODELS[cfg["model"]].items() if cfg[k] is None})
     cfg["dtype"] = cfg["dtype"] or ("fp32" if cfg["device"] == "cpu" else "fp16")
     cfg["out"] = cfg["out"] or f"out/{Path(cfg['data']).name}/fold{cfg['fold']}"
     if cfg["authors_code"]:

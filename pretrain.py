@@ -1,0 +1,140 @@
+"""
+The demo's frozen backbones, made once: a tiny CLIP ViT pretrained on other synthetic patients,
+saved in OpenAI's layout, and a tiny random LLaMA in Meta's, both read by the same loaders as the
+real checkpoints (`train.py --model tiny`). `python prepare.py --demo` calls it; by hand:
+
+    python pretrain.py checkpoints/tiny      # ViT-tiny.pt + llama-tiny/ (params.json, consolidated.00.pth)
+
+What the encoder learns, before and apart from the task, as CLIP learns to describe images: from
+its image embedding (the last CLS token, ln_post, proj) it reconstructs each film's 8 x 8 thumbnail
+(self-supervised: the target is the film itself, as an autoencoder's) and states the film's anatomy
+(how far the body is shifted, its scale, the heart's size). Its 800 films are drawn by demo.phantom
+from another seed (other patients) with no disease at all: it never sees an opacity of the demo's
+disease, a diseased film or a label. The LLaMA is random: no language can be learned from phantoms;
+its blocks carry the architecture and exercise Meta's loader.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+import demo
+import pneumollm as P
+from folders import replacing, write_atomic
+from lungcrop import resized, thorax_box
+
+FILMS, EPOCHS, BATCH, LR, SEED = 1200, 16, 64, 2e-3, 1000  # demo.py's patients come from seeds 20, 21, ..
+WIDTH, LAYERS, PATCH, EMBED, THUMB = 64, 4, 28, 64, 8  # one 64-wide head (CLIP's head width), 8 x 8 patches
+
+
+def film(job) -> tuple:
+    """One pretraining film as prepare.py frames it: (224, 224) uint8, and its (3 + 64,) targets,
+    each about unit variance: shift, scale, heart size, the 8 x 8 thumbnail (one value per patch)."""
+    seed, i = job
+    rng = np.random.default_rng([seed, i])
+    img, _, _, _, (shift, scale, heart) = demo.phantom(rng, profusion=0.0, heart=rng.uniform(0.8, 1.35))
+    lo, hi = np.percentile(img, [1, 99.5])  # the window demo.to_dicom writes
+    img8 = (np.clip((img - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(np.uint8)
+    crop = resized(img8, thorax_box(img8.shape), 224)
+    thumb = crop.reshape(THUMB, 224 // THUMB, THUMB, 224 // THUMB).mean((1, 3)) / 255
+    anatomy = [shift / 8, (scale - 1) / 0.04, (heart - 1.075) / 0.16]
+    return crop, np.concatenate([anatomy, (thumb.ravel() - 0.45) / 0.3]).astype(np.float32)
+
+
+class TinyCLIP(nn.Module):  # OpenAI's visual.* keys: the ViT, ln_post and proj; the head is not saved
+    def __init__(self):
+        super().__init__()
+        vision = P.VisionArgs(WIDTH, LAYERS, WIDTH // 64, PATCH, 224)
+        self.visual = P.VisionTransformer(P.PneumoArgs(vision, vit_adapters=False, cls_blocks=[LAYERS]))
+        self.visual.ln_post = P.LayerNorm(WIDTH)
+        self.visual.proj = nn.Parameter(WIDTH**-0.5 * torch.randn(WIDTH, EMBED))
+        self.head = nn.Linear(EMBED, 3 + THUMB * THUMB)
+
+    def forward(self, img):  # (B, 3, 224, 224) normalised -> (B, 67) predicted targets
+        cls = self.visual(img)[:, -1]  # the last block's CLS token
+        return self.head(self.visual.ln_post(cls) @ self.visual.proj)
+
+
+def fit(model: TinyCLIP, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
+    """AdamW, linear warmup then cosine, on (N, 1, 224, 224) uint8 films and (N, 67) targets."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
+    per_epoch = len(x) // BATCH
+    steps, warm = epochs * per_epoch, min(50, epochs * per_epoch // 5)
+    model.train()
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(len(x))
+        for g in opt.param_groups:
+            g["lr"] = LR * min(1, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = order[step % per_epoch * BATCH:(step % per_epoch + 1) * BATCH]
+        loss = F.mse_loss(model(C.normalise(x[idx], dict(norm="clip"), 224)), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+@torch.no_grad()
+def explained(model: TinyCLIP, x: torch.Tensor, y: torch.Tensor) -> list:
+    """R^2 of the anatomy's and the thumbnail's targets: 1 - squared error / squared spread about the mean."""
+    model.eval()
+    err, spread = (model(C.normalise(x, dict(norm="clip"), 224)) - y) ** 2, (y - y.mean(0)) ** 2
+    return [1 - (err[:, part].sum() / spread[:, part].sum()).item() for part in (slice(0, 3), slice(3, None))]
+
+
+def pretrain(folder: Path, films=FILMS, epochs=EPOCHS, seed=SEED, workers=None) -> Path:
+    """Writes folder/ViT-tiny.pt and folder/llama-tiny/ unless they are there. Returns the folder."""
+    clip, llama = folder / "ViT-tiny.pt", folder / "llama-tiny"
+    if clip.exists() and (llama / "consolidated.00.pth").exists():
+        return folder
+    t0 = time.time()
+    print(f"pretraining the tiny encoder on {films} films of other synthetic patients, no disease "
+          f"(pretrain.py; once, ~1 min)", file=sys.stderr)
+    with Pool(workers or os.cpu_count()) as pool:
+        made = pool.map(film, [(seed, i) for i in range(films)], chunksize=16)
+    x = torch.from_numpy(np.stack([m[0] for m in made])[:, None])  # (N, 1, 224, 224) uint8
+    y = torch.from_numpy(np.stack([m[1] for m in made]))  # (N, 67)
+    torch.manual_seed(seed)
+    model, held = TinyCLIP(), films // 10  # the first tenth is held out, to say what was learned
+    fit(model, x[held:], y[held:], epochs)
+    r2 = explained(model, x[:held], y[:held])
+    folder.mkdir(parents=True, exist_ok=True)
+    with replacing(clip) as tmp:
+        torch.save({f"visual.{k}": t.half() for k, t in model.visual.state_dict().items()}, tmp)
+    write_random_llama(llama, seed)
+    print(f"wrote {clip} and {llama}/ in {time.time() - t0:.0f} s; on {held} held-out films the encoder "
+          f"explains {r2[0]:.0%} of the anatomy's variance and {r2[1]:.0%} of the thumbnails'", file=sys.stderr)
+    return folder
+
+
+def write_random_llama(folder: Path, seed: int):
+    """A tiny LLaMA in Meta's layout (params.json, consolidated.00.pth), random weights, fp16."""
+    torch.manual_seed(seed)
+    a = P.tiny_args(llm_adapters=False)
+    blocks = P.Llama(a).state_dict()  # module paths are Meta's keys
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {k: getattr(a.llama, k) for k in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps", "vocab_size")}
+    write_atomic(folder / "params.json", json.dumps(params, indent=1))
+    with replacing(folder / "consolidated.00.pth") as tmp:
+        torch.save({k: t.half() for k, t in blocks.items()}, tmp)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    ap.add_argument("folder", nargs="?", default="checkpoints/tiny", help="where to write them (default: "
+                    "checkpoints/tiny, where train.py --model tiny reads them)")
+    pretrain(Path(ap.parse_args(argv).folder))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
