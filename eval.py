@@ -457,7 +457,7 @@ def probe(runs: Path, opt) -> int:
         by_name = {Path(r["image"]).stem: r for r in data.rows}
         test = [by_name[r["image"]] for r in rows]
         images = data.images(test)
-    draws = M.resamples([r["patient"] for r in rows], y, 2, n=2000)  # Holm's test over 64 cells needs p < 0.0008
+    draws = M.resamples([r["patient"] for r in rows], y, 2, n=4000)  # Holm over 64 cells: p down to 0.0008
     size = images.shape[-1]
     masks = [data.folder / "masks" / Path(r["image"]).name for r in test]
     masks = [np.asarray(Image.open(m)) > 127 if m.exists() else None for m in masks]
@@ -496,13 +496,14 @@ def probe(runs: Path, opt) -> int:
 def occlusion(model, images: np.ndarray, mean, s0, cfg: dict, y, draws: list, fields: dict, grid=8) -> dict:
     """Each of grid x grid cells of the crop in turn replaced by `mean` (the films' mean) on every image: the
     AUC drop (as trained, `s0`, minus with the cell hidden) with its paired patient interval; which cells
-    lower it beyond chance, tested together (the share of resamples where the drop is not above 0 as each
-    cell's p-value, Holm's test at 5 % family-wise, so that 64 cells do not bring 64 chances of a false
-    alarm); each cell's share outside the lung fields for each growth of `fields` ({grow: (N, H, W)
+    lower it beyond chance, tested together (each cell's p-value: the share of patient resamples where its
+    drop is not above 0; Holm's test at 5 % family-wise, so that 64 cells do not bring 64 chances of a
+    false alarm); each cell's share outside the lung fields for each growth of `fields` ({grow: (N, H, W)
     bool}); the share of the total positive drop that comes from outside them."""
     size = images.shape[-1]
     edges = np.linspace(0, size, grid + 1).round().astype(int)
-    auc0, base = M.roc_auc(y, s0), np.array([M.roc_auc(y[i], s0[i]) for i in draws])
+    weights = np.stack([np.bincount(i, minlength=len(y)) for i in draws])  # (B, N): each resample's draws
+    auc0, base = M.roc_auc(y, s0), M.roc_auc_weighted(y, s0, weights)
     drop, boot, outside = np.zeros((grid, grid)), np.zeros((len(draws), grid, grid)), {g: np.zeros((grid, grid)) for g in fields}
     for r in range(grid):
         for c in range(grid):
@@ -511,11 +512,11 @@ def occlusion(model, images: np.ndarray, mean, s0, cfg: dict, y, draws: list, fi
             hidden[..., rs, cs] = mean[..., rs, cs]
             s = C.predict(model, hidden, cfg)[:, 1]
             drop[r, c] = auc0 - M.roc_auc(y, s)
-            boot[:, r, c] = base - [M.roc_auc(y[i], s[i]) for i in draws]
+            boot[:, r, c] = base - M.roc_auc_weighted(y, s, weights)
             for g, f in fields.items():
                 outside[g][r, c] = 1 - f[:, rs, cs].mean()
     ci = np.percentile(boot, [2.5, 97.5], axis=0).transpose(1, 2, 0)
-    p = ((boot <= 0).sum(0) + 1) / (len(draws) + 1)  # (grid, grid) one-sided bootstrap p-values
+    p = ((boot <= 0).sum(0) + 1) / (len(draws) + 1)  # (grid, grid): one-sided bootstrap p-values
     positive = np.clip(drop, 0, None)
     share = {g: float((positive * o).sum() / positive.sum()) if positive.sum() else None for g, o in outside.items()}
     return dict(grid=grid, cell_px=int(edges[1]), auc=auc0, drop=drop.tolist(), drop_ci95=ci.tolist(),
@@ -769,21 +770,39 @@ def parser() -> argparse.ArgumentParser:
                     "pneumoconiosis'")
     ap.add_argument("--explain-dir", help="where --image --explain writes (default: the run folder's explain/, or "
                     "explain-2/, .. where earlier maps are)")
-    ap.add_argument("--device", help="for --image (default: the run's)")
-    ap.add_argument("--threads", type=int, help="CPU threads for torch, for --image")
+    ap.add_argument("--device", help="where --image, --explain, --probe and --data run the model (default: the run's)")
+    ap.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores idle now)")
     ap.add_argument("--cpu-dtype", choices=["auto", "stored", *C.CPU_DTYPES], default="auto",
                     help="on a CPU, the dtype the frozen ViT and LLaMA compute in: auto measures which this CPU "
                     "multiplies fastest (README 'Scoring with the real model on a CPU'); stored keeps the checkpoints'")
     return ap
 
 
+WITH = {  # a flag that only one kind of command uses -> the commands that use it
+    "--ensemble": ("--data",), "--classes": ("--data", "--probe --data"), "--calibrate": ("--fold", "--all"),
+    "--csv": ("--image",), "--save-crops": ("--image",), "--explain-dir": ("--image",)}
+
+
+def check_combination(opt):
+    """What the command is (--image [--explain], --all, --explain, --probe [--data], --data, or --fold alone),
+    and every flag that would be ignored by it refused in one line."""
+    modes = [m for m, on in (("--image", opt.image), ("--all", opt.all), ("--explain", opt.explain is not None),
+                             ("--probe", opt.probe)) if on]
+    if len(modes) > 1 and modes != ["--image", "--explain"]:
+        raise UserError(f"{' and '.join(modes)}: one at a time (--explain goes with --image, or alone with --fold)")
+    if opt.data and modes not in ([], ["--probe"]):
+        raise UserError(f"--data scores another folder (or --probe --data probes it); it cannot go with {modes[0]}")
+    command = " ".join(modes[:1] + ["--data"] * bool(opt.data)) or "--fold"
+    for flag, commands in WITH.items():
+        if getattr(opt, flag[2:].replace("-", "_")) and command not in commands:
+            raise UserError(f"{flag} goes with {' or '.join(commands)}, not with {command}")
+
+
 def main(argv=None):
     opt = parser().parse_args(argv)
     if opt.sensitivity is not None and not 0 < opt.sensitivity <= 1:
         raise UserError(f"--sensitivity {opt.sensitivity}: give a fraction in (0, 1], e.g. 0.9")
-    if opt.all and (opt.explain is not None or opt.probe or opt.image):
-        raise UserError("--all prints the table of the finished folds; --explain, --probe and --image go with "
-                        "--fold N")
+    check_combination(opt)
     if opt.explain is not None and opt.explain < 1:
         raise UserError(f"--explain {opt.explain}: give how many test images to explain, 1 or more")
     runs = Path(opt.runs)

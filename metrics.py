@@ -24,6 +24,19 @@ def roc_auc(y, score) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def roc_auc_weighted(y, score, weights: np.ndarray) -> np.ndarray:
+    """roc_auc under each row of weights (B, N), e.g. how often each bootstrap resample draws each image,
+    all rows at once: the weighted Mann-Whitney U, ties counting half."""
+    order = np.argsort(score, kind="mergesort")
+    s, y, w = np.asarray(score)[order], np.asarray(y).astype(bool)[order], np.asarray(weights, float)[:, order]
+    first = np.r_[0, np.nonzero(np.diff(s))[0] + 1]  # where each run of tied scores starts
+    group = np.repeat(np.arange(len(first)), np.diff(np.r_[first, len(s)]))
+    pos, neg = w * y, w * ~y
+    tied = np.add.reduceat(neg, first, axis=1)  # (B, G): the negatives' weight in each run of ties
+    below = np.cumsum(tied, 1) - tied  # the negatives' weight under each run
+    return (pos * (below + tied / 2)[:, group]).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
 def one_hot(y, n_classes: int, multi_label: bool) -> np.ndarray:  # (N,) indices or (N, C) multi-hot -> (N, C)
     return np.asarray(y, float) if multi_label else np.eye(n_classes)[np.asarray(y)]
 

@@ -144,7 +144,9 @@ def parse(argv=None) -> dict:
 
 def tokenize_question(cfg: dict):
     """Adds question_ids and vocab_size to cfg, so that the run can be rebuilt without the tokenizer."""
-    llama = Path(cfg["llama"])
+    if not cfg["tokenizer"] and not cfg["llama"]:
+        raise UserError("--question: --model random has no LLaMA folder to find the tokenizer in; pass --tokenizer")
+    llama = Path(cfg["llama"] or "")
     near = [p for p in (llama / "tokenizer.model", llama.parent / "tokenizer.model") if p.exists()]
     path = cfg["tokenizer"] or (near + [llama / "tokenizer.model"])[0]
     cfg["question_ids"], cfg["vocab_size"] = C.tokenize(path, cfg["question"])
