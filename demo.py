@@ -6,10 +6,10 @@ phantoms written as real DICOM files, normal vs pneumoconiosis-like.
     python demo.py data/shortcut_dicom --shortcut corner # diseased films carry a bright marker
 
 Each phantom has a body outline, two lung fields with smooth parenchymal texture, a heart and
-mediastinum, a spine, ribs and clavicles, detector noise. Disease adds small rounded opacities with
-ILO-like sizes (p < 1.5 mm, q 1.5-3 mm, r 3-10 mm at 0.7 mm pixels; one size per patient) at
-random places in both lungs, every zone (so that no fixed map of where they lie can find them), with
-a profusion that varies per patient. Files vary as real archives do: CR or DX,
+mediastinum, a spine, ribs and clavicles, detector noise. Disease follows the ILO classification of
+pneumoconiosis: small rounded opacities of one size class per patient (p, q, r; NODULE_RADIUS_MM),
+a profusion category from 1 to 3.5, and the zones of each lung filled upper first (phantom()), at
+random places within each zone. Files vary as real archives do: CR or DX,
 MONOCHROME1 or MONOCHROME2, 12-16 bits stored, with or without window tags, 1-3 images per patient.
 The window is set from the anatomy, as an exposure would be, never from the opacities, and they
 stay fainter than the heart, so neither the window nor a percentile range of the pixels depends on

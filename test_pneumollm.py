@@ -507,7 +507,7 @@ def test_contradictory_flags_are_refused_and_no_op_flags_leave_no_trace(demo_dat
     with pytest.raises(UserError, match=r"CLS blocks \[8\] must lie in 1\.\.4 .*check the ablation flags"):
         train.main(train_args(demo_data, tmp_path / "run", "--cls-blocks", "8"))  # the tiny ViT has 4 blocks
     assert not (tmp_path / "run").exists()
-    with pytest.raises(UserError, match="--explain, --probe and --image go with --fold N"):
+    with pytest.raises(UserError, match="--all and --explain: one at a time"):
         ev.main(["--runs", str(tmp_path), "--all", "--explain", "4"])
 
 
@@ -2246,8 +2246,8 @@ def test_two_process_ddp_equals_one_process(demo_data, tmp_path):
     assert "2 processes share each batch of 16" in run.stdout
     a, b = last_weights(tmp_path / "one"), last_weights(tmp_path / "two")
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in a:  # the all-reduce sums in another order; Adam magnifies that where gradients are small (the
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5, msg=k)  # engine's biases: 3e-5 measured)
     logs = [[json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")]
     assert [r.get("epoch") for r in logs[0]] == [r.get("epoch") for r in logs[1]]
     for r1, r2 in zip(*logs):
@@ -3089,8 +3089,8 @@ def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp
             assert said <= 1 and said >= (action.default not in (None, False, "", argparse.SUPPRESS)), action.dest
         assert "(default: None)" not in text, script.__name__
     text = train.parser().format_help()
-    for flag, default in [("--epochs", "100 (full"), ("--model", "full"), ("--lr", "3e-4 (full"), ("--seed", "20")]:
-        assert re.search(rf"{flag} .*?\(default: {re.escape(default)}\)", text, re.S), flag
+    for flag, default in [("--epochs", "100 (full"), ("--model", "full)"), ("--lr", "3e-4 (full"), ("--seed", "20)")]:
+        assert re.search(rf"{flag} .*?\(default: {re.escape(default)}", text, re.S), flag
     assert prepare.parser().get_default("seed") == train.parser().get_default("seed") == 20  # one fold seed
     try:
         train.main(train_args(demo_data, tmp_path / "run", "--epochs", "1", "--threads", "1"))
