@@ -242,7 +242,7 @@ def load_full(clip: Path, llama: Path, floors=False, cpu_dtype="auto"):
                rss=peak / size <= GOALS["rss"])
     print("  goals met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()), flush=True)
     if floors:
-        floor(clip, model, C.normalise(images, cfg, res), batch)
+        floor(clip, model, P.normalise(images, res, cfg["norm"]), batch)
     del model
     model = P.from_pretrained(clip, llama, "cpu").eval()
     measure(1, "one image with the weights as stored (no conversion)")
@@ -254,8 +254,8 @@ def flops(a: P.PneumoArgs) -> tuple[int, int]:
     projection, adapters and head add well under 0.1 %."""
     v, l = a.vision, a.llama
     patches, kv = (v.image_size // v.patch_size) ** 2, (l.n_kv_heads or l.n_heads) * (l.dim // l.n_heads)
-    n, t = patches + 1, len(a.blocks()) + a.n_diag * (a.engine != "none")
-    vit = 2 * patches * 3 * v.patch_size**2 * v.width + 2 * a.blocks()[-1] * n * (12 * v.width**2 + 2 * n * v.width)
+    n, t = patches + 1, len(a.cls_blocks) + a.n_diag * (a.engine != "none")
+    vit = 2 * patches * 3 * v.patch_size**2 * v.width + 2 * a.cls_blocks[-1] * n * (12 * v.width**2 + 2 * n * v.width)
     llama = 2 * l.n_layers * t * (2 * l.dim**2 + 2 * l.dim * kv + 3 * l.dim * l.hidden_dim() + 2 * t * l.dim)
     return vit, llama
 
@@ -284,7 +284,7 @@ def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
           f"chosen dtypes ({best:.2f} s in each part's fastest); the bytes {weights / 16 / bandwidth / 1e9:.3f} s "
           f"({weights / 1e9:.1f} GB at {bandwidth:.1f} GB/s); measured {measured:.2f} s = {measured / at:.2f}x "
           "the floor")
-    p, n, k = model.args.llama, len(model.args.blocks()), model.args.n_diag
+    p, n, k = model.args.llama, len(model.args.cls_blocks), model.args.n_diag
     h, mask = torch.randn(16, n + k, p.dim), P.emitter_mask(n, k)
     cos, sin = model.llama.rope_tables(n + k, "cpu")
     with torch.no_grad():  # each part alone on the batch, as the policy runs it

@@ -210,7 +210,7 @@ def cpu_parts(model: P.PneumoLLM) -> dict:
         tokens = (v.image_size // v.patch_size) ** 2 + 1
         parts["ViT"] = model.visual, model.visual.transformer.resblocks, tokens, v.width
     if model.llama is not None:
-        t = len(a.blocks()) + a.n_diag * (a.engine != "none") + len(a.question_ids)
+        t = len(a.cls_blocks) + a.n_diag * (a.engine != "none") + len(a.question_ids)
         parts["LLaMA"] = model.llama, model.llama.layers, 16 * t, a.llama.dim
     return parts
 
@@ -346,17 +346,6 @@ def autocast(cfg):
     return torch.autocast(torch.device(cfg["device"]).type, dtype=P.DTYPES[cfg["dtype"]])
 
 
-def normalise(x: torch.Tensor, cfg, size: int) -> torch.Tensor:  # (B, 1, H, W) uint8 -> (B, 3, size, size)
-    """Grey to CLIP's (default) or ImageNet's (--norm imagenet, the authors' code) normalised RGB."""
-    mean, std = (P.CLIP_MEAN, P.CLIP_STD) if cfg["norm"] == "clip" else (P.IMAGENET_MEAN, P.IMAGENET_STD)
-    x = x.float() / 255
-    if x.shape[-1] != size:  # e.g. ViT-L/14@336 on 224-px data; better: prepare.py --size 336
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    # the one grey channel three times, each with its channel's constants: Python floats, so that no
-    # tensor is copied to the device on every step
-    return torch.cat([(x - m) / s for m, s in zip(mean, std)], 1)
-
-
 @torch.no_grad()
 def predict(model, images, cfg, batch=32, progress=False) -> np.ndarray:  # (N, C): softmax, or sigmoids
     """Probabilities in batches (sigmoids if multi-label); `progress`: a line on stderr every 10 s."""
@@ -366,7 +355,8 @@ def predict(model, images, cfg, batch=32, progress=False) -> np.ndarray:  # (N, 
         if progress and time.time() - last > 10:
             print(f"  {i}/{len(images)} images scored", file=sys.stderr)
             last = time.time()
-        x = normalise(torch.as_tensor(images[i:i + batch]).to(cfg["device"]), cfg, model.args.vision.image_size)
+        x = torch.as_tensor(images[i:i + batch]).to(cfg["device"])
+        x = P.normalise(x, model.args.vision.image_size, cfg["norm"])
         with autocast(cfg):
             logits = model(x).float()
         out.append((logits.sigmoid() if cfg.get("multi_label") else logits.softmax(-1)).cpu())

@@ -24,7 +24,6 @@ hides it: a model that reads it reads the lungs, and the probe must stay quiet. 
 fewer than the 0.5 % of the film above the percentile window, so the window does not move.
 """
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from folders import replacing
+from folders import write_csv
 
 SIZE, SPACING = 512, 0.7  # pixels, mm per pixel
 SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
@@ -111,8 +110,9 @@ def phantom(rng, profusion=0.0, size_class="q", heart=1.0) -> tuple:
     zones, opacities = zones_of(lungs), np.zeros_like(lungs)
     for z in range(1, ZONES + 1):
         n = round(OPACITIES_PER_ZONE * max(0.0, profusion - z + 1))
-        for side in (-1, 1):
-            opacities |= spots(rng, img, anatomy, (zones == z) & (side * (xx - c) > 0), n, NODULE_RADIUS_MM[size_class], 0.3)
+        for side in (-1, 1):  # each lung
+            zone = (zones == z) & (side * (xx - c) > 0)
+            opacities |= spots(rng, img, anatomy, zone, n, NODULE_RADIUS_MM[size_class], 0.3)
     return np.clip(img, 0, 1), np.clip(anatomy, 0, 1), lungs, opacities, (c - SIZE / 2, s, heart)
 
 
@@ -190,8 +190,7 @@ def write_demo(folder: Path, n_patients=330, seed=20, shortcut=None) -> Path:
             truth["markers"].append(np.packbits(mark))
     # for the tests only (prepare.py and the model never read it): where the lungs and opacities are
     np.savez_compressed(folder / "truth.npz", **{k: np.array(v) for k, v in truth.items()})
-    with replacing(labels) as tmp, open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([("image", "label"), *rows])  # patients come from the DICOM tags
+    write_csv(labels, ("image", "label"), rows)  # patients come from the DICOM tags
     print(f"wrote {len(rows)} DICOMs of {n_patients} patients ({sum(r[1] != 'normal' for r in rows)} diseased)",
           file=sys.stderr)
     return labels

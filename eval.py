@@ -44,7 +44,7 @@ import metrics as M
 import plots
 import pneumollm as P
 import prepare
-from folders import Data, Help, UserError, cli, encode_labels, replacing, write_atomic
+from folders import Data, Help, UserError, cli, encode_labels, write_atomic, write_csv
 from lungcrop import lung_fields
 
 
@@ -368,14 +368,12 @@ def report_images(model, scored: list, probs: np.ndarray, cfg: dict, point: dict
         calls = [decision(prob, cfg, point) for prob in probs]
         print(f"{len(scored)} images scored: " + ", ".join(f"{c} {calls.count(c)}" for c in sorted(set(calls)))
               + " at the run's operating point")
-    with replacing(table) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", *(f"p_{c}" for c in cfg["classes"]), "decision"])
-        for (n, *_), prob in zip(scored, probs):
-            w.writerow([f"image{n}", *(f"{q:.6f}" for q in prob), decision(prob, cfg, point)])
+    write_csv(table, ["image", *(f"p_{c}" for c in cfg["classes"]), "decision"],
+              [[f"image{n}", *(f"{q:.6f}" for q in prob), decision(prob, cfg, point)]
+               for (n, *_), prob in zip(scored, probs)])
     print(f"wrote {table} (image<N>: the N-th file given, folders listed in sorted order)")
     if weights and weights[0] is not None:
-        print(explain.describe_weights(torch.cat(weights), model.visual.keep))
+        print(explain.describe_weights(torch.cat(weights), model.visual.cls_blocks))
 
 
 def decision(prob, cfg: dict, point: dict) -> str:  # at the run's thresholds; multi-class: the argmax
@@ -425,7 +423,7 @@ def explain_fold(runs: Path, opt) -> int:
     kinds_shown = ", ".join(k for k, _ in chosen)
     print(f"{run / 'explain.png'}: {len(tiles)} test images ({kinds_shown}) under their Grad-CAM maps")
     if weights is not None:
-        print(explain.describe_weights(weights, model.visual.keep))
+        print(explain.describe_weights(weights, model.visual.cls_blocks))
     return 0
 
 
@@ -433,7 +431,8 @@ def probe(runs: Path, opt) -> int:
     """--probe: where the model reads. The test fold (or with --data DIR every image of that folder) is
     scored again (a) with each cell of an 8 x 8 grid over the crop in turn replaced by the mean of the
     probed films there (the same pixels for every film: it hides what differs between films, and leaves
-    no grey patch for the model to react to): the AUC drop per cell with its patient interval, and how much of each cell lies outside the lung fields
+    no grey patch for the model to react to): the AUC drop per cell with its patient interval, and how
+    much of each cell lies outside the lung fields
     (lungcrop.lung_fields: the lung masks, or approximate ellipses); (b) with the lung fields hidden;
     (c) with the reference framing where the run was cropped otherwise. A verdict that must hold with
     the lung fields grown and shrunk by 3 % of the crop, else "inconclusive". Writes probe.json (or
@@ -504,7 +503,8 @@ def occlusion(model, images: np.ndarray, mean, s0, cfg: dict, y, draws: list, fi
     edges = np.linspace(0, size, grid + 1).round().astype(int)
     weights = np.stack([np.bincount(i, minlength=len(y)) for i in draws])  # (B, N): each resample's draws
     auc0, base = M.roc_auc(y, s0), M.roc_auc_weighted(y, s0, weights)
-    drop, boot, outside = np.zeros((grid, grid)), np.zeros((len(draws), grid, grid)), {g: np.zeros((grid, grid)) for g in fields}
+    drop, boot = np.zeros((grid, grid)), np.zeros((len(draws), grid, grid))
+    outside = {g: np.zeros((grid, grid)) for g in fields}
     for r in range(grid):
         for c in range(grid):
             rs, cs = slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1])
@@ -520,7 +520,8 @@ def occlusion(model, images: np.ndarray, mean, s0, cfg: dict, y, draws: list, fi
     positive = np.clip(drop, 0, None)
     share = {g: float((positive * o).sum() / positive.sum()) if positive.sum() else None for g, o in outside.items()}
     return dict(grid=grid, cell_px=int(edges[1]), auc=auc0, drop=drop.tolist(), drop_ci95=ci.tolist(),
-                p=p.tolist(), significant=M.holm(p.ravel()).reshape(grid, grid).tolist(), outside={str(g): o.tolist() for g, o in outside.items()},
+                p=p.tolist(), significant=M.holm(p.ravel()).reshape(grid, grid).tolist(),
+                outside={str(g): o.tolist() for g, o in outside.items()},
                 outside_share_of_drop={str(g): v for g, v in share.items()})
 
 
@@ -720,11 +721,10 @@ def folder_tag(folder: Path) -> str:  # a short tag of a folder's full path, to 
 
 
 def write_external(folder: Path, rows: list, labels: list, prob, cfg: dict, point: dict):
-    with replacing(folder / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "patient", "label", *(f"p_{c}" for c in cfg["classes"]), "decision"])
-        for r, label, p in zip(rows, labels, prob):
-            w.writerow([Path(r["image"]).stem, r["patient"], label, *(f"{q:.6f}" for q in p), decision(p, cfg, point)])
+    header = ["image", "patient", "label", *(f"p_{c}" for c in cfg["classes"]), "decision"]
+    write_csv(folder / "predictions.csv", header,
+              [[Path(r["image"]).stem, r["patient"], label, *(f"{q:.6f}" for q in p), decision(p, cfg, point)]
+               for r, label, p in zip(rows, labels, prob)])
 
 
 def called(prob, cfg: dict, point: dict):  # binary: the class called at the run's threshold; else None (argmax)

@@ -26,7 +26,7 @@ def grad_cam(model: P.PneumoLLM, x: torch.Tensor, target=None) -> tuple:
     is not the multi-token one)."""
     if not isinstance(model.visual, P.VisionTransformer):
         raise ValueError("explanations read the CLIP ViT's patch tokens; this run has no ViT (--encoder conv)")
-    kept, tokens, weights = model.visual.keep, {}, {}
+    kept, tokens, weights = model.visual.cls_blocks, {}, {}
     hooks = [model.visual.transformer.resblocks[b - 1].register_forward_hook(  # what block b's CLS token reads
         lambda m, i, out, b=b: tokens.__setitem__(b, i[0])) for b in kept]
     if isinstance(model.engine, P.MultiTokenEngine):
@@ -54,7 +54,7 @@ def grad_cam(model: P.PneumoLLM, x: torch.Tensor, target=None) -> tuple:
 def explain_images(model: P.PneumoLLM, images: torch.Tensor, cfg: dict, target=None) -> tuple:
     """images (B, 1, H, W) uint8, as prepared -> (maps (B, H, W) in [0, 1] at the images' size, the
     classes explained, engine weights or None)."""
-    x = C.normalise(images.to(cfg["device"]), cfg, model.args.vision.image_size)
+    x = P.normalise(images.to(cfg["device"]), model.args.vision.image_size, cfg["norm"])
     maps, target, weights = grad_cam(model, x, target)
     size = tuple(images.shape[-1:-3:-1])  # (W, H): the model may read another size (e.g. ViT-L/14@336)
     heats = np.stack([np.asarray(Image.fromarray(m).resize(size, Image.BILINEAR)) for m in maps.cpu().numpy()])

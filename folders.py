@@ -9,6 +9,7 @@ fold, crop), meta.json (settings, classes, counts, the shortcut audit) and recor
 import argparse
 import csv
 import errno
+import io
 import json
 import os
 import sys
@@ -108,6 +109,15 @@ def replacing(path: Path):
 def write_atomic(path: Path, text: str):
     with replacing(path) as tmp:
         tmp.write_text(text)
+
+
+def write_csv(path: Path, header, rows) -> str:
+    """Every CSV this project writes, replaced whole; a field with a comma or a quote is quoted (a file
+    or label name can hold one). Returns the text."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([header, *rows])
+    write_atomic(path, text.getvalue())
+    return text.getvalue()
 
 
 def make_folds(patients: list, labels: list, k: int, seed: int, multi_label=False) -> list:

@@ -42,6 +42,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the authors' code normalises with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as given; the message names the file (scripts print one line)."""
+
 # -----------------------------------------------------------------------------------------------
 # config: defaults are the real shapes (CLIP ViT-L/14, LLaMA-7B)
 
@@ -79,7 +83,7 @@ class LlamaArgs:  # field names as in Meta's params.json, so LlamaArgs(**params)
 class PneumoArgs:
     vision: VisionArgs = field(default_factory=VisionArgs)
     llama: LlamaArgs = field(default_factory=LlamaArgs)
-    cls_blocks: Optional[list] = None  # 1-based ViT blocks whose CLS token is kept; None: 4, 8, .., 24
+    cls_blocks: Optional[list] = None  # 1-based ViT blocks whose CLS token is kept, sorted; None: 4, 8, .., 24
     n_diag: int = 4  # K diagnosis tokens
     engine_hidden: int = 12
     adapter_hidden: int = 8
@@ -102,14 +106,11 @@ class PneumoArgs:
             raise ValueError(f"unknown engine {self.engine!r} or encoder {self.encoder!r}")
         if self.question_ids and (not self.llm or self.llama.vocab_size <= 0):
             raise ValueError("a question needs the LLM and its vocab_size (the token embedding's rows)")
-        b = self.blocks()
+        b = self.cls_blocks = sorted(self.cls_blocks or range(4, self.vision.layers + 1, 4))
         if self.encoder == "clip" and not (b and 1 <= b[0] <= b[-1] <= self.vision.layers):
             raise ValueError(f"CLS blocks {b} must lie in 1..{self.vision.layers} (the ViT's blocks)")
         if self.n_diag < 1 and self.engine != "none":
             raise ValueError(f"engine {self.engine!r} needs at least one diagnosis token, not {self.n_diag}")
-
-    def blocks(self) -> list:  # 1-based ViT blocks whose CLS token is kept, shallow to deep
-        return sorted(self.cls_blocks or range(4, self.vision.layers + 1, 4))
 
 
 def tiny_args(vocab_size=-1, **kw) -> PneumoArgs:  # a few-MB model for tests and CPU demos
@@ -218,19 +219,19 @@ class ResidualAttentionBlock(nn.Module):
 
 class VisionTransformer(nn.Module):
     """CLIP's vision tower up to the residual stream: the raw CLS token (no ln_post, no proj) after each
-    of the blocks `a.blocks()`, shallow to deep; later blocks are skipped. `grad_checkpointing` keeps
+    of the blocks `a.cls_blocks`, shallow to deep; later blocks are skipped. `grad_checkpointing` keeps
     only each block's input for the backward and recomputes the rest (less memory, about +25 % time)."""
 
     def __init__(self, a: PneumoArgs):
         super().__init__()
-        v, self.keep = a.vision, a.blocks()
+        v, self.cls_blocks = a.vision, a.cls_blocks
         grid = v.image_size // v.patch_size
         self.conv1 = nn.Conv2d(3, v.width, v.patch_size, v.patch_size, bias=False)
         self.class_embedding = nn.Parameter(v.width**-0.5 * torch.randn(v.width))
         self.positional_embedding = nn.Parameter(v.width**-0.5 * torch.randn(grid * grid + 1, v.width))
         self.ln_pre = LayerNorm(v.width)
         # blocks past the last kept one are loaded but never run, so they get no adapter
-        blocks = [ResidualAttentionBlock(v.width, v.heads, a, a.vit_adapters and i < self.keep[-1]) 
+        blocks = [ResidualAttentionBlock(v.width, v.heads, a, a.vit_adapters and i < self.cls_blocks[-1]) 
                   for i in range(v.layers)]
         self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(blocks)))
         self.grad_checkpointing = False
@@ -241,9 +242,9 @@ class VisionTransformer(nn.Module):
         x = self.ln_pre(torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype))  # (B, L+1, W)
         out = []
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
-        for i, block in enumerate(self.transformer.resblocks[:self.keep[-1]]):
+        for i, block in enumerate(self.transformer.resblocks[:self.cls_blocks[-1]]):
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
-            if i + 1 in self.keep:
+            if i + 1 in self.cls_blocks:
                 out.append(x[:, 0])
         return torch.stack(out, 1)  # (B, n, W)
 
@@ -405,6 +406,18 @@ def emitter_mask(n: int, k: int, device=None) -> torch.Tensor:
     return mask
 
 
+def normalise(x: torch.Tensor, size: int, norm="clip") -> torch.Tensor:  # (B, 1, H, W) uint8 -> (B, 3, size, size)
+    """What forward() expects: grey to CLIP's (default) or ImageNet's ("imagenet", the authors' code)
+    normalised RGB, resized to the ViT's input if the data's size differs (better: prepare.py --size)."""
+    mean, std = (CLIP_MEAN, CLIP_STD) if norm == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    x = x.float() / 255
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    # the one grey channel three times, each with its channel's constants: Python floats, so that no
+    # tensor is copied to the device on every step
+    return torch.cat([(x - m) / s for m, s in zip(mean, std)], 1)
+
+
 class PneumoLLM(nn.Module):
     def __init__(self, a: PneumoArgs):
         super().__init__()
@@ -515,23 +528,12 @@ CLIP_IGNORE = [
     r"logit_scale|input_resolution|context_length|vocab_size",  # metadata in OpenAI's files
     r"text_model\..*|(text|visual)_projection\.weight|vision_model\.embeddings\.position_ids",  # HF's extras
 ]
+
+
 LLAMA_IGNORE = [
     r"tok_embeddings\.weight|output\.weight",  # no text input, no next-token output
     r"rope\.freqs|layers\.\d+\.self_attn\.rotary_emb\.inv_freq",  # RoPE tables, recomputed here
 ]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as given; the message names the file (scripts print one line)."""
-
-
-def _torch_load(path: Path) -> dict:
-    try:  # torch.save's zip format is memory-mapped; an old plain pickle cannot be
-        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-    except Exception:  # it would build more than tensors (e.g. run code), or it is damaged: refused
-        foreign = [g for g in _pickled_globals(path) if not g.startswith(_TENSOR_GLOBALS)]
-        kind = f"holds code-bearing objects ({foreign[0]})" if foreign else "is not a plain tensor checkpoint"
-        raise CheckpointError(f"{path}: {kind}; not loaded") from None
 
 
 _TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")  # what a tensor checkpoint imports
@@ -557,9 +559,20 @@ def _pickled_globals(path: Path) -> list:
     return out
 
 
+def _torch_load(path: Path) -> dict:
+    try:  # torch.save's zip format is memory-mapped; an old plain pickle cannot be
+        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except Exception:  # it would build more than tensors (e.g. run code), or it is damaged: refused
+        foreign = [g for g in _pickled_globals(path) if not g.startswith(_TENSOR_GLOBALS)]
+        kind = f"holds code-bearing objects ({foreign[0]})" if foreign else "is not a plain tensor checkpoint"
+        raise CheckpointError(f"{path}: {kind}; not loaded") from None
+
+
 _STORAGES = {f"torch.{n}Storage": getattr(torch, d) for n, d in zip(  # a storage class stands for its dtype
     "Half BFloat16 Float Double Int Long Short Char Byte Bool".split(),
     "float16 bfloat16 float32 float64 int32 int64 int16 int8 uint8 bool".split())}
+
+
 MAX_DEPTH = 64  # nested modules in a TorchScript archive (CLIP's: 6)
 
 
@@ -568,32 +581,19 @@ class _Inert:  # stands in for a TorchScript class (`__torch__.*`): keeps its pi
         self.state = state
 
 
-def read_torchscript(path: Path) -> Optional[dict]:
-    """Every tensor of a TorchScript archive (OpenAI's ViT-L-14.pt) by module path, or None if `path`
-    is not one; read without running any of it (`torch.jit.load` would run the archive's code, a
-    class's __setstate__ say). Its data.pkl may build tensors, OrderedDicts and inert stand-ins for its
-    classes; any other global is refused. Bounded: each data/ record is memory-mapped once (a
-    compressed one is refused), every view must lie inside its record without a stride of 0, and
-    nesting is at most MAX_DEPTH deep."""
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-        top = [n for n in archive.namelist() if n.count("/") == 1]  # <name>/data.pkl, <name>/constants.pkl, ...
-        if not any(n.endswith("/constants.pkl") for n in top):
-            return None  # a zip from torch.save, for _torch_load
-        pkl = next((n for n in top if n.endswith("/data.pkl")), None)
-        if pkl is None:
-            raise CheckpointError(f"{path}: a TorchScript archive without data.pkl; not loaded")
-        try:
-            return _module_tensors(_TorchScriptReader(archive, raw, pkl[:-len("data.pkl")]).load())
-        except _Refused as e:
-            raise CheckpointError(f"{path}: {e}; not loaded") from None
-        except Exception as e:  # a damaged archive: one line
-            raise CheckpointError(f"{path}: not a readable TorchScript archive ({type(e).__name__})") from None
-
-
 class _Refused(Exception):
     """What makes an archive unsafe or inconsistent; read_torchscript names the file."""
+
+
+def _view(storage: torch.Tensor, offset: int, size, stride, *_) -> torch.Tensor:
+    """torch._utils._rebuild_tensor_v2, for a view that must lie inside its storage, with no stride 0."""
+    if len(size) != len(stride) or min([offset, *size, *stride]) < 0:
+        raise _Refused(f"a tensor view of size {tuple(size)}, stride {tuple(stride)}, offset {offset}")
+    if any(s == 0 and n > 1 for n, s in zip(size, stride)):
+        raise _Refused(f"a tensor view with a stride of 0 (size {tuple(size)}): one value repeated")
+    if all(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel():
+        raise _Refused(f"a tensor view of size {tuple(size)} past the end of its storage ({storage.numel()})")
+    return storage.as_strided(size, stride, offset)
 
 
 class _TorchScriptReader(pickle.Unpickler):
@@ -634,17 +634,6 @@ class _TorchScriptReader(pickle.Unpickler):
         return torch.from_numpy(np.memmap(self.raw, np.uint8, "c", start, (size,))).view(dtype)
 
 
-def _view(storage: torch.Tensor, offset: int, size, stride, *_) -> torch.Tensor:
-    """torch._utils._rebuild_tensor_v2, for a view that must lie inside its storage, with no stride 0."""
-    if len(size) != len(stride) or min([offset, *size, *stride]) < 0:
-        raise _Refused(f"a tensor view of size {tuple(size)}, stride {tuple(stride)}, offset {offset}")
-    if any(s == 0 and n > 1 for n, s in zip(size, stride)):
-        raise _Refused(f"a tensor view with a stride of 0 (size {tuple(size)}): one value repeated")
-    if all(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel():
-        raise _Refused(f"a tensor view of size {tuple(size)} past the end of its storage ({storage.numel()})")
-    return storage.as_strided(size, stride, offset)
-
-
 def _module_tensors(obj, at="", depth=0) -> dict:  # the stand-ins' tensor attributes, by module path
     if depth > MAX_DEPTH:
         raise _Refused(f"modules nested more than {MAX_DEPTH} deep (a cycle?)")
@@ -653,6 +642,104 @@ def _module_tensors(obj, at="", depth=0) -> dict:  # the stand-ins' tensor attri
     for k, v in state.items():
         out.update(_module_tensors(v, f"{at}{k}.", depth + 1) if isinstance(v, _Inert) else {})
     return out
+
+
+def read_torchscript(path: Path) -> Optional[dict]:
+    """Every tensor of a TorchScript archive (OpenAI's ViT-L-14.pt) by module path, or None if `path`
+    is not one; read without running any of it (`torch.jit.load` would run the archive's code, a
+    class's __setstate__ say). Its data.pkl may build tensors, OrderedDicts and inert stand-ins for its
+    classes; any other global is refused. Bounded: each data/ record is memory-mapped once (a
+    compressed one is refused), every view must lie inside its record without a stride of 0, and
+    nesting is at most MAX_DEPTH deep."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        top = [n for n in archive.namelist() if n.count("/") == 1]  # <name>/data.pkl, <name>/constants.pkl, ...
+        if not any(n.endswith("/constants.pkl") for n in top):
+            return None  # a zip from torch.save, for _torch_load
+        pkl = next((n for n in top if n.endswith("/data.pkl")), None)
+        if pkl is None:
+            raise CheckpointError(f"{path}: a TorchScript archive without data.pkl; not loaded")
+        try:
+            return _module_tensors(_TorchScriptReader(archive, raw, pkl[:-len("data.pkl")]).load())
+        except _Refused as e:
+            raise CheckpointError(f"{path}: {e}; not loaded") from None
+        except Exception as e:  # a damaged archive: one line
+            raise CheckpointError(f"{path}: not a readable TorchScript archive ({type(e).__name__})") from None
+
+
+# Hugging Face's layouts (`openai/clip-vit-large-patch14`: config.json + *.safetensors; LLaMA: config.json +
+# model*.safetensors, with or without an index), read lazily under OpenAI's and Meta's key names
+
+
+def _safetensors(files) -> dict:
+    out = {}
+    for file in files:
+        f = safe_open(str(file), "pt")
+        out.update({k: Entry(str(file), k, (lambda f=f, k=k: f.get_tensor(k))) for k in f.keys()})
+    return out
+
+
+def _renamed(entries: dict, table: list) -> dict:  # {Hugging Face key: e} -> {OpenAI's / Meta's key: e}
+    out = {}
+    for k, e in entries.items():
+        for pat, rep in table:
+            k = re.sub(pat, rep, k)
+        out[k] = e
+    return out
+
+
+def _check_config(folder: Path, c: dict, allowed: dict):
+    """Every config field that changes the math must hold a value this model computes (the first is the
+    field's default, when the config leaves it out); else one line."""
+    for name, values in allowed.items():
+        if c.get(name, values[0]) not in values:
+            raise CheckpointError(f"{folder}/config.json: {name} = {c[name]!r} is not supported (this model "
+                                  f"computes {' or '.join(map(repr, values))})")
+
+
+_HF_CLIP = [  # Hugging Face name -> OpenAI name
+    (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"), (r"mlp\.fc1\.", "mlp.c_fc."),
+    (r"vision_model\.embeddings\.patch_embedding\.weight", "visual.conv1.weight"), (r"mlp\.fc2\.", "mlp.c_proj."),
+    (r"vision_model\.embeddings\.position_embedding\.weight", "visual.positional_embedding"),
+    (r"vision_model\.pre_layrnorm\.", "visual.ln_pre."), (r"vision_model\.post_layernorm\.", "visual.ln_post."),
+    (r"vision_model\.encoder\.layers\.(\d+)\.", r"visual.transformer.resblocks.\1."),
+    (r"self_attn\.out_proj\.", "attn.out_proj."), (r"layer_norm(\d)\.", r"ln_\1."),
+]
+
+
+def _fused_qkv(entries: dict) -> dict:  # q, k, v fused into nn.MultiheadAttention's in_proj, in that order
+    out, qkv = {}, {}
+    for k, e in entries.items():
+        m = re.fullmatch(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
+        if m:
+            qkv.setdefault(f"{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = e
+        else:
+            out[k] = e
+    for k, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{parts[next(iter(parts))].file}: {k} lacks one of q/k/v_proj")
+        out[k] = Entry(parts["q"].file, parts["q"].key, lambda p=parts: torch.cat([p[x].get() for x in "qkv"]))
+    return out
+
+
+def read_clip_hf(folder: Path, act=None) -> tuple[VisionArgs, dict]:
+    cfg = json.loads((folder / "config.json").read_text())
+    c = cfg.get("vision_config", cfg)
+    _check_config(folder, c, dict(hidden_act=("quick_gelu", "gelu"), layer_norm_eps=(1e-5,), num_channels=(3,)))
+    hidden_act = c.get("hidden_act", "quick_gelu")
+    if act and act != hidden_act:
+        raise CheckpointError(f"{folder}/config.json: hidden_act is {hidden_act!r}, not the {act!r} asked for "
+                              "(--clip-act)")
+    v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"],
+                   c["image_size"], hidden_act)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files next to config.json")
+    entries = _safetensors(files)
+    if not any(k.startswith("vision_model.") for k in entries):  # a CLIPVisionModel saved without its prefix
+        entries = {"vision_model." + k: e for k, e in entries.items()}
+    return v, _fused_qkv(_renamed(entries, _HF_CLIP))
 
 
 def read_clip(path, act=None) -> tuple[VisionArgs, dict]:
@@ -676,19 +763,17 @@ def read_clip(path, act=None) -> tuple[VisionArgs, dict]:
     return v, {k: Entry(str(path), k, lambda t=t: t) for k, t in sd.items()}
 
 
-def read_llama(path) -> tuple[LlamaArgs, dict]:
-    """Meta's folder (params.json + consolidated.NN.pth) or a Hugging Face folder (config.json +
-    model*.safetensors, with or without an index). Keys come back in Meta's naming."""
-    path = Path(path)
-    if (path / "params.json").exists():
-        return _read_llama_meta(path)
-    if (path / "config.json").exists():
-        return read_llama_hf(path)
-    raise CheckpointError(f"{path}: neither params.json (Meta) nor config.json (Hugging Face) found")
-
-
 # model-parallel shards: column-parallel weights split along dim 0, row-parallel along 1; the rest replicated
 _SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def _merged_shards(file: str, shards: list) -> dict:  # Meta's model-parallel shards, concatenated when read
+    out = {}
+    for k in shards[0]:
+        dim = _SHARD_DIM.get(k.split(".")[-2] if k.endswith(".weight") else k) if len(shards) > 1 else None
+        get = partial(torch.cat, [s[k] for s in shards], dim) if dim is not None else (lambda t=shards[0][k]: t)
+        out[k] = Entry(file, k, get)
+    return out
 
 
 def _read_llama_meta(folder: Path):
@@ -703,77 +788,7 @@ def _read_llama_meta(folder: Path):
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{folder}: no consolidated.NN.pth next to params.json")
-    shards = [_torch_load(f) for f in files]
-    if len(shards) == 1:
-        return p, {k: Entry(str(files[0]), k, lambda t=t: t) for k, t in shards[0].items()}
-    out = {}
-    for k in shards[0]:
-        dim = _SHARD_DIM.get(k.split(".")[-2] if k.endswith(".weight") else k)
-        get = partial(torch.cat, [s[k] for s in shards], dim) if dim is not None else (lambda t=shards[0][k]: t)
-        out[k] = Entry(str(files[0]), k, get)
-    return p, out
-
-
-# Hugging Face's layouts (`openai/clip-vit-large-patch14`: config.json + *.safetensors; LLaMA: config.json +
-# model*.safetensors, with or without an index), read lazily under OpenAI's and Meta's key names
-
-
-def _safetensors(files) -> dict:
-    out = {}
-    for file in files:
-        f = safe_open(str(file), "pt")
-        out.update({k: Entry(str(file), k, (lambda f=f, k=k: f.get_tensor(k))) for k in f.keys()})
-    return out
-
-
-_HF_CLIP = [  # Hugging Face name -> OpenAI name
-    (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"), (r"mlp\.fc1\.", "mlp.c_fc."),
-    (r"vision_model\.embeddings\.patch_embedding\.weight", "visual.conv1.weight"), (r"mlp\.fc2\.", "mlp.c_proj."),
-    (r"vision_model\.embeddings\.position_embedding\.weight", "visual.positional_embedding"),
-    (r"vision_model\.pre_layrnorm\.", "visual.ln_pre."), (r"vision_model\.post_layernorm\.", "visual.ln_post."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.", r"visual.transformer.resblocks.\1."),
-    (r"self_attn\.out_proj\.", "attn.out_proj."), (r"layer_norm(\d)\.", r"ln_\1."),
-]
-
-
-def read_clip_hf(folder: Path, act=None) -> tuple[VisionArgs, dict]:
-    cfg = json.loads((folder / "config.json").read_text())
-    c = cfg.get("vision_config", cfg)
-    _check_config(folder, c, dict(hidden_act=("quick_gelu", "gelu"), layer_norm_eps=(1e-5,), num_channels=(3,)))
-    hidden_act = c.get("hidden_act", "quick_gelu")
-    if act and act != hidden_act:
-        raise CheckpointError(f"{folder}/config.json: hidden_act is {hidden_act!r}, not the {act!r} asked for "
-                              "(--clip-act)")
-    v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"],
-                   c["image_size"], hidden_act)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors files next to config.json")
-    out, qkv, entries = {}, {}, _safetensors(files)
-    bare = not any(k.startswith("vision_model.") for k in entries)  # a CLIPVisionModel saved without its prefix
-    for k, e in entries.items():
-        k = "vision_model." + k if bare else k
-        for pat, rep in _HF_CLIP:
-            k = re.sub(pat, rep, k)
-        m = re.fullmatch(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
-        if m:  # q, k, v are fused into nn.MultiheadAttention's in_proj, in that order
-            qkv.setdefault(f"{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = e
-        else:
-            out[k] = e
-    for k, parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise CheckpointError(f"{parts[next(iter(parts))].file}: {k} lacks one of q/k/v_proj")
-        out[k] = Entry(parts["q"].file, parts["q"].key, lambda p=parts: torch.cat([p[x].get() for x in "qkv"]))
-    return v, out
-
-
-def _check_config(folder: Path, c: dict, allowed: dict):
-    """Every config field that changes the math must hold a value this model computes (the first is the
-    field's default, when the config leaves it out); else one line."""
-    for name, values in allowed.items():
-        if c.get(name, values[0]) not in values:
-            raise CheckpointError(f"{folder}/config.json: {name} = {c[name]!r} is not supported (this model "
-                                  f"computes {' or '.join(map(repr, values))})")
+    return p, _merged_shards(str(files[0]), [_torch_load(f) for f in files])
 
 
 _HF_LLAMA = [  # Hugging Face name -> Meta name
@@ -802,12 +817,18 @@ def read_llama_hf(folder: Path) -> tuple[LlamaArgs, dict]:
     names = ["model.safetensors"]
     if index.exists():  # sharded: the index maps every key to its file
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    out = {}
-    for k, e in _safetensors([folder / n for n in names]).items():
-        for pat, rep in _HF_LLAMA:
-            k = re.sub(pat, rep, k)
-        out[k] = e
-    return p, out
+    return p, _renamed(_safetensors([folder / n for n in names]), _HF_LLAMA)
+
+
+def read_llama(path) -> tuple[LlamaArgs, dict]:
+    """Meta's folder (params.json + consolidated.NN.pth) or a Hugging Face folder (config.json +
+    model*.safetensors, with or without an index). Keys come back in Meta's naming."""
+    path = Path(path)
+    if (path / "params.json").exists():
+        return _read_llama_meta(path)
+    if (path / "config.json").exists():
+        return read_llama_hf(path)
+    raise CheckpointError(f"{path}: neither params.json (Meta) nor config.json (Hugging Face) found")
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
@@ -867,8 +888,8 @@ def from_pretrained(clip, llama, device="cpu", dtype=None, clip_act=None, **kw) 
     if model.llama is not None:
         _load_frozen(model, "llama.", "llama.", llama_entries, LLAMA_IGNORE, device, dtype)
     materialise_own(model, device)
-    n = sum(p.numel() for p in model.trainable_parameters())
     vit = f"{clip}: ViT {vision.width}x{vision.layers}" if clip_entries else "conv stem (no CLIP)"
     llm = f"{llama}: LLaMA {llama_args.dim}x{llama_args.n_layers}" if model.llama is not None else "no LLM"
-    print(f"loaded {vit} + {llm}, frozen {dtype or 'as stored'} on {device}, {n:,} trainable")
+    print(f"loaded {vit} + {llm}, frozen {dtype or 'as stored'} on {device}, "
+          f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable")
     return model

@@ -47,7 +47,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 import audit
 import demo
 import pretrain
-from folders import Help, Interrupted, UserError, cli, locked, make_folds, write_atomic
+from folders import Help, Interrupted, UserError, cli, locked, make_folds, write_atomic, write_csv
 from lungcrop import LUNG_REGION, mask_box, region_in_crop, resized, rle_mask, thorax_box
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -494,7 +494,7 @@ def prepare_images(opt, out: Path, items: list, names: list, key: bytes, mapping
     print(f"{len(items)} images ({per_class}): {len(before)} finished before, "
           + (f"{changed} whose source file changed since (prepared again), " if changed else "")
           + f"preparing {len(jobs)} with {opt.workers} workers")
-    write_atomic(mapping, "image,source\n" + "".join(f"{it['id']},{it['path']}\n" for it in items))
+    write_csv(mapping, ["image", "source"], [[it["id"], it["path"]] for it in items])
     done, skipped = process(jobs, opt.workers, log, {it["id"]: it["rel"] for it in items})
     done.update(before)
     kept = [it for it in items if it["id"] in done]
@@ -531,8 +531,7 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
     rows = [dict(image=f"images/{it['id']}.png", label=it["label"], patient=it["patient"], fold=f, crop=it["crop"],
                  reference=f"{'images' if it['crop'] == 'thorax' else 'reference'}/{it['id']}.png",
                  lungs=" ".join(f"{v:g}" for v in it["lungs"])) for it, f in zip(kept, folds)]
-    manifest = ",".join(MANIFEST) + "\n" + "".join(",".join(str(r[k]) for k in MANIFEST) + "\n" for r in rows)
-    write_atomic(out / "manifest.csv", manifest)
+    manifest = write_csv(out / "manifest.csv", MANIFEST, [[r[k] for k in MANIFEST] for r in rows])
     # what a run pins (train.py's config.json): the rows, their folds, and which source file made each image
     sources = "".join(f"{it['id']} {it['source']}\n" for it in sorted(kept, key=lambda it: it["id"]))
     fingerprint = hashlib.sha256((manifest + sources).encode()).hexdigest()[:16]

@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common as C
 import demo
 import pneumollm as P
 from folders import replacing, write_atomic
@@ -77,7 +76,7 @@ def fit(model: TinyCLIP, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
         for g in opt.param_groups:
             g["lr"] = LR * min(1, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = order[step % per_epoch * BATCH:(step % per_epoch + 1) * BATCH]
-        loss = F.mse_loss(model(C.normalise(x[idx], dict(norm="clip"), 224)), y[idx])
+        loss = F.mse_loss(model(P.normalise(x[idx], 224)), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -87,7 +86,7 @@ def fit(model: TinyCLIP, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
 def explained(model: TinyCLIP, x: torch.Tensor, y: torch.Tensor) -> list:
     """R^2 of the anatomy's and the thumbnail's targets: 1 - squared error / squared spread about the mean."""
     model.eval()
-    err, spread = (model(C.normalise(x, dict(norm="clip"), 224)) - y) ** 2, (y - y.mean(0)) ** 2
+    err, spread = (model(P.normalise(x, 224)) - y) ** 2, (y - y.mean(0)) ** 2
     return [1 - (err[:, part].sum() / spread[:, part].sum()).item() for part in (slice(0, 3), slice(3, None))]
 
 

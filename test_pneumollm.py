@@ -411,7 +411,7 @@ def test_full_size_model_on_meta_has_the_papers_trainable_count():
     assert parts == {"llama adapters": 1_704_192, "vit adapters": 319_680, "proj": 659_584, "head": 8_192,
                      "engine": 12_352}
     assert sum(p.numel() for p in model.trainable_parameters()) == 2_704_000
-    assert model.args.blocks() == [4, 8, 12, 16, 20,
+    assert model.args.cls_blocks == [4, 8, 12, 16, 20,
                                    24] and model.llama.layers[0].feed_forward.w1.weight.shape == (11008, 4096)
 
 
@@ -672,7 +672,7 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
     fp32's (1.3 % measured on this model)."""
     model = tiny()
     perturb_adapters(model)
-    x = C.normalise(torch.randint(0, 256, (8, 1, 224, 224), dtype=torch.uint8), dict(norm="clip"), 224)
+    x = P.normalise(torch.randint(0, 256, (8, 1, 224, 224), dtype=torch.uint8), 224)
     with torch.no_grad():
         fp32 = model(x)
         C.cast_frozen(model, torch.bfloat16)
@@ -718,8 +718,8 @@ def test_cpu_scoring_follows_the_measured_rates_and_stays_close_to_fp32(fast, wa
     np.testing.assert_allclose(batched, alone, atol=1e-5)
     assert model.llama.layers[0].attention.wq.weight.dtype == (torch.float16 if fast == "fp32" else C.CPU_DTYPES[fast])
     with torch.no_grad():
-        fp32 = ref(C.normalise(images, cfg, 224)).softmax(-1)
-        rounded = C.cast_frozen(copy.deepcopy(ref), torch.float16).float()(C.normalise(images, cfg, 224)).softmax(-1)
+        fp32 = ref(P.normalise(images, 224, cfg["norm"])).softmax(-1)
+        rounded = C.cast_frozen(copy.deepcopy(ref), torch.float16).float()(P.normalise(images, 224)).softmax(-1)
     err = (torch.as_tensor(batched) - fp32).abs().max()
     assert 0 < err < 5e-3
     if fast == "fp32":  # fp16 weights computed in fp32: the fp32 model of the fp16-rounded weights, exactly
@@ -758,7 +758,7 @@ def test_cpu_dtype_choice_margin_candidates_and_force():
     assert {k: v[0] for k, v in C.choose_cpu_dtypes(model, rates=rates(1.3)).items()} == dict(ViT="bf16", LLaMA="bf16")
     a = model.args  # rows: one image's tokens (patches + CLS) for the ViT, 16 images' T tokens for LLaMA
     tokens = (a.vision.image_size // a.vision.patch_size) ** 2 + 1
-    t = len(a.blocks()) + a.n_diag
+    t = len(a.cls_blocks) + a.n_diag
     assert {(r, w) for r, w, *_ in calls} == {(tokens, a.vision.width), (16 * t, a.llama.dim)}
     calls.clear()
     assert C.for_cpu_scoring(tiny(), rates=rates(9.0)).count("fp32, as stored (nothing wider to try)") == 2
@@ -967,7 +967,7 @@ def test_text_branch_prepends_the_checkpoints_question_embeddings(clip_files, ll
     model = load(clip_files["pt"], folder, question_ids=ids)
     assert model.llama.tok_embeddings.weight.shape == (40, 64)
     h, mask = tokens_into_llama(model, torch.randn(2, 3, 56, 56))
-    q, n = len(ids), len(model.args.blocks())
+    q, n = len(ids), len(model.args.cls_blocks)
     assert h.shape == (2, q + n + 4, 64)
     assert torch.equal(h[:, :q], llama_files["sd"]["tok_embeddings.weight"][ids].expand(2, -1, -1))
     assert torch.equal(mask, eq2(q + n, q + n + 4))  # the question is a source: nobody reads the diagnosis tokens
@@ -993,7 +993,7 @@ def test_any_clip_size_is_inferred_from_the_file(clip_files, tmp_path):
     vision, _ = P.read_clip(tmp_path / "ViT-84px.pt")
     assert vision == P.VisionArgs(128, 4, 2, 14, 84)
     model = P.PneumoLLM(P.PneumoArgs(vision, P.LlamaArgs(dim=64, n_layers=1, n_heads=4, multiple_of=32)))
-    x = C.normalise(torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8), dict(norm="clip"), 84)
+    x = P.normalise(torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8), 84)
     assert x.shape == (2, 3, 84, 84) and model(x).shape == (2, 2)
 
 
@@ -1359,6 +1359,21 @@ def test_nih_subset_prepares_with_the_patient_column(tmp_path):
     pid = {r["image"]: r["patient_id"] for r in rows}
     names = {os.path.basename(k) for k in pid}
     assert not any(r["patient"] in pid.values() or r["image"].split("/")[-1] in names for r in m)
+
+
+def test_names_and_labels_with_commas_survive_every_csv_written(tmp_path):
+    """A file name and a label holding a comma (and a quote) are quoted in the mapping and the manifest, and
+    read back whole (they used to be joined with bare commas: the row split in two)."""
+    imgs = pngs(tmp_path / "imgs", 6, value=lambda i: 40 * i)
+    for i in range(6):
+        (imgs / f"im{i}.png").rename(imgs / f'film {i}, "PA".png')
+    rows = [(f'film {i}, "PA".png', "silicosis, simple" if i % 2 else "normal", f"p{i}") for i in range(6)]
+    rc, out = run_prepare(tmp_path, imgs, rows, "--folds", "2", "--mapping", str(tmp_path / "map.csv"),
+                          header=("image", "label", "patient"))
+    assert rc == 0
+    assert {r["label"] for r in manifest(out)} == {"normal", "silicosis, simple"}
+    sources = {Path(r["source"]).name for r in csv_rows(tmp_path / "map.csv")}
+    assert sources == {f'film {i}, "PA".png' for i in range(6)}
 
 
 def test_demo_generator_is_deterministic_and_another_seed_is_another_site(tmp_path):
@@ -1835,12 +1850,12 @@ def test_normalisation_constants_and_grey_to_three_channels():
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert train.parse([])["norm"] == "clip" and train.parse(["--norm", "imagenet"])["norm"] == "imagenet"
     for norm, (mean, std) in (("clip", clip), ("imagenet", imagenet)):
-        x = C.normalise(grey, dict(norm=norm), 224)
+        x = P.normalise(grey, 224, norm)
         assert x.shape == (1, 3, 224, 224)
         for c in range(3):
             assert torch.allclose(x[0, c], torch.tensor((128 / 255 - mean[c]) / std[c]), atol=1e-6)
     img = torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8)
-    x = C.normalise(img, dict(norm="clip"), 224)
+    x = P.normalise(img, 224)
     rgb = x * torch.tensor(clip[1]).view(1, 3, 1, 1) + torch.tensor(clip[0]).view(1, 3, 1, 1)
     torch.testing.assert_close(rgb, (img.float() / 255).expand(-1, 3, -1, -1), atol=1e-6, rtol=0)
 
@@ -1937,7 +1952,7 @@ def test_train_epochs_loss_is_the_mean_over_each_batchs_real_images():
     order = torch.randperm(21, generator=torch.Generator().manual_seed(3))
     model.eval()
     with torch.no_grad():
-        logits = model(C.normalise(x[order], cfg, model.args.vision.image_size))
+        logits = model(P.normalise(x[order], model.args.vision.image_size, cfg["norm"]))
     by_hand = (F.cross_entropy(logits[:16], y[order][:16]) + F.cross_entropy(logits[16:], y[order][16:])) / 2
     assert rec["loss"] == pytest.approx(float(by_hand), rel=1e-5) and rec["skipped"] == 0
 
@@ -2163,7 +2178,7 @@ def test_combined_ablation_flags_survive_the_run_and_the_reload(demo_data, tmp_p
     cfg = json.loads((out / "config.json").read_text())
     model, _ = C.load_run(out)
     a = model.args
-    assert (a.question_ids, a.engine, a.blocks(), a.vit_adapters) == (cfg["question_ids"], "cocoop", [2, 4], False)
+    assert (a.question_ids, a.engine, a.cls_blocks, a.vit_adapters) == (cfg["question_ids"], "cocoop", [2, 4], False)
     data = Data(demo_data)
     prob = C.predict(model, data.images(data.split(1, 0)["test"]), cfg)[:, 1]
     saved = [float(r["p_pneumoconiosis"]) for r in csv_rows(out / "predictions.csv")]

@@ -13,7 +13,6 @@ the same command again resumes an interrupted run or leaves a finished one alone
 in the same folder are refused, and --restart starts over.
 """
 import argparse
-import csv
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 import common as C
 import metrics as M
 import pneumollm as P
-from folders import Data, Help, Interrupted, UserError, cli, locked, replacing, write_atomic
+from folders import Data, Help, Interrupted, UserError, cli, locked, replacing, write_atomic, write_csv
 
 MODELS = {  # --model: where its checkpoints are, and its recipe's own defaults
     "full": dict(clip="checkpoints/ViT-L-14.pt", llama="checkpoints/llama-7b", lr=3e-4, epochs=100),
@@ -331,7 +330,7 @@ def train_epoch(tr: Training, fwd, x: torch.Tensor, y: torch.Tensor, ranks: Rank
             g["lr"] = lr
         mine, w = idx[ranks.rank::ranks.world], weight[ranks.rank::ranks.world]
         with C.autocast(cfg):
-            logits = fwd(C.normalise(x[mine], cfg, tr.model.args.vision.image_size))
+            logits = fwd(P.normalise(x[mine], tr.model.args.vision.image_size, cfg["norm"]))
         # the mean over the batch's real rows; DDP averages the processes' gradients, hence * world
         real = min(size, len(x) - i * size)
         loss = (loss_fn(logits.float(), y[mine], cfg) * w).sum() * (ranks.world / real)
@@ -377,13 +376,12 @@ def validate_and_save(tr: Training, rec: dict, val_x, val_y, out: Path):
 def write_predictions(path: Path, rows: list, prob, cfg: dict):
     """One row per image: pseudonym, patient, label, the probability of each class, the argmax (or > 0.5)
     prediction."""
-    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "patient", "label", *(f"p_{c}" for c in cfg["classes"]), "prediction"])
-        for r, p in zip(rows, prob):
-            found = [c for c, q in zip(cfg["classes"], p) if q > 0.5]
-            pred = "|".join(found) if cfg["multi_label"] else cfg["classes"][int(p.argmax())]
-            w.writerow([Path(r["image"]).stem, r["patient"], r["label"], *(f"{q:.6f}" for q in p), pred])
+    def prediction(p):
+        found = [c for c, q in zip(cfg["classes"], p) if q > 0.5]
+        return "|".join(found) if cfg["multi_label"] else cfg["classes"][int(p.argmax())]
+    write_csv(path, ["image", "patient", "label", *(f"p_{c}" for c in cfg["classes"]), "prediction"],
+              [[Path(r["image"]).stem, r["patient"], r["label"], *(f"{q:.6f}" for q in p), prediction(p)]
+               for r, p in zip(rows, prob)])
 
 
 def final_test(model: P.PneumoLLM, data: Data, split: dict, cfg: dict, epoch: int, out: Path) -> dict:
