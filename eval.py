@@ -376,10 +376,16 @@ def report_images(model, scored: list, probs: np.ndarray, cfg: dict, point: dict
         print(explain.describe_weights(torch.cat(weights), model.visual.cls_blocks))
 
 
+def calls(prob, cfg: dict, point: dict) -> np.ndarray:  # (..., C) probabilities -> (..., C) bool
+    """The one rule of a call at the run's operating point: a class with a threshold is called where its
+    probability is >= the threshold; a class without one (multi-class runs: every class) never is."""
+    return np.asarray(prob) >= np.array([point["thresholds"].get(c, np.inf) for c in cfg["classes"]])
+
+
 def decision(prob, cfg: dict, point: dict) -> str:  # at the run's thresholds; multi-class: the argmax
     if not point["thresholds"]:
         return cfg["classes"][int(np.argmax(prob))]
-    found = [c for c, cut in point["thresholds"].items() if prob[cfg["classes"].index(c)] >= cut]
+    found = [c for c, on in zip(cfg["classes"], calls(prob, cfg, point)) if on]
     return "|".join(found) if cfg["multi_label"] else (found[0] if found else cfg["classes"][0])
 
 
@@ -404,7 +410,7 @@ def explain_fold(runs: Path, opt) -> int:
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
         raise UserError("--explain with --fold shows true/false positives/negatives: binary runs only; "
                         "use --image")
-    positive = prob[:, 1] >= point["thresholds"][cfg["classes"][1]]
+    positive = calls(prob, cfg, point)[:, 1]
     kinds = {"TP": (y == 1) & positive, "FP": (y == 0) & positive, "FN": (y == 1) & ~positive,
              "TN": (y == 0) & ~positive}
     queues = {k: list(np.flatnonzero(m)) for k, m in kinds.items()}
@@ -442,7 +448,8 @@ def probe(runs: Path, opt) -> int:
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
         raise UserError("--probe compares the disease score of binary runs; this run has classes "
                         f"{cfg['classes']}{' (multi-label)' if cfg['multi_label'] else ''}")
-    cut = operating_point(run, cfg, opt.sensitivity)["thresholds"][cfg["classes"][1]]
+    point = operating_point(run, cfg, opt.sensitivity)
+    cut = point["thresholds"][cfg["classes"][1]]
     model, cfg = C.load_run(run, opt.device, True, opt.cpu_dtype)
     if opt.data:  # another site's folder: all of it, labels in the run's names
         data = Data(opt.data)
@@ -474,7 +481,8 @@ def probe(runs: Path, opt) -> int:
     for name, s in scores.items():
         out[name] = dict(auc=M.roc_auc(y, s), auc_ci95=M.interval([M.roc_auc(y[i], s[i]) for i in draws]),
                          mean_p={c: float(s[y == k].mean()) for k, c in enumerate(cfg["classes"])},
-                         positive={c: float((s[y == k] >= cut).mean()) for k, c in enumerate(cfg["classes"])})
+                         positive={c: float(calls(np.stack([1 - s, s], 1), cfg, point)[y == k, 1].mean())
+                                   for k, c in enumerate(cfg["classes"])})
         print(f"{name}: AUC {pct(out[name]['auc'])} [{pct(out[name]['auc_ci95'][0])}, "
               f"{pct(out[name]['auc_ci95'][1])}]; mean P({cfg['classes'][1]}) " + ", ".join(
                   f"{c} {v:.3f}" for c, v in out[name]["mean_p"].items()) + f"; called positive at {cut:.3f}: "
@@ -653,9 +661,9 @@ def beside_the_run(out: dict, run: Path, cfg: dict, y, prob, point: dict) -> lis
     here, there = M.calibration(y, prob, ml), M.calibration(yt, pt, ml)
     lines = [f"  beside the run's own test fold: Brier {here['brier']:.3f} (test fold {there['brier']:.3f}), "
              f"ECE {here['ece']:.3f} ({there['ece']:.3f})"]
-    for name, (_, _, s), (_, _, st) in zip(point["thresholds"], M.as_binary(y, prob, ml), M.as_binary(yt, pt, ml)):
-        cut = point["thresholds"][name]
-        share, test = (s >= cut).mean(), (st >= cut).mean()
+    for name, cut in point["thresholds"].items():
+        k = cfg["classes"].index(name)
+        share, test = calls(prob, cfg, point)[:, k].mean(), calls(pt, cfg, point)[:, k].mean()
         lines.append(f"  {name}: called positive at P >= {cut:.3f}: {pct(share)} % of these films (test fold "
                      f"{pct(test)} %)")
         if max(share, 1 - share) >= 0.95:
@@ -730,17 +738,17 @@ def write_external(folder: Path, rows: list, labels: list, prob, cfg: dict, poin
 def called(prob, cfg: dict, point: dict):  # binary: the class called at the run's threshold; else None (argmax)
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
         return None
-    return int(prob[1] >= point["thresholds"][cfg["classes"][1]])
+    return int(calls(prob, cfg, point)[1])
 
 
 def describe(prob, cfg: dict, point: dict) -> str:
     if not point["thresholds"]:  # multi-class: the argmax
         each = ", ".join(f"P({c}) = {q:.3f}" for c, q in zip(cfg["classes"], prob))
         return f"{each}: {cfg['classes'][prob.argmax()]}"
-    words = []
+    words, on = [], calls(prob, cfg, point)
     for name, cut in point["thresholds"].items():
-        q = prob[cfg["classes"].index(name)]
-        words.append(f"P({name}) = {q:.3f}, {'positive' if q >= cut else 'negative'} at the run's threshold "
+        k = cfg["classes"].index(name)
+        words.append(f"P({name}) = {prob[k]:.3f}, {'positive' if on[k] else 'negative'} at the run's threshold "
                      f"{cut:.3f} ({point['rule'].split(' on the ')[0]})")
     return "; ".join(words)
 

@@ -2668,6 +2668,19 @@ def test_resampled_aucs_at_once_equal_scikit_learns_weighted_auc():
     np.testing.assert_allclose(M.roc_auc_weighted(y, s, weights), want, rtol=1e-12)
 
 
+def test_one_rule_calls_a_class_at_the_operating_point():
+    """eval.calls, behind every decision eval.py prints or writes: P >= the class's threshold is called (the
+    cut itself included), a class without a threshold never is; decision() reads it (binary: the negative
+    class when nothing is called; multi-label: the findings called; multi-class: the argmax)."""
+    binary, point = dict(classes=["normal", "sick"], multi_label=False), dict(thresholds={"sick": 0.3})
+    assert ev.calls(np.array([[0.7, 0.3], [0.71, 0.29]]), binary, point).tolist() == [[False, True], [False, False]]
+    assert [ev.decision(p, binary, point) for p in ([0.7, 0.3], [0.8, 0.2])] == ["sick", "normal"]
+    multi = dict(classes=["a", "b", "c"], multi_label=True)
+    assert ev.decision(np.array([0.9, 0.1, 0.5]), multi, dict(thresholds={"a": 0.5, "b": 0.05, "c": 0.6})) == "a|b"
+    many = dict(classes=["a", "b", "c"], multi_label=False)
+    assert ev.decision(np.array([0.2, 0.5, 0.3]), many, dict(thresholds={})) == "b"
+
+
 def test_holms_test_rejects_step_down_by_hand():
     """Holm at 5 %: sorted p-values against 0.05/4, 0.05/3, 0.05/2, 0.05/1, stopping at the first that fails
     (by hand: 0.005 <= 0.0125, 0.01 <= 0.0167, 0.03 > 0.025: stop, so 0.04 is kept though <= 0.05)."""
