@@ -153,6 +153,14 @@ def encode_labels(labels: list, classes: list, multi_label: bool) -> np.ndarray:
     return np.array([classes.index(label) for label in labels], np.int64)
 
 
+def lacking(y: np.ndarray, n_classes: int, multi_label: bool) -> np.ndarray:
+    """(C,) bool: the classes that labels y (encode_labels') cannot score: no image of a class; for a
+    finding (multi-label), no image with it or none without it."""
+    if multi_label:
+        return (y.min(0) == 1) | (y.max(0) == 0) if len(y) else np.ones(n_classes, bool)
+    return np.bincount(y, minlength=n_classes) == 0
+
+
 class Data:
     """A prepared data folder: its rows, classes and folds, the split of a fold, its images."""
 
@@ -196,8 +204,8 @@ class Data:
         """A run pins the data folder it was trained on (its fingerprint): refuse it on changed data."""
         if cfg.get("data_fingerprint") != self.meta.get("fingerprint"):
             raise UserError(f"{self.folder} changed since {run} was trained on it (prepared again: other images, "
-                            "labels or folds), so its test fold may hold training patients; train the run again, "
-                            "or prepare the new data into another folder")
+                            "labels or folds), so its test fold may hold training patients; train the run again "
+                            "(train.py --restart, or another --out), or prepare the new data into another folder")
 
     def run_split(self, cfg: dict) -> dict:
         """The split a run trains on, from its config: --authors-code (select "test") holds no

@@ -47,7 +47,8 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 import audit
 import demo
 import pretrain
-from folders import Help, Interrupted, UserError, cli, locked, make_folds, write_atomic, write_csv
+from folders import (Help, Interrupted, UserError, cli, encode_labels, lacking, locked, make_folds, write_atomic,
+                     write_csv)
 from lungcrop import LUNG_REGION, mask_box, region_in_crop, resized, rle_mask, thorax_box
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -564,11 +565,13 @@ def check_folds(kept: list, folds: list, names: list, opt):
     if len(names) < 2 and not opt.multi_label:
         raise UserError(f"{opt.labels}: one class only ({names[0]!r}, {len(kept)} images); a classifier needs two "
                         "or more")
-    lacking = [(f, n) for f in range(1, opt.folds + 1) for n in names
-               if not any(fold == f and has(it["label"], n) for it, fold in zip(kept, folds))]
-    if lacking:
+    y, folds = encode_labels([it["label"] for it in kept], names, opt.multi_label), np.asarray(folds)
+    missed = [(f, n) for f in range(1, opt.folds + 1)
+              for n, m in zip(names, lacking(y[folds == f], len(names), opt.multi_label)) if m]
+    if missed:
         patients = {n: len({it["patient"] for it in kept if has(it["label"], n)}) for n in names}
-        said = ", ".join(f"fold {f} has no {n!r}" for f, n in lacking[:3])
+        what = "images with and without " if opt.multi_label else ""
+        said = ", ".join(f"fold {f} has no {what}{n!r}" for f, n in missed[:3])
         raise UserError(f"{said} (patients per class: {patients}): pass fewer --folds (at most the patients of "
                         "the rarest class), or add data")
 

@@ -1770,6 +1770,8 @@ def test_data_folders_know_their_sources_and_settings(tmp_path, capsys):
     run_prepare(tmp_path, src, rows, "--folds", "2", "--seed", "7", "--restart")  # other folds, same folder
     with pytest.raises(UserError, match=r"out changed since .*fold1 was trained on it"):
         ev.main(["--runs", str(tmp_path), "--fold", "1", "--calibrate"])
+    with pytest.raises(UserError, match=r"out changed since .*fold1 was trained on it .*train\.py --restart"):
+        train.main(train_args(out, tmp_path / "fold1", "--epochs", "1", "--val-frac", "0", "--batch-size", "2"))
     for place in ("p1", "p2"):
         prepare.main(["--images", str(src), "--labels", str(tmp_path / "labels.csv"), "--out",
                       str(tmp_path / place / "mine"), "--key-file", str(tmp_path / "key"), "--folds", "2"])
@@ -1786,6 +1788,9 @@ def test_prepare_refuses_what_could_never_train_and_says_what_it_risks(tmp_path,
         run_prepare(tmp_path, src, [(f"im{i}.png", "a") for i in range(6)], "--folds", "1")
     rows = [(f"im{i}.png", "a" if i < 5 else "b") for i in range(6)]
     with pytest.raises(UserError, match=r"fold \d has no 'b' .*patients per class: \{'a': 5, 'b': 1\}.*fewer --folds"):
+        run_prepare(tmp_path, src, rows, "--folds", "2")
+    rows = [(f"im{i}.png", "a|b" if i % 2 else "a") for i in range(6)]  # every film has finding a: no fold can score it
+    with pytest.raises(UserError, match=r"fold \d has no images with and without 'a'"):
         run_prepare(tmp_path, src, rows, "--folds", "2")
     assert not (tmp_path / "out/meta.json").exists()  # no folder a run could be started on
     capsys.readouterr()

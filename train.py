@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 import common as C
 import metrics as M
 import pneumollm as P
-from folders import Data, Help, Interrupted, UserError, cli, locked, replacing, write_atomic, write_csv
+from folders import Data, Help, Interrupted, UserError, cli, lacking, locked, replacing, write_atomic, write_csv
 
 MODELS = {  # --model: where its checkpoints are, and its recipe's own defaults
     "full": dict(clip="checkpoints/ViT-L-14.pt", llama="checkpoints/llama-7b", lr=3e-4, epochs=100),
@@ -171,8 +170,7 @@ def claim(out: Path, cfg: dict) -> str:
         cfg["restart"] = True
         return "new"
     if "data_fingerprint" in diff:
-        raise UserError(f"{cfg['data']} changed since the run in {out} started on it (prepared again: other images, "
-                        "labels or folds): pass another --out, or --restart to discard the run")
+        Data(cfg["data"]).check_run(old, out)
     if diff:
         said = "; ".join(f"{k} {old.get(k)!r} there, {cfg.get(k)!r} now" for k in diff[:4])
         raise UserError(f"{out} holds a run with other settings ({said}): pass another --out, "
@@ -192,13 +190,10 @@ def check_classes(data: Data, split: dict, cfg: dict):
     """Before any training: the metrics that choose the epoch need every class in the validation split."""
     for part in ("train", "val") if cfg["select"] != "last" else ("train",):
         y = data.labels(split[part])
-        if data.multi_label:  # each finding needs images with it and images without it
-            lacking = (y.min(0) == 1) | (y.max(0) == 0)
-        else:
-            lacking = np.bincount(y, minlength=len(data.classes)) == 0
-        if lacking.any():
+        missed = lacking(y, len(data.classes), data.multi_label)
+        if missed.any():
             what = "images with and without" if data.multi_label else "images of"
-            missing = ", ".join(c for c, m in zip(data.classes, lacking) if m)
+            missing = ", ".join(c for c, m in zip(data.classes, missed) if m)
             hint = "raise --val-frac or pass --select last" if part == "val" else "check the data folder's labels"
             raise UserError(f"the {part} split of fold {cfg['fold']} ({len(y)} images) has no {what} {missing}: "
                             + hint)
