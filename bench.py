@@ -57,7 +57,8 @@ def random_model(args, device, dtype):
         if not p.requires_grad:
             t = torch.empty(p.shape, device=device, dtype=dtype)
             t.fill_(1.0) if "norm" in name or "ln_" in name else t.normal_(0, 0.02, generator=g)
-            P._assign(model, name, t)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, torch.nn.Parameter(t, requires_grad=False))
     P.materialise_own(model, device)
     return model
 
@@ -164,15 +165,21 @@ def write_vit(d: Path):
                   "mlp.c_proj.weight": (w, 4 * w), "mlp.c_proj.bias": (w,)}
         clip.update({b + k: rand(*s) for k, s in shapes.items()})
         clip.update({b + f"{ln}.{x}": rand(w) for ln in ("ln_1", "ln_2") for x in ("weight", "bias")})
-    root = torch.nn.Module()  # a TorchScript archive with OpenAI's parameter names under visual.*
-    for k, t in clip.items():
+    save_torchscript({"visual." + k: t for k, t in clip.items()}, d / "ViT-L-14.pt")
+
+
+def save_torchscript(sd: dict, path: Path):
+    """A TorchScript archive holding `sd`'s tensors under their dotted names, as OpenAI's ViT-L-14.pt does."""
+    root = torch.nn.Module()
+    for k, t in sd.items():
+        *parents, leaf = k.split(".")
         m = root
-        for part in ["visual", *k.split(".")[:-1]]:
+        for part in parents:
             if not hasattr(m, part):
                 m.add_module(part, torch.nn.Module())
             m = getattr(m, part)
-        m.register_parameter(k.split(".")[-1], torch.nn.Parameter(t, requires_grad=False))
-    torch.jit.save(torch.jit.script(root), str(d / "ViT-L-14.pt"))
+        m.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
+    torch.jit.save(torch.jit.script(root), str(path))
 
 
 def bench_read_vit(d: Path):
@@ -270,16 +277,16 @@ def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
     chosen = dict(ViT=model.visual.conv1.weight.dtype, LLaMA=model.llama.norm.weight.dtype)  # never upcast per call
     shapes = dict(ViT=(16 * parts["ViT"][2], parts["ViT"][3]), LLaMA=(parts["LLaMA"][2], parts["LLaMA"][3]))
     rate = {(name, d): C.matmul_rate(r, w, t, torch.float16, False) for name, (r, w) in shapes.items()
-            for d, t in C.CPU_DTYPES.items()}
+            for d, t in C.DTYPES.items()}
     big = torch.ones(2**27)  # 512 MiB
     bandwidth = big.numel() * 4 / timed(big.sum, torch.device("cpu"), 1, 3)[1] / 1e9
     weights = sum(q.numel() * 2 for q in model.frozen_parameters())  # bytes of the checkpoints (fp16)
     for name in parts:
-        print(f"  {name} products at batch 16, GFLOP/s: " + ", ".join(f"{d} {rate[name, d]:.0f}" for d in C.CPU_DTYPES))
+        print(f"  {name} products at batch 16, GFLOP/s: " + ", ".join(f"{d} {rate[name, d]:.0f}" for d in C.DTYPES))
     flop = dict(ViT=vit, LLaMA=llama)
-    names = {t: d for d, t in C.CPU_DTYPES.items()}
+    names = {t: d for d, t in C.DTYPES.items()}
     at = sum(flop[n] / rate[n, names[chosen[n]]] for n in parts) / 1e9
-    best = sum(flop[n] / max(rate[n, d] for d in C.CPU_DTYPES) for n in parts) / 1e9
+    best = sum(flop[n] / max(rate[n, d] for d in C.DTYPES) for n in parts) / 1e9
     print(f"  floor per image at batch 16: the FLOPs ({vit / 1e9:.1f} + {llama / 1e9:.1f} GFLOP) {at:.2f} s in the "
           f"chosen dtypes ({best:.2f} s in each part's fastest); the bytes {weights / 16 / bandwidth / 1e9:.3f} s "
           f"({weights / 1e9:.1f} GB at {bandwidth:.1f} GB/s); measured {measured:.2f} s = {measured / at:.2f}x "
@@ -300,7 +307,7 @@ def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
                 q.data = q.data.to(torch.float16).float()
         cls_ref, out_ref = fp16(x[:2]), layer(h, cos, sin, mask)
         for d in ("fp16", "bf16"):
-            t = C.CPU_DTYPES[d]
+            t = C.DTYPES[d]
             vit_d, layer_d = copy.deepcopy(fp16).to(t), copy.deepcopy(layer).to(t)
             cls_d, out_d = vit_d(x[:2]).float(), layer_d(h.to(t), cos, sin, mask).float()
             err = [((a - b).norm(dim=-1) / b.norm(dim=-1)).max() for a, b in ((cls_d, cls_ref), (out_d, out_ref))]
@@ -338,7 +345,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py's processes for --prepare")
     ap.add_argument("--repeat", type=int, default=3, help="--prepare: runs of each, taking turns (medians)")
     ap.add_argument("--model", choices=list(SIZES), default="tiny", help="full: ViT-L/14 + LLaMA-7B, random")
-    ap.add_argument("--dtype", choices=list(P.DTYPES),
+    ap.add_argument("--dtype", choices=list(C.DTYPES),
                     help="frozen weights, autocast (default: fp16 GPU, fp32 CPU)")
     ap.add_argument("--batch", type=int, default=16, help="images per step")
     ap.add_argument("--iters", type=int, default=10, help="timed steps (after the warm-up)")
@@ -346,7 +353,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint-vit", action="store_true", help="recompute ViT activations in the backward")
     ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once); time loading "
                     "and scoring on a CPU")
-    ap.add_argument("--cpu-dtype", choices=["auto", "stored", *C.CPU_DTYPES], default="auto",
+    ap.add_argument("--cpu-dtype", choices=["auto", "stored", *C.DTYPES], default="auto",
                     help="--load: the frozen parts' dtype, as eval.py --cpu-dtype")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--read-vit", metavar="DIR", help="write a random ViT-L/14 TorchScript to DIR (once); the memory "
@@ -375,7 +382,7 @@ def bench_model(opt):
     """A training step and inference (with adapters, then merged) at the size and variant asked for."""
     device = torch.device(opt.device)
     opt.dtype = opt.dtype or ("fp32" if device.type == "cpu" else "fp16")
-    dtype = P.DTYPES[opt.dtype]
+    dtype = C.DTYPES[opt.dtype]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device {name}, frozen {opt.dtype}, torch {torch.__version__}, compile {opt.compile}, "
           f"checkpoint-vit {opt.checkpoint_vit}, model {opt.model} {opt.variant}, batch {opt.batch}")

@@ -23,9 +23,12 @@ import numpy as np
 import sentencepiece
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import pneumollm as P
 from folders import Data, UserError, pid_alive
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype, --cpu-dtype
 
 def runtime_flags(ap):
     """Flags that change where and how fast a run goes, not what it computes."""
@@ -102,7 +105,7 @@ def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
     """The run's model with fresh trainable weights (seeded): tiny and random (--model random), or from
     the checkpoints (--model tiny: the demo's, from pretrain.py), whose frozen weights are cast to the
     run's dtype, or kept as stored (memory-mapped where the file allows it, never copied)."""
-    device, dtype = torch.device(cfg["device"]), None if as_stored else P.DTYPES[cfg["dtype"]]
+    device, dtype = torch.device(cfg["device"]), None if as_stored else DTYPES[cfg["dtype"]]
     torch.manual_seed(cfg["seed"])
     kw = dict(pneumo_fields(cfg), n_classes=len(cfg["classes"]))
     try:  # flags are checked again against the real shapes (e.g. --cls-blocks beyond the ViT's blocks)
@@ -162,10 +165,32 @@ def check_finished(run: Path, fold: int):
 def read_state(run: Path) -> dict:
     """A run's resume point (train.py's state.pt) on the CPU, whatever device wrote it; tensors only."""
     try:
-        return torch.load(run / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, or it would build more than tensors: never unpickled with code
-        raise UserError(f"{run / 'state.pt'}: not a readable resume point ({type(e).__name__}); pass --restart "
-                        "to train the run again from scratch") from None
+        return P.read_tensors(run / "state.pt")
+    except P.CheckpointError as e:  # truncated, or it would build more than tensors: never unpickled with code
+        raise UserError(f"{e}; pass --restart to train the run again from scratch") from None
+
+
+def save_trainable(model: P.PneumoLLM, path):
+    """Only this project's own weights (a few MB); the run's config.json says how to rebuild the rest."""
+    save_file({n: p.detach().contiguous() for n, p in model.own_state_dict().items()}, str(path))
+
+
+@torch.no_grad()
+def load_trainable(model: P.PneumoLLM, source):
+    """This project's own weights, from a file that save_trainable wrote or a {name: tensor} dict."""
+    where = "the given weights" if isinstance(source, dict) else str(source)
+    try:
+        source = source if isinstance(source, dict) else load_file(where)
+    except Exception as e:  # truncated or not safetensors: one line
+        raise P.CheckpointError(f"{where}: not a readable safetensors file ({type(e).__name__})") from None
+    own = model.own_state_dict()
+    if set(source) != set(own):
+        raise P.CheckpointError(f"{where}: trainable keys do not match this model, e.g. "
+                                f"{sorted(set(source) ^ set(own))[:3]}")
+    for name, t in source.items():
+        if t.shape != own[name].shape:
+            raise P.CheckpointError(f"{where}: {name} is {list(t.shape)}, expected {list(own[name].shape)}")
+        own[name].copy_(t)
 
 
 def load_run(run: Path, device=None, keep_checkpoint_dtype=False, cpu_dtype="auto") -> tuple[P.PneumoLLM, dict]:
@@ -177,7 +202,7 @@ def load_run(run: Path, device=None, keep_checkpoint_dtype=False, cpu_dtype="aut
     cfg["device"] = device or available(cfg["device"])
     as_stored = keep_checkpoint_dtype and cfg["device"] == "cpu"
     model = build(cfg, as_stored=as_stored)
-    model.load_trainable(run / "best.safetensors")
+    load_trainable(model, run / "best.safetensors")
     if as_stored:
         cfg["dtype"] = "as stored"
         if cpu_dtype != "stored":
@@ -195,9 +220,6 @@ def available(device: str) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # scoring on a CPU: each frozen part computes in the dtype this CPU multiplies fastest
-
-
-CPU_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def cpu_parts(model: P.PneumoLLM) -> dict:
@@ -238,22 +260,22 @@ def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -
     "converted" once (to a dtype no wider, or when the copy adds under 1 GiB), else "upcast" block by
     block as each runs (LLaMA-7B in fp32 would need 27 GB; `spare`: bytes), for calls of at least `rows`
     tokens: fewer (one image) are memory-bound, and there the stored dtype is measured against it.
-    `force`: a CPU_DTYPES name for every part."""
+    `force`: a DTYPES name for every part."""
     frozen, out, rates = {id(p) for p in model.frozen_parameters()}, {}, rates or matmul_rate
     for name, (module, _, rows, width) in cpu_parts(model).items():
         weights = [p for p in module.parameters() if id(p) in frozen]
         stored, n = weights[0].dtype, sum(p.numel() for p in weights)
-        wider = [d for d, t in CPU_DTYPES.items() if t.itemsize > stored.itemsize or t == stored
+        wider = [d for d, t in DTYPES.items() if t.itemsize > stored.itemsize or t == stored
                  or (stored == torch.float16 and t == torch.bfloat16)]
-        how = {d: "as stored" if CPU_DTYPES[d] == stored else "converted" if CPU_DTYPES[d].itemsize <= stored.itemsize
-               or n * (CPU_DTYPES[d].itemsize - stored.itemsize) < spare else "upcast" for d in wider}
-        gflops = {d: rates(rows, width, CPU_DTYPES[d], stored, how[d] == "upcast") for d in wider} \
+        how = {d: "as stored" if DTYPES[d] == stored else "converted" if DTYPES[d].itemsize <= stored.itemsize
+               or n * (DTYPES[d].itemsize - stored.itemsize) < spare else "upcast" for d in wider}
+        gflops = {d: rates(rows, width, DTYPES[d], stored, how[d] == "upcast") for d in wider} \
             if len(wider) > 1 else {}
         best = max(gflops, key=lambda d: gflops[d] * (1.25 if how[d] == "as stored" else 1)) if gflops else wider[0]
         dtype = force or best
         least = 0
         if how.get(dtype) == "upcast" and not force:  # from how many images a call does upcasting pay?
-            least = next((r for r in (rows // 16, rows // 4) if rates(r, width, CPU_DTYPES[dtype], stored, True)
+            least = next((r for r in (rows // 16, rows // 4) if rates(r, width, DTYPES[dtype], stored, True)
                           > 1.25 * rates(r, width, stored, stored, False)), rows)
         out[name] = dtype, how.get(dtype, "converted"), gflops, least
     return out
@@ -264,7 +286,7 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> 
     frozen, said = {id(p) for p in model.frozen_parameters()}, []
     for name, (dtype, how, gflops, least) in choose_cpu_dtypes(model, force, rates, spare).items():
         module, blocks, rows = cpu_parts(model)[name][:3]
-        t, inside = CPU_DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
+        t, inside = DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
         if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
             convert([p for p in module.parameters() if id(p) in frozen and id(p) not in inside], t)
             for b in blocks:
@@ -343,7 +365,7 @@ def tokenize(tokenizer, text: str) -> tuple[list, int]:
 def autocast(cfg):
     if cfg["dtype"] in ("fp32", "as stored"):
         return nullcontext()
-    return torch.autocast(torch.device(cfg["device"]).type, dtype=P.DTYPES[cfg["dtype"]])
+    return torch.autocast(torch.device(cfg["device"]).type, dtype=DTYPES[cfg["dtype"]])
 
 
 @torch.no_grad()

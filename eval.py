@@ -104,8 +104,7 @@ def baseline_model(cfg: dict):
 
 def baseline(cfg: dict, test_rows: list) -> np.ndarray:  # the baseline's probabilities on the test fold
     data, split, predict = baseline_model(cfg)
-    by_name = {Path(r["image"]).stem: r for r in split["test"]}  # predictions.csv names images by pseudonym
-    return predict(pixels(data, [by_name[r["image"]] for r in test_rows]))
+    return predict(pixels(data, data.rows_of(test_rows)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,8 +418,7 @@ def explain_fold(runs: Path, opt) -> int:
         chosen += [(k, q.pop(0)) for k, q in queues.items() if q][:opt.explain - len(chosen)]
     model, cfg = C.load_run(run, opt.device, True, opt.cpu_dtype)
     data = run_data(cfg)
-    by_name = {Path(r["image"]).stem: r for r in data.rows}
-    images = torch.from_numpy(data.images([by_name[rows[i]["image"]] for _, i in chosen]))
+    images = torch.from_numpy(data.images(data.rows_of([rows[i] for _, i in chosen])))
     heats, _, weights = explain.explain_images(model, images, cfg, [int(positive[i]) for _, i in chosen])
     tiles = [plots.overlay(img, heat, f"{kind} P={prob[i, 1]:.2f} {rows[i]['image'][:10]}\n"
                                       f"map of {cfg['classes'][int(positive[i])]}")
@@ -460,8 +458,7 @@ def probe(runs: Path, opt) -> int:
         written = f"probe-{data.folder.name}-{folder_tag(data.folder)}"
     else:
         data, written = run_data(cfg), "probe"
-        by_name = {Path(r["image"]).stem: r for r in data.rows}
-        test = [by_name[r["image"]] for r in rows]
+        test = data.rows_of(rows)
         images = data.images(test)
     draws = M.resamples([r["patient"] for r in rows], y, 2, n=4000)  # Holm over 64 cells: p down to 0.0008
     size = images.shape[-1]
@@ -780,7 +777,7 @@ def parser() -> argparse.ArgumentParser:
                     "explain-2/, .. where earlier maps are)")
     ap.add_argument("--device", help="where --image, --explain, --probe and --data run the model (default: the run's)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores idle now)")
-    ap.add_argument("--cpu-dtype", choices=["auto", "stored", *C.CPU_DTYPES], default="auto",
+    ap.add_argument("--cpu-dtype", choices=["auto", "stored", *C.DTYPES], default="auto",
                     help="on a CPU, the dtype the frozen ViT and LLaMA compute in: auto measures which this CPU "
                     "multiplies fastest (README 'Scoring with the real model on a CPU'); stored keeps the checkpoints'")
     return ap

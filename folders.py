@@ -153,6 +153,18 @@ def encode_labels(labels: list, classes: list, multi_label: bool) -> np.ndarray:
     return np.array([classes.index(label) for label in labels], np.int64)
 
 
+def changed(old: dict, new: dict, ignore=()) -> list:
+    """The settings (keys) whose values differ between what a folder holds (`old`) and this command (`new`)."""
+    return [k for k in sorted(set(old) | set(new)) if k not in ignore and str(old.get(k)) != str(new.get(k))]
+
+
+def refuse_changed(folder: Path, what: str, old: dict, new: dict, keys: list, redo: str):
+    """One refusal for a folder made with other settings than this command's, naming the first four."""
+    if keys:
+        said = "; ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in keys[:4])
+        raise UserError(f"{folder} {what} with other settings ({said}): pass another --out, or --restart to {redo}")
+
+
 def lacking(y: np.ndarray, n_classes: int, multi_label: bool) -> np.ndarray:
     """(C,) bool: the classes that labels y (encode_labels') cannot score: no image of a class; for a
     finding (multi-label), no image with it or none without it."""
@@ -181,6 +193,11 @@ class Data:
             return np.zeros((0, 1, 0, 0), np.uint8)
         return np.stack([np.asarray(Image.open(self.folder / r[column]).convert("L")) for r in rows])[:, None]
 
+    def rows_of(self, predictions: list) -> list:
+        """The manifest rows of predictions.csv's rows, which name each image by its pseudonym alone."""
+        by_name = {Path(r["image"]).stem: r for r in self.rows}
+        return [by_name[p["image"]] for p in predictions]
+
     def labels(self, rows) -> np.ndarray:
         return encode_labels([r["label"] for r in rows], self.classes, self.multi_label)
 
@@ -208,6 +225,7 @@ class Data:
                             "(train.py --restart, or another --out), or prepare the new data into another folder")
 
     def run_split(self, cfg: dict) -> dict:
-        """The split a run trains on, from its config: --authors-code (select "test") holds no
-        validation patients out (it chooses the epoch on the test fold instead)."""
-        return self.split(cfg["fold"], 0 if cfg["select"] == "test" else cfg["val_frac"], cfg["seed"])
+        """The split a run trains on, from its config, and 'select': the rows its epoch is chosen on, the
+        validation split; with --authors-code (select "test"), the test fold, and no validation split."""
+        split = self.split(cfg["fold"], 0 if cfg["select"] == "test" else cfg["val_frac"], cfg["seed"])
+        return split | {"select": split["test"] if cfg["select"] == "test" else split["val"]}

@@ -1,5 +1,5 @@
 """
-PneumoLLM in one file (Song et al., "PneumoLLM: Harnessing the Power of Large Language Model for
+PneumoLLM, the model and its loaders (Song et al., "PneumoLLM: Harnessing the Power of Large Language Model for
 Pneumoconiosis Diagnosis", Medical Image Analysis 2024): a frozen CLIP ViT and a frozen LLaMA,
 tuned with tiny RepAdapters, that classify chest radiographs.
 
@@ -7,49 +7,37 @@ tuned with tiny RepAdapters, that classify chest radiographs.
           -> multi-token engine (K diagnosis tokens, Eq. 1) -> projection MLP -> LLaMA blocks
           (adapter before every attention, emitter mask, Eq. 2) -> RMSNorm -> token mean -> head
 
-Checkpoints are read as published, with no conversion step (OpenAI's or Hugging Face's CLIP, Meta's
-or Hugging Face's LLaMA; README: The real model), never by running code from a file. Module paths
-equal OpenAI's / Meta's keys. ../shared/SPEC.md pins every detail; each ablation of the paper
-(Tables 4-6, Fig. 6) is a PneumoArgs field.
+Module paths equal OpenAI's / Meta's checkpoint keys; the loaders, after the model, read OpenAI's or
+Hugging Face's CLIP and Meta's or Hugging Face's LLaMA as published, never running code from a file.
+../shared/SPEC.md pins every detail; each ablation of the paper (Tables 4-6, Fig. 6) is a PneumoArgs field.
 
-Dtype policy, stated once: frozen weights fp16/bf16 on GPU, on CPU as the checkpoint stores them;
-trainable weights fp32; LayerNorm, RMSNorm, RoPE and softmax in fp32. Each trainable module casts
-its input to its own dtype and its output back, so the model runs with or without autocast.
+Dtype policy, stated once: frozen weights fp16/bf16 on GPU, as stored on CPU; trainable weights fp32;
+LayerNorm, RMSNorm, RoPE and softmax in fp32. Each trainable module casts its input to its own dtype
+and its output back, so the model runs with or without autocast.
 """
 import json
-import pickle
-import pickletools
 import re
-import zipfile
 from collections import OrderedDict, namedtuple
-from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+
+from safeload import CheckpointError, read_tensors, read_torchscript
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the authors' code normalises with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as given; the message names the file (scripts print one line)."""
-
-# -----------------------------------------------------------------------------------------------
 # config: defaults are the real shapes (CLIP ViT-L/14, LLaMA-7B)
-
-
 @dataclass
 class VisionArgs:  # read from the checkpoint's shapes (and a Hugging Face config) by the loaders
     width: int = 1024
@@ -72,7 +60,6 @@ class LlamaArgs:  # field names as in Meta's params.json, so LlamaArgs(**params)
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     ffn_hidden: Optional[int] = None  # set from Hugging Face's intermediate_size; else Meta's rule
-    rope_halves: bool = False  # Hugging Face's q/k row order (see rope()); Meta's is interleaved
 
     def hidden_dim(self) -> int:  # Meta's FeedForward sizing: 2/3 of 4*dim, times the multiplier, rounded up
         h = int((self.ffn_dim_multiplier or 1) * int(2 * 4 * self.dim / 3))
@@ -119,10 +106,7 @@ def tiny_args(vocab_size=-1, **kw) -> PneumoArgs:  # a few-MB model for tests an
     return PneumoArgs(v, LlamaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=32), **kw)
 
 
-# -----------------------------------------------------------------------------------------------
 # primitives
-
-
 class LayerNorm(nn.LayerNorm):  # CLIP's: computed in fp32 whatever the weights' dtype
     def forward(self, x):
         w, b = self.weight.float(), self.bias.float()
@@ -180,10 +164,7 @@ def make_adapter(dim: int, a: PneumoArgs, on: bool) -> nn.Module:
     return RepAdapter(dim, a.adapter_hidden, a.adapter_groups, a.adapter_dropout) if on else nn.Identity()
 
 
-# -----------------------------------------------------------------------------------------------
 # CLIP vision transformer (keys as in OpenAI's checkpoint: visual.*)
-
-
 class MultiheadAttention(nn.Module):  # nn.MultiheadAttention's parameter layout, SDPA inside
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -218,9 +199,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """CLIP's vision tower up to the residual stream: the raw CLS token (no ln_post, no proj) after each
-    of the blocks `a.cls_blocks`, shallow to deep; later blocks are skipped. `grad_checkpointing` keeps
-    only each block's input for the backward and recomputes the rest (less memory, about +25 % time)."""
+    """CLIP's vision tower up to the residual stream: the raw CLS token (no ln_post, no proj) after each block
+    in `a.cls_blocks`, later ones skipped. `grad_checkpointing`: each block recomputed in the backward (+25 % time)."""
 
     def __init__(self, a: PneumoArgs):
         super().__init__()
@@ -231,7 +211,7 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(v.width**-0.5 * torch.randn(grid * grid + 1, v.width))
         self.ln_pre = LayerNorm(v.width)
         # blocks past the last kept one are loaded but never run, so they get no adapter
-        blocks = [ResidualAttentionBlock(v.width, v.heads, a, a.vit_adapters and i < self.cls_blocks[-1]) 
+        blocks = [ResidualAttentionBlock(v.width, v.heads, a, a.vit_adapters and i < self.cls_blocks[-1])
                   for i in range(v.layers)]
         self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(blocks)))
         self.grad_checkpointing = False
@@ -258,22 +238,16 @@ class ConvStem(nn.Module):  # Fig. 6a's "Conv14": one trainable patchify conv, n
         return self.conv1(img.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
 
 
-# -----------------------------------------------------------------------------------------------
 # LLaMA blocks (keys as in Meta's checkpoint: layers.*, norm.*), no embedding, no output layer
-
-
-def rope(x, cos, sin, halves: bool):  # x (B, T, h, d); rotates pair i by angle i
-    """Meta's rows hold the pairs interleaved, (x0, x1), (x2, x3), ...; Hugging Face's files permute q/k
-    rows so that pair i is (x_i, x_{i+d/2}) (`rotate_half`). Both are used as stored: no re-ordered copy."""
-    xf = x.float()
-    x0, x1 = xf.unflatten(-1, (2, -1)).unbind(-2) if halves else xf.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -2 if halves else -1).flatten(-2).type_as(x)
+def rope(x, cos, sin):  # x (B, T, h, d), pairs interleaved as in Meta's rows: (x0, x1) rotates by angle 0, ...
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, h, d/2) each
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
     def __init__(self, p: LlamaArgs):
         super().__init__()
-        self.n_heads, self.n_kv, self.halves = p.n_heads, p.n_kv_heads or p.n_heads, p.rope_halves
+        self.n_heads, self.n_kv = p.n_heads, p.n_kv_heads or p.n_heads
         hd = p.dim // p.n_heads
         self.wq = nn.Linear(p.dim, p.n_heads * hd, bias=False)  # merge_adapters() may add biases
         self.wk = nn.Linear(p.dim, self.n_kv * hd, bias=False)
@@ -281,8 +255,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(p.n_heads * hd, p.dim, bias=False)
 
     def forward(self, x, cos, sin, mask):  # x (B, T, D), mask (T, T) additive
-        q = rope(self.wq(x).unflatten(-1, (self.n_heads, -1)), cos, sin, self.halves).transpose(1, 2)  # B h T d
-        k = rope(self.wk(x).unflatten(-1, (self.n_kv, -1)), cos, sin, self.halves).transpose(1, 2)  # B kv T d
+        q = rope(self.wq(x).unflatten(-1, (self.n_heads, -1)), cos, sin).transpose(1, 2)  # (B, h, T, d)
+        k = rope(self.wk(x).unflatten(-1, (self.n_kv, -1)), cos, sin).transpose(1, 2)  # (B, kv, T, d)
         v = self.wv(x).unflatten(-1, (self.n_kv, -1)).transpose(1, 2)
         if self.n_kv != self.n_heads:  # kv head j serves query heads j*r .. j*r + r - 1
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv, 1) for t in (k, v))
@@ -306,10 +280,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, a: PneumoArgs):
         super().__init__()
         p = a.llama
-        self.attention = Attention(p)
-        self.feed_forward = FeedForward(p)
-        self.attention_norm = RMSNorm(p.dim, p.norm_eps)
-        self.ffn_norm = RMSNorm(p.dim, p.norm_eps)
+        self.attention, self.feed_forward = Attention(p), FeedForward(p)
+        self.attention_norm, self.ffn_norm = RMSNorm(p.dim, p.norm_eps), RMSNorm(p.dim, p.norm_eps)
         self.adapter_attn = make_adapter(p.dim, a, a.llm_adapters)
 
     def forward(self, x, cos, sin, mask):
@@ -338,10 +310,7 @@ class Llama(nn.Module):
         return self.norm(h)
 
 
-# -----------------------------------------------------------------------------------------------
 # PneumoLLM's own parts: engine, projection, emitter mask, head
-
-
 class MultiTokenEngine(nn.Module):  # Eq. 1: each diagnosis token is a convex combination of the CLS tokens
     def __init__(self, width: int, hidden: int, k: int):
         super().__init__()
@@ -398,9 +367,8 @@ class Projection(nn.Module):  # ViT width -> LLaMA dim; xavier weights, zero bia
 
 
 def emitter_mask(n: int, k: int, device=None) -> torch.Tensor:
-    """Eq. 2, additive (T, T) with T = n + K: every row may look at the n source (CLS) columns
-    only, so CLS tokens never see diagnosis tokens and each diagnosis token reads the CLS tokens
-    alone. With the text branch the question tokens are sources too."""
+    """Eq. 2, additive (T, T) with T = n + K: every row may look at the n source (CLS) columns only, so CLS
+    tokens never see diagnosis tokens and each diagnosis token reads the sources alone (question tokens too)."""
     mask = torch.zeros(n + k, n + k, device=device)
     mask[:, n:] = float("-inf")
     return mask
@@ -413,8 +381,7 @@ def normalise(x: torch.Tensor, size: int, norm="clip") -> torch.Tensor:  # (B, 1
     x = x.float() / 255
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    # the one grey channel three times, each with its channel's constants: Python floats, so that no
-    # tensor is copied to the device on every step
+    # the grey channel three times, each with its channel's constants (Python floats: no copy to the device)
     return torch.cat([(x - m) / s for m, s in zip(mean, std)], 1)
 
 
@@ -442,19 +409,16 @@ class PneumoLLM(nn.Module):
         stem = [self.visual] if isinstance(self.visual, ConvStem) else []
         return adapters + stem + [m for m in (self.engine, self.proj, self.head) if m is not None]
 
-    def own_parameters(self) -> list:  # saved with a run; the rest is CLIP's and LLaMA's, frozen
-        return [p for m in self.own_modules() for p in m.parameters()]
+    def own_state_dict(self) -> dict:  # saved with a run; the rest is CLIP's and LLaMA's, frozen
+        ids = {id(p) for m in self.own_modules() for p in m.parameters()}
+        return {n: p for n, p in self.named_parameters() if id(p) in ids}
 
     def frozen_parameters(self) -> list:  # CLIP's and LLaMA's
-        own = {id(p) for p in self.own_parameters()}
+        own = {id(p) for p in self.own_state_dict().values()}
         return [p for p in self.parameters() if id(p) not in own]
 
     def trainable_parameters(self) -> list:
-        return [p for p in self.own_parameters() if p.requires_grad]
-
-    def own_state_dict(self) -> dict:
-        ids = {id(p) for p in self.own_parameters()}
-        return {n: p for n, p in self.named_parameters() if id(p) in ids}
+        return [p for p in self.own_state_dict().values() if p.requires_grad]
 
     def forward(self, images):  # (B, 3, H, W) normalised -> logits (B, C) in fp32
         a = self.args
@@ -474,9 +438,8 @@ class PneumoLLM(nn.Module):
 
     @torch.no_grad()
     def merge_adapters(self):
-        """Re-parameterisation: fold each adapter x -> x + U D x + c into the q/k/v projection after it,
-        W' = W + (W U) D (rank h: no C x C product), b' = W c + b, and drop it: inference costs the frozen
-        backbone alone. It writes q/k/v: on a CPU, private copies of memory-mapped pages (eval.py skips it)."""
+        """Re-parameterisation: fold each adapter x -> x + U D x + c into the q/k/v after it, W' = W + (W U) D
+        (rank h), b' = W c + b, and drop it. On a CPU it copies memory-mapped q/k/v pages (eval.py skips it)."""
         vit = self.visual.transformer.resblocks if isinstance(self.visual, VisionTransformer) else []
         llm = self.llama.layers if self.llama is not None else []
         targets = [(b, [(b.attn, "in_proj_weight", "in_proj_bias")]) for b in vit]
@@ -491,35 +454,12 @@ class PneumoLLM(nn.Module):
                     w.copy_(w.float() + (w.float() @ up) @ down)
                 block.adapter_attn = nn.Identity()
 
-    def save_trainable(self, path):
-        """Only this project's own weights (a few MB). A run's config.json says how to rebuild the model."""
-        save_file({n: p.detach().contiguous() for n, p in self.own_state_dict().items()}, str(path))
-
-    @torch.no_grad()
-    def load_trainable(self, source):
-        """This project's own weights, from a file that save_trainable wrote or a {name: tensor} dict."""
-        where = "the given weights" if isinstance(source, dict) else str(source)
-        if not isinstance(source, dict):
-            try:
-                source = load_file(where)
-            except Exception as e:  # truncated or not safetensors: one line
-                raise CheckpointError(f"{where}: not a readable safetensors file ({type(e).__name__})") from None
-        own = self.own_state_dict()
-        if set(source) != set(own):
-            raise CheckpointError(f"{where}: trainable keys do not match this model, e.g. "
-                                  f"{sorted(set(source) ^ set(own))[:3]}")
-        for name, t in source.items():
-            if t.shape != own[name].shape:
-                raise CheckpointError(f"{where}: {name} is {list(t.shape)}, expected {list(own[name].shape)}")
-            own[name].copy_(t)
-
 
 # -----------------------------------------------------------------------------------------------
 # loaders: read the original files lazily; a checkpoint key maps to (file, original key, getter)
 
 
 Entry = namedtuple("Entry", "file key get")  # key: as the file spells it, for messages; get() -> the tensor
-
 
 # What the checkpoints hold that this model deliberately does not use (full-match regexes).
 CLIP_IGNORE = [
@@ -528,148 +468,13 @@ CLIP_IGNORE = [
     r"logit_scale|input_resolution|context_length|vocab_size",  # metadata in OpenAI's files
     r"text_model\..*|(text|visual)_projection\.weight|vision_model\.embeddings\.position_ids",  # HF's extras
 ]
-
-
 LLAMA_IGNORE = [
     r"tok_embeddings\.weight|output\.weight",  # no text input, no next-token output
     r"rope\.freqs|layers\.\d+\.self_attn\.rotary_emb\.inv_freq",  # RoPE tables, recomputed here
 ]
 
 
-_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")  # what a tensor checkpoint imports
-
-
-def _pickled_globals(path: Path) -> list:
-    """'module.name' of each global that a pickle (torch.save's data.pkl inside its zip, or a plain
-    pickle) would import, read by pickletools without unpickling anything; [] if it cannot be read."""
-    strings, out = [], []
-    try:
-        with (zipfile.ZipFile(path) if zipfile.is_zipfile(path) else nullcontext()) as archive:
-            pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None) if archive else None
-            with archive.open(pkl) if pkl else open(path, "rb") as f:
-                for op, arg, _ in pickletools.genops(f):
-                    if isinstance(arg, str):
-                        strings.append(arg)
-                    if op.name == "GLOBAL":
-                        out.append(arg.replace(" ", "."))
-                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        out.append(".".join(strings[-2:]))
-    except Exception:  # not a pickle at all
-        pass
-    return out
-
-
-def _torch_load(path: Path) -> dict:
-    try:  # torch.save's zip format is memory-mapped; an old plain pickle cannot be
-        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-    except Exception:  # it would build more than tensors (e.g. run code), or it is damaged: refused
-        foreign = [g for g in _pickled_globals(path) if not g.startswith(_TENSOR_GLOBALS)]
-        kind = f"holds code-bearing objects ({foreign[0]})" if foreign else "is not a plain tensor checkpoint"
-        raise CheckpointError(f"{path}: {kind}; not loaded") from None
-
-
-_STORAGES = {f"torch.{n}Storage": getattr(torch, d) for n, d in zip(  # a storage class stands for its dtype
-    "Half BFloat16 Float Double Int Long Short Char Byte Bool".split(),
-    "float16 bfloat16 float32 float64 int32 int64 int16 int8 uint8 bool".split())}
-
-
-MAX_DEPTH = 64  # nested modules in a TorchScript archive (CLIP's: 6)
-
-
-class _Inert:  # stands in for a TorchScript class (`__torch__.*`): keeps its pickled state, runs nothing
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _Refused(Exception):
-    """What makes an archive unsafe or inconsistent; read_torchscript names the file."""
-
-
-def _view(storage: torch.Tensor, offset: int, size, stride, *_) -> torch.Tensor:
-    """torch._utils._rebuild_tensor_v2, for a view that must lie inside its storage, with no stride 0."""
-    if len(size) != len(stride) or min([offset, *size, *stride]) < 0:
-        raise _Refused(f"a tensor view of size {tuple(size)}, stride {tuple(stride)}, offset {offset}")
-    if any(s == 0 and n > 1 for n, s in zip(size, stride)):
-        raise _Refused(f"a tensor view with a stride of 0 (size {tuple(size)}): one value repeated")
-    if all(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel():
-        raise _Refused(f"a tensor view of size {tuple(size)} past the end of its storage ({storage.numel()})")
-    return storage.as_strided(size, stride, offset)
-
-
-class _TorchScriptReader(pickle.Unpickler):
-    def __init__(self, archive: zipfile.ZipFile, raw, prefix: str):
-        super().__init__(archive.open(prefix + "data.pkl"))
-        self.archive, self.raw, self.prefix, self.storages = archive, raw, prefix, {}
-
-    def find_class(self, module, name):
-        if module == "__torch__" or module.startswith("__torch__."):  # the archive's own classes, top-level too
-            return _Inert
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _view
-        if f"{module}.{name}" in _STORAGES:
-            return _STORAGES[f"{module}.{name}"]
-        raise _Refused(f"holds code-bearing objects ({module}.{name})")
-
-    def persistent_load(self, pid):  # ('storage', dtype, record, location, numel) -> flat tensor, once per record
-        _, dtype, key, _, numel = pid
-        if key not in self.storages:
-            self.storages[key] = self._record(str(key), dtype, int(numel))
-        return self.storages[key]
-
-    def _record(self, key: str, dtype, numel: int) -> torch.Tensor:
-        """A data/ record memory-mapped (copy-on-write: the file is never written), never inflated."""
-        info = self.archive.getinfo(f"{self.prefix}data/{key}")
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise _Refused(f"record {key} is compressed (TorchScript stores records as they are)")
-        size = numel * torch.empty(0, dtype=dtype).element_size()
-        if info.file_size != size:
-            raise _Refused(f"record {key} holds {info.file_size} bytes, its storage declares {size}")
-        if not size:
-            return torch.empty(0, dtype=dtype)
-        self.raw.seek(info.header_offset)  # the local header: 30 bytes, then the name and the extra field
-        head = self.raw.read(30)
-        start = info.header_offset + 30 + int.from_bytes(head[26:28], "little") + int.from_bytes(head[28:30], "little")
-        return torch.from_numpy(np.memmap(self.raw, np.uint8, "c", start, (size,))).view(dtype)
-
-
-def _module_tensors(obj, at="", depth=0) -> dict:  # the stand-ins' tensor attributes, by module path
-    if depth > MAX_DEPTH:
-        raise _Refused(f"modules nested more than {MAX_DEPTH} deep (a cycle?)")
-    state = obj.state if isinstance(getattr(obj, "state", None), dict) else {}
-    out = {at + k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    for k, v in state.items():
-        out.update(_module_tensors(v, f"{at}{k}.", depth + 1) if isinstance(v, _Inert) else {})
-    return out
-
-
-def read_torchscript(path: Path) -> Optional[dict]:
-    """Every tensor of a TorchScript archive (OpenAI's ViT-L-14.pt) by module path, or None if `path`
-    is not one; read without running any of it (`torch.jit.load` would run the archive's code, a
-    class's __setstate__ say). Its data.pkl may build tensors, OrderedDicts and inert stand-ins for its
-    classes; any other global is refused. Bounded: each data/ record is memory-mapped once (a
-    compressed one is refused), every view must lie inside its record without a stride of 0, and
-    nesting is at most MAX_DEPTH deep."""
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-        top = [n for n in archive.namelist() if n.count("/") == 1]  # <name>/data.pkl, <name>/constants.pkl, ...
-        if not any(n.endswith("/constants.pkl") for n in top):
-            return None  # a zip from torch.save, for _torch_load
-        pkl = next((n for n in top if n.endswith("/data.pkl")), None)
-        if pkl is None:
-            raise CheckpointError(f"{path}: a TorchScript archive without data.pkl; not loaded")
-        try:
-            return _module_tensors(_TorchScriptReader(archive, raw, pkl[:-len("data.pkl")]).load())
-        except _Refused as e:
-            raise CheckpointError(f"{path}: {e}; not loaded") from None
-        except Exception as e:  # a damaged archive: one line
-            raise CheckpointError(f"{path}: not a readable TorchScript archive ({type(e).__name__})") from None
-
-
-# Hugging Face's layouts (`openai/clip-vit-large-patch14`: config.json + *.safetensors; LLaMA: config.json +
-# model*.safetensors, with or without an index), read lazily under OpenAI's and Meta's key names
+# Hugging Face's layouts (config.json + *.safetensors), read lazily under OpenAI's and Meta's key names
 
 
 def _safetensors(files) -> dict:
@@ -689,9 +494,7 @@ def _renamed(entries: dict, table: list) -> dict:  # {Hugging Face key: e} -> {O
     return out
 
 
-def _check_config(folder: Path, c: dict, allowed: dict):
-    """Every config field that changes the math must hold a value this model computes (the first is the
-    field's default, when the config leaves it out); else one line."""
+def _check_config(folder: Path, c: dict, allowed: dict):  # {field: (default, other values this model computes)}
     for name, values in allowed.items():
         if c.get(name, values[0]) not in values:
             raise CheckpointError(f"{folder}/config.json: {name} = {c[name]!r} is not supported (this model "
@@ -729,8 +532,7 @@ def read_clip_hf(folder: Path, act=None) -> tuple[VisionArgs, dict]:
     _check_config(folder, c, dict(hidden_act=("quick_gelu", "gelu"), layer_norm_eps=(1e-5,), num_channels=(3,)))
     hidden_act = c.get("hidden_act", "quick_gelu")
     if act and act != hidden_act:
-        raise CheckpointError(f"{folder}/config.json: hidden_act is {hidden_act!r}, not the {act!r} asked for "
-                              "(--clip-act)")
+        raise CheckpointError(f"{folder}/config.json: hidden_act is {hidden_act!r}, not --clip-act {act!r}")
     v = VisionArgs(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"],
                    c["image_size"], hidden_act)
     files = sorted(folder.glob("*.safetensors"))
@@ -743,13 +545,12 @@ def read_clip_hf(folder: Path, act=None) -> tuple[VisionArgs, dict]:
 
 
 def read_clip(path, act=None) -> tuple[VisionArgs, dict]:
-    """OpenAI's TorchScript `ViT-L-14.pt`, an OpenAI-layout state dict (OpenAI's or OpenCLIP's), or a
-    Hugging Face folder. `act`: the MLP's activation, which only a Hugging Face config states; an
-    OpenAI-layout file is QuickGELU (OpenAI's) unless act="gelu" (OpenCLIP's LAION towers)."""
+    """OpenAI's TorchScript `ViT-L-14.pt`, an OpenAI-layout state dict (OpenAI's, OpenCLIP's) or a Hugging Face
+    folder. `act`: the MLP's; only a Hugging Face config states it, else QuickGELU unless "gelu" (LAION's)."""
     path = Path(path)
     if path.is_dir():
         return read_clip_hf(path, act)
-    sd = ts if (ts := read_torchscript(path)) is not None else _torch_load(path)  # {} is an empty archive
+    sd = ts if (ts := read_torchscript(path)) is not None else read_tensors(path)  # {} is an empty archive
     if "conv1.weight" in sd:  # a vision-only OpenAI-layout file
         sd = {"visual." + k: t for k, t in sd.items()}
     if "visual.conv1.weight" not in sd:
@@ -788,16 +589,23 @@ def _read_llama_meta(folder: Path):
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{folder}: no consolidated.NN.pth next to params.json")
-    return p, _merged_shards(str(files[0]), [_torch_load(f) for f in files])
+    shards = [read_tensors(f) for f in files]
+    if p.vocab_size <= 0 and "tok_embeddings.weight" in shards[0]:  # params.json says -1; the text branch needs it
+        p.vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
+    return p, _merged_shards(str(files[0]), shards)
 
 
 _HF_LLAMA = [  # Hugging Face name -> Meta name
     (r"model\.embed_tokens\.", "tok_embeddings."), (r"model\.norm\.", "norm."), (r"lm_head\.", "output."),
     (r"model\.layers\.", "layers."), (r"self_attn\.([qkvo])_proj\.", r"attention.w\1."),
     (r"mlp\.gate_proj\.", "feed_forward.w1."), (r"mlp\.down_proj\.", "feed_forward.w2."),
-    (r"mlp\.up_proj\.", "feed_forward.w3."),
-    (r"input_layernorm\.", "attention_norm."), (r"post_attention_layernorm\.", "ffn_norm."),
+    (r"mlp\.up_proj\.", "feed_forward.w3."), (r"input_layernorm\.", "attention_norm."),
+    (r"post_attention_layernorm\.", "ffn_norm."),
 ]
+
+
+def _interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:  # (h*d, D) rows (x_i, x_i+d/2) -> (x_2i, x_2i+1)
+    return w.unflatten(0, (heads, 2, -1)).transpose(1, 2).reshape(w.shape)  # a copy (on a CPU too)
 
 
 def read_llama_hf(folder: Path) -> tuple[LlamaArgs, dict]:
@@ -812,12 +620,17 @@ def read_llama_hf(folder: Path) -> tuple[LlamaArgs, dict]:
                   n_kv_heads=c.get("num_key_value_heads"), vocab_size=c.get("vocab_size", -1),
                   norm_eps=c.get("rms_norm_eps", 1e-6),
                   rope_theta=c.get("rope_theta", rope.get("rope_theta", 1e4)),
-                  ffn_hidden=c["intermediate_size"], rope_halves=True)
+                  ffn_hidden=c["intermediate_size"])
     index = folder / "model.safetensors.index.json"
     names = ["model.safetensors"]
     if index.exists():  # sharded: the index maps every key to its file
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return p, _renamed(_safetensors([folder / n for n in names]), _HF_LLAMA)
+    entries = _renamed(_safetensors([folder / n for n in names]), _HF_LLAMA)
+    for k, e in entries.items():  # Hugging Face permuted q/k rows for its rotate_half RoPE: back to Meta's pairs
+        if m := re.fullmatch(r"layers\.\d+\.attention\.w([qk])\.weight", k):
+            heads = p.n_heads if m[1] == "q" else p.n_kv_heads or p.n_heads
+            entries[k] = e._replace(get=lambda g=e.get, h=heads: _interleaved(g(), h))
+    return p, entries
 
 
 def read_llama(path) -> tuple[LlamaArgs, dict]:
@@ -829,11 +642,6 @@ def read_llama(path) -> tuple[LlamaArgs, dict]:
     if (path / "config.json").exists():
         return read_llama_hf(path)
     raise CheckpointError(f"{path}: neither params.json (Meta) nor config.json (Hugging Face) found")
-
-
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, nn.Parameter(tensor, requires_grad=False))
 
 
 def _load_frozen(model: nn.Module, scope: str, strip: str, entries: dict, ignore: list, device, dtype):
@@ -851,7 +659,8 @@ def _load_frozen(model: nn.Module, scope: str, strip: str, entries: dict, ignore
         t = e.get()
         if t.shape != p.shape:
             raise CheckpointError(f"{e.file}: {e.key!r} is {list(t.shape)}, expected {list(p.shape)}")
-        _assign(model, name, t.to(device=device, dtype=dtype))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, nn.Parameter(t.to(device, dtype), requires_grad=False))
 
 
 def materialise_own(model: PneumoLLM, device):
@@ -867,20 +676,14 @@ def materialise_own(model: PneumoLLM, device):
 
 
 def from_pretrained(clip, llama, device="cpu", dtype=None, clip_act=None, **kw) -> PneumoLLM:
-    """Build PneumoLLM on `meta`, map the original checkpoints into it, then create this project's
-    own parts (fp32) on `device`. Frozen weights: as stored on CPU (memory-mapped, never copied), fp16
-    elsewhere, unless `dtype` is given. `clip_act`: see read_clip. `kw` are PneumoArgs fields. Ablations
-    read only what they use: encoder="conv" ignores `clip`; llm=False reads no LLaMA (`llama` may be None:
-    the width is then 4096)."""
+    """Build PneumoLLM on `meta`, map the original checkpoints into it, then create this project's own parts (fp32)
+    on `device`. Frozen weights: as stored on CPU (memory-mapped), fp16 elsewhere, unless `dtype` is given. `kw`:
+    PneumoArgs fields; encoder="conv" ignores `clip`; llm=False reads no LLaMA (`llama` may be None: width 4096)."""
     device = torch.device(device)
     dtype = dtype or (None if device.type == "cpu" else torch.float16)
     clip_used = kw.get("encoder", "clip") == "clip"
     vision, clip_entries = read_clip(clip, clip_act) if clip_used else (kw.pop("vision", VisionArgs()), {})
     llama_args, llama_entries = read_llama(llama) if llama else (LlamaArgs(), {})  # llm=False: only its width
-    if kw.get("question_ids") and llama_args.vocab_size <= 0:  # Meta's params.json says -1
-        if "tok_embeddings.weight" not in llama_entries:
-            raise CheckpointError(f"{llama}: no tok_embeddings.weight, which the question (text branch) needs")
-        llama_args.vocab_size = llama_entries["tok_embeddings.weight"].get().shape[0]
     with torch.device("meta"):
         model = PneumoLLM(PneumoArgs(vision=vision, llama=llama_args, **kw))
     if clip_entries:

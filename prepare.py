@@ -47,8 +47,8 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 import audit
 import demo
 import pretrain
-from folders import (Help, Interrupted, UserError, cli, encode_labels, lacking, locked, make_folds, write_atomic,
-                     write_csv)
+from folders import (Help, Interrupted, UserError, changed, cli, encode_labels, lacking, locked, make_folds,
+                     refuse_changed, write_atomic, write_csv)
 from lungcrop import LUNG_REGION, mask_box, region_in_crop, resized, rle_mask, thorax_box
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -370,12 +370,8 @@ def check_settings(out: Path, opt):
     """Refuse other settings than the folder's (unless --restart, which empties it)."""
     meta = out / "meta.json"
     if meta.exists() and not opt.restart:
-        old = json.loads(meta.read_text()).get("settings", {})
-        diff = [f"{k} {old.get(k)!r} there, {v!r} now" for k, v in settings_of(opt).items()
-                if str(old.get(k)) != str(v)]
-        if diff:
-            raise UserError(f"{out} was prepared with other settings ({'; '.join(diff)}): pass another --out, "
-                            "or --restart to prepare it again from scratch")
+        old, new = json.loads(meta.read_text()).get("settings", {}), settings_of(opt)
+        refuse_changed(out, "was prepared", old, new, changed(old, new), "prepare it again from scratch")
 
 
 def empty_for_restart(out: Path, opt):

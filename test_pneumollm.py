@@ -123,16 +123,7 @@ def clip_files(tmp_path_factory):
                "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(96, 32), "ln_final.weight": torch.ones(32),
                "text_projection": torch.zeros(32, 16), "logit_scale": torch.tensor(4.6)})
     torch.save(oa, d / "openai.pt")
-    root = nn.Module()  # a TorchScript archive with the same parameter names, as OpenAI's ViT-L-14.pt
-    for k, t in oa.items():
-        *path, leaf = k.split(".")
-        m = root
-        for part in path:
-            if not hasattr(m, part):
-                m.add_module(part, nn.Module())
-            m = getattr(m, part)
-        m.register_parameter(leaf, nn.Parameter(t.clone(), requires_grad=False))
-    torch.jit.save(torch.jit.script(root), str(d / "ViT-tiny.pt"))
+    bench.save_torchscript({k: t.clone() for k, t in oa.items()}, d / "ViT-tiny.pt")  # as OpenAI's ViT-L-14.pt
     return dict(hf=d / "hf", pt=d / "openai.pt", jit=d / "ViT-tiny.pt", ref=hf.vision_model, sd=oa)
 
 
@@ -418,22 +409,22 @@ def test_full_size_model_on_meta_has_the_papers_trainable_count():
 def test_save_load_round_trip_and_refusals(tmp_path):
     model, img = tiny(), torch.randn(2, 3, 224, 224)
     perturb_adapters(model)
-    model.save_trainable(tmp_path / "t.safetensors")
+    C.save_trainable(model, tmp_path / "t.safetensors")
     assert (tmp_path / "t.safetensors").stat().st_size < 2_000_000
     fresh = P.PneumoLLM(P.tiny_args()).eval()
     fresh.load_state_dict({n: t for n, t in model.state_dict().items()})  # same frozen weights
-    tiny(seed=5).save_trainable(tmp_path / "other.safetensors")
-    fresh.load_trainable(tmp_path / "other.safetensors")
+    C.save_trainable(tiny(seed=5), tmp_path / "other.safetensors")
+    C.load_trainable(fresh, tmp_path / "other.safetensors")
     assert not torch.equal(fresh(img), model(img))
-    fresh.load_trainable(tmp_path / "t.safetensors")
+    C.load_trainable(fresh, tmp_path / "t.safetensors")
     with torch.no_grad():
         assert torch.equal(fresh(img), model(img))
     save_file({"head.weight": torch.zeros(2, 64)}, str(tmp_path / "few.safetensors"))
     with pytest.raises(P.CheckpointError, match=r"few\.safetensors: trainable keys do not match"):
-        fresh.load_trainable(tmp_path / "few.safetensors")
-    tiny(n_classes=3).save_trainable(tmp_path / "three.safetensors")
+        C.load_trainable(fresh, tmp_path / "few.safetensors")
+    C.save_trainable(tiny(n_classes=3), tmp_path / "three.safetensors")
     with pytest.raises(P.CheckpointError, match=r"three\.safetensors: head\.weight is \[3, 64\], expected \[2, 64\]"):
-        fresh.load_trainable(tmp_path / "three.safetensors")
+        C.load_trainable(fresh, tmp_path / "three.safetensors")
 
 
 def test_merged_adapters_give_the_same_logits():
@@ -684,7 +675,7 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
 
 
 def fake_rates(fast):  # GFLOP/s as a CPU would measure them: `fast` at 300, fp32 at 50, the rest at 5
-    return lambda rows, width, dtype, stored, per_call: 300.0 if dtype == C.CPU_DTYPES[fast] else \
+    return lambda rows, width, dtype, stored, per_call: 300.0 if dtype == C.DTYPES[fast] else \
         50.0 if dtype == torch.float32 else 5.0
 
 
@@ -710,13 +701,13 @@ def test_cpu_scoring_follows_the_measured_rates_and_stays_close_to_fp32(fast, wa
     for name, p in model.named_parameters():
         part = "ViT" if name.startswith("visual.") else "LLaMA"
         stays = want[part][1] == "upcast" and (".layers." in name or ".resblocks." in name)
-        expect = torch.float32 if id(p) not in frozen else torch.float16 if stays else C.CPU_DTYPES[want[part][0]]
+        expect = torch.float32 if id(p) not in frozen else torch.float16 if stays else C.DTYPES[want[part][0]]
         assert p.dtype == expect, name
     images = torch.randint(0, 256, (6, 1, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     batched = C.predict(model, images, cfg, batch=6)
     alone = np.concatenate([C.predict(model, images[i:i + 1], cfg) for i in range(6)])
     np.testing.assert_allclose(batched, alone, atol=1e-5)
-    assert model.llama.layers[0].attention.wq.weight.dtype == (torch.float16 if fast == "fp32" else C.CPU_DTYPES[fast])
+    assert model.llama.layers[0].attention.wq.weight.dtype == (torch.float16 if fast == "fp32" else C.DTYPES[fast])
     with torch.no_grad():
         fp32 = ref(P.normalise(images, 224, cfg["norm"])).softmax(-1)
         rounded = C.cast_frozen(copy.deepcopy(ref), torch.float16).float()(P.normalise(images, 224)).softmax(-1)
@@ -871,7 +862,7 @@ def test_an_openclip_style_gelu_vit_matches_transformers_and_unknown_math_is_ref
         ours, ref = model.visual(img), hf(pixel_values=img, output_hidden_states=True).hidden_states
     for i in range(4):
         torch.testing.assert_close(ours[:, i], ref[i + 1][:, 0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(P.CheckpointError, match=r"hidden_act is 'gelu', not the 'quick_gelu' asked for"):
+    with pytest.raises(P.CheckpointError, match=r"hidden_act is 'gelu', not --clip-act 'quick_gelu'"):
         P.read_clip(tmp_path / "laion", "quick_gelu")
     vision, entries = P.read_clip(clip_files["pt"], "gelu")  # OpenAI's layout, OpenCLIP's activation
     assert vision.act == "gelu"
@@ -1007,13 +998,13 @@ def test_pickle_that_runs_code_is_refused(clip_files, llama_files, tmp_path, mon
     monkeypatch.setenv("PWNED", str(flag))
     (tmp_path / "evil").mkdir()
     (tmp_path / "evil/params.json").write_text((llama_files["meta"] / "params.json").read_text())
-    with open(tmp_path / "evil/consolidated.00.pth", "wb") as f:
-        pickle.dump({"norm.weight": Exploit()}, f)
-    torch.save({"x": Exploit()}, tmp_path / "evil.pt")
+    torch.save({"norm.weight": Exploit()}, tmp_path / "evil/consolidated.00.pth")
+    with open(tmp_path / "evil.pt", "wb") as f:  # an old plain pickle: refused too, its globals unnamed
+        pickle.dump({"x": Exploit()}, f)
     with pytest.raises(P.CheckpointError,
                        match=r"consolidated\.00\.pth: holds code-bearing objects \(\w+\.system\); not loaded$"):
         load(clip_files["pt"], tmp_path / "evil")
-    with pytest.raises(P.CheckpointError, match=r"evil\.pt: holds code-bearing objects \(\w+\.system\); not loaded$"):
+    with pytest.raises(P.CheckpointError, match=r"evil\.pt: is not a plain tensor checkpoint; not loaded$"):
         load(tmp_path / "evil.pt", llama_files["meta"])
     assert not flag.exists()
 
@@ -2961,7 +2952,7 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path, monkeypatch,
         (["eval.py", "--runs", str(run.parent), "--image", str(tmp_path / "labels.csv")],
          "best.safetensors: not a readable safetensors file"),
         (["train.py", "--data", str(demo_data), "--model", "random", "--batch-size", "16", "--epochs", "1", "--out",
-          str(stopped)], "state.pt: not a readable resume point"),
+          str(stopped)], "state.pt: is not a plain tensor checkpoint; not loaded; pass --restart"),
         (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "header.csv"), "--out",
           str(tmp_path / "p")], "a header and no rows"),
         (["eval.py", "--runs", str(tmp_path / "none"), "--fold", "1"], "no run there"),

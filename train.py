@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import common as C
 import metrics as M
 import pneumollm as P
-from folders import Data, Help, Interrupted, UserError, cli, lacking, locked, replacing, write_atomic, write_csv
+from folders import (Data, Help, Interrupted, UserError, changed, cli, lacking, locked, refuse_changed, replacing,
+                     write_atomic, write_csv)
 
 MODELS = {  # --model: where its checkpoints are, and its recipe's own defaults
     "full": dict(clip="checkpoints/ViT-L-14.pt", llama="checkpoints/llama-7b", lr=3e-4, epochs=100),
@@ -68,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup-lr", type=float, default=5e-7, help="learning rate at step 0")
     r.add_argument("--weight-decay", type=float, default=0.02, help="AdamW decay of the >=2-D trainable tensors")
     r.add_argument("--seed", type=int, default=20, help="initialisation, data order and the validation split")
-    r.add_argument("--dtype", choices=list(P.DTYPES),
+    r.add_argument("--dtype", choices=list(C.DTYPES),
                    help="frozen weights and autocast (default: fp16 on GPU, fp32 on CPU)")
     r.add_argument("--norm", choices=["clip", "imagenet"], default="clip", help="imagenet = the authors' code")
     r.add_argument("--val-frac", type=float, default=0.1, help="training patients held out to choose the epoch")
@@ -163,7 +164,7 @@ def claim(out: Path, cfg: dict) -> str:
     old = json.loads((out / "config.json").read_text())
     # a finished run is the same run on another machine: its dtype followed the device it trained on
     ignored = RUNTIME + (("dtype",) if C.finished(out) else ())
-    diff = [k for k in sorted(set(old) | set(cfg)) if k not in ignored and old.get(k) != cfg.get(k)]
+    diff = changed(old, cfg, ignored)
     if diff and not C.finished(out) and not (out / "state.pt").exists():  # it never finished an epoch: nothing to keep
         print(f"{out}: a run that never finished an epoch, with other settings ({', '.join(diff[:4])}): started "
               "again with these")
@@ -171,10 +172,7 @@ def claim(out: Path, cfg: dict) -> str:
         return "new"
     if "data_fingerprint" in diff:
         Data(cfg["data"]).check_run(old, out)
-    if diff:
-        said = "; ".join(f"{k} {old.get(k)!r} there, {cfg.get(k)!r} now" for k in diff[:4])
-        raise UserError(f"{out} holds a run with other settings ({said}): pass another --out, "
-                        "or --restart to discard it")
+    refuse_changed(out, "holds a run", old, cfg, diff, "discard it")
     return "finished" if C.finished(out) else "resume" if (out / "state.pt").exists() else "new"
 
 
@@ -188,8 +186,9 @@ def start_folder(out: Path, cfg: dict):
 
 def check_classes(data: Data, split: dict, cfg: dict):
     """Before any training: the metrics that choose the epoch need every class in the validation split."""
-    for part in ("train", "val") if cfg["select"] != "last" else ("train",):
-        y = data.labels(split[part])
+    parts = {"train": split["train"]} | ({cfg["select"]: split["select"]} if cfg["select"] != "last" else {})
+    for part, rows in parts.items():  # part: train, val or test (--authors-code)
+        y = data.labels(rows)
         missed = lacking(y, len(data.classes), data.multi_label)
         if missed.any():
             what = "images with and without" if data.multi_label else "images of"
@@ -293,7 +292,7 @@ class Training:
 
     def restore(self, out: Path):
         st = C.read_state(out)
-        self.model.load_trainable(st["model"])
+        C.load_trainable(self.model, st["model"])
         self.opt.load_state_dict(st["opt"])  # moves AdamW's state onto the parameters' device
         self.scaler.load_state_dict(st["scaler"])
         self.gen.set_state(st["gen"])
@@ -362,7 +361,7 @@ def validate_and_save(tr: Training, rec: dict, val_x, val_y, out: Path):
         if m["avg"] > tr.best:
             tr.best, tr.best_epoch = m["avg"], tr.epoch
             with replacing(out / "best.safetensors") as tmp:
-                tr.model.save_trainable(tmp)
+                C.save_trainable(tr.model, tmp)
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     tr.save(out)
@@ -383,8 +382,8 @@ def final_test(model: P.PneumoLLM, data: Data, split: dict, cfg: dict, epoch: in
     """The one and only look at the test fold, with the chosen epoch's weights. Writes the validation
     split's predictions (eval.py chooses its operating point there), metrics.json, then predictions.csv:
     the run is finished."""
-    model.load_trainable(out / "best.safetensors")
-    if split["val"] and cfg["select"] != "test":
+    C.load_trainable(model, out / "best.safetensors")
+    if split["val"]:
         val = C.predict(model, data.images(split["val"]), cfg)
         write_predictions(out / "val_predictions.csv", split["val"], val, cfg)
     rows = split["test"]
@@ -419,7 +418,6 @@ def setup(argv) -> tuple:
     if cfg["select"] == "test":
         print("WARNING: the epoch is chosen ON THE TEST FOLD, as in the authors' code: its test metrics are "
               "optimistic", file=sys.stderr)
-        split["val"] = split["test"]
     check_classes(data, split, cfg)
     return cfg, data, split, claim(Path(cfg["out"]), cfg)
 
@@ -456,7 +454,7 @@ def run(model: P.PneumoLLM, cfg: dict, data: Data, split: dict, verdict: str, ra
     device = tr.device
     x = torch.from_numpy(data.images(split["train"])).to(device)  # every image on the device, once
     y = torch.from_numpy(data.labels(split["train"])).to(device)
-    val_x, val_y = torch.from_numpy(data.images(split["val"])).to(device), data.labels(split["val"])
+    val_x, val_y = torch.from_numpy(data.images(split["select"])).to(device), data.labels(split["select"])
     if cfg["checkpoint_vit"] and isinstance(model.visual, P.VisionTransformer):
         model.visual.grad_checkpointing = True
     fwd = ranks.wrap(model, device)
@@ -485,7 +483,7 @@ def run(model: P.PneumoLLM, cfg: dict, data: Data, split: dict, verdict: str, ra
     print(f"trained {n} epoch{'s' * (n != 1)} in {time.time() - t0:.0f} s (validation and checkpoints included)")
     if cfg["select"] == "last":
         with replacing(out / "best.safetensors") as tmp:
-            model.save_trainable(tmp)
+            C.save_trainable(model, tmp)
     chosen = tr.best_epoch if cfg["select"] != "last" else cfg["epochs"]
     return final_test(model, data, split, cfg, chosen, out)
 
