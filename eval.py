@@ -76,10 +76,13 @@ def small(images: np.ndarray) -> np.ndarray:  # (N, 1, H, W) uint8 -> (N, 1024) 
 
 def fit_logistic(x, y, n_classes: int, multi_label: bool, l2: float):
     """Logistic regression on standardised features by metrics.py's Newton solver: one sigmoid per class
-    (one-vs-rest) or per finding; deterministic. Returns a function from features to probabilities."""
+    (one-vs-rest) or per finding; deterministic. Returns a function from features to probabilities.
+    Two classes need one fit: class 0's weights are class 1's negated (the bias is not penalised)."""
     mean, std = x.mean(0), x.std(0) + 1e-6
     hot = M.one_hot(y, n_classes, multi_label)
-    w = np.stack([M.logistic((x - mean) / std, hot[:, c], l2, steps=10) for c in range(n_classes)], 1)
+    fits = [1] if n_classes == 2 and not multi_label else range(n_classes)
+    w = np.stack([M.logistic((x - mean) / std, hot[:, c], l2, steps=10) for c in fits], 1)
+    w = np.c_[-w, w] if len(fits) < n_classes else w
 
     def predict(features):  # (N, F) -> (N, C)
         p = 1 / (1 + np.exp(-np.c_[np.ones(len(features)), (features - mean) / std] @ w))

@@ -71,14 +71,33 @@ def metrics(y, prob) -> dict:
 
 def logistic(x: np.ndarray, y: np.ndarray, l2=1.0, steps=25) -> np.ndarray:
     """Weights (bias first) of an L2-regularised logistic regression (the bias is not penalised), by
-    Newton's method: the minimiser of sum(log-loss) + l2/2 |w|^2."""
-    x = np.c_[np.ones(len(x)), x]
-    w = np.zeros(x.shape[1])
-    ridge = l2 * np.diag(np.r_[0, np.ones(x.shape[1] - 1)])
+    Newton's method: the minimiser of sum(log-loss) + l2/2 |w|^2. With fewer rows than features (a few
+    hundred films of 1,024 pixels) each step solves an N x N system instead of an F x F one."""
+    n, f = x.shape
+    b, w = 0.0, np.zeros(f)
+    k = x @ x.T if n < f else None  # (N, N)
     for _ in range(steps):
-        p = 1 / (1 + np.exp(-x @ w))
-        w -= np.linalg.solve(x.T @ (x * (p * (1 - p))[:, None]) + ridge, x.T @ (p - y) + ridge @ w)
-    return w
+        p = 1 / (1 + np.exp(-(b + x @ w)))
+        s, g = p * (1 - p), np.r_[(p - y).sum(), x.T @ (p - y) + l2 * w]  # the Hessian's weights, the gradient
+        if k is None:
+            xb = np.c_[np.ones(n), x]
+            step = np.linalg.solve(xb.T @ (xb * s[:, None]) + l2 * np.diag(np.r_[0, np.ones(f)]), g)
+        else:
+            step = _newton_step_few_rows(x, k, s, g, l2)
+        b, w = b - step[0], w - step[1:]
+    return np.r_[b, w]
+
+
+def _newton_step_few_rows(x, k, s, g, l2) -> np.ndarray:
+    """H^-1 g for H = [[sum(s), u^T], [u, D]], u = X^T s, D = X^T S X + l2 I, never forming D (F x F):
+    D^-1 v = (v - X^T R M^-1 R X v) / l2 with R = diag(sqrt(s)), M = l2 I + R K R (N x N, Woodbury);
+    the bias by its Schur complement."""
+    r = np.sqrt(s)[:, None]
+    u = x.T @ s
+    v = np.c_[g[1:], u]  # (F, 2)
+    dv = (v - x.T @ (r * np.linalg.solve(l2 * np.eye(len(s)) + r * k * r.T, r * (x @ v)))) / l2  # D^-1 v
+    db = (g[0] - u @ dv[:, 0]) / (s.sum() - u @ dv[:, 1])
+    return np.r_[db, dv[:, 0] - dv[:, 1] * db]
 
 
 # ------------------------------------------------------------------------------------------------

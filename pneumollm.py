@@ -378,11 +378,11 @@ def normalise(x: torch.Tensor, size: int, norm="clip") -> torch.Tensor:  # (B, 1
     """What forward() expects: grey to CLIP's (default) or ImageNet's ("imagenet", the authors' code)
     normalised RGB, resized to the ViT's input if the data's size differs (better: prepare.py --size)."""
     mean, std = (CLIP_MEAN, CLIP_STD) if norm == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
-    x = x.float() / 255
+    x = x.float()
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    # the grey channel three times, each with its channel's constants (Python floats: no copy to the device)
-    return torch.cat([(x - m) / s for m, s in zip(mean, std)], 1)
+    # (x / 255 - m) / s on each of the grey channel's three copies, two passes each; Python floats: no copy
+    return torch.cat([(x - 255 * m).mul_(1 / (255 * s)) for m, s in zip(mean, std)], 1)
 
 
 class PneumoLLM(nn.Module):
