@@ -2190,8 +2190,8 @@ def test_combined_ablation_flags_survive_the_run_and_the_reload(demo_data, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["multi-label", "multi-class"])
-def test_multilabel_and_multiclass_sets_prepare_train_evaluate_and_score_another_folder(demo_data, tmp_path, kind,
-                                                                                          monkeypatch):
+def test_multilabel_and_multiclass_sets_prepare_train_evaluate_and_score_another_folder(demo_data, second_site,
+                                                                                          tmp_path, kind, monkeypatch):
     """The demo again with a second finding on every other diseased film (multi-label: `a|b`) or a third
     class instead: prepared, trained, evaluated, and scored as an external folder with the decision at
     each finding's carried-over threshold (multi-label) or the argmax (multi-class)."""
@@ -2207,7 +2207,7 @@ def test_multilabel_and_multiclass_sets_prepare_train_evaluate_and_score_another
             rows.append((name, label, r["patient"]))
         return rows, *run_prepare(where, src, rows, "--crop", "none", header=("image", "label", "patient"))
     rows, rc, out = relabelled(demo_data, tmp_path)
-    *_, other = relabelled(second_site(tmp_path / "site"), tmp_path / "other")
+    *_, other = relabelled(second_site, tmp_path / "other")
     meta = json.loads((out / "meta.json").read_text())
     ml = kind == "multi-label"
     assert rc == 0 and meta["multi_label"] == ml
@@ -2713,20 +2713,22 @@ def test_the_probe_stays_quiet_on_the_clean_demo(demo_data, tmp_path, capsys):
     assert "no sign that the model reads anything outside the lungs" in capsys.readouterr().out
 
 
-def second_site(tmp_path) -> Path:  # another demo site: other patients (another seed), prepared
-    labels = demo.write_demo(tmp_path / "site_dicom", n_patients=16, seed=7)
-    assert prepare.main(["--images", str(tmp_path / "site_dicom"), "--labels", str(labels), "--out",
-                         str(tmp_path / "site"), "--key-file", str(tmp_path / "key"), "--workers", "2"]) == 0
-    return tmp_path / "site"
+@pytest.fixture(scope="module")
+def second_site(tmp_path_factory) -> Path:  # another demo site: other patients (another seed), prepared once
+    d = tmp_path_factory.mktemp("second_site")
+    labels = demo.write_demo(d / "site_dicom", n_patients=16, seed=7)
+    assert prepare.main(["--images", str(d / "site_dicom"), "--labels", str(labels), "--out", str(d / "site"),
+                         "--key-file", str(d / "key"), "--workers", "2"]) == 0
+    return d / "site"
 
 
-def test_external_validation_scores_every_image_with_the_runs_own_operating_point(demo_data, demo_runs, tmp_path,
-                                                                                    monkeypatch, capsys):
+def test_external_validation_scores_every_image_with_the_runs_own_operating_point(demo_data, demo_runs, second_site,
+                                                                                    tmp_path, monkeypatch, capsys):
     """--data: one row per prepared image; --ensemble is the mean of the folds' probabilities (by hand); the
     cut is chosen on the runs' validation labels only; batched scoring equals one image at a time; another
     label set is refused unless --classes maps it."""
     shutil.copytree(demo_runs, tmp_path, dirs_exist_ok=True)  # its own copy: the outputs land in the runs folder
-    site = second_site(tmp_path)
+    site = second_site
     chosen, real = [], M.choose_threshold
     monkeypatch.setattr(M, "choose_threshold", lambda y, s, *a: chosen.append(np.asarray(y)) or real(y, s, *a))
     drawn, resamples = [], M.resamples
@@ -2773,8 +2775,8 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
     assert json.loads(probed.read_text())["images"] == len(rows)
 
 
-def test_external_validation_refuses_the_runs_own_films_and_warns_when_it_should(demo_data, demo_runs, tmp_path,
-                                                                                capsys):
+def test_external_validation_refuses_the_runs_own_films_and_warns_when_it_should(demo_data, demo_runs, second_site,
+                                                                                tmp_path, capsys):
     """--data on the run's own films is refused, by pixels (under other label names too); a folder where
     some films are the run's own scores the rest and says how many it left out; a --classes mapping is
     recorded and kept apart from the unmapped result; an AUC interval below 0.5 and a cut-off calling
@@ -2790,7 +2792,7 @@ def test_external_validation_refuses_the_runs_own_films_and_warns_when_it_should
         ev.main(["--runs", str(runs), "--data", str(renamed), "--classes", "healthy=normal"])
     with pytest.raises(UserError, match=rf"all {n} films are the run's own .* eval.py --fold \(and --probe\) score"):
         ev.main(["--runs", str(runs), "--fold", "1", "--probe", "--data", str(demo_data)])
-    mixed = shutil.copytree(second_site(tmp_path), tmp_path / "mixed")
+    mixed = shutil.copytree(second_site, tmp_path / "mixed")
     theirs, ours = manifest(mixed), manifest(demo_data)
     for a, b in zip(theirs[:3], ours[:3]):  # three of the run's films among the other site's
         shutil.copy(demo_data / b["image"], mixed / a["image"])
