@@ -441,8 +441,8 @@ def bench_model(opt):
     print(f"inference: {opt.batch / s_unmerged:.1f} images/s with adapters, {opt.batch / s_merged:.1f} merged")
 
 
-def main():
-    opt = parser().parse_args()
+def main(argv=None):
+    opt = parser().parse_args(argv)
     C.apply_threads(opt.threads)
     if opt.suite:
         return suite(opt.model)
