@@ -30,6 +30,7 @@ from folders import Data, UserError, pid_alive
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype, --cpu-dtype
 
+
 def runtime_flags(ap):
     """Flags that change where and how fast a run goes, not what it computes."""
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
@@ -115,13 +116,12 @@ def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
     except ValueError as e:
         raise UserError(f"{e} (check the ablation flags)") from None
     for path, needed in ((cfg["clip"], kw["encoder"] == "clip"), (cfg["llama"], kw["llm"])):
-        if needed and not Path(path).exists() and cfg["model"] == "tiny":
-            raise UserError(f"{path} not found: python pretrain.py writes the tiny model's checkpoints (python "
-                            "prepare.py --demo does too)")
         if needed and not Path(path).exists():
-            raise UserError(f"{path} not found: PneumoLLM needs OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as "
-                            "Meta or Hugging Face ship it (--llama); README 'The real model' says what to put "
-                            "where; --model tiny runs on the demo's small checkpoints instead")
+            raise UserError(f"{path} not found: " + ("python pretrain.py writes the tiny model's checkpoints "
+                            "(python prepare.py --demo does too)" if cfg["model"] == "tiny" else "PneumoLLM needs "
+                            "OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as Meta or Hugging Face ship it (--llama); "
+                            "README 'The real model' says what to put where; --model tiny runs on the demo's small "
+                            "checkpoints instead"))
     try:
         return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype,
                                  cfg.get("clip_act"), **kw)

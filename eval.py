@@ -183,7 +183,7 @@ def figures(y, prob, patients: list, cfg: dict, point: dict, pb) -> tuple:
     auc, base_auc = M.metrics(y, pb)["auc"], [M.metrics(y[i], pb[i])["auc"] for i in draws]
     diff = M.interval([d["auc"] - b for d, b in zip(model_draws, base_auc)])
     verdict = "beats" if diff[0] > 0 else "does NOT beat" if m["auc"] <= auc else "is not clearly better than"
-    return dict(images=len(y), patients=len(set(patients)), intervals="95 %, 1000 resamples of patients",
+    return dict(images=len(y), patients=len(set(patients)), intervals=f"95 %, {len(draws)} resamples of patients",
                 paper=dict(metrics=m, ci95={k: M.interval([d[k] for d in model_draws]) for k in M.METRICS}),
                 operating_point=dict(point, per_finding={n: M.at_threshold(yb, s, point["thresholds"][n])
                                                          for (_, yb, s), n in findings}),
@@ -474,7 +474,7 @@ def probe(runs: Path, opt) -> int:
         scores["reference framing"] = C.predict(model, data.images(test, "reference"), cfg)[:, 1]
     mean = images.mean(0).round().astype(np.uint8)  # (1, H, W): what hides a place, the same for every film
     scores["lung fields hidden"] = C.predict(model, np.where(fields[0.0][:, None], mean, images), cfg)[:, 1]
-    out = dict(fold=opt.fold, images=len(y), threshold=cut, intervals="95 %, 1000 resamples of patients",
+    out = dict(fold=opt.fold, images=len(y), threshold=cut, intervals=f"95 %, {len(draws)} resamples of patients",
                lung_fields=dict(what="the lung masks" if all(m is not None for m in masks) else
                                 "approximate: two ellipses where the lungs lie on average (lungcrop.LUNG_FIELDS)",
                                 share_of_crop=float(fields[0.0].mean())))
@@ -661,9 +661,9 @@ def beside_the_run(out: dict, run: Path, cfg: dict, y, prob, point: dict) -> lis
     here, there = M.calibration(y, prob, ml), M.calibration(yt, pt, ml)
     lines = [f"  beside the run's own test fold: Brier {here['brier']:.3f} (test fold {there['brier']:.3f}), "
              f"ECE {here['ece']:.3f} ({there['ece']:.3f})"]
+    shares, tests = calls(prob, cfg, point).mean(0), calls(pt, cfg, point).mean(0)  # (C,) called positive
     for name, cut in point["thresholds"].items():
-        k = cfg["classes"].index(name)
-        share, test = calls(prob, cfg, point)[:, k].mean(), calls(pt, cfg, point)[:, k].mean()
+        share, test = shares[cfg["classes"].index(name)], tests[cfg["classes"].index(name)]
         lines.append(f"  {name}: called positive at P >= {cut:.3f}: {pct(share)} % of these films (test fold "
                      f"{pct(test)} %)")
         if max(share, 1 - share) >= 0.95:

@@ -8,10 +8,10 @@ real checkpoints (`train.py --model tiny`). `python prepare.py --demo` calls it;
 What the encoder learns, before and apart from the task, as CLIP learns to describe images: from
 its image embedding (the last CLS token, ln_post, proj) it reconstructs each film's 8 x 8 thumbnail
 (self-supervised: the target is the film itself, as an autoencoder's) and states the film's anatomy
-(how far the body is shifted, its scale, the heart's size). Its 800 films are drawn by demo.phantom
-from another seed (other patients) with no disease at all: it never sees an opacity of the demo's
-disease, a diseased film or a label. The LLaMA is random: no language can be learned from phantoms;
-its blocks carry the architecture and exercise Meta's loader.
+(how far the body is shifted, its scale, the heart's size). Its 1,200 films (a tenth held out to say
+what it learned) are drawn by demo.phantom from another seed (other patients) with no disease at all:
+it never sees an opacity of the demo's disease, a diseased film or a label. The LLaMA is random: no
+language can be learned from phantoms; its blocks carry the architecture and exercise Meta's loader.
 """
 import argparse
 import json

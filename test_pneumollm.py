@@ -2589,6 +2589,7 @@ def test_a_masks_run_is_probed_with_its_own_masks(demo_data, tmp_path, capsys, m
     masks = np.stack([np.array(loaded_image(data / "masks" / Path(r["image"]).name)) > 127 for r in rows])
     images = np.stack([np.array(loaded_image(data / r["reference"])) for r in rows])
     assert probe["lung_fields"]["what"] == "the lung masks"
+    assert probe["intervals"] == "95 %, 4000 resamples of patients"  # what the probe draws (Holm needs p < 1/64/20)
     assert "lung fields (the lung masks;" in capsys.readouterr().out
     assert probe["lung_fields"]["share_of_crop"] == pytest.approx(masks.mean())
     crops = np.stack([np.array(loaded_image(data / r["image"])) for r in rows])
