@@ -32,7 +32,6 @@ import hmac
 import json
 import os
 import secrets
-import shutil
 import signal
 import sys
 import time
@@ -374,11 +373,29 @@ def check_settings(out: Path, opt):
         refuse_changed(out, "was prepared", old, new, changed(old, new), "prepare it again from scratch")
 
 
+def check_apart(out: Path, images: Path):
+    """--out and --images never overlap: a rerun would read its own PNGs as sources, and --restart could
+    reach the user's films."""
+    o, i = out.resolve(), images.resolve()
+    how = "the same folder as" if o == i else "holds" if i.is_relative_to(o) else "inside" if o.is_relative_to(i) \
+        else None
+    if how:
+        raise UserError(f"--out {out}: {how} --images {images}; prepared files and source films must not share a "
+                        "folder: pass an --out outside it, e.g. data/NAME")
+
+
 def empty_for_restart(out: Path, opt):
+    """--restart removes what the folder's records say prepare wrote there, and nothing else."""
     if opt.restart:
-        for sub in ("images", "reference", "masks"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "records.jsonl").unlink(missing_ok=True)
+        ids = set(read_records(out / "records.jsonl")) if (out / "records.jsonl").exists() else set()
+        if (out / "manifest.csv").exists():
+            with open(out / "manifest.csv", newline="") as f:
+                ids |= {Path(r["image"]).stem for r in csv.DictReader(f)}
+        for i in ids:
+            for sub in ("images", "reference", "masks"):
+                (out / sub / f"{i}.png").unlink(missing_ok=True)
+        for name in ("records.jsonl", "manifest.csv", "meta.json", "preview.png"):
+            (out / name).unlink(missing_ok=True)
     for sub in ("images", "reference", "masks"):
         (out / sub).mkdir(exist_ok=True)
 
@@ -460,6 +477,7 @@ def mapping_path(opt, out: Path, key: bytes) -> Path:
 
 def run(opt) -> int:
     out = Path(opt.out)
+    check_apart(out, Path(opt.images))
     items, names = read_labels(opt)
     key_file = Path(opt.key_file).expanduser()
     if key_file.resolve().is_relative_to(out.resolve()):

@@ -3159,3 +3159,30 @@ def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(2)
+
+
+def test_restart_never_deletes_a_source_film_or_anything_prepare_did_not_write(tmp_path, capsys):
+    """--out equal to --images, --images inside --out and --out inside --images are refused before anything is
+    written; --restart removes only the files the folder's records list: a file the user put there survives."""
+    for layout in ("same", "images inside out", "out inside images"):
+        site = tmp_path / layout.replace(" ", "_")
+        src = pngs(site / "images", 6, lambda i: 40 * i)
+        write_labels(site / "labels.csv", [(f"im{i}.png", "ab"[i % 2]) for i in range(6)])
+        sources = {p: p.read_bytes() for p in src.rglob("*")}
+        out = {"same": src, "images inside out": site, "out inside images": src / "data"}[layout]
+        for extra in ([], ["--restart"]):
+            args = ["--images", str(src), "--labels", str(site / "labels.csv"), "--out", str(out),
+                    "--key-file", str(tmp_path / "key"), "--folds", "2", *extra]
+            with pytest.raises(UserError, match=r"--out .*: (the same folder as|holds|inside) --images"):
+                prepare.main(args)
+            assert {p: p.read_bytes() for p in src.rglob("*")} == sources, layout
+    src = pngs(tmp_path / "in", 6, lambda i: 40 * i)
+    rows = [(f"im{i}.png", "ab"[i % 2]) for i in range(6)]
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2")
+    mine = {out / "images/notes.png": b"the user's own", out / "reference/x.png": b"x", out / "readme.txt": b"r"}
+    for p, b in mine.items():
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b)
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2", "--crop", "none", "--restart")
+    assert rc == 0 and all(p.read_bytes() == b for p, b in mine.items())
+    assert len(list((out / "images").glob("*.png"))) == 6 + 1
