@@ -199,15 +199,17 @@ def preprocess(path: Path, crop="thorax", size=224, mask=None, max_pixels=MAX_PI
     framed = [resized(img8, b, size) for b in (box, thorax)]
     reference = None if how == "thorax" else framed[1]
     extra = {} if outline is None else dict(lung_mask=outline)
-    return framed[0], reference, how, dict(attrs, box=[int(v) for v in box], lungs=list(lungs), **extra)
+    pixels = hashlib.sha256(f"{img8.shape}".encode() + img8.tobytes()).hexdigest()  # the film's decoded 8 bits
+    return framed[0], reference, how, dict(attrs, box=[int(v) for v in box], lungs=list(lungs), pixels=pixels, **extra)
 
 
 def prepare_one(job) -> dict:
     """Writes images/<id>.png (and reference/<id>.png where the crop is not the reference framing, and
     masks/<id>.png, the lung mask in the crop, with --masks);
     returns its record (crop status, attributes) for records.jsonl."""
-    path, out_png, crop, mask, size, max_pixels, source = job
+    path, out_png, crop, mask, size, max_pixels, source, key = job
     img, reference, how, attrs = preprocess(path, crop, size, mask, max_pixels)
+    attrs["pixels"] = hmac.new(key, attrs["pixels"].encode(), hashlib.sha256).hexdigest()[:16]  # keyed: see fingerprint
     lung_mask = attrs.pop("lung_mask", None)  # --masks: the mask in the crop, masks/<id>.png
     if lung_mask is not None:
         Image.fromarray(lung_mask.astype(np.uint8) * 255).save(out_png.parent.parent / "masks" / out_png.name)
@@ -294,7 +296,7 @@ def read_labels(opt) -> tuple:
     if not Path(opt.images).is_dir():
         raise UserError(f"--images {opt.images}: no such folder; give the folder that holds the images")
     files, by_name = find_files(Path(opt.images))
-    items, seen = [], set()
+    items, seen, rows_of = [], set(), {}
     for i, r in enumerate(rows, start=2):
         r = {k.strip() if k else k: v for k, v in r.items()}
         name, label = (r.get(ic) or "").strip(), (r.get(lc) or "").strip()
@@ -309,6 +311,9 @@ def read_labels(opt) -> tuple:
         if len(matches) > 1:
             raise UserError(f"{opt.labels}:{i}: {name!r} matches {' and '.join(matches[:2])} under {opt.images}: "
                             "give the relative path")
+        same = rows_of.setdefault(files[matches[0]].resolve(), i)
+        if same != i:
+            raise UserError(f"{opt.labels}: lines {same} and {i} name the same file ({matches[0]!r}); keep one row")
         if "|" in label:  # several findings: one canonical order, so that equal sets are equal strings
             label = "|".join(sorted({x.strip() for x in label.split("|") if x.strip()}))
         column = lambda c: (r.get(c) or "").strip() if c else ""  # noqa: E731
@@ -484,6 +489,9 @@ def run(opt) -> int:
         raise UserError(f"--key-file {key_file}: inside the data folder {out}; the key must stay outside it")
     key = read_key(key_file)
     mapping = mapping_path(opt, out, key)
+    for it in items:
+        it["id"], it["source"] = pseudonym(key, "image", it["rel"]), fingerprint(key, it["path"])
+    same_film(items, "source", "the same file's bytes", opt)  # before any work: copies under two labels
     check_settings(out, opt)
     out.mkdir(parents=True, exist_ok=True)
     with locked(out, "prepare.py"):
@@ -494,15 +502,14 @@ def run(opt) -> int:
 def prepare_images(opt, out: Path, items: list, names: list, key: bytes, mapping: Path) -> int:
     masks = load_masks(opt.masks) if opt.masks else {}
     for it in items:
-        it["id"], it["source"] = pseudonym(key, "image", it["rel"]), fingerprint(key, it["path"])
         if opt.masks and Path(it["rel"]).stem not in masks:
             raise UserError(f"{opt.masks}: no mask for line {it['line']} of {opt.labels}")
     jobs = [(it["path"], out / "images" / f"{it['id']}.png", opt.crop, masks.get(Path(it["rel"]).stem), opt.size,
-             opt.max_pixels, it["source"]) for it in items]
+             opt.max_pixels, it["source"], key) for it in items]
     log = out / "records.jsonl"
     source = {it["id"]: it["source"] for it in items}
     kept = {i: r for i, r in read_records(log).items() if (out / "images" / f"{i}.png").exists() and i in source}
-    before = {i: r for i, r in kept.items() if r.get("source") == source[i]}
+    before = {i: r for i, r in kept.items() if r.get("source") == source[i] and "pixels" in r}
     changed = len(kept) - len(before)
     jobs = [job for job in jobs if job[1].stem not in before]
     per_class = ", ".join(f"{n}: {sum(has(it['label'], n) for it in items)}" for n in names)
@@ -513,9 +520,35 @@ def prepare_images(opt, out: Path, items: list, names: list, key: bytes, mapping
     done, skipped = process(jobs, opt.workers, log, {it["id"]: it["rel"] for it in items})
     done.update(before)
     kept = [it for it in items if it["id"] in done]
+    for it in kept:
+        it["pixels"] = done[it["id"]]["pixels"]
+    kept = same_film(kept, "pixels", "the same pixels", opt)
     if not kept:
         raise UserError(f"nothing was prepared ({len(skipped)} skipped; the reasons are above)")
     return write_outputs(opt, out, kept, names, done, skipped, key, mapping)
+
+
+def same_film(items: list, field: str, what: str, opt) -> list:
+    """One film, one row: rows whose `field` (a keyed hash of the file, or of its decoded pixels) is equal
+    are one film under two names. Other labels: refused, naming the label file's lines; the same label:
+    the first row kept (one film must not count twice, nor sit in two folds under two patients)."""
+    groups = {}
+    for it in items:
+        groups.setdefault(it[field], []).append(it)
+    twins = [g for g in groups.values() if len(g) > 1]
+    clash = [g for g in twins if len({it["label"] for it in g}) > 1]
+    if clash:
+        said = ", ".join(f"line {it['line']} ({it['label']!r})" for it in clash[0])
+        raise UserError(f"{opt.labels}: {said} are one film ({what}) under different labels"
+                        + (f", and {len(clash) - 1} more such group(s)" if len(clash) > 1 else "")
+                        + "; keep one row per film with its true label")
+    if twins:
+        lines = "; ".join(" = ".join(str(it["line"]) for it in g) for g in twins[:5])
+        print(f"WARNING: {sum(len(g) - 1 for g in twins)} row(s) of {opt.labels} repeat a film of another row "
+              f"({what}, the same label): lines {lines}{' ..' if len(twins) > 5 else ''}; the first of each is "
+              "kept", file=sys.stderr)
+    dropped = {id(it) for g in twins for it in g[1:]}
+    return [it for it in items if id(it) not in dropped]
 
 
 def fingerprint(key: bytes, path: Path) -> str:

@@ -3186,3 +3186,29 @@ def test_restart_never_deletes_a_source_film_or_anything_prepare_did_not_write(t
     rc, out = run_prepare(tmp_path, src, rows, "--folds", "2", "--crop", "none", "--restart")
     assert rc == 0 and all(p.read_bytes() == b for p, b in mine.items())
     assert len(list((out / "images").glob("*.png"))) == 6 + 1
+
+
+def test_one_film_is_one_row_whatever_its_names(tmp_path, capsys):
+    """A bare name and its relative path are one file; a byte copy or a re-encoding (the same pixels) under
+    another label is refused naming both lines, before any work for copies; under the same label the
+    first row is kept, so that a film never sits in two folds under two patients."""
+    src = pngs(tmp_path / "in", 8, lambda i: 30 * i)
+    (src / "NORMAL").mkdir()
+    shutil.move(src / "im7.png", src / "NORMAL/im7.png")
+    rows = [(f"im{i}.png", "ab"[i % 2], f"p{i}") for i in range(7)]
+    header = ("image", "label", "patient")
+    with pytest.raises(UserError, match=r"lines 9 and 10 name the same file \('NORMAL/im7.png'\)"):
+        run_prepare(tmp_path, src, rows + [("im7.png", "a", "p7"), ("NORMAL/im7.png", "b", "p8")], header=header)
+    shutil.copy(src / "im2.png", src / "copy.png")
+    with pytest.raises(UserError, match=r"line 4 \('a'\), line 10 \('b'\) are one film \(the same file's bytes\)"):
+        run_prepare(tmp_path, src, rows + [("NORMAL/im7.png", "b", "p7"), ("copy.png", "b", "p9")], header=header)
+    assert not (tmp_path / "out/images").exists()  # refused before any image was prepared
+    loaded_image(src / "im3.png").save(src / "im3.tif")  # the same pixels, another encoding
+    with pytest.raises(UserError, match=r"line 5 \('b'\), line 10 \('a'\) are one film \(the same pixels\)"):
+        run_prepare(tmp_path, src, rows + [("NORMAL/im7.png", "b", "p7"), ("im3.tif", "a", "p9")], header=header)
+    capsys.readouterr()
+    rc, out = run_prepare(tmp_path, src, rows + [("NORMAL/im7.png", "b", "p7"), ("im3.tif", "b", "p9"),
+                                                 ("copy.png", "a", "p10")], "--folds", "2", header=header)
+    err = capsys.readouterr().err
+    assert rc == 0 and "2 row(s) of" in err and "lines 4 = 11; 5 = 10" in err and "first of each is kept" in err
+    assert len(manifest(out)) == 8
