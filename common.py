@@ -9,9 +9,11 @@ what the data folder says (classes, crop, size).
 """
 import argparse
 import ctypes
+import hashlib
 import json
 import mmap
 import os
+import shlex
 import sys
 import time
 from collections import Counter
@@ -26,8 +28,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import pneumollm as P
-from folders import Data, UserError, pid_alive
+from folders import Data, UserError, changed, pid_alive
 
+RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype, --cpu-dtype
 
 
@@ -124,17 +127,67 @@ def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
                             "checkpoints instead"))
     try:
         return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype,
-                                 cfg.get("clip_act"), **kw)
+                                 cfg.get("clip_act"), cfg.get("clip_heads"), **kw)
     except P.CheckpointError:
         raise
     except ValueError as e:  # PneumoArgs against the checkpoints' shapes
         raise UserError(f"{e} (check the ablation flags)") from None
 
 
+def frozen_files(cfg: dict) -> dict:
+    """{--clip/--llama path: fingerprint} of the checkpoints the run reads: what train.py pins in config.json,
+    so that a replaced file (the same shapes, other weights) is refused instead of silently scored."""
+    used = (("clip", cfg["encoder"] == "clip"), ("llama", cfg["llm"]))
+    return {cfg[k]: fingerprint(Path(cfg[k])) for k, on in used if on and cfg[k] and Path(cfg[k]).exists()}
+
+
+def fingerprint(path: Path, blocks=16, block=2**16) -> str:
+    """Cheap: each file's name and size and a hash of `blocks` evenly spaced blocks of it (a folder: every
+    file in it, in name order)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if path.is_dir() else ''} {size}\n".encode())
+        with open(f, "rb") as fh:
+            for k in range(blocks):
+                fh.seek(k * max(size - block, 0) // max(blocks - 1, 1))
+                h.update(fh.read(block))
+    return h.hexdigest()[:16]
+
+
+def check_frozen_files(cfg: dict, run):
+    """The run's checkpoints as they were when it trained, or one line naming the one that changed."""
+    for path, pinned in cfg.get("frozen_files", {}).items():
+        if not Path(path).exists():
+            continue  # build() names a missing checkpoint
+        if fingerprint(Path(path)) != pinned:
+            raise UserError(f"{path} is not the checkpoint {run} was trained with (its contents changed since); "
+                            "restore that file, or train the run again (train.py --restart) on this one")
+
+
 def cast_frozen(model: P.PneumoLLM, dtype) -> P.PneumoLLM:  # from_pretrained's dtype policy for a random model
     for p in model.frozen_parameters():  # CLIP's and LLaMA's weights in `dtype`; this project's stay fp32
         p.data = p.data.to(dtype)
     return model
+
+
+def check_same_runs(cfgs: dict):
+    """Folds pooled into one figure (eval.py --all, --ensemble) must be one experiment: the same data folder
+    as prepared then, the same classes, the same settings; else one line naming the first difference."""
+    (f0, first), *rest = cfgs.items()
+    for f, cfg in rest:
+        diff = changed(first, cfg, RUNTIME + ("fold", "out", "dtype"))
+        if diff:
+            k = diff[0]
+            raise UserError(f"fold {f} is not the experiment of fold {f0}: its {k} is {cfg.get(k)!r}, fold {f0}'s "
+                            f"{first.get(k)!r}{' and more' if len(diff) > 1 else ''}; evaluate them apart, or train "
+                            f"fold {f} again as fold {f0} was ({train_command(first, f, cfg['out'])} --restart)")
+
+
+def train_command(cfg: dict, fold: int, out) -> str:
+    """The train.py command that makes fold `fold` of the experiment `cfg` (a sibling's config) in `out`."""
+    return shlex.join(["python", "train.py", "--data", cfg["data"], "--model", cfg["model"], "--fold", str(fold),
+                       "--out", str(out)])
 
 
 def finished(run: Path) -> bool:
@@ -150,7 +203,9 @@ def check_finished(run: Path, fold: int):
         folds = Data(json.loads(other.read_text())["data"]).folds if other else [fold]
         if fold not in folds:
             raise UserError(f"--fold {fold}: the runs in {run.parent} are of a data folder with folds {folds}")
-        raise UserError(f"{run}: no run there; train it first: python train.py --fold {fold} --out {run}")
+        how = train_command(json.loads(other.read_text()), fold, run) if other else \
+            f"python train.py --data DIR --fold {fold} --out {run}"
+        raise UserError(f"{run}: no run there; train it first: {how}")
     cfg = json.loads((run / "config.json").read_text())
     epoch = read_state(run)["epoch"] if (run / "state.pt").exists() else 0
     lock = run / ".lock"
@@ -199,6 +254,7 @@ def load_run(run: Path, device=None, keep_checkpoint_dtype=False, cpu_dtype="aut
     mapped, never copied: LLaMA-7B in fp32 would need 27 GB), then each part put in the dtype this CPU
     multiplies fastest (for_cpu_scoring; `cpu_dtype` forces one, "stored" keeps them), without autocast."""
     cfg = json.loads((run / "config.json").read_text())
+    check_frozen_files(cfg, run)
     cfg["device"] = device or available(cfg["device"])
     as_stored = keep_checkpoint_dtype and cfg["device"] == "cpu"
     model = build(cfg, as_stored=as_stored)

@@ -44,7 +44,7 @@ import metrics as M
 import plots
 import pneumollm as P
 import prepare
-from folders import Data, Help, UserError, cli, encode_labels, write_atomic, write_csv
+from folders import Data, Help, UserError, cli, encode_labels, positive_class, write_atomic, write_csv
 from lungcrop import lung_fields
 
 
@@ -200,7 +200,7 @@ def pct(v) -> str:
 def report(out: dict, cfg: dict, what: str) -> str:
     m, ci = out["paper"]["metrics"], out["paper"]["ci95"]
     lines = [f"{what}: {out['images']} images of {out['patients']} patients; 95 % intervals resample patients",
-             "  the paper's figures (argmax): " + "  ".join(f"{k} {pct(m[k])} [{pct(ci[k][0])}, {pct(ci[k][1])}]"
+             f"  the paper's figures (argmax; {positive_class(cfg['classes'], cfg['multi_label'])}): " + "  ".join(f"{k} {pct(m[k])} [{pct(ci[k][0])}, {pct(ci[k][1])}]"
                                                            for k in M.METRICS)]
     layout = "per finding [[tn, fp], [fn, tp]]" if cfg["multi_label"] else "rows true, cols predicted"
     lines.append(f"  confusion ({layout}, {cfg['classes']}): {m['confusion']}")
@@ -227,6 +227,8 @@ def eval_fold(runs: Path, fold: int, opt) -> dict:
     run = runs / f"fold{fold}"
     out = evaluate(run, fold, opt)
     cfg, y, prob, draws, _ = out.pop("_curves")
+    if note := Data(cfg["data"]).order_note():
+        print(note)
     print(report(out, cfg, f"fold {fold}, test"))
     write_atomic(run / "eval.json", json.dumps(out, indent=1))
     draw_curves(run, out, cfg, y, prob, draws, f"fold {fold}")
@@ -263,12 +265,15 @@ def table(runs: Path, opt) -> int:
     missing = [f for f in range(1, opt.folds + 1) if f not in done]
     if not done:
         raise UserError(f"{runs}: no finished fold among fold1..fold{opt.folds}; train them with "
-                        "python train.py --fold N")
+                        f"python train.py --data DIR --fold N --out {runs}/foldN")
+    C.check_same_runs({f: json.loads((runs / f"fold{f}/config.json").read_text()) for f in done})
     per = {f: evaluate(runs / f"fold{f}", f, opt) for f in done}
     vals = 100 * np.array([[o["paper"]["metrics"][k] for k in M.METRICS] + [o["baseline"]["auc"]]
                            for o in per.values()])
     sd = vals.std(0, ddof=1) if len(done) > 1 else np.full(vals.shape[1], np.nan)
-    lines = ["| fold | Sens. | Spec. | Acc. | AUC | AVG | baseline AUC |", "|---|---|---|---|---|---|---|"]
+    cfg = next(iter(per.values()))["_curves"][0]
+    lines = [f"Sensitivity, specificity and AUC {positive_class(cfg['classes'], cfg['multi_label'])}.\n",
+             "| fold | Sens. | Spec. | Acc. | AUC | AVG | baseline AUC |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {f} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for f, row in zip(per, vals)]
     lines.append("| mean ± sd | " + " | ".join(f"{mu:.2f} ± {s:.2f}" if len(done) > 1 else f"{mu:.2f}"
                                            for mu, s in zip(vals.mean(0), sd)) + " |")
@@ -588,6 +593,7 @@ def external(runs: Path, opt) -> int:
         raise UserError(f"{runs}: no finished fold to score {opt.data} with; train one first")
     for f in folds:
         C.check_finished(runs / f"fold{f}", f)
+    C.check_same_runs({f: json.loads((runs / f"fold{f}/config.json").read_text()) for f in folds})
     cfg = json.loads((runs / f"fold{folds[0]}/config.json").read_text())
     other = Data(opt.data)
     labels, images = mapped_labels(other, cfg, opt.classes), other.images(other.rows)

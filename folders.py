@@ -165,6 +165,15 @@ def refuse_changed(folder: Path, what: str, old: dict, new: dict, keys: list, re
         raise UserError(f"{folder} {what} with other settings ({said}): pass another --out, or --restart to {redo}")
 
 
+def positive_class(classes: list, multi_label: bool) -> str:
+    """What a line of sensitivity, specificity and AUC is about, in words that go on the line."""
+    if multi_label:
+        return f"each of the {len(classes)} findings, macro-averaged"
+    if len(classes) == 2:
+        return f"of {classes[1]!r} (positive) against {classes[0]!r}"
+    return f"each of the {len(classes)} classes against the rest, macro-averaged"
+
+
 def lacking(y: np.ndarray, n_classes: int, multi_label: bool) -> np.ndarray:
     """(C,) bool: the classes that labels y (encode_labels') cannot score: no image of a class; for a
     finding (multi-label), no image with it or none without it."""
@@ -187,6 +196,15 @@ class Data:
         with open(self.folder / "manifest.csv", newline="") as f:
             self.rows = list(csv.DictReader(f))
         self.folds = sorted({int(r["fold"]) for r in self.rows})
+
+    def order_note(self) -> str:
+        """A line for folders whose class order came from the label names (no --classes): which class the
+        figures treat as the disease."""
+        if self.meta.get("settings", {}).get("classes") or self.multi_label or len(self.classes) != 2:
+            return ""
+        return (f"NOTE: {self.folder} did not declare its classes: {self.classes[1]!r} is taken as the disease "
+                f"(the positive class), {self.classes[0]!r} as healthy, from the names; if that is backwards, "
+                f"prepare it again with --classes {self.classes[1]},{self.classes[0]} --restart")
 
     def images(self, rows, column="image") -> np.ndarray:  # (N, 1, H, W) uint8
         if not rows:  # e.g. the validation split of --val-frac 0

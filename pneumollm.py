@@ -96,6 +96,8 @@ class PneumoArgs:
         b = self.cls_blocks = sorted(self.cls_blocks or range(4, self.vision.layers + 1, 4))
         if self.encoder == "clip" and not (b and 1 <= b[0] <= b[-1] <= self.vision.layers):
             raise ValueError(f"CLS blocks {b} must lie in 1..{self.vision.layers} (the ViT's blocks)")
+        if len(set(b)) != len(b):  # one block gives one CLS token, however often it is named
+            raise ValueError(f"CLS blocks {b} name a block twice; name each once")
         if self.n_diag < 1 and self.engine != "none":
             raise ValueError(f"engine {self.engine!r} needs at least one diagnosis token, not {self.n_diag}")
 
@@ -544,12 +546,17 @@ def read_clip_hf(folder: Path, act=None) -> tuple[VisionArgs, dict]:
     return v, _fused_qkv(_renamed(entries, _HF_CLIP))
 
 
-def read_clip(path, act=None) -> tuple[VisionArgs, dict]:
+def read_clip(path, act=None, heads=None) -> tuple[VisionArgs, dict]:
     """OpenAI's TorchScript `ViT-L-14.pt`, an OpenAI-layout state dict (OpenAI's, OpenCLIP's) or a Hugging Face
-    folder. `act`: the MLP's; only a Hugging Face config states it, else QuickGELU unless "gelu" (LAION's)."""
+    folder. `act`: the MLP's; only a Hugging Face config states it, else QuickGELU unless "gelu" (LAION's).
+    `heads`: the attention heads; a Hugging Face config states them; an OpenAI-layout file does not, and
+    OpenAI's rule (64-wide heads) holds up to ViT-L's width, not for OpenCLIP's wider towers (ViT-H: 16 of 80)."""
     path = Path(path)
     if path.is_dir():
-        return read_clip_hf(path, act)
+        v, entries = read_clip_hf(path, act)
+        if heads and heads != v.heads:
+            raise CheckpointError(f"{path}/config.json: num_attention_heads is {v.heads}, not --clip-heads {heads}")
+        return v, entries
     sd = ts if (ts := read_torchscript(path)) is not None else read_tensors(path)  # {} is an empty archive
     if "conv1.weight" in sd:  # a vision-only OpenAI-layout file
         sd = {"visual." + k: t for k, t in sd.items()}
@@ -558,8 +565,14 @@ def read_clip(path, act=None) -> tuple[VisionArgs, dict]:
     conv, pos = sd["visual.conv1.weight"], sd["visual.positional_embedding"]
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     grid = round((pos.shape[0] - 1) ** 0.5)
-    v = VisionArgs(conv.shape[0], layers, conv.shape[0] // 64, conv.shape[-1], conv.shape[-1] * grid,
-                   act or "quick_gelu")
+    width = conv.shape[0]
+    if not heads and (width > 1024 or width % 64):
+        raise CheckpointError(f"{path}: a ViT {width} wide, whose head count the file does not state (OpenAI's "
+                              "rule, heads 64 wide, ends at ViT-L's 1024; OpenCLIP's ViT-H/14 has 16 heads of 80): "
+                              "pass --clip-heads N")
+    if heads and width % heads:
+        raise CheckpointError(f"{path}: --clip-heads {heads} does not divide the ViT's width {width}")
+    v = VisionArgs(width, layers, heads or width // 64, conv.shape[-1], conv.shape[-1] * grid, act or "quick_gelu")
     # the text tower's keys are listed too, to be checked against CLIP_IGNORE (never copied into the model)
     return v, {k: Entry(str(path), k, lambda t=t: t) for k, t in sd.items()}
 
@@ -675,14 +688,14 @@ def materialise_own(model: PneumoLLM, device):
     assert not stuck, f"left on the meta device: {stuck[:3]}"
 
 
-def from_pretrained(clip, llama, device="cpu", dtype=None, clip_act=None, **kw) -> PneumoLLM:
+def from_pretrained(clip, llama, device="cpu", dtype=None, clip_act=None, clip_heads=None, **kw) -> PneumoLLM:
     """Build PneumoLLM on `meta`, map the original checkpoints into it, then create this project's own parts (fp32)
     on `device`. Frozen weights: as stored on CPU (memory-mapped), fp16 elsewhere, unless `dtype` is given. `kw`:
     PneumoArgs fields; encoder="conv" ignores `clip`; llm=False reads no LLaMA (`llama` may be None: width 4096)."""
     device = torch.device(device)
     dtype = dtype or (None if device.type == "cpu" else torch.float16)
     clip_used = kw.get("encoder", "clip") == "clip"
-    vision, clip_entries = read_clip(clip, clip_act) if clip_used else (kw.pop("vision", VisionArgs()), {})
+    vision, clip_entries = read_clip(clip, clip_act, clip_heads) if clip_used else (kw.pop("vision", VisionArgs()), {})
     llama_args, llama_entries = read_llama(llama) if llama else (LlamaArgs(), {})  # llm=False: only its width
     with torch.device("meta"):
         model = PneumoLLM(PneumoArgs(vision=vision, llama=llama_args, **kw))

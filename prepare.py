@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import signal
 import sys
@@ -46,7 +47,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 import audit
 import demo
 import pretrain
-from folders import (Help, Interrupted, UserError, changed, cli, encode_labels, lacking, locked, make_folds,
+from folders import (Data, Help, Interrupted, UserError, changed, cli, encode_labels, lacking, locked, make_folds,
                      refuse_changed, write_atomic, write_csv)
 from lungcrop import LUNG_REGION, mask_box, region_in_crop, resized, rle_mask, thorax_box
 
@@ -58,6 +59,11 @@ VIEW_COLS = ("view", "view position", "viewposition")
 MANIFEST = ("image", "label", "patient", "fold", "crop", "reference", "lungs")  # manifest.csv's columns
 MAX_PIXELS = 40_000_000  # a film is at most ~4300 x 3500: beyond this, a mistake or a decompression bomb
 NORMAL_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative", "no"}
+NEGATION = re.compile(r"^(non|no|not|without)[-_ ]|[-_ ](negative|neg|free)$")  # non-TB, no_disease, TB-negative
+
+
+def reads_healthy(name: str) -> bool:
+    return name.lower() in NORMAL_NAMES or bool(NEGATION.search(name.lower()))
 
 
 class Skip(Exception):
@@ -335,7 +341,18 @@ def label_set(items: list, opt) -> list:
             lines = ", ".join(f"{it['line']} ({it['label']!r})" for it in unknown[:5])
             raise UserError(f"{opt.labels}: labels not in --classes {opt.classes!r} on {len(unknown)} row(s), "
                             f"e.g. line {lines}")
-        return [c for c in declared if not (opt.multi_label and c.lower() in NORMAL_NAMES)]
+        classes = [c for c in declared if not (opt.multi_label and c.lower() in NORMAL_NAMES)]
+        if len(classes) == 2 and not opt.multi_label and reads_healthy(classes[1]) and not reads_healthy(classes[0]):
+            print(f"WARNING: --classes {opt.classes}: {classes[1]!r} is class 1, the positive class: every "
+                  f"sensitivity, P(disease) and operating point will be of {classes[1]!r}, which reads as healthy; "
+                  f"to make {classes[0]!r} the disease, pass --classes {classes[1]},{classes[0]}", file=sys.stderr)
+        return classes
+    negated = sorted(n for n in names if NEGATION.search(n.lower()) and n.lower() not in NORMAL_NAMES)
+    if negated:
+        order = ",".join(sorted(names, key=lambda n: n not in negated))
+        raise UserError(f"{opt.labels}: labels {', '.join(map(repr, sorted(names)))}: {negated[0]!r} reads as a "
+                        "negation, so which class is the disease cannot be told from the names; declare the order, "
+                        f"healthy first, e.g. --classes {order}")
     spelled = {}
     for n in names:
         spelled.setdefault(" ".join(n.lower().split()), []).append(n)
@@ -603,6 +620,8 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
     if alone:
         print(f"WARNING: {patients}", file=sys.stderr)
     print(audit.describe(report))
+    if note := Data(out).order_note():
+        print(note)
     return 0
 
 

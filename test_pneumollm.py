@@ -108,10 +108,21 @@ def clip_files(tmp_path_factory):
     hf = transformers.CLIPModel(cfg).eval()
     randomize(hf, 0)
     hf.save_pretrained(d / "hf")
-    sd = {k: v.clone() for k, v in hf.state_dict().items()}
-    oa = {}  # OpenAI layout, written independently of the loader's own mapping
+    oa = openai_layout(hf.state_dict(), 4)
+    oa.update({"token_embedding.weight": torch.zeros(50, 32), "positional_embedding": torch.zeros(8, 32),
+               "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(96, 32), "ln_final.weight": torch.ones(32),
+               "text_projection": torch.zeros(32, 16), "logit_scale": torch.tensor(4.6)})
+    torch.save(oa, d / "openai.pt")
+    bench.save_torchscript({k: t.clone() for k, t in oa.items()}, d / "ViT-tiny.pt")  # as OpenAI's ViT-L-14.pt
+    return dict(hf=d / "hf", pt=d / "openai.pt", jit=d / "ViT-tiny.pt", ref=hf.vision_model, sd=oa)
+
+
+def openai_layout(sd: dict, layers: int) -> dict:
+    """A transformers CLIPModel's vision weights in OpenAI's layout, written independently of the loader's
+    own mapping."""
+    sd, oa = {k: v.clone() for k, v in sd.items()}, {}
     pre = "vision_model.encoder.layers"
-    for i in range(4):
+    for i in range(layers):
         a, b = f"{pre}.{i}.", f"visual.transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             oa[b + f"attn.in_proj_{kind}"] = torch.cat([sd[a + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
@@ -127,12 +138,7 @@ def clip_files(tmp_path_factory):
         oa[f"visual.ln_pre.{kind}"] = sd[f"vision_model.pre_layrnorm.{kind}"]
         oa[f"visual.ln_post.{kind}"] = sd[f"vision_model.post_layernorm.{kind}"]
     oa["visual.proj"] = sd["visual_projection.weight"].T.contiguous()
-    oa.update({"token_embedding.weight": torch.zeros(50, 32), "positional_embedding": torch.zeros(8, 32),
-               "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(96, 32), "ln_final.weight": torch.ones(32),
-               "text_projection": torch.zeros(32, 16), "logit_scale": torch.tensor(4.6)})
-    torch.save(oa, d / "openai.pt")
-    bench.save_torchscript({k: t.clone() for k, t in oa.items()}, d / "ViT-tiny.pt")  # as OpenAI's ViT-L-14.pt
-    return dict(hf=d / "hf", pt=d / "openai.pt", jit=d / "ViT-tiny.pt", ref=hf.vision_model, sd=oa)
+    return oa
 
 
 def meta_from_hf_qk(w, heads):
@@ -279,7 +285,7 @@ def skipped_files(out):  # meta.json names skipped images by pseudonym; the mapp
     return {sources[k]: v for k, v in json.loads((out / "meta.json").read_text())["skipped"].items()}
 
 
-def pngs(folder, n, value=lambda i: 100):
+def pngs(folder, n, value=lambda i: 100 + i):  # distinct films: one film is one row
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         Image.fromarray(np.full((64, 64), value(i), np.uint8)).save(folder / f"im{i}.png")
@@ -1541,12 +1547,14 @@ def test_nih_framing_tells_nothing_the_film_does_not_and_the_view_confounder_is_
     rc, out = run_prepare(tmp_path, src, [(r["image"], r["label"], r["patient_id"], r["view"]) for r in
                                           csv_rows(os.path.join(src, "labels.csv"))],
                           header=("image", "label", "patient_id", "view"))
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     meta, rows = json.loads((out / "meta.json").read_text()), manifest(out)
-    assert rc == 0 and len(rows) == 1000 and {r["crop"] for r in rows} == {"thorax"}
-    assert meta["crops"] == {c: {"thorax": 500, "mask": 0, "none": 0} for c in ("0", "1")}  # no fallback path at all
+    # NIH's 00002658_001 and _002 (one patient's follow-ups 1 and 2, label 0) hold the same pixels: one film
+    assert "1 row(s) of" in err and "(the same pixels, the same label): lines 255 = 256" in err
+    assert rc == 0 and len(rows) == 999 and {r["crop"] for r in rows} == {"thorax"}
+    assert meta["crops"] == {c: {"thorax": n, "mask": 0, "none": 0} for c, n in (("0", 499), ("1", 500))}
     audit = meta["audit"]
-    assert audit["per_class"]["view"] == {"0": {"AP": 342, "PA": 158}, "1": {"AP": 225, "PA": 275}}
+    assert audit["per_class"]["view"] == {"0": {"AP": 341, "PA": 158}, "1": {"AP": 225, "PA": 275}}
     assert "view" in audit["differs"] and "FLAG view differs between classes" in printed
     sets = audit["auc_sets"]  # the films are all 512 px: the film's attributes are its view (0.617 by hand)
     assert 0.55 < sets["film (view, size)"] < 0.65 and audit["crop_adds"] <= 0.03
@@ -1575,6 +1583,7 @@ def test_precomputed_masks_png_folder_and_chexmask_rle(tmp_path):
     img = np.zeros((40, 60), np.uint8)
     img[10:30, 20:40] = np.arange(20, dtype=np.uint8)[None] * 12  # a gradient only inside the masked box
     Image.fromarray(img).save(src / "a.png")
+    img[0, 0] = 1  # another film, outside the mask
     Image.fromarray(img).save(src / "b.png")
     mask = np.zeros((40, 60), np.uint8)
     mask[10:30, 20:40] = 255
@@ -1708,11 +1717,12 @@ def test_labels_never_go_silently_wrong(tmp_path):
     rc, out = run_prepare(tmp_path, src, [("im0.png", "sick"), ("im1.png", "normal")], "--classes", "sick,normal",
                           "--crop", "none", "--folds", "1")
     assert rc == 0 and json.loads((out / "meta.json").read_text())["classes"] == ["sick", "normal"]
-    (tmp_path / "b").mkdir()
-    shutil.copy(src / "im0.png", tmp_path / "b/im0.png")
+    (tmp_path / "both/b").mkdir(parents=True)
+    shutil.copytree(src, tmp_path / "both/in")
+    shutil.copy(src / "im0.png", tmp_path / "both/b/im0.png")
     with pytest.raises(UserError,
                        match=r"'im0\.png' matches b/im0\.png and in/im0\.png under .*: give the relative path"):
-        run_prepare(tmp_path, tmp_path, [("im0.png", "sick"), ("in/im1.png", "normal")])
+        run_prepare(tmp_path, tmp_path / "both", [("im0.png", "sick"), ("in/im1.png", "normal")])
 
 
 def test_excel_csvs_with_a_bom_or_semicolons_are_read(tmp_path):
@@ -1801,7 +1811,7 @@ def test_prepare_refuses_what_could_never_train_and_says_what_it_risks(tmp_path,
     big.mkdir()
     Image.fromarray(np.zeros((300, 300), np.uint8)).save(big / "large.png")
     for i in range(2):
-        Image.fromarray(np.zeros((64, 64), np.uint8)).save(big / f"s{i}.png")
+        Image.fromarray(np.full((64, 64), i, np.uint8)).save(big / f"s{i}.png")
     rc, out = run_prepare(tmp_path, big, [("large.png", "a"), ("s0.png", "a"), ("s1.png", "b")], "--folds", "1",
                           "--max-pixels", "10000", "--restart")
     assert rc == 0 and "300x300 pixels, more than --max-pixels 10000" in skipped_files(out)["large.png"]
@@ -2978,15 +2988,15 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path, monkeypatch,
          "best.safetensors: not a readable safetensors file"),
         (["train.py", "--data", str(demo_data), "--model", "random", "--batch-size", "16", "--epochs", "1", "--out",
           str(stopped)], "state.pt: is not a plain tensor checkpoint; not loaded; pass --restart"),
-        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "header.csv"), "--out",
+        (["prepare.py", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "header.csv"), "--out",
           str(tmp_path / "p")], "a header and no rows"),
         (["eval.py", "--runs", str(tmp_path / "none"), "--fold", "1"], "no run there"),
         (["eval.py", "--runs", str(tmp_path / "none"), "--image", "a.png"], "no run there"),
         (["train.py", "--data", str(bare), "--model", "random", "--out", str(tmp_path / "o")], "meta.json not found"),
-        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out",
+        (["prepare.py", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels.csv"), "--out",
           str(tmp_path / "p"),
           "--folds", "0"], "--folds 0: give 1 or more"),
-        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out",
+        (["prepare.py", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels.csv"), "--out",
           str(tmp_path / "p"),
           "--workers", "0"], "--workers 0: give 1 or more"),
         (["eval.py", "--runs", str(run.parent), "--data", str(demo_data), "--classes", "garbage"],
@@ -2995,11 +3005,14 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path, monkeypatch,
          "['sick'] are not labels of"),
         (["prepare.py", "--images", str(tmp_path / "no_such_folder"), "--labels", str(tmp_path / "labels.csv"),
           "--out", str(tmp_path / "p")], "no_such_folder: no such folder"),
-        (["prepare.py", "--images", str(tmp_path), "--labels", str(tmp_path / "latin1.csv"), "--out",
+        (["prepare.py", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "latin1.csv"), "--out",
           str(tmp_path / "p")], "latin1.csv: not UTF-8 (byte 15); save it as 'CSV UTF-8'"),
     ] + [(["train.py", "--data", str(demo_data), "--model", "random", "--out", str(tmp_path / "o"), flag, value],
           f"{flag} {value}: give") for flag, value in (("--batch-size", "0"), ("--lr", "-1"), ("--epochs", "0"),
-                                                      ("--val-frac", "1.5"), ("--min-lr", "nan"))
+                                                      ("--val-frac", "1.5"), ("--min-lr", "nan"), ("--lr", "nan"),
+                                                      ("--lr", "0"), ("--val-frac", "1"), ("--val-frac", "0.6"))
+    ] + [(["train.py", "--data", str(demo_data), "--model", "random", "--out", str(tmp_path / "o"), "--cls-blocks",
+           "4,4"], "CLS blocks [4, 4] name a block twice")
     ] + ([] if torch.cuda.is_available() else [(["train.py", "--data", str(demo_data), "--model", "random", "--out",
                                                  str(tmp_path / "o"), "--device", "cuda"], "this torch sees no GPU")])
     first = {}  # one case per script as a real process (its exit status, no traceback); all in this one
@@ -3212,3 +3225,78 @@ def test_one_film_is_one_row_whatever_its_names(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0 and "2 row(s) of" in err and "lines 4 = 11; 5 = 10" in err and "first of each is kept" in err
     assert len(manifest(out)) == 8
+
+
+@pytest.mark.parametrize("labels", [("TB", "non-TB"), ("disease", "no_disease"), ("TB-negative", "TB"),
+                                    ("not sick", "sick")])
+def test_the_disease_class_is_never_guessed_from_a_name_that_reads_both_ways(tmp_path, labels):
+    src = pngs(tmp_path / "in", 4, lambda i: 40 * i)
+    rows = [(f"im{i}.png", labels[i % 2]) for i in range(4)]
+    healthy = next(n for n in labels if prepare.NEGATION.search(n.lower()))
+    with pytest.raises(UserError, match=rf"reads as a negation.*--classes {re.escape(healthy)},"):
+        run_prepare(tmp_path, src, rows, "--folds", "1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_figure_names_its_positive_class_and_an_undeclared_order_is_said(demo_data, tmp_path, capsys):
+    src = pngs(tmp_path / "in", 8, lambda i: 30 * i)
+    rows = [(f"im{i}.png", ("pneumonia", "normal")[i % 2]) for i in range(8)]
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2", "--classes", "pneumonia,normal")
+    assert "'normal' is class 1, the positive class" in capsys.readouterr().err
+    run_prepare(tmp_path, src, [(f"im{i}.png", "ab"[i % 2]) for i in range(8)], "--folds", "2", "--restart")
+    said = capsys.readouterr().out
+    assert "did not declare its classes: 'b' is taken as the disease" in said and "--classes b,a --restart" in said
+    train.main(train_args(out, tmp_path / "runs/fold1", "--epochs", "1", "--val-frac", "0", "--batch-size", "4"))
+    said = capsys.readouterr().out
+    assert "'b' is taken as the disease" in said and "of 'b' (positive) against 'a'): sensitivity" in said
+    ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1"])
+    said = capsys.readouterr().out
+    assert "the paper's figures (argmax; of 'b' (positive) against 'a'): sensitivity" in said
+    assert "'b' is taken as the disease" in said
+    ev.main(["--runs", str(tmp_path / "runs"), "--all", "--folds", "1"])
+    assert "Sensitivity, specificity and AUC of 'b' (positive) against 'a'" in (tmp_path / "runs/table.md").read_text()
+    train.main(train_args(demo_data, tmp_path / "demo/fold1", "--epochs", "1"))
+    assert "'pneumoconiosis' is taken as the disease" in capsys.readouterr().out  # the demo's folder, undeclared
+
+
+def test_a_run_is_pinned_to_its_frozen_checkpoints(clip_files, demo_data, tmp_path):
+    """A replaced ViT file (the same keys and shapes, other weights) is refused by every command that loads
+    the run's model, naming the file; the same file copied elsewhere is not needed: the path is the record."""
+    clip = tmp_path / "ViT.pt"
+    shutil.copy(clip_files["pt"], clip)
+    out = tmp_path / "runs/fold1"
+    train.main(train_args(demo_data, out, "--epochs", "1", "--model", "full", "--clip", str(clip), "--no-llm",
+                          "--cls-blocks", "1,2,3,4"))
+    assert json.loads((out / "config.json").read_text())["frozen_files"] == {str(clip): C.fingerprint(clip)}
+    C.load_run(out)  # unchanged: loads
+    other = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in clip_files["sd"].items()}
+    torch.save(other, clip)
+    with pytest.raises(UserError, match=r"ViT\.pt is not the checkpoint .*fold1 was trained with"):
+        ev.main(["--runs", str(out.parent), "--fold", "1", "--image", str(demo_data / "images")])
+
+
+def test_vit_heads_are_read_where_stated_and_refused_where_not(tmp_path):
+    """An OpenCLIP ViT-H-like tower (1280 wide, 16 heads of 80), one block: an OpenAI-layout file states no
+    head count, and width / 64 would give 20: refused without --clip-heads, equal to transformers with it;
+    a Hugging Face folder states 16."""
+    vc = dict(hidden_size=1280, num_hidden_layers=1, num_attention_heads=16, intermediate_size=5120, patch_size=14,
+              image_size=28, hidden_act="gelu", projection_dim=16)
+    tc = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50,
+              max_position_embeddings=8, bos_token_id=0, eos_token_id=1)
+    hf = transformers.CLIPModel(transformers.CLIPConfig(text_config=tc, vision_config=vc, projection_dim=16)).eval()
+    randomize(hf, 0)
+    hf.save_pretrained(tmp_path / "hf")
+    torch.save(openai_layout(hf.state_dict(), 1), tmp_path / "vit-h.pt")
+    with pytest.raises(P.CheckpointError, match=r"vit-h\.pt: a ViT 1280 wide, whose head count the file does not "
+                                                r"state.*pass --clip-heads N"):
+        P.read_clip(tmp_path / "vit-h.pt", "gelu")
+    with pytest.raises(P.CheckpointError, match=r"num_attention_heads is 16, not --clip-heads 20"):
+        P.read_clip(tmp_path / "hf", None, 20)
+    img = torch.randn(2, 3, 28, 28)
+    want = hf.vision_model(pixel_values=img, output_hidden_states=True).hidden_states[1][:, 0]
+    for path, heads in ((tmp_path / "vit-h.pt", 16), (tmp_path / "hf", None)):
+        model = P.from_pretrained(path, None, clip_act="gelu" if heads else None, clip_heads=heads, llm=False,
+                                  cls_blocks=[1], vit_adapters=False)
+        assert model.args.vision.heads == 16
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval().visual(img)[:, 0], want, rtol=1e-4, atol=1e-4)

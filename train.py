@@ -27,15 +27,14 @@ import torch.nn.functional as F
 import common as C
 import metrics as M
 import pneumollm as P
-from folders import (Data, Help, Interrupted, UserError, changed, cli, lacking, locked, refuse_changed, replacing,
-                     write_atomic, write_csv)
+from folders import (Data, Help, Interrupted, UserError, changed, cli, lacking, locked, positive_class, refuse_changed,
+                     replacing, write_atomic, write_csv)
 
 MODELS = {  # --model: where its checkpoints are, and its recipe's own defaults
     "full": dict(clip="checkpoints/ViT-L-14.pt", llama="checkpoints/llama-7b", lr=3e-4, epochs=100),
     "tiny": dict(clip="checkpoints/tiny/ViT-tiny.pt", llama="checkpoints/tiny/llama-tiny", lr=3e-3, epochs=30),
     "random": dict(clip=None, llama=None, lr=3e-3, epochs=30),
 }
-RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
 RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors", "state.pt", "metrics.json",
              "val_predictions.csv", "predictions.csv", "eval.json", "operating_point.json", "roc.png",
              "reliability.png", "explain.png", "probe.json", "image_scores.csv")
@@ -56,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--clip-act", choices=["quick_gelu", "gelu"], help="the ViT MLP's activation, for an "
                     "OpenAI-layout state dict of an OpenCLIP/LAION tower (gelu); a Hugging Face config states it "
                     "(default: the config's, else quick_gelu, OpenAI's)")
+    ap.add_argument("--clip-heads", type=int, help="the ViT's attention heads, for an OpenAI-layout file wider "
+                    "than ViT-L (e.g. 16 for OpenCLIP's ViT-H/14); a Hugging Face config states them (default: "
+                    "the config's, else width / 64, OpenAI's rule)")
     ap.add_argument("--out", help="the run folder (default: out/<data name>/fold<N>)")
     ap.add_argument("--restart", action="store_true", help="discard the run in --out and train from scratch "
                     "(without it an interrupted run resumes and a finished one is left alone)")
@@ -95,7 +97,9 @@ def check_numbers(cfg: dict):
              "warmup-epochs": (not cfg["warmup_epochs"] >= 0, "0 or more"),
              "warmup-lr": (not cfg["warmup_lr"] >= 0, "0 or more"),
              "weight-decay": (not cfg["weight_decay"] >= 0, "0 or more"),
-             "val-frac": (not 0 <= cfg["val_frac"] < 1, "a fraction of the training patients in [0, 1), e.g. 0.1"),
+             "val-frac": (not (cfg["val_frac"] == 0 or 0 < cfg["val_frac"] <= 0.5
+                               and abs(1 / cfg["val_frac"] - round(1 / cfg["val_frac"])) < 0.02),
+                          "0, or 1/k of the training patients (one of k patient folds): 0.5, 0.25, 0.2, 0.1, .."),
              "adapter-dropout": (not 0 <= cfg["adapter_dropout"] < 1, "a probability in [0, 1)")}
     for flag, (bad, give) in wrong.items():
         if bad:
@@ -163,7 +167,7 @@ def claim(out: Path, cfg: dict) -> str:
         return "new"
     old = json.loads((out / "config.json").read_text())
     # a finished run is the same run on another machine: its dtype followed the device it trained on
-    ignored = RUNTIME + (("dtype",) if C.finished(out) else ())
+    ignored = C.RUNTIME + (("dtype",) if C.finished(out) else ())
     diff = changed(old, cfg, ignored)
     if diff and not C.finished(out) and not (out / "state.pt").exists():  # it never finished an epoch: nothing to keep
         print(f"{out}: a run that never finished an epoch, with other settings ({', '.join(diff[:4])}): started "
@@ -392,11 +396,15 @@ def final_test(model: P.PneumoLLM, data: Data, split: dict, cfg: dict, epoch: in
     meta = dict(fold=cfg["fold"], selected_on=cfg["select"], epoch=epoch, n_test=len(rows), metrics=m)
     write_atomic(out / "metrics.json", json.dumps(meta, indent=1))
     write_predictions(out / "predictions.csv", rows, prob, cfg)
-    print(f"test fold {cfg['fold']} ({len(rows)} images, epoch {epoch} chosen on {cfg['select']}): "
-          + "  ".join(f"{k} {100 * m[k]:.2f}" for k in M.METRICS))
+    print(f"test fold {cfg['fold']} ({len(rows)} images, epoch {epoch} chosen on {cfg['select']}; "
+          f"{positive_class(cfg['classes'], cfg['multi_label'])}): " + "  ".join(f"{k} {100 * m[k]:.2f}" for k in M.METRICS))
     layout = "per finding [[tn, fp], [fn, tp]]" if cfg["multi_label"] else "rows true, cols predicted"
     print(f"confusion ({layout}, {cfg['classes']}): {m['confusion']}")
-    print(f"the run is in {out}; next: python eval.py --runs {out.parent} --fold {cfg['fold']}")
+    if out.name == f"fold{cfg['fold']}":
+        print(f"the run is in {out}; next: python eval.py --runs {out.parent} --fold {cfg['fold']}")
+    else:  # eval.py reads <runs>/fold<N>
+        print(f"the run is in {out}; eval.py reads a fold's run as <runs>/fold<N>: move it "
+              f"(mv {out} {out.parent}/fold{cfg['fold']}), then python eval.py --runs {out.parent} --fold {cfg['fold']}")
     return m
 
 
@@ -411,7 +419,9 @@ def setup(argv) -> tuple:
     settings = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
     cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"], masks=settings["masks"],
                size=int(settings["size"]), synthetic=bool(data.meta.get("demo")),
-               data_fingerprint=data.meta.get("fingerprint"))
+               data_fingerprint=data.meta.get("fingerprint"), frozen_files=C.frozen_files(cfg))
+    if note := data.order_note():
+        print(note)
     if cfg["question"]:
         tokenize_question(cfg)
     split = data.run_split(cfg)
