@@ -178,7 +178,7 @@ def check_same_runs(cfgs: dict):
     for f, cfg in rest:
         diff = changed(first, cfg, RUNTIME + ("fold", "out", "dtype"))
         if diff:
-            k = diff[0]
+            k = min(diff, key=lambda k: ("data", "classes", "data_fingerprint", k).index(k))  # the telling one first
             raise UserError(f"fold {f} is not the experiment of fold {f0}: its {k} is {cfg.get(k)!r}, fold {f0}'s "
                             f"{first.get(k)!r}{' and more' if len(diff) > 1 else ''}; evaluate them apart, or train "
                             f"fold {f} again as fold {f0} was ({train_command(first, f, cfg['out'])} --restart)")

@@ -3300,3 +3300,20 @@ def test_vit_heads_are_read_where_stated_and_refused_where_not(tmp_path):
         assert model.args.vision.heads == 16
         with torch.no_grad():
             torch.testing.assert_close(model.eval().visual(img)[:, 0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_folds_of_another_experiment_are_never_pooled_and_hints_are_whole_commands(demo_data, tmp_path, capsys):
+    src = pngs(tmp_path / "in", 8, lambda i: 30 * i)
+    rc, other = run_prepare(tmp_path, src, [(f"im{i}.png", "ab"[i % 2]) for i in range(8)], "--folds", "2")
+    runs = tmp_path / "runs"
+    train.main(train_args(demo_data, runs / "fold1", "--epochs", "1"))
+    with pytest.raises(UserError, match=rf"{re.escape(str(runs / 'fold2'))}: no run there; train it first: python "
+                                        rf"train\.py --data {re.escape(str(demo_data))} --model random --fold 2"):
+        ev.main(["--runs", str(runs), "--fold", "2"])
+    train.main(train_args(other, runs / "fold2", "--epochs", "1", "--fold", "2", "--val-frac", "0", "--batch-size", "2"))
+    for args in (["--all"], ["--ensemble", "--data", str(demo_data)]):
+        with pytest.raises(UserError, match=rf"fold 2 is not the experiment of fold 1: its data is '{other}', fold 1's "
+                                            rf"'{demo_data}' and more"):
+            ev.main(["--runs", str(runs), *args])
+    train.main(train_args(demo_data, tmp_path / "flat", "--epochs", "1"))
+    assert f"mv {tmp_path / 'flat'} {tmp_path}/fold1" in capsys.readouterr().out
