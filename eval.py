@@ -44,7 +44,7 @@ import metrics as M
 import plots
 import pneumollm as P
 import prepare
-from folders import Data, Help, UserError, cli, encode_labels, positive_class, write_atomic, write_csv
+from folders import Data, Help, UserError, cli, encode_labels, lacking, positive_class, write_atomic, write_csv
 from lungcrop import lung_fields
 
 
@@ -457,18 +457,16 @@ def probe(runs: Path, opt) -> int:
     point = operating_point(run, cfg, opt.sensitivity)
     cut = point["thresholds"][cfg["classes"][1]]
     model, cfg = C.load_run(run, opt.device, True, opt.cpu_dtype)
-    if opt.data:  # another site's folder: all of it, labels in the run's names
-        data = Data(opt.data)
-        y, images = encode_labels(mapped_labels(data, cfg, opt.classes), cfg["classes"], False), data.images(data.rows)
-        own = own_films(cfg, data.folder, images)
-        test, y, images = [r for r, o in zip(data.rows, own) if not o], y[~own], images[~own]
+    if opt.data:  # another site's folder: all of it but the run's own films, labels in the run's names
+        data, test, labels, images = external_films(cfg, opt.data, opt.classes)
+        y = encode_labels(labels, cfg["classes"], False)
         rows, prob = test, C.predict(model, images, cfg, batch=16, progress=True)
         written = f"probe-{data.folder.name}-{folder_tag(data.folder)}"
     else:
         data, written = run_data(cfg), "probe"
         test = data.rows_of(rows)
         images = data.images(test)
-    draws = M.resamples([r["patient"] for r in rows], y, 2, n=4000)  # Holm over 64 cells: p down to 0.0008
+    draws = M.resamples([r["patient"] for r in rows], y, 2)  # as eval's: one interval for one AUC
     size = images.shape[-1]
     masks = [data.folder / "masks" / Path(r["image"]).name for r in test]
     masks = [np.asarray(Image.open(m)) > 127 if m.exists() else None for m in masks]
@@ -595,11 +593,7 @@ def external(runs: Path, opt) -> int:
         C.check_finished(runs / f"fold{f}", f)
     C.check_same_runs({f: json.loads((runs / f"fold{f}/config.json").read_text()) for f in folds})
     cfg = json.loads((runs / f"fold{folds[0]}/config.json").read_text())
-    other = Data(opt.data)
-    labels, images = mapped_labels(other, cfg, opt.classes), other.images(other.rows)
-    own = own_films(cfg, other.folder, images)
-    rows, labels, images = [r for r, o in zip(other.rows, own) if not o], [x for x, o in zip(labels, own) if not o], \
-        images[~own]
+    other, rows, labels, images = external_films(cfg, opt.data, opt.classes)
     y = encode_labels(labels, cfg["classes"], cfg["multi_label"])
     what = f"{other.folder}, scored by " + (f"the mean of folds {folds}" if opt.ensemble else f"fold {folds[0]}")
     scores = []
@@ -613,7 +607,7 @@ def external(runs: Path, opt) -> int:
     x = small(images)  # the baseline's pixels, from the images already read
     base = np.mean([baseline_model(json.loads((runs / f"fold{f}/config.json").read_text()))[2](x) for f in folds], 0)
     out, draws = figures(y, prob, [r["patient"] for r in rows], cfg, point, base)
-    out = dict(data=str(other.folder), folds=folds, classes_mapping=opt.classes, left_out_as_own=int(own.sum()),
+    out = dict(data=str(other.folder), folds=folds, classes_mapping=opt.classes, left_out_as_own=len(other.rows) - len(rows),
                **out, shift=shift(Data(cfg["data"]).meta, other.meta))
     mapping = f"-classes-{hashlib.sha256(opt.classes.encode()).hexdigest()[:6]}" if opt.classes else ""
     folder = runs / f"external-{other.folder.name}-{folder_tag(other.folder)}{mapping}" / (
@@ -634,13 +628,43 @@ def external(runs: Path, opt) -> int:
     return 0
 
 
+def external_films(cfg: dict, folder, classes) -> tuple:
+    """(the folder, its rows, labels in the run's names, images) of another site, less the run's own films
+    and patients; every reason not to score it found before any model runs: labels that do not map,
+    another --size, the run's data folder missing (the baseline and the shift report need it), a class
+    with no film left."""
+    other = Data(folder)
+    labels = mapped_labels(other, cfg, classes)
+    if int(other.meta["settings"]["size"]) != int(cfg["size"]):
+        raise UserError(f"{other.folder} was prepared at --size {other.meta['settings']['size']}, the run's data at "
+                        f"{cfg['size']}: prepare it again with --size {cfg['size']} (into another --out)")
+    if not (Path(cfg["data"]) / "meta.json").exists():
+        raise UserError(f"the run's data folder {cfg['data']} is not here; external validation needs it (its own "
+                        "films are left out, the pixel baseline trains on it, the shift report reads it): restore it")
+    ours, images = run_data(cfg), other.images(other.rows)
+    shared = {r["patient"] for r in other.rows} & {r["patient"] for r in ours.rows}
+    own = own_films(cfg, other.folder, images) | np.array([r["patient"] in shared for r in other.rows])
+    if shared:
+        print(f"WARNING: {len(shared)} patients of {other.folder} are patients of the run's data (the same "
+              "pseudonyms): their films are left out, as the run may have trained on them")
+    if own.all():
+        raise UserError(f"{other.folder}: all {len(own)} films are the run's own (the same pixels as in {cfg['data']}, "
+                        "or its patients'); external validation needs films the run never saw: eval.py --fold (and "
+                        "--probe) score its test fold")
+    keep = [i for i, o in enumerate(own) if not o]
+    y = encode_labels([labels[i] for i in keep], cfg["classes"], cfg["multi_label"])
+    missed = [c for c, m in zip(cfg["classes"], lacking(y, len(cfg["classes"]), cfg["multi_label"])) if m]
+    if missed:
+        raise UserError(f"{other.folder}: after leaving out the run's own films, {len(keep)} remain with no images "
+                        f"{'with and without ' if cfg['multi_label'] else 'of '}{', '.join(missed)}: nothing to "
+                        "compare; add films of that class")
+    return other, [other.rows[i] for i in keep], [labels[i] for i in keep], images[keep]
+
+
 def own_films(cfg: dict, folder: Path, images: np.ndarray) -> np.ndarray:
     """(N,) bool: which of `folder`'s `images` are films of the run's own data folder, by pixel content
     (names can differ, or mean other films): their 16 x 16 thumbnails within 2 grey levels (RMS) of one
     there. All of them: refused; some: a warning (the callers leave them out)."""
-    if not (Path(cfg["data"]) / "manifest.csv").exists():
-        print(f"NOTE: the run's data folder {cfg['data']} is not here: whether these films are its own is unchecked")
-        return np.zeros(len(images), bool)
     ours = run_data(cfg)
 
     def thumbs(x):  # (N, 1, H, W) uint8 -> (N, 256) float
@@ -650,9 +674,6 @@ def own_films(cfg: dict, folder: Path, images: np.ndarray) -> np.ndarray:
     d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None] - 2 * a @ b.T  # squared distances, (N, M)
     own = d2.min(1) < 256 * 2.0**2
     same = f"the run's own (the same pixels as in {cfg['data']})"
-    if own.all():
-        raise UserError(f"{folder}: all {len(own)} films are {same}; external validation needs films the run "
-                        "never saw: eval.py --fold (and --probe) score its test fold")
     if own.any():
         print(f"WARNING: {own.sum()} of {len(own)} films of {folder} are {same}: left out; the other "
               f"{(~own).sum()} are scored")

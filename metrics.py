@@ -7,6 +7,7 @@ beyond the paper: ROC curves, operating points, calibration, and intervals from 
 import numpy as np
 
 METRICS = ("sensitivity", "specificity", "accuracy", "auc", "avg")
+RESAMPLES = 2000  # patient bootstrap draws of every interval; Holm over the probe's 64 cells needs p < 0.05 / 64
 
 
 def roc_auc(y, score) -> float:
@@ -184,16 +185,21 @@ def fit_temperature(y, prob, multi_label: bool) -> float:
     return float(grid[int(np.argmin(nll))])
 
 
-def resamples(patients, y, n_classes: int, n=1000, seed=0) -> list:
+def resamples(patients, y, n_classes: int, n=RESAMPLES, seed=0) -> list:
     """Image indices of n bootstrap resamples of the patients (each drawn patient brings all its
-    images); resamples lacking a class (a finding's 0s or 1s) are redrawn."""
+    images); resamples lacking a class (a finding's 0s or 1s) are redrawn. Patients are numbered in the
+    order they first appear, so the draws do not depend on their pseudonyms (on prepare.py's key)."""
     rng, y = np.random.default_rng(seed), np.asarray(y)
-    _, of = np.unique(np.asarray(patients), return_inverse=True)
+    complete = (lambda i: np.unique(y[i]).size == n_classes) if y.ndim == 1 else (lambda i: np.ptp(y[i], 0).all())
+    if not len(y) or not complete(np.arange(len(y))):
+        raise ValueError(f"the {len(y)} images lack a class (or a finding's positives or negatives): no interval")
+    _, first, of = np.unique(np.asarray(patients), return_index=True, return_inverse=True)
+    of = np.argsort(np.argsort(first))[of]  # patient k: the k-th to appear
     images_of = [np.flatnonzero(of == p) for p in range(of.max() + 1)]
     out = []
-    while len(out) < n:
+    while len(out) < n:  # ends: the whole set holds every class, so each draw may (1 - 1/e per rare patient)
         i = np.concatenate([images_of[p] for p in rng.integers(0, len(images_of), len(images_of))])
-        if (np.unique(y[i]).size == n_classes) if y.ndim == 1 else np.ptp(y[i], 0).all():
+        if complete(i):
             out.append(i)
     return out
 

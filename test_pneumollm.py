@@ -2462,6 +2462,10 @@ def test_bootstrap_resamples_patients_not_images():
         assert sum(counts[m[0]] for m in groups.values()) == len(groups)  # as many patients as there are
         sizes.add(len(idx))
     assert len(sizes) > 3  # so the number of images varies
+    renamed = [{"a": "z", "b": "y", "c": "x", "d": "w", "e": "v", "f": "u"}[p] for p in patients]  # another key
+    assert all(np.array_equal(i, j) for i, j in zip(M.resamples(patients, y, 2, n=50), M.resamples(renamed, y, 2, n=50)))
+    with pytest.raises(ValueError, match="lack a class"):  # no class 1 at all: never a hang
+        M.resamples(patients, np.zeros(10, int), 2, n=10)
 
 
 def test_baseline_is_trained_on_the_training_patients_only(demo_data, tmp_path, monkeypatch):
@@ -2599,7 +2603,7 @@ def test_a_masks_run_is_probed_with_its_own_masks(demo_data, tmp_path, capsys, m
     masks = np.stack([np.array(loaded_image(data / "masks" / Path(r["image"]).name)) > 127 for r in rows])
     images = np.stack([np.array(loaded_image(data / r["reference"])) for r in rows])
     assert probe["lung_fields"]["what"] == "the lung masks"
-    assert probe["intervals"] == "95 %, 4000 resamples of patients"  # what the probe draws (Holm needs p < 1/64/20)
+    assert probe["intervals"] == "95 %, 2000 resamples of patients"  # what the probe draws (Holm needs p < 1/64/20)
     assert "lung fields (the lung masks;" in capsys.readouterr().out
     assert probe["lung_fields"]["share_of_crop"] == pytest.approx(masks.mean())
     crops = np.stack([np.array(loaded_image(data / r["image"])) for r in rows])
@@ -3317,3 +3321,35 @@ def test_folds_of_another_experiment_are_never_pooled_and_hints_are_whole_comman
             ev.main(["--runs", str(runs), *args])
     train.main(train_args(demo_data, tmp_path / "flat", "--epochs", "1"))
     assert f"mv {tmp_path / 'flat'} {tmp_path}/fold1" in capsys.readouterr().out
+
+
+def test_external_validation_finds_every_reason_to_refuse_before_any_model_runs(demo_data, demo_runs, second_site,
+                                                                                tmp_path, monkeypatch, capsys):
+    runs = shutil.copytree(demo_runs, tmp_path / "runs")
+    monkeypatch.setattr(C, "load_run", lambda *a, **k: pytest.fail("a model was loaded before the refusal"))
+    small = shutil.copytree(second_site, tmp_path / "small")
+    meta = json.loads((small / "meta.json").read_text())
+    (small / "meta.json").write_text(json.dumps(dict(meta, settings=dict(meta["settings"], size=128))))
+    with pytest.raises(UserError, match=r"small was prepared at --size 128, the run's data at 224"):
+        ev.main(["--runs", str(runs), "--data", str(small)])
+    one_class = shutil.copytree(demo_data, tmp_path / "one_class")  # the run's films, and 3 others, all normal
+    rows = manifest(one_class)
+    theirs = [r for r in manifest(second_site) if r["label"] == "normal"][:3]
+    for r, t in zip(rows, theirs):
+        shutil.copy(second_site / t["image"], one_class / r["image"])
+        r["patient"], r["label"] = "P" + t["patient"], "normal"
+    prepare.write_csv(one_class / "manifest.csv", prepare.MANIFEST, [[r[k] for k in prepare.MANIFEST] for r in rows])
+    with pytest.raises(UserError, match=r"after leaving out the run's own films, 3 remain with no images of "
+                                        r"pneumoconiosis"):
+        ev.main(["--runs", str(runs), "--data", str(one_class)])
+    shared = shutil.copytree(second_site, tmp_path / "shared")  # other films under the run's patients' pseudonyms
+    rows, ours = manifest(shared), manifest(demo_data)
+    rows[0]["patient"], rows[1]["patient"] = sorted({r["patient"] for r in ours})[:2]
+    prepare.write_csv(shared / "manifest.csv", prepare.MANIFEST, [[r[k] for k in prepare.MANIFEST] for r in rows])
+    cfg = json.loads((runs / "fold1/config.json").read_text())
+    capsys.readouterr()
+    _, kept, _, _ = ev.external_films(cfg, shared, None)
+    assert "WARNING: 2 patients of" in capsys.readouterr().out and len(kept) == len(rows) - 2
+    moved = dict(cfg, data=str(tmp_path / "gone"))
+    with pytest.raises(UserError, match=r"the run's data folder .*gone is not here; external validation needs it"):
+        ev.external_films(moved, second_site, None)
