@@ -159,7 +159,7 @@ def _mean(xs):
 
 
 def describe(report: dict) -> str:
-    lines = ["shortcut audit (attributes per class; README: prepare.py):"]
+    lines = ["shortcut audit (attributes per class; docs/data.md):"]
     for attr, per in report["per_class"].items():
         values = {k for v in per.values() for k in v} if attr in CATEGORICAL else set(per.values())
         if len(values) > 1 and attr not in GEOMETRY:

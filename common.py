@@ -73,7 +73,7 @@ def blocks(text: str) -> list:
 def apply_threads(n):
     """--threads, or as many as the cores left idle now (at least one): torch's default, one per core,
     ran the tiny demo at 1.8x the time of one thread while another job held both cores of a 2-core
-    machine (README)."""
+    machine (docs/performance.md)."""
     if n is not None and n < 1:
         raise UserError(f"--threads {n}: give 1 or more")
     idle = None if n else idle_cores()
@@ -123,7 +123,7 @@ def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
             raise UserError(f"{path} not found: " + ("python pretrain.py writes the tiny model's checkpoints "
                             "(python prepare.py --demo does too)" if cfg["model"] == "tiny" else "PneumoLLM needs "
                             "OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as Meta or Hugging Face ship it (--llama); "
-                            "README 'The real model' says what to put where; --model tiny runs on the demo's small "
+                            "docs/checkpoints.md says what to put where; --model tiny runs on the demo's small "
                             "checkpoints instead"))
     try:
         return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype,
@@ -287,8 +287,10 @@ def cpu_parts(model: P.PneumoLLM) -> dict:
         v = a.vision
         tokens = (v.image_size // v.patch_size) ** 2 + 1
         parts["ViT"] = model.visual, model.visual.transformer.resblocks, tokens, v.width
-    if model.llama is not None:
-        t = len(a.cls_blocks) + a.n_diag * (a.engine != "none") + len(a.question_ids)
+    if model.llama is not None:  # its sources: the CLS tokens, or the conv stem's patch tokens
+        v = a.vision
+        sources = len(a.cls_blocks) if a.encoder == "clip" else (v.image_size // v.patch_size) ** 2
+        t = sources + a.n_diag * (a.engine != "none") + len(a.question_ids)
         parts["LLaMA"] = model.llama, model.llama.layers, 16 * t, a.llama.dim
     return parts
 

@@ -29,6 +29,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import re
 import shlex
 import sys
@@ -316,8 +317,9 @@ def pool(runs: Path, per: dict) -> dict:
 def score_images(runs: Path, opt) -> int:
     run = runs / f"fold{opt.fold}"
     C.check_finished(run, opt.fold)
-    model, cfg = C.load_run(run, opt.device, True, opt.cpu_dtype)
+    cfg = json.loads((run / "config.json").read_text())
     point = operating_point(run, cfg, opt.sensitivity)
+    writable(run if not (opt.csv and (opt.explain is None or opt.explain_dir)) else None)
     if cfg["crop"] not in ("thorax", "none"):
         raise UserError(f"{run}: trained on a data folder cropped by the density lung search ({cfg['crop']!r}), "
                         "which depended on the diagnosis and is gone; prepare the data and train again")
@@ -327,6 +329,7 @@ def score_images(runs: Path, opt) -> int:
         print("NOTE: the run's images were cropped to lung masks; new images are framed by the thorax box")
     if (Path(cfg["data"]) / "meta.json").exists():  # the data may have moved away; if it is there, it must match
         run_data(cfg)
+    model, cfg = C.load_run(run, opt.device, True, opt.cpu_dtype)
     files = [f for p in opt.image for f in (sorted(x for x in Path(p).rglob("*") if x.is_file() and
                                                     x.suffix.lower() in prepare.IMAGE_SUFFIXES)
                                              if Path(p).is_dir() else [Path(p)])]
@@ -342,13 +345,23 @@ def score_images(runs: Path, opt) -> int:
             continue
         scored.append((n, p, img, how))
     if scored:
-        probs = C.predict(model, np.stack([s[2] for s in scored])[:, None], cfg, batch=16, progress=True)
+        images = np.stack([s[2] for s in scored])[:, None]
+        if (Path(cfg["data"]) / "meta.json").exists():  # a film of the run's own data is not a new film
+            own_films(cfg, Path("--image"), images)
+        probs = C.predict(model, images, cfg, batch=16, progress=True)
         table = Path(opt.csv) if opt.csv else fresh(run / "image_scores.csv")
         maps = Path(opt.explain_dir) if opt.explain_dir else fresh(run / "explain")
         report_images(model, scored, probs, cfg, point, opt, table, maps)
     for line in failed:
         print(f"skipped {line}", file=sys.stderr)
     return 2 if not scored else 0  # nothing scored: a mistake in the input
+
+
+def writable(folder):
+    """A folder that results will be written into, checked before the work that makes them."""
+    if folder is not None and not os.access(folder, os.W_OK):
+        raise UserError(f"{folder}: not writable, and the results go there; make it writable, or copy the run "
+                        "folder somewhere writable")
 
 
 def fresh(path: Path) -> Path:  # path, else path-2, path-3, ..: each command's results beside the earlier ones
@@ -413,6 +426,7 @@ def explain_fold(runs: Path, opt) -> int:
     probability and pseudonym."""
     run = runs / f"fold{opt.fold}"
     cfg, rows, y, prob = read_run(run, opt.fold)
+    writable(run)
     point = operating_point(run, cfg, opt.sensitivity)
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
         raise UserError("--explain with --fold shows true/false positives/negatives: binary runs only; "
@@ -451,6 +465,7 @@ def probe(runs: Path, opt) -> int:
     probe-<name>-<tag>.json) and probe.png (the drops over the mean crop, the lung fields outlined)."""
     run = runs / f"fold{opt.fold}"
     cfg, rows, y, prob = read_run(run, opt.fold)
+    writable(run)
     if cfg["multi_label"] or len(cfg["classes"]) != 2:
         raise UserError("--probe compares the disease score of binary runs; this run has classes "
                         f"{cfg['classes']}{' (multi-label)' if cfg['multi_label'] else ''}")
@@ -702,6 +717,17 @@ def beside_the_run(out: dict, run: Path, cfg: dict, y, prob, point: dict) -> lis
         lines.append(f"WARNING: the AUC's interval [{pct(lo)}, {pct(hi)}] lies below 0.5: the model ranks these "
                      "films backwards. Are the labels or --classes reversed? If not, it reads something that "
                      "flips between the sites")
+    elif out["paper"]["metrics"]["auc"] < 0.5:
+        lines.append(f"NOTE: the AUC {pct(out['paper']['metrics']['auc'])} is below 0.5 (its interval holds chance): "
+                     "if the labels or a --classes mapping are reversed, every figure here is of the other class")
+    base = out["baseline"]
+    if base["auc_ci95"][1] < 0.5:
+        lines.append(f"WARNING: the pixel baseline's AUC interval [{pct(base['auc_ci95'][0])}, "
+                     f"{pct(base['auc_ci95'][1])}] lies below 0.5 too: what tells the classes apart in the run's "
+                     "pixels is reversed here (another scanner, exposure or framing)")
+    elif base["auc"] < 0.5:
+        lines.append(f"NOTE: the pixel baseline's AUC {pct(base['auc'])} is below 0.5 here: the run's pixel "
+                     "cues do not carry over to this site")
     return lines
 
 
@@ -809,7 +835,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores idle now)")
     ap.add_argument("--cpu-dtype", choices=["auto", "stored", *C.DTYPES], default="auto",
                     help="on a CPU, the dtype the frozen ViT and LLaMA compute in: auto measures which this CPU "
-                    "multiplies fastest (README 'Scoring with the real model on a CPU'); stored keeps the checkpoints'")
+                    "multiplies fastest (docs/performance.md); stored keeps the checkpoints'")
     return ap
 
 

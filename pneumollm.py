@@ -692,6 +692,8 @@ def from_pretrained(clip, llama, device="cpu", dtype=None, clip_act=None, clip_h
     """Build PneumoLLM on `meta`, map the original checkpoints into it, then create this project's own parts (fp32)
     on `device`. Frozen weights: as stored on CPU (memory-mapped), fp16 elsewhere, unless `dtype` is given. `kw`:
     PneumoArgs fields; encoder="conv" ignores `clip`; llm=False reads no LLaMA (`llama` may be None: width 4096)."""
+    if kw.get("llm", True) and not llama:
+        raise CheckpointError("the LLM is on (llm=True) and no LLaMA checkpoint was given: pass one, or llm=False")
     device = torch.device(device)
     dtype = dtype or (None if device.type == "cpu" else torch.float16)
     clip_used = kw.get("encoder", "clip") == "clip"

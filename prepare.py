@@ -283,13 +283,15 @@ def pick(cols, given, candidates, what, path, needed=True):
 
 
 def find_files(images: Path) -> dict:
-    """{relative path: file} under --images, and {base name: [files]} to match bare names."""
+    """{relative path: file} under --images, and {name: [relative paths]} to match a base name, or a name
+    or relative path written without its extension."""
     files = {str(p.relative_to(images)): p for p in images.rglob("*")
              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
     by_name = {}
-    for rel, p in files.items():
-        by_name.setdefault(Path(rel).name, []).append(rel)
-    return files, by_name
+    for rel in files:
+        for name in {Path(rel).name, Path(rel).stem, str(Path(rel).with_suffix(""))}:
+            by_name.setdefault(name, []).append(rel)
+    return files, {k: sorted(v) for k, v in by_name.items()}
 
 
 def read_labels(opt) -> tuple:
@@ -303,8 +305,12 @@ def read_labels(opt) -> tuple:
         raise UserError(f"--images {opt.images}: no such folder; give the folder that holds the images")
     files, by_name = find_files(Path(opt.images))
     items, seen, rows_of = [], set(), {}
+    if pc and pc == lc:
+        raise UserError(f"--patient-col {pc}: that is the label column; name the column of patient ids")
     for i, r in enumerate(rows, start=2):
         r = {k.strip() if k else k: v for k, v in r.items()}
+        if not any((v or "").strip() for v in r.values() if isinstance(v, str)):
+            continue  # an empty row (Excel writes them at the end)
         name, label = (r.get(ic) or "").strip(), (r.get(lc) or "").strip()
         if not label:
             raise UserError(f"{opt.labels}:{i}: missing label for {name!r}")
@@ -325,7 +331,24 @@ def read_labels(opt) -> tuple:
         column = lambda c: (r.get(c) or "").strip() if c else ""  # noqa: E731
         items.append(dict(path=files[matches[0]], rel=matches[0], label=label, line=i, patient=column(pc),
                           view=column(vc)))
-    return items, label_set(items, opt)
+    names = label_set(items, opt)
+    check_patients(items, names, opt)
+    return items, names
+
+
+def check_patients(items: list, names: list, opt):
+    """Before any work: two classes or more, and, where the label file names patients, enough patients of
+    each class for every fold to hold one (check_folds checks the folds themselves at the end)."""
+    if len(names) < 2 and not opt.multi_label:
+        raise UserError(f"{opt.labels}: one class only ({names[0]!r}, {len(items)} images); a classifier needs two "
+                        "or more")
+    if all(it["patient"] for it in items):
+        patients = {n: len({it["patient"] for it in items if has(it["label"], n)}) for n in names}
+        few = {n: k for n, k in patients.items() if k < opt.folds}
+        if few:
+            raise UserError(f"{opt.labels}: {', '.join(f'{n!r} has {k} patient(s)' for n, k in few.items())}, fewer "
+                            f"than --folds {opt.folds}: every fold needs one of each class; pass fewer --folds, or add "
+                            "data")
 
 
 def label_set(items: list, opt) -> list:
@@ -382,16 +405,17 @@ def dicom_patient(path: Path) -> str:
 # the output folder: one preparation, one writer
 
 
-def settings_of(opt) -> dict:  # what the folder's images and labels depend on; no paths (they can name patients)
+def settings_of(opt, key: bytes) -> dict:  # what the images and labels depend on; no paths (they can name patients)
     return dict(crop=opt.crop, size=opt.size, masks=bool(opt.masks), multi_label=bool(opt.multi_label),
-                classes=opt.classes or "", folds=opt.folds, seed=opt.seed)
+                classes=opt.classes or "", folds=opt.folds, seed=opt.seed,
+                key=pseudonym(key, "key", "check", 8))  # another --key-file: other pseudonyms, other files
 
 
-def check_settings(out: Path, opt):
+def check_settings(out: Path, opt, key: bytes):
     """Refuse other settings than the folder's (unless --restart, which empties it)."""
     meta = out / "meta.json"
     if meta.exists() and not opt.restart:
-        old, new = json.loads(meta.read_text()).get("settings", {}), settings_of(opt)
+        old, new = json.loads(meta.read_text()).get("settings", {}), settings_of(opt, key)
         refuse_changed(out, "was prepared", old, new, changed(old, new), "prepare it again from scratch")
 
 
@@ -509,7 +533,7 @@ def run(opt) -> int:
     for it in items:
         it["id"], it["source"] = pseudonym(key, "image", it["rel"]), fingerprint(key, it["path"])
     same_film(items, "source", "the same file's bytes", opt)  # before any work: copies under two labels
-    check_settings(out, opt)
+    check_settings(out, opt, key)
     out.mkdir(parents=True, exist_ok=True)
     with locked(out, "prepare.py"):
         empty_for_restart(out, opt)
@@ -605,7 +629,7 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
     report = audit.shortcut_audit(kept, names, folds, opt.multi_label)
     crops = {n: {c: sum(has(it["label"], n) and it["crop"] == c for it in kept)
                  for c in ("thorax", "mask", "none")} for n in names}
-    meta = dict(settings=settings_of(opt), demo=opt.demo, classes=names, multi_label=opt.multi_label, counts=counts,
+    meta = dict(settings=settings_of(opt, key), demo=opt.demo, classes=names, multi_label=opt.multi_label, counts=counts,
                 prepared=len(rows), fingerprint=fingerprint, patients=patients, crops=crops, skipped=skipped,
                 audit=report,
                 versions=dict(numpy=np.__version__, pydicom=pydicom.__version__, pillow=Image.__version__))
@@ -628,9 +652,6 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
 def check_folds(kept: list, folds: list, names: list, opt):
     """Before anything is written: two classes or more, and every fold holding every class (a test fold
     without one cannot be scored, and a run on it could never finish)."""
-    if len(names) < 2 and not opt.multi_label:
-        raise UserError(f"{opt.labels}: one class only ({names[0]!r}, {len(kept)} images); a classifier needs two "
-                        "or more")
     y, folds = encode_labels([it["label"] for it in kept], names, opt.multi_label), np.asarray(folds)
     missed = [(f, n) for f in range(1, opt.folds + 1)
               for n, m in zip(names, lacking(y[folds == f], len(names), opt.multi_label)) if m]
@@ -679,8 +700,11 @@ def main(argv=None):
     for flag, value, least in (("--folds", opt.folds, 1), ("--workers", opt.workers, 1), ("--size", opt.size, 8)):
         if value < least:
             raise UserError(f"{flag} {value}: give {least} or more")
+    if opt.demo and (opt.images or opt.labels):
+        raise UserError("--demo writes its own phantoms and labels (into data/demo_dicom); it cannot go with "
+                        "--images or --labels: drop them, or drop --demo to prepare your films")
     if opt.demo:
-        src = Path(opt.images or "data/demo_dicom")
+        src = Path("data/demo_dicom")
         demo.write_demo(src)
         pretrain.pretrain(Path("checkpoints/tiny"))
         opt.images, opt.labels, opt.out = src, src / "labels.csv", opt.out or "data/demo"

@@ -1,7 +1,8 @@
 """
 Tensor files read without running code: torch.save's (weights only) and TorchScript archives, such as
-OpenAI's ViT-L-14.pt, which torch.jit.load would run. pneumollm.py's loaders read every checkpoint
-through these two functions; train.py's resume point goes through read_tensors too.
+OpenAI's ViT-L-14.pt, which torch.jit.load would run. pneumollm.py's loaders read every pickle-based
+checkpoint through these two functions (safetensors files, which hold no code, through safetensors'
+own reader); train.py's resume point goes through read_tensors too.
 """
 import pickle
 import struct
@@ -23,6 +24,8 @@ def read_tensors(path: Path) -> dict:
     a file that would build anything else (run code), or a damaged one, is refused in one line."""
     try:
         return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except OSError as e:  # missing, unreadable: said as the system says it
+        raise CheckpointError(f"{path}: {e.strerror or type(e).__name__}; not loaded") from None
     except Exception:
         try:  # which globals it would import, read without unpickling (torch.save's zip format only)
             foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)

@@ -502,12 +502,15 @@ def test_contradictory_flags_are_refused_and_no_op_flags_leave_no_trace(demo_dat
     for flags, msg in [(["--authors-code", "--norm", "clip"], r"cannot go with --norm clip"),
                        (["--authors-code", "--select", "val"], r"cannot go with --select val"),
                        (["--authors-code", "--train-engine"], r"cannot go with --train-engine True"),
-                       (["--val-frac", "0", "--select", "val"], r"--val-frac 0 leaves empty")]:
+                       (["--val-frac", "0", "--select", "val"], r"--val-frac 0 leaves empty"),
+                       (["--engine", "none", "--n-diag", "8"], r"--n-diag does nothing with --engine none"),
+                       (["--engine", "none", "--emitter"], r"--emitter does nothing with --engine none"),
+                       (["--no-llm", "--llm-adapters"], r"--llm-adapters does nothing with --no-llm")]:
         with pytest.raises(UserError, match=msg):
             train.parse(flags)
     assert train.parse(["--authors-code", "--norm", "imagenet"])["select"] == "test"  # agreeing is fine
     assert train.parse(["--val-frac", "0"])["select"] == "last"
-    one, other = train.parse(["--engine", "none"]), train.parse(["--engine", "none", "--no-emitter", "--n-diag", "8"])
+    one, other = train.parse(["--engine", "none"]), train.parse(["--engine", "none", "--no-emitter"])
     assert one == other and not one["emitter"]  # one model, one config
     with pytest.raises(UserError, match=r"CLS blocks \[8\] must lie in 1\.\.4 .*check the ablation flags"):
         train.main(train_args(demo_data, tmp_path / "run", "--cls-blocks", "8"))  # the tiny ViT has 4 blocks
@@ -1260,7 +1263,7 @@ def test_planted_identifiers_leave_no_trace(tmp_path, capsys):
     mapping, = tmp_path.glob("out-*.mapping.csv")  # beside the key, named after the data folder's full path
     assert name in mapping.read_text()  # traceable, from outside the data folder
     with pytest.raises(UserError, match="inside the data folder"):
-        run_prepare(tmp_path, tmp_path / "in", [(name, "pneumoconiosis")], "--mapping", str(out / "map.csv"))
+        run_prepare(tmp_path, tmp_path / "in", rows, "--mapping", str(out / "map.csv"))
 
 
 def test_label_file_problems_fail_before_any_work(tmp_path):
@@ -2828,12 +2831,19 @@ def test_external_validation_refuses_the_runs_own_films_and_warns_when_it_should
     y = np.array([0, 1] * 20)
     backwards = np.stack([y * 0.5 + 0.3, 0.7 - y * 0.5], 1)  # every diseased film below every normal one
     point = dict(thresholds={"pneumoconiosis": 0.1})  # calls all 40 films positive
-    lines = ev.beside_the_run(dict(paper=dict(ci95=dict(auc=[0.0, 0.0]))), runs / "fold1", cfg, y, backwards, point)
+    def figures(auc, ci, base, base_ci):
+        return dict(paper=dict(metrics=dict(auc=auc), ci95=dict(auc=ci)), baseline=dict(auc=base, auc_ci95=base_ci))
+    lines = ev.beside_the_run(figures(0.0, [0.0, 0.0], 0.3, [0.2, 0.4]), runs / "fold1", cfg, y, backwards, point)
     assert any(x.startswith("WARNING: the carried-over cut-off calls 100.0 % of these films positive") for x in lines)
     assert any(x.startswith("WARNING: the AUC's interval [0.0, 0.0] lies below 0.5") for x in lines)
-    calm = ev.beside_the_run(dict(paper=dict(ci95=dict(auc=[0.4, 0.7]))), runs / "fold1", cfg, y, backwards[:, ::-1],
+    assert any(x.startswith("WARNING: the pixel baseline's AUC interval [20.0, 40.0] lies below 0.5") for x in lines)
+    said = ev.beside_the_run(figures(0.45, [0.3, 0.6], 0.482, [0.4, 0.56]), runs / "fold1", cfg, y, backwards[:, ::-1],
                              dict(thresholds={"pneumoconiosis": 0.5}))
-    assert not any("WARNING" in x for x in calm)
+    assert any(x.startswith("NOTE: the AUC 45.0 is below 0.5") and "--classes mapping" in x for x in said)
+    assert any(x.startswith("NOTE: the pixel baseline's AUC 48.2 is below 0.5") for x in said)
+    calm = ev.beside_the_run(figures(0.6, [0.4, 0.7], 0.6, [0.5, 0.7]), runs / "fold1", cfg, y, backwards[:, ::-1],
+                             dict(thresholds={"pneumoconiosis": 0.5}))
+    assert not any("WARNING" in x or "NOTE" in x for x in calm)
 
 
 def test_image_scores_a_folder_in_batches_into_a_csv_without_file_names(demo_data, demo_runs, tmp_path, capsys):
@@ -2856,6 +2866,10 @@ def test_image_scores_a_folder_in_batches_into_a_csv_without_file_names(demo_dat
     assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(folder)]) == 0  # again: beside, not over
     assert (tmp_path / "fold1/image_scores.csv").read_text() == text
     assert (tmp_path / "fold1/image_scores-2.csv").read_text() == text
+    capsys.readouterr()
+    sources = sorted((demo_data.parent / "dicom").glob("*.dcm"))[:3]  # the run's own films, as first given
+    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", *map(str, sources)]) == 0
+    assert "WARNING: 3 of 3 films of --image are the run's own" in capsys.readouterr().out
 
 
 def test_the_saved_operating_point_is_the_one_applied_and_a_lost_validation_file_is_refused(demo_data, demo_runs,
@@ -3215,14 +3229,14 @@ def test_one_film_is_one_row_whatever_its_names(tmp_path, capsys):
     rows = [(f"im{i}.png", "ab"[i % 2], f"p{i}") for i in range(7)]
     header = ("image", "label", "patient")
     with pytest.raises(UserError, match=r"lines 9 and 10 name the same file \('NORMAL/im7.png'\)"):
-        run_prepare(tmp_path, src, rows + [("im7.png", "a", "p7"), ("NORMAL/im7.png", "b", "p8")], header=header)
+        run_prepare(tmp_path, src, rows + [("im7.png", "a", "p7"), ("NORMAL/im7.png", "b", "p8")], "--folds", "2", header=header)
     shutil.copy(src / "im2.png", src / "copy.png")
     with pytest.raises(UserError, match=r"line 4 \('a'\), line 10 \('b'\) are one film \(the same file's bytes\)"):
-        run_prepare(tmp_path, src, rows + [("NORMAL/im7.png", "b", "p7"), ("copy.png", "b", "p9")], header=header)
+        run_prepare(tmp_path, src, rows + [("NORMAL/im7.png", "b", "p7"), ("copy.png", "b", "p9")], "--folds", "2", header=header)
     assert not (tmp_path / "out/images").exists()  # refused before any image was prepared
     loaded_image(src / "im3.png").save(src / "im3.tif")  # the same pixels, another encoding
     with pytest.raises(UserError, match=r"line 5 \('b'\), line 10 \('a'\) are one film \(the same pixels\)"):
-        run_prepare(tmp_path, src, rows + [("NORMAL/im7.png", "b", "p7"), ("im3.tif", "a", "p9")], header=header)
+        run_prepare(tmp_path, src, rows + [("NORMAL/im7.png", "b", "p7"), ("im3.tif", "a", "p9")], "--folds", "2", header=header)
     capsys.readouterr()
     rc, out = run_prepare(tmp_path, src, rows + [("NORMAL/im7.png", "b", "p7"), ("im3.tif", "b", "p9"),
                                                  ("copy.png", "a", "p10")], "--folds", "2", header=header)
@@ -3353,3 +3367,38 @@ def test_external_validation_finds_every_reason_to_refuse_before_any_model_runs(
     moved = dict(cfg, data=str(tmp_path / "gone"))
     with pytest.raises(UserError, match=r"the run's data folder .*gone is not here; external validation needs it"):
         ev.external_films(moved, second_site, None)
+
+
+def test_label_files_as_users_write_them_are_read_or_refused_before_any_work(tmp_path, monkeypatch):
+    src = pngs(tmp_path / "in", 6, lambda i: 40 * i)
+    monkeypatch.setattr(prepare, "process", lambda *a: pytest.fail("images were prepared before the refusal"))
+    header = ("image", "label", "patient")
+    cases = [([(f"im{i}.png", "a", f"p{i}") for i in range(6)], "one class only ('a', 6 images)", ()),
+             ([(f"im{i}.png", "ab"[i % 2], "ab"[i % 2]) for i in range(6)],
+              "'a' has 1 patient(s), 'b' has 1 patient(s), fewer than --folds 5", ()),
+             ([(f"im{i}.png", "ab"[i % 2], f"p{i}") for i in range(6)], "--patient-col label: that is the label column",
+              ("--patient-col", "label")),
+             ([(f"im{i}.png", "ab"[i % 2], f"p{i}") for i in range(6)], "--demo writes its own phantoms", ("--demo",))]
+    for rows, msg, extra in cases:
+        with pytest.raises(UserError, match=re.escape(msg)):
+            run_prepare(tmp_path, src, rows, *extra, header=header)
+    monkeypatch.undo()
+    rows = [(f"im{i}", "ab"[i % 2], f"p{i}") for i in range(6)] + [("", "", "")] * 3  # no extensions; Excel's tail
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2", header=header)
+    assert rc == 0 and len(manifest(out)) == 6
+    with pytest.raises(UserError, match=r"out was prepared with other settings \(key '[0-9a-f]{8}' there"):
+        run_prepare(tmp_path, src, rows, "--folds", "2", "--key-file", str(tmp_path / "another.key"), header=header)
+
+
+def test_checkpoint_mistakes_are_named_and_the_cpu_policy_counts_the_tokens_llama_sees(clip_files, tmp_path):
+    with pytest.raises(P.CheckpointError, match="the LLM is on .* no LLaMA checkpoint was given"):
+        P.from_pretrained(clip_files["pt"], None)
+    with pytest.raises(P.CheckpointError, match=r"nope\.pt: No such file or directory; not loaded"):
+        P.read_tensors(tmp_path / "nope.pt")
+    for encoder in ("clip", "conv"):
+        model = P.PneumoLLM(P.tiny_args(encoder=encoder)).eval()
+        seen = []
+        model.llama.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:-1].numel()))
+        with torch.no_grad():
+            model(P.normalise(torch.zeros(16, 1, 224, 224, dtype=torch.uint8), 224))
+        assert C.cpu_parts(model)["LLaMA"][2] == seen[0], encoder  # rows of a batch of 16

@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
                     help="full: ViT-L/14 + LLaMA-7B; tiny: the demo's, pretrained by prepare.py --demo (pretrain.py); "
                     "random: tiny with random frozen weights (tests; what the pretraining buys)")
     ap.add_argument("--clip", help="CLIP checkpoint (default: checkpoints/ViT-L-14.pt (full), "
-                    "checkpoints/tiny/ViT-tiny.pt (tiny); README: The real model)")
+                    "checkpoints/tiny/ViT-tiny.pt (tiny); docs/checkpoints.md)")
     ap.add_argument("--llama", help="LLaMA folder, Meta's or Hugging Face's (default: checkpoints/llama-7b (full), "
                     "checkpoints/tiny/llama-tiny (tiny))")
     ap.add_argument("--clip-act", choices=["quick_gelu", "gelu"], help="the ViT MLP's activation, for an "
@@ -136,6 +136,11 @@ def parse(argv=None) -> dict:
                         "pass --device cpu, or install a CUDA build of torch")
     if cfg["question"] and not cfg["llm"]:
         raise UserError("--question feeds the LLM, so it cannot go with --no-llm")
+    unused = {"none": ("--n-diag", "--emitter", "--no-train-engine"), "no-llm": ("--llm-adapters",)}  # would be lost
+    for mode, on in (("none", cfg["engine"] == "none"), ("no-llm", not cfg["llm"])):
+        if on and (said := [f for f in unused[mode] if f in given]):
+            raise UserError(f"{said[0]} does nothing with {'--engine none' if mode == 'none' else '--no-llm'} "
+                            f"({'no diagnosis tokens' if mode == 'none' else 'no LLaMA blocks'}): drop one of them")
     if cfg["engine"] == "none":  # no diagnosis tokens: nothing to mask, count or train
         cfg.update(emitter=False, n_diag=0, train_engine=True)
     try:
