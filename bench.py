@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import common as C
+import cpu_policy as CP
 import pneumollm as P
 from folders import Help
 
@@ -225,7 +226,7 @@ def load_full(clip: Path, llama: Path, floors=False, cpu_dtype="auto"):
     size = sum(f.stat().st_size for f in [clip, *llama.glob("*")]) / 2**30
     t = time.perf_counter()
     model = P.from_pretrained(clip, llama, "cpu").eval()
-    line = "weights as stored" if cpu_dtype == "stored" else C.for_cpu_scoring(model, None if cpu_dtype == "auto"
+    line = "weights as stored" if cpu_dtype == "stored" else CP.for_cpu_scoring(model, None if cpu_dtype == "auto"
                                                                                 else cpu_dtype)
     startup = time.perf_counter() - t
     print(f"{llama.name}: files {size:.2f} GiB; {torch.get_num_threads()} threads; {line}\n"
@@ -273,10 +274,10 @@ def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
     the measured batch; then the precision of each dtype against fp32 (the same fp16 weights): the ViT's
     CLS tokens on 2 images and one LLaMA layer's output on 16 x T tokens."""
     vit, llama = flops(model.args)
-    parts = C.cpu_parts(model)
+    parts = CP.cpu_parts(model)
     chosen = dict(ViT=model.visual.conv1.weight.dtype, LLaMA=model.llama.norm.weight.dtype)  # never upcast per call
     shapes = dict(ViT=(16 * parts["ViT"][2], parts["ViT"][3]), LLaMA=(parts["LLaMA"][2], parts["LLaMA"][3]))
-    rate = {(name, d): C.matmul_rate(r, w, t, torch.float16, False) for name, (r, w) in shapes.items()
+    rate = {(name, d): CP.matmul_rate(r, w, t, torch.float16, False) for name, (r, w) in shapes.items()
             for d, t in C.DTYPES.items()}
     big = torch.ones(2**27)  # 512 MiB
     bandwidth = big.numel() * 4 / timed(big.sum, torch.device("cpu"), 1, 3)[1] / 1e9

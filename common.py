@@ -8,15 +8,12 @@ every flag of train.py under its own name (the ablation flags are PneumoArgs' fi
 what the data folder says (classes, crop, size).
 """
 import argparse
-import ctypes
 import hashlib
 import json
-import mmap
 import os
 import shlex
 import sys
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
@@ -24,24 +21,47 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import pneumollm as P
-from folders import Data, UserError, changed, pid_alive
+from cpu_policy import DTYPES, for_cpu_scoring
+from folders import Data, Help, UserError, changed, pid_alive
 
 RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype, --cpu-dtype
 
 
-def runtime_flags(ap):
-    """Flags that change where and how fast a run goes, not what it computes."""
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+def runtime_flags(ap, scoring=False):
+    """Flags that change where and how fast a script runs, not what it computes: train.py's (--compile),
+    or a scoring script's (--cpu-dtype; the device defaults to the run's)."""
+    device = "the run's" if scoring else "cuda if this torch sees a GPU, else cpu"
+    ap.add_argument("--device", default=None if scoring else "cuda" if torch.cuda.is_available() else "cpu",
+                    help=f"cpu, cuda or cuda:N (default: {device})")
     ap.add_argument("--threads", type=int, help="CPU threads for torch (default: as many as the cores idle when it "
                     "starts, at least 1)")
-    ap.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead",
-                                                                       "max-autotune"],
-                    help="torch.compile the model; reduce-overhead also replays CUDA graphs (GPU)")
+    if scoring:
+        ap.add_argument("--cpu-dtype", choices=["auto", "stored", *DTYPES], default="auto",
+                        help="on a CPU, the dtype the frozen ViT and LLaMA compute in: auto measures which this CPU "
+                        "multiplies fastest (docs/performance.md); stored keeps the checkpoints'")
+    else:
+        ap.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead",
+                                                                           "max-autotune"],
+                        help="torch.compile the model; reduce-overhead also replays CUDA graphs (GPU)")
+
+
+def scoring_flags(description: str):
+    """The parser every scoring script starts from: --runs and --fold, --sensitivity, the runtime flags."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=Help)
+    ap.add_argument("--runs", default="out/demo", help="folder holding fold1/, fold2/, ... from train.py")
+    ap.add_argument("--fold", type=int, default=1, help="the fold whose run is read")
+    ap.add_argument("--sensitivity", type=float, help="the threshold reaching this sensitivity on validation "
+                    "(default: the rule eval.py --fold saved, else Youden's J)")
+    runtime_flags(ap, scoring=True)
+    return ap
+
+
+def check_sensitivity(s):
+    if s is not None and not 0 < s <= 1:
+        raise UserError(f"--sensitivity {s}: give a fraction in (0, 1], e.g. 0.9")
 
 
 def ablation_flags(ap):
@@ -121,7 +141,7 @@ def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
     for path, needed in ((cfg["clip"], kw["encoder"] == "clip"), (cfg["llama"], kw["llm"])):
         if needed and not Path(path).exists():
             raise UserError(f"{path} not found: " + ("python pretrain.py writes the tiny model's checkpoints "
-                            "(python prepare.py --demo does too)" if cfg["model"] == "tiny" else "PneumoLLM needs "
+                            "(train.py --model tiny does at its default paths)" if cfg["model"] == "tiny" else "PneumoLLM needs "
                             "OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as Meta or Hugging Face ship it (--llama); "
                             "docs/checkpoints.md says what to put where; --model tiny runs on the demo's small "
                             "checkpoints instead"))
@@ -190,6 +210,10 @@ def train_command(cfg: dict, fold: int, out) -> str:
                        "--out", str(out)])
 
 
+def read_config(run: Path) -> dict:
+    return json.loads((run / "config.json").read_text())
+
+
 def finished(run: Path) -> bool:
     return (run / "predictions.csv").exists()
 
@@ -206,7 +230,7 @@ def check_finished(run: Path, fold: int):
         how = train_command(json.loads(other.read_text()), fold, run) if other else \
             f"python train.py --data DIR --fold {fold} --out {run}"
         raise UserError(f"{run}: no run there; train it first: {how}")
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = read_config(run)
     epoch = read_state(run)["epoch"] if (run / "state.pt").exists() else 0
     lock = run / ".lock"
     pid = lock.read_text().strip() if lock.exists() else ""
@@ -253,7 +277,7 @@ def load_run(run: Path, device=None, keep_checkpoint_dtype=False, cpu_dtype="aut
     keep_checkpoint_dtype scores with the frozen weights read as the checkpoints store them (memory-
     mapped, never copied: LLaMA-7B in fp32 would need 27 GB), then each part put in the dtype this CPU
     multiplies fastest (for_cpu_scoring; `cpu_dtype` forces one, "stored" keeps them), without autocast."""
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = read_config(run)
     check_frozen_files(cfg, run)
     cfg["device"] = device or available(cfg["device"])
     as_stored = keep_checkpoint_dtype and cfg["device"] == "cpu"
@@ -262,7 +286,8 @@ def load_run(run: Path, device=None, keep_checkpoint_dtype=False, cpu_dtype="aut
     if as_stored:
         cfg["dtype"] = "as stored"
         if cpu_dtype != "stored":
-            print(for_cpu_scoring(model, None if cpu_dtype == "auto" else cpu_dtype))
+            cfg["cpu_scoring"] = for_cpu_scoring(model, None if cpu_dtype == "auto" else cpu_dtype)
+            print(cfg["cpu_scoring"])
     return model, cfg
 
 
@@ -272,138 +297,6 @@ def available(device: str) -> str:
         return "cpu"
     index = torch.device(device).index
     return device if index is None or index < torch.cuda.device_count() else "cuda"
-
-
-# ------------------------------------------------------------------------------------------------
-# scoring on a CPU: each frozen part computes in the dtype this CPU multiplies fastest
-
-
-def cpu_parts(model: P.PneumoLLM) -> dict:
-    """The frozen parts to place: name -> (module, its blocks, rows and width of its products at a
-    batch of 16). The ViT multiplies 257 tokens per image (one image's rows stand for the batch's);
-    LLaMA the batch's 16 x T tokens."""
-    a, parts = model.args, {}
-    if isinstance(model.visual, P.VisionTransformer):
-        v = a.vision
-        tokens = (v.image_size // v.patch_size) ** 2 + 1
-        parts["ViT"] = model.visual, model.visual.transformer.resblocks, tokens, v.width
-    if model.llama is not None:  # its sources: the CLS tokens, or the conv stem's patch tokens
-        v = a.vision
-        sources = len(a.cls_blocks) if a.encoder == "clip" else (v.image_size // v.patch_size) ** 2
-        t = sources + a.n_diag * (a.engine != "none") + len(a.question_ids)
-        parts["LLaMA"] = model.llama, model.llama.layers, 16 * t, a.llama.dim
-    return parts
-
-
-def matmul_rate(rows: int, width: int, dtype, stored, per_call: bool) -> float:
-    """GFLOP/s of x (rows, width) @ W.T, W (width, width) stored in `stored`, computed in `dtype`;
-    per_call: W is converted on every call (the part's weights upcast as its blocks run). W as large as
-    a layer's (LLaMA's: 32 MiB, past most caches), so that few rows are as memory-bound as they are in
-    the model. One untimed call (the kernel's set-up), then calls for at least 20 ms."""
-    x, w = torch.randn(rows, width).to(dtype), torch.randn(width, width).to(stored)
-    w_now = w if per_call else w.to(dtype)
-    op = (lambda: F.linear(x, w.to(dtype))) if per_call else (lambda: F.linear(x, w_now))
-    op()
-    n, t0 = 0, time.perf_counter()
-    while n == 0 or time.perf_counter() - t0 < 0.02:
-        op()
-        n += 1
-    return 2 * rows * width * w.shape[0] * n / (time.perf_counter() - t0) / 1e9
-
-
-def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> dict:
-    """Per part: (dtype, how, {dtype: measured GFLOP/s}, rows). The candidates lose no range: fp16 weights
-    may compute in fp16, bf16 or fp32, bf16 ones in bf16 or fp32, fp32 ones in fp32 (nothing measured).
-    Another dtype wins over the stored one only at >= 1.25x its rate (timing noise). `how`: "as stored",
-    "converted" once (to a dtype no wider, or when the copy adds under 1 GiB), else "upcast" block by
-    block as each runs (LLaMA-7B in fp32 would need 27 GB; `spare`: bytes), for calls of at least `rows`
-    tokens: fewer (one image) are memory-bound, and there the stored dtype is measured against it.
-    `force`: a DTYPES name for every part."""
-    frozen, out, rates = {id(p) for p in model.frozen_parameters()}, {}, rates or matmul_rate
-    for name, (module, _, rows, width) in cpu_parts(model).items():
-        weights = [p for p in module.parameters() if id(p) in frozen]
-        stored, n = weights[0].dtype, sum(p.numel() for p in weights)
-        wider = [d for d, t in DTYPES.items() if t.itemsize > stored.itemsize or t == stored
-                 or (stored == torch.float16 and t == torch.bfloat16)]
-        how = {d: "as stored" if DTYPES[d] == stored else "converted" if DTYPES[d].itemsize <= stored.itemsize
-               or n * (DTYPES[d].itemsize - stored.itemsize) < spare else "upcast" for d in wider}
-        gflops = {d: rates(rows, width, DTYPES[d], stored, how[d] == "upcast") for d in wider} \
-            if len(wider) > 1 else {}
-        best = max(gflops, key=lambda d: gflops[d] * (1.25 if how[d] == "as stored" else 1)) if gflops else wider[0]
-        dtype = force or best
-        least = 0
-        if how.get(dtype) == "upcast" and not force:  # from how many images a call does upcasting pay?
-            least = next((r for r in (rows // 16, rows // 4) if rates(r, width, DTYPES[dtype], stored, True)
-                          > 1.25 * rates(r, width, stored, stored, False)), rows)
-        out[name] = dtype, how.get(dtype, "converted"), gflops, least
-    return out
-
-
-def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> str:
-    """Puts each frozen part in the dtype choose_cpu_dtypes picks; returns the line that says so."""
-    frozen, said = {id(p) for p in model.frozen_parameters()}, []
-    for name, (dtype, how, gflops, least) in choose_cpu_dtypes(model, force, rates, spare).items():
-        module, blocks, rows = cpu_parts(model)[name][:3]
-        t, inside = DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
-        if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
-            convert([p for p in module.parameters() if id(p) in frozen and id(p) not in inside], t)
-            for b in blocks:
-                upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t, least)
-        elif how == "converted":
-            convert([p for p in module.parameters() if id(p) in frozen], t)
-        why = "forced" if force else ("GFLOP/s here: " + ", ".join(f"{d} {r:.0f}" for d, r in gflops.items())
-                                      if gflops else "nothing wider to try")
-        images = f" for batches of {max(1, 16 * least // rows)}+ images (smaller ones in the stored dtype)" \
-            if least > rows // 16 else ""
-        said.append(f"{name} in {dtype}, {how}{' block by block' + images if how == 'upcast' else ''} ({why})")
-    return "scoring on this CPU: " + "; ".join(said)
-
-
-def convert(params: list, dtype):
-    """In place, one tensor at a time; each source's whole pages go back to the OS at once (a memory-
-    mapped checkpoint's pages would otherwise stay counted until the last tensor is converted)."""
-    users = Counter(p.untyped_storage().data_ptr() for p in params)  # tied weights: one storage, two names
-    for p in params:
-        if p.dtype != dtype:
-            old, p.data = p.data, p.data.to(dtype)
-            if users[old.untyped_storage().data_ptr()] == 1:
-                release(old)
-
-
-def release(t: torch.Tensor):
-    """madvise(MADV_DONTNEED) over the pages that lie wholly inside t, which is about to be dropped
-    and shares its storage with nothing else: file pages are dropped (read again if touched), private
-    ones freed. Linux and macOS; elsewhere the pages go when the last tensor of the file goes."""
-    storage = t.untyped_storage()
-    if storage.nbytes() != t.numel() * t.element_size() or not hasattr(ctypes, "CDLL") or os.name != "posix":
-        return
-    page = mmap.PAGESIZE
-    start = -(-storage.data_ptr() // page) * page
-    end = (storage.data_ptr() + storage.nbytes()) // page * page
-    if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
-
-
-def upcast_while_running(block: torch.nn.Module, frozen: list, dtype, least=0):
-    """The block's `frozen` weights in `dtype` for the length of its forward only (one block's copy at
-    a time), the stored ones put back after it. A call of fewer than `least` tokens runs in the stored
-    dtype instead (its input cast to it); the output leaves in `dtype` either way."""
-    stored = []
-
-    def before(_, args):
-        if args[0].shape[:-1].numel() < least:
-            return (args[0].to(frozen[0].dtype), *args[1:])
-        stored[:] = [p.data for p in frozen]
-        for p in frozen:
-            p.data = p.data.to(dtype)
-
-    def after(_, args, out):
-        for p, s in zip(frozen, stored):
-            p.data = s
-        stored.clear()
-        return out.to(dtype)
-    block.register_forward_pre_hook(before)
-    block.register_forward_hook(after)
 
 
 def tokenize(tokenizer, text: str) -> tuple[list, int]:

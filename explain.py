@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import common as C
 import pneumollm as P
 
 

@@ -31,7 +31,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import secrets
 import signal
 import sys
@@ -42,124 +41,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image, ImageDraw
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 import audit
 import demo
-import pretrain
+import labels as L
+import radiographs as R
 from folders import (Data, Help, Interrupted, UserError, changed, cli, encode_labels, lacking, locked, make_folds,
                      refuse_changed, write_atomic, write_csv)
-from lungcrop import LUNG_REGION, mask_box, region_in_crop, resized, rle_mask, thorax_box
 
-IMAGE_SUFFIXES = {".dcm", ".dicom", ".dic", "", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-IMAGE_COLS = ("image", "file", "filename", "path", "image index")  # label-file columns, found by name
-LABEL_COLS = ("label", "class", "diagnosis", "target")
-PATIENT_COLS = ("patient", "patient_id", "patient id", "subject")
-VIEW_COLS = ("view", "view position", "viewposition")
 MANIFEST = ("image", "label", "patient", "fold", "crop", "reference", "lungs")  # manifest.csv's columns
-MAX_PIXELS = 40_000_000  # a film is at most ~4300 x 3500: beyond this, a mistake or a decompression bomb
-NORMAL_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative", "no"}
-NEGATION = re.compile(r"^(non|no|not|without)[-_ ]|[-_ ](negative|neg|free)$")  # non-TB, no_disease, TB-negative
-
-
-def reads_healthy(name: str) -> bool:
-    return name.lower() in NORMAL_NAMES or bool(NEGATION.search(name.lower()))
-
-
-class Skip(Exception):
-    """An input that cannot be prepared; the run reports it and goes on."""
-
-
-def first_line(e: Exception) -> str:  # an error's message, whole but on one line
-    return (str(e).strip().splitlines() or [""])[0]
-
-
-# ------------------------------------------------------------------------------------------------
-# reading -> float [0, 1], bright = dense, and what the file says about its acquisition
-
-
-def read_dicom(path: Path, max_pixels=MAX_PIXELS) -> tuple:
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except Exception as e:
-        raise Skip(f"not readable as DICOM ({type(e).__name__})")
-    if "PixelData" not in ds:  # force=True reads anything: say which it is
-        with open(path, "rb") as f:
-            dicom = f.read(132)[128:] == b"DICM" or "SOPClassUID" in ds or "Modality" in ds
-        raise Skip("no pixel data" if dicom else "not a DICOM file")
-    pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
-    if pixels > max_pixels:
-        raise Skip(f"{ds.Columns}x{ds.Rows} pixels, more than --max-pixels {max_pixels}")
-    if "TransferSyntaxUID" not in ds.file_meta:  # old ACR-NEMA-style file without a meta header
-        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise Skip(f"colour image ({ds.get('PhotometricInterpretation')}), not a radiograph")
-    try:
-        arr = ds.pixel_array
-    except Exception as e:
-        name = ds.file_meta.TransferSyntaxUID.name
-        hint = " (needs a decoder plug-in: pip install pylibjpeg pylibjpeg-libjpeg)" if "Lossless" in name else ""
-        raise Skip(f"pixel data not decodable: {name}{hint}" if hint or "ompress" in str(e)
-                   else f"pixel data not decodable ({first_line(e)})")
-    if arr.ndim == 3:  # multi-frame grey: the first frame, as documented
-        arr = arr[0]
-    if arr.ndim != 2:
-        raise Skip(f"pixel array of shape {arr.shape} is not a grey image")
-    x = apply_modality_lut(arr, ds)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        y = apply_voi_lut(x, ds, index=0).astype(np.float64)  # the first window when there are several
-        ends = np.array([x.min() - 1e6, x.max() + 1e6]).astype(x.dtype if x.dtype.kind == "f" else np.int64)
-        lo, hi = sorted(apply_voi_lut(ends, ds, index=0).astype(float))  # the VOI's output range
-        y = np.clip((y - lo) / max(hi - lo, 1e-6), 0, 1)
-    else:  # no VOI in the file: a robust range
-        y = robust_window(x)
-    # MONOCHROME1 (low = white) or an INVERSE presentation LUT: either says invert; never twice
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1" or ds.get("PresentationLUTShape") == "INVERSE":
-        y = 1 - y
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    tag = lambda name: str(ds.get(name, "") or "")  # noqa: E731
-    return y, dict(view=tag("ViewPosition"), bits=int(ds.get("BitsStored", 0) or 0),
-                   encoding=ds.file_meta.TransferSyntaxUID.name,
-                   photometric=tag("PhotometricInterpretation"), manufacturer=tag("Manufacturer"),
-                   model=tag("ManufacturerModelName"),
-                   spacing=float(spacing[0]) if spacing else None)
-
-
-def robust_window(x) -> np.ndarray:  # 0.5-99.5 percentiles to [0, 1]: for files that carry no window
-    y = np.asarray(x, np.float64)
-    lo, hi = np.percentile(y, [0.5, 99.5])
-    return np.clip((y - lo) / max(hi - lo, 1e-6), 0, 1)
-
-
-def read_picture(path: Path, max_pixels=MAX_PIXELS) -> tuple:
-    """PNG/JPEG/TIFF. 16-bit and float files are windowed like a DICOM without VOI tags (an 8-bit
-    conversion would clip them); colour files are converted to grey; 8-bit grey ones are kept as
-    they are (uint8: no window to apply). The size is checked before the pixels are decoded."""
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:
-                raise Skip(f"{im.width}x{im.height} pixels, more than --max-pixels {max_pixels}")
-            tables = getattr(im, "quantization", None) or {}  # JPEG: lower steps, higher quality
-            stored = dict(encoding=" ".join(str(x) for x in (im.format, im.info.get("compression")) if x),
-                          jpeg_q=float(np.mean(tables[0])) if 0 in tables else None)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                return robust_window(np.asarray(im)), dict(stored, bits=16 if im.mode.startswith("I;16") else 32)
-            return np.asarray(im if im.mode == "L" else im.convert("L")), dict(stored, bits=8)
-    except Skip:
-        raise
-    except Exception as e:
-        raise Skip(f"not a readable image ({type(e).__name__})")
-
-
-def read_image(path: Path, max_pixels=MAX_PIXELS) -> tuple:  # (float in [0, 1] or 8-bit as stored, attributes)
-    if path.stat().st_size == 0:
-        raise Skip("an empty file (0 bytes)")
-    picture = path.suffix.lower() in IMAGE_SUFFIXES - {".dcm", ".dicom", ".dic", ""}
-    img, attrs = read_picture(path, max_pixels) if picture else read_dicom(path, max_pixels)
-    if min(img.shape) < 8:
-        raise Skip(f"image of {img.shape[1]}x{img.shape[0]} pixels is too small")
-    return img, dict(attrs, width=img.shape[1], height=img.shape[0],
-                     bytes_per_pixel=round(path.stat().st_size / img.size, 4))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,41 +62,7 @@ def load_masks(spec: str) -> dict:
     if p.is_dir():
         return {m.stem: m for m in p.rglob("*.png")}
     return {Path(r.get("ImageID") or r.get("dicom_id") or r["image"]).stem:
-            (r["Left Lung"] + " " + r["Right Lung"], int(r["Height"]), int(r["Width"])) for r in read_table(p)[0]}
-
-
-def preprocess(path: Path, crop="thorax", size=224, mask=None, max_pixels=MAX_PIXELS) -> tuple:
-    """read -> 8 bits -> crop -> resize. Returns the (size, size) uint8 crop; the reference framing
-    (the thorax box, for eval.py --probe) likewise, or None where the crop is that box; how it was
-    cropped (thorax, mask, none); the acquisition attributes, with the crop's box (film pixels) and
-    the lung fields in the crop (fractions of its width and height)."""
-    img, attrs = read_image(path, max_pixels)
-    img8 = img if img.dtype == np.uint8 else (img * 255 + 0.5).astype(np.uint8)
-    h, w = img8.shape
-    thorax = thorax_box(img8.shape)
-    if mask is not None:
-        m = np.asarray(Image.open(mask)) > 0 if isinstance(mask, Path) else rle_mask(*mask)
-        if m.shape[:2] != img8.shape:
-            raise Skip(f"mask is {m.shape[:2]}, image is {img8.shape}")
-        m = m if m.ndim == 2 else m.any(-1)
-        if not m.any():
-            raise Skip("its lung mask is empty")
-        box, how = mask_box(m), "mask"
-        lungs = region_in_crop(box, mask_box(m, margin=0))
-        outline = resized(m.astype(np.uint8) * 255, box, size) > 127  # the lung fields in the crop, for --probe
-    elif crop == "thorax":
-        box, how, lungs, outline = thorax, "thorax", LUNG_REGION, None
-    else:  # the whole film; the lung fields where the thorax crop would put them
-        box, how, outline = (0, 0, w, h), "none", None
-        tx0, ty0, tx1, ty1 = thorax
-        x0, y0, x1, y1 = LUNG_REGION
-        lungs = region_in_crop(box, (tx0 + x0 * (tx1 - tx0), ty0 + y0 * (ty1 - ty0),
-                                     tx0 + x1 * (tx1 - tx0), ty0 + y1 * (ty1 - ty0)))
-    framed = [resized(img8, b, size) for b in (box, thorax)]
-    reference = None if how == "thorax" else framed[1]
-    extra = {} if outline is None else dict(lung_mask=outline)
-    pixels = hashlib.sha256(f"{img8.shape}".encode() + img8.tobytes()).hexdigest()  # the film's decoded 8 bits
-    return framed[0], reference, how, dict(attrs, box=[int(v) for v in box], lungs=list(lungs), pixels=pixels, **extra)
+            (r["Left Lung"] + " " + r["Right Lung"], int(r["Height"]), int(r["Width"])) for r in L.read_table(p)[0]}
 
 
 def prepare_one(job) -> dict:
@@ -214,7 +70,7 @@ def prepare_one(job) -> dict:
     masks/<id>.png, the lung mask in the crop, with --masks);
     returns its record (crop status, attributes) for records.jsonl."""
     path, out_png, crop, mask, size, max_pixels, source, key = job
-    img, reference, how, attrs = preprocess(path, crop, size, mask, max_pixels)
+    img, reference, how, attrs = R.preprocess(path, crop, size, mask, max_pixels)
     attrs["pixels"] = hmac.new(key, attrs["pixels"].encode(), hashlib.sha256).hexdigest()[:16]  # keyed: see fingerprint
     lung_mask = attrs.pop("lung_mask", None)  # --masks: the mask in the crop, masks/<id>.png
     if lung_mask is not None:
@@ -230,10 +86,10 @@ def prepare_one(job) -> dict:
 def safe_prepare(job):
     try:
         return job, prepare_one(job), None
-    except Skip as e:
+    except R.Skip as e:
         return job, None, str(e)
     except Exception as e:  # an unexpected failure on one file must not lose the others
-        return job, None, f"{type(e).__name__}: {first_line(e)}"
+        return job, None, f"{type(e).__name__}: {R.first_line(e)}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,155 +106,6 @@ def read_key(path: Path) -> bytes:
         path.write_bytes(secrets.token_bytes(32))
         path.chmod(0o600)
     return path.read_bytes()
-
-
-def read_table(path: Path) -> tuple:
-    """(rows, columns) of a CSV: Excel's "CSV UTF-8" (a byte-order mark) and ;- or tab-separated files too."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 (byte {e.start}); save it as 'CSV UTF-8' (Excel) or convert it, e.g. "
-                        f"iconv -f latin1 -t utf-8") from None
-    except OSError as e:
-        raise UserError(f"{path}: not readable ({e.strerror or type(e).__name__})") from None
-    if not text.strip():
-        raise UserError(f"{path}: empty; give a CSV with a header and one row per image")
-    delimiter = max(",;\t", key=text.splitlines()[0].count)
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    rows = list(reader)
-    if not rows:
-        raise UserError(f"{path}: a header and no rows; give one row per image")
-    return rows, [c.strip() for c in reader.fieldnames or []]
-
-
-def pick(cols, given, candidates, what, path, needed=True):
-    if given:
-        if given not in cols:
-            raise UserError(f"{path}: no column {given!r} (columns: {', '.join(cols)})")
-        return given
-    found = next((c for c in cols if c.lower() in candidates), None)
-    if found is None and needed:
-        raise UserError(f"{path}: no {what} column found among {', '.join(cols)}; name it with --{what}-col")
-    return found
-
-
-def find_files(images: Path) -> dict:
-    """{relative path: file} under --images, and {name: [relative paths]} to match a base name, or a name
-    or relative path written without its extension."""
-    files = {str(p.relative_to(images)): p for p in images.rglob("*")
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
-    by_name = {}
-    for rel in files:
-        for name in {Path(rel).name, Path(rel).stem, str(Path(rel).with_suffix(""))}:
-            by_name.setdefault(name, []).append(rel)
-    return files, {k: sorted(v) for k, v in by_name.items()}
-
-
-def read_labels(opt) -> tuple:
-    """(items, classes). Every label-file problem is an error before any work is done."""
-    rows, cols = read_table(opt.labels)
-    ic = pick(cols, opt.image_col, IMAGE_COLS, "image", opt.labels)
-    lc = pick(cols, opt.label_col, LABEL_COLS, "label", opt.labels)
-    pc = pick(cols, opt.patient_col, PATIENT_COLS, "patient", opt.labels, needed=False)
-    vc = pick(cols, opt.view_col, VIEW_COLS, "view", opt.labels, needed=False)
-    if not Path(opt.images).is_dir():
-        raise UserError(f"--images {opt.images}: no such folder; give the folder that holds the images")
-    files, by_name = find_files(Path(opt.images))
-    items, seen, rows_of = [], set(), {}
-    if pc and pc == lc:
-        raise UserError(f"--patient-col {pc}: that is the label column; name the column of patient ids")
-    for i, r in enumerate(rows, start=2):
-        r = {k.strip() if k else k: v for k, v in r.items()}
-        if not any((v or "").strip() for v in r.values() if isinstance(v, str)):
-            continue  # an empty row (Excel writes them at the end)
-        name, label = (r.get(ic) or "").strip(), (r.get(lc) or "").strip()
-        if not label:
-            raise UserError(f"{opt.labels}:{i}: missing label for {name!r}")
-        if name in seen:
-            raise UserError(f"{opt.labels}:{i}: duplicate row for {name!r}")
-        seen.add(name)
-        matches = [name] if name in files else by_name.get(name, [])
-        if not matches:
-            raise UserError(f"{opt.labels}:{i}: no file {name!r} under {opt.images}")
-        if len(matches) > 1:
-            raise UserError(f"{opt.labels}:{i}: {name!r} matches {' and '.join(matches[:2])} under {opt.images}: "
-                            "give the relative path")
-        same = rows_of.setdefault(files[matches[0]].resolve(), i)
-        if same != i:
-            raise UserError(f"{opt.labels}: lines {same} and {i} name the same file ({matches[0]!r}); keep one row")
-        if "|" in label:  # several findings: one canonical order, so that equal sets are equal strings
-            label = "|".join(sorted({x.strip() for x in label.split("|") if x.strip()}))
-        column = lambda c: (r.get(c) or "").strip() if c else ""  # noqa: E731
-        items.append(dict(path=files[matches[0]], rel=matches[0], label=label, line=i, patient=column(pc),
-                          view=column(vc)))
-    names = label_set(items, opt)
-    check_patients(items, names, opt)
-    return items, names
-
-
-def check_patients(items: list, names: list, opt):
-    """Before any work: two classes or more, and, where the label file names patients, enough patients of
-    each class for every fold to hold one (check_folds checks the folds themselves at the end)."""
-    if len(names) < 2 and not opt.multi_label:
-        raise UserError(f"{opt.labels}: one class only ({names[0]!r}, {len(items)} images); a classifier needs two "
-                        "or more")
-    if all(it["patient"] for it in items):
-        patients = {n: len({it["patient"] for it in items if has(it["label"], n)}) for n in names}
-        few = {n: k for n, k in patients.items() if k < opt.folds}
-        if few:
-            raise UserError(f"{opt.labels}: {', '.join(f'{n!r} has {k} patient(s)' for n, k in few.items())}, fewer "
-                            f"than --folds {opt.folds}: every fold needs one of each class; pass fewer --folds, or add "
-                            "data")
-
-
-def label_set(items: list, opt) -> list:
-    """The classes, in order: --classes as given (unknown labels are an error listing their rows), or
-    sorted with the normal class first; two spellings of one label are an error naming both."""
-    opt.multi_label = opt.multi_label or any("|" in it["label"] for it in items)
-    names = {x for it in items for x in (it["label"].split("|") if opt.multi_label else [it["label"]])}
-    if opt.classes:
-        declared = [c.strip() for c in opt.classes.split(",")]
-        known = lambda x: x in declared or (opt.multi_label and x.lower() in NORMAL_NAMES)  # noqa: E731
-        unknown = [it for it in items if not all(known(x) for x in it["label"].split("|"))]
-        if unknown:
-            lines = ", ".join(f"{it['line']} ({it['label']!r})" for it in unknown[:5])
-            raise UserError(f"{opt.labels}: labels not in --classes {opt.classes!r} on {len(unknown)} row(s), "
-                            f"e.g. line {lines}")
-        classes = [c for c in declared if not (opt.multi_label and c.lower() in NORMAL_NAMES)]
-        if len(classes) == 2 and not opt.multi_label and reads_healthy(classes[1]) and not reads_healthy(classes[0]):
-            print(f"WARNING: --classes {opt.classes}: {classes[1]!r} is class 1, the positive class: every "
-                  f"sensitivity, P(disease) and operating point will be of {classes[1]!r}, which reads as healthy; "
-                  f"to make {classes[0]!r} the disease, pass --classes {classes[1]},{classes[0]}", file=sys.stderr)
-        return classes
-    negated = sorted(n for n in names if NEGATION.search(n.lower()) and n.lower() not in NORMAL_NAMES)
-    if negated:
-        order = ",".join(sorted(names, key=lambda n: n not in negated))
-        raise UserError(f"{opt.labels}: labels {', '.join(map(repr, sorted(names)))}: {negated[0]!r} reads as a "
-                        "negation, so which class is the disease cannot be told from the names; declare the order, "
-                        f"healthy first, e.g. --classes {order}")
-    spelled = {}
-    for n in names:
-        spelled.setdefault(" ".join(n.lower().split()), []).append(n)
-    twins = [sorted(v) for v in spelled.values() if len(v) > 1]
-    if twins:
-        raise UserError(f"{opt.labels}: {' and '.join(repr(s) for s in twins[0])} differ only in case or spaces: "
-                        "one class or two? Write it one way in the file")
-    if opt.multi_label:  # classes are the findings; "normal" is none of them
-        return sorted(n for n in names if n.lower() not in NORMAL_NAMES)
-    order = lambda s: (int(s), s) if s.lstrip("-").isdigit() else (s.lower() not in NORMAL_NAMES, s)  # noqa: E731
-    return sorted(names, key=order)  # numbers in order; else the normal class first
-
-
-def has(label: str, name: str) -> bool:  # single-label: equality; multi-label: one of the findings
-    return name in label.split("|")
-
-
-def dicom_patient(path: Path) -> str:
-    try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["PatientID"])
-        return str(ds.get("PatientID", "") or "")
-    except Exception:
-        return ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,7 +164,7 @@ def contact_sheet(out: Path, rows: list, names: list, per_class=8, tile=112):
     draw = ImageDraw.Draw(sheet)
     for ci, name in enumerate(names):
         draw.text((6, ci * row + tile // 2), str(name)[:16], fill="white")
-        for j, r in enumerate([r for r in rows if has(r["label"], name)][:per_class]):
+        for j, r in enumerate([r for r in rows if L.has(r["label"], name)][:per_class]):
             x, y = 120 + j * tile, ci * row
             with Image.open(out / r["image"]) as im:
                 sheet.paste(im.convert("RGB").resize((tile, tile), Image.LANCZOS), (x, y))
@@ -524,7 +231,7 @@ def mapping_path(opt, out: Path, key: bytes) -> Path:
 def run(opt) -> int:
     out = Path(opt.out)
     check_apart(out, Path(opt.images))
-    items, names = read_labels(opt)
+    items, names = L.read_labels(opt)
     key_file = Path(opt.key_file).expanduser()
     if key_file.resolve().is_relative_to(out.resolve()):
         raise UserError(f"--key-file {key_file}: inside the data folder {out}; the key must stay outside it")
@@ -532,7 +239,7 @@ def run(opt) -> int:
     mapping = mapping_path(opt, out, key)
     for it in items:
         it["id"], it["source"] = pseudonym(key, "image", it["rel"]), fingerprint(key, it["path"])
-    same_film(items, "source", "the same file's bytes", opt)  # before any work: copies under two labels
+    L.same_film(items, "source", "the same file's bytes", opt)  # before any work: copies under two labels
     check_settings(out, opt, key)
     out.mkdir(parents=True, exist_ok=True)
     with locked(out, "prepare.py"):
@@ -553,7 +260,7 @@ def prepare_images(opt, out: Path, items: list, names: list, key: bytes, mapping
     before = {i: r for i, r in kept.items() if r.get("source") == source[i] and "pixels" in r}
     changed = len(kept) - len(before)
     jobs = [job for job in jobs if job[1].stem not in before]
-    per_class = ", ".join(f"{n}: {sum(has(it['label'], n) for it in items)}" for n in names)
+    per_class = ", ".join(f"{n}: {sum(L.has(it['label'], n) for it in items)}" for n in names)
     print(f"{len(items)} images ({per_class}): {len(before)} finished before, "
           + (f"{changed} whose source file changed since (prepared again), " if changed else "")
           + f"preparing {len(jobs)} with {opt.workers} workers")
@@ -563,33 +270,10 @@ def prepare_images(opt, out: Path, items: list, names: list, key: bytes, mapping
     kept = [it for it in items if it["id"] in done]
     for it in kept:
         it["pixels"] = done[it["id"]]["pixels"]
-    kept = same_film(kept, "pixels", "the same pixels", opt)
+    kept = L.same_film(kept, "pixels", "the same pixels", opt)
     if not kept:
         raise UserError(f"nothing was prepared ({len(skipped)} skipped; the reasons are above)")
     return write_outputs(opt, out, kept, names, done, skipped, key, mapping)
-
-
-def same_film(items: list, field: str, what: str, opt) -> list:
-    """One film, one row: rows whose `field` (a keyed hash of the file, or of its decoded pixels) is equal
-    are one film under two names. Other labels: refused, naming the label file's lines; the same label:
-    the first row kept (one film must not count twice, nor sit in two folds under two patients)."""
-    groups = {}
-    for it in items:
-        groups.setdefault(it[field], []).append(it)
-    twins = [g for g in groups.values() if len(g) > 1]
-    clash = [g for g in twins if len({it["label"] for it in g}) > 1]
-    if clash:
-        said = ", ".join(f"line {it['line']} ({it['label']!r})" for it in clash[0])
-        raise UserError(f"{opt.labels}: {said} are one film ({what}) under different labels"
-                        + (f", and {len(clash) - 1} more such group(s)" if len(clash) > 1 else "")
-                        + "; keep one row per film with its true label")
-    if twins:
-        lines = "; ".join(" = ".join(str(it["line"]) for it in g) for g in twins[:5])
-        print(f"WARNING: {sum(len(g) - 1 for g in twins)} row(s) of {opt.labels} repeat a film of another row "
-              f"({what}, the same label): lines {lines}{' ..' if len(twins) > 5 else ''}; the first of each is "
-              "kept", file=sys.stderr)
-    dropped = {id(it) for g in twins for it in g[1:]}
-    return [it for it in items if id(it) not in dropped]
 
 
 def fingerprint(key: bytes, path: Path) -> str:
@@ -606,7 +290,7 @@ def fingerprint(key: bytes, path: Path) -> str:
 def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: dict, key: bytes, mapping) -> int:
     alone = 0
     for it in kept:  # patients: the label file's column, else the DICOM's PatientID, else the image itself
-        raw = it["patient"] or dicom_patient(it["path"])
+        raw = it["patient"] or R.dicom_patient(it["path"])
         alone += not raw
         it["patient"] = "P" + pseudonym(key, "patient", raw or f"image:{it['rel']}", 12)
         it.update(done[it["id"]], view=it["view"] or done[it["id"]].get("view", ""))
@@ -624,10 +308,10 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
     # what a run pins (train.py's config.json): the rows, their folds, and which source file made each image
     sources = "".join(f"{it['id']} {it['source']}\n" for it in sorted(kept, key=lambda it: it["id"]))
     fingerprint = hashlib.sha256((manifest + sources).encode()).hexdigest()[:16]
-    counts = {str(f): {n: sum(r["fold"] == f and has(r["label"], n) for r in rows) for n in names}
+    counts = {str(f): {n: sum(r["fold"] == f and L.has(r["label"], n) for r in rows) for n in names}
               for f in range(1, opt.folds + 1)}
     report = audit.shortcut_audit(kept, names, folds, opt.multi_label)
-    crops = {n: {c: sum(has(it["label"], n) and it["crop"] == c for it in kept)
+    crops = {n: {c: sum(L.has(it["label"], n) and it["crop"] == c for it in kept)
                  for c in ("thorax", "mask", "none")} for n in names}
     meta = dict(settings=settings_of(opt, key), demo=opt.demo, classes=names, multi_label=opt.multi_label, counts=counts,
                 prepared=len(rows), fingerprint=fingerprint, patients=patients, crops=crops, skipped=skipped,
@@ -656,7 +340,7 @@ def check_folds(kept: list, folds: list, names: list, opt):
     missed = [(f, n) for f in range(1, opt.folds + 1)
               for n, m in zip(names, lacking(y[folds == f], len(names), opt.multi_label)) if m]
     if missed:
-        patients = {n: len({it["patient"] for it in kept if has(it["label"], n)}) for n in names}
+        patients = {n: len({it["patient"] for it in kept if L.has(it["label"], n)}) for n in names}
         what = "images with and without " if opt.multi_label else ""
         said = ", ".join(f"fold {f} has no {what}{n!r}" for f, n in missed[:3])
         raise UserError(f"{said} (patients per class: {patients}): pass fewer --folds (at most the patients of "
@@ -687,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=int, default=224, help="output side in pixels")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
     ap.add_argument("--restart", action="store_true", help="empty --out and prepare everything again")
-    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip images with more pixels than this "
+    ap.add_argument("--max-pixels", type=int, default=R.MAX_PIXELS, help="skip images with more pixels than this "
                     "(a film is at most ~15 million; this bounds each worker's memory)")
     ap.add_argument("--key-file", default="~/.config/pneumollm/pseudonym.key",
                     help="secret for pseudonyms; keep it out of the data folder")
@@ -705,8 +389,7 @@ def main(argv=None):
                         "--images or --labels: drop them, or drop --demo to prepare your films")
     if opt.demo:
         src = Path("data/demo_dicom")
-        demo.write_demo(src)
-        pretrain.pretrain(Path("checkpoints/tiny"))
+        demo.write_demo(src)  # the tiny model's encoder is pretrained by train.py --model tiny, once
         opt.images, opt.labels, opt.out = src, src / "labels.csv", opt.out or "data/demo"
     if not (opt.images and opt.labels and opt.out):
         raise UserError("give --images, --labels and --out (or --demo)")

@@ -1,7 +1,7 @@
 """
 The demo's frozen backbones, made once: a tiny CLIP ViT pretrained on other synthetic patients,
 saved in OpenAI's layout, and a tiny random LLaMA in Meta's, both read by the same loaders as the
-real checkpoints (`train.py --model tiny`). `python prepare.py --demo` calls it; by hand:
+real checkpoints. `train.py --model tiny` calls it when they are missing; by hand:
 
     python pretrain.py checkpoints/tiny      # ViT-tiny.pt + llama-tiny/ (params.json, consolidated.00.pth)
 

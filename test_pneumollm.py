@@ -12,7 +12,6 @@ real DICOMs and real radiographs (../shared/data, or $PNEUMOLLM_SHARED_DATA). Se
 """
 import argparse
 import collections
-import contextlib
 import copy
 import csv as _csv
 import importlib.util
@@ -47,9 +46,18 @@ from torch.utils.flop_counter import FlopCounterMode
 import audit
 import bench
 import common as C
+import cpu_policy as CP
 import demo
 import pretrain
 import eval as ev
+import external
+import labels as L
+import probe as PB
+import radiographs as R
+import report
+import runs
+import score
+import sites
 import explain
 import lungcrop
 import metrics as M
@@ -57,7 +65,7 @@ import plots
 import pneumollm as P
 import prepare
 import train
-from folders import Data, Interrupted, UserError, cli, make_folds
+from folders import Data, Interrupted, UserError, cli, make_folds, write_csv
 
 transformers = pytest.importorskip("transformers")
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -515,8 +523,10 @@ def test_contradictory_flags_are_refused_and_no_op_flags_leave_no_trace(demo_dat
     with pytest.raises(UserError, match=r"CLS blocks \[8\] must lie in 1\.\.4 .*check the ablation flags"):
         train.main(train_args(demo_data, tmp_path / "run", "--cls-blocks", "8"))  # the tiny ViT has 4 blocks
     assert not (tmp_path / "run").exists()
-    with pytest.raises(UserError, match="--all and --explain: one at a time"):
-        ev.main(["--runs", str(tmp_path), "--all", "--explain", "4"])
+    cfg = train.parse(["--authors-code"])  # the run's facts as it ran: no validation split held out
+    assert (cfg["select"], cfg["val_frac"]) == ("test", 0)
+    with pytest.raises(UserError, match="--select test .* holds out no validation split: drop --val-frac"):
+        train.parse(["--select", "test", "--val-frac", "0.2"])
 
 
 def tokens_into_llama(model, img):
@@ -712,7 +722,7 @@ def test_cpu_scoring_follows_the_measured_rates_and_stays_close_to_fp32(fast, wa
     ref = tiny()
     perturb_adapters(ref)
     model = C.cast_frozen(copy.deepcopy(ref), torch.float16)
-    line = C.for_cpu_scoring(model, rates=fake_rates(fast), spare=0)
+    line = CP.for_cpu_scoring(model, rates=fake_rates(fast), spare=0)
     assert line.startswith("scoring on this CPU: ViT in ") and f"{fast} 300" in line
     frozen = {id(p) for p in model.frozen_parameters()}
     for name, p in model.named_parameters():
@@ -740,8 +750,8 @@ def test_upcasting_runs_only_for_batches_where_it_was_measured_faster():
     def rates(rows, width, dtype, stored, per_call):  # fp32 (upcast) faster than fp16 from 4 images a call
         return 1.0 if dtype == stored else 0.5 if dtype == torch.bfloat16 else 2.0 if rows >= 4 * t else 0.9
     model = C.cast_frozen(tiny(), torch.float16)
-    t = C.cpu_parts(model)["LLaMA"][2] // 16
-    line = C.for_cpu_scoring(model, rates=rates, spare=0)
+    t = CP.cpu_parts(model)["LLaMA"][2] // 16
+    line = CP.for_cpu_scoring(model, rates=rates, spare=0)
     assert "LLaMA in fp32, upcast block by block for batches of 4+ images" in line
     seen = []
     wq = model.llama.layers[0].attention.wq
@@ -762,19 +772,19 @@ def test_cpu_dtype_choice_margin_candidates_and_force():
         return lambda rows, width, dtype, stored, per_call: calls.append((rows, width, dtype, per_call)) or \
             {torch.float16: 1.0, torch.bfloat16: bf16, torch.float32: fp32}[dtype]
     model = C.cast_frozen(tiny(), torch.float16)
-    assert {k: v[0] for k, v in C.choose_cpu_dtypes(model, rates=rates(1.2)).items()} == dict(ViT="fp16", LLaMA="fp16")
-    assert {k: v[0] for k, v in C.choose_cpu_dtypes(model, rates=rates(1.3)).items()} == dict(ViT="bf16", LLaMA="bf16")
+    assert {k: v[0] for k, v in CP.choose_cpu_dtypes(model, rates=rates(1.2)).items()} == dict(ViT="fp16", LLaMA="fp16")
+    assert {k: v[0] for k, v in CP.choose_cpu_dtypes(model, rates=rates(1.3)).items()} == dict(ViT="bf16", LLaMA="bf16")
     a = model.args  # rows: one image's tokens (patches + CLS) for the ViT, 16 images' T tokens for LLaMA
     tokens = (a.vision.image_size // a.vision.patch_size) ** 2 + 1
     t = len(a.cls_blocks) + a.n_diag
     assert {(r, w) for r, w, *_ in calls} == {(tokens, a.vision.width), (16 * t, a.llama.dim)}
     calls.clear()
-    assert C.for_cpu_scoring(tiny(), rates=rates(9.0)).count("fp32, as stored (nothing wider to try)") == 2
+    assert CP.for_cpu_scoring(tiny(), rates=rates(9.0)).count("fp32, as stored (nothing wider to try)") == 2
     assert calls == []
     bf16 = C.cast_frozen(tiny(), torch.bfloat16)
-    assert {v[0] for v in C.choose_cpu_dtypes(bf16, rates=rates(1.0, 0.1)).values()} == {"bf16"}
+    assert {v[0] for v in CP.choose_cpu_dtypes(bf16, rates=rates(1.0, 0.1)).values()} == {"bf16"}
     assert {d for *_, d, _ in calls} == {torch.bfloat16, torch.float32}  # never fp16 (less range)
-    line = C.for_cpu_scoring(model, force="fp32", rates=rates(9.0))
+    line = CP.for_cpu_scoring(model, force="fp32", rates=rates(9.0))
     assert "ViT in fp32, converted (forced)" in line and "LLaMA in fp32, converted (forced)" in line
     assert {p.dtype for p in model.frozen_parameters()} == {torch.float32}
 
@@ -791,9 +801,9 @@ def test_converting_a_memory_mapped_checkpoint_hands_its_pages_back(tmp_path):
     before = rss()
     assert sum(float(p.float().sum()) for p in params) != 0  # every page read: 64 MiB mapped
     touched = rss()
-    C.convert(params[:4], torch.bfloat16)  # half of them: the file is still mapped for the other half
+    CP.convert(params[:4], torch.bfloat16)  # half of them: the file is still mapped for the other half
     half = rss()
-    C.convert(params[4:], torch.bfloat16)
+    CP.convert(params[4:], torch.bfloat16)
     assert touched - before > 60 and 28 < half - before < 36 and rss() - before < 4, (before, touched, half, rss())
     assert all(p.dtype == torch.bfloat16 for p in params)
     sums = [float(p.float().sum()) for p in params]  # the converted copies are intact
@@ -802,7 +812,7 @@ def test_converting_a_memory_mapped_checkpoint_hands_its_pages_back(tmp_path):
     w = torch.nn.Parameter(torch.randn(2048, 2048), requires_grad=False)  # tied: one storage under two names
     tied = torch.nn.Parameter(w.data, requires_grad=False)
     want = w.data.bfloat16().clone()
-    C.convert([w, tied], torch.bfloat16)
+    CP.convert([w, tied], torch.bfloat16)
     assert torch.equal(w.data, want) and torch.equal(tied.data, want)  # the second read before the pages went
 
 
@@ -811,7 +821,7 @@ def test_eval_scores_with_the_policy_and_says_so(demo_runs, monkeypatch, capsys)
     dtype and the line says which part computes in what and why; --cpu-dtype stored keeps fp16."""
     build = C.build
     monkeypatch.setattr(C, "build", lambda cfg, as_stored: C.cast_frozen(build(cfg, as_stored), torch.float16))
-    monkeypatch.setattr(C, "matmul_rate", fake_rates("bf16"))
+    monkeypatch.setattr(CP, "matmul_rate", fake_rates("bf16"))
     model, cfg = C.load_run(demo_runs / "fold1", keep_checkpoint_dtype=True)
     assert cfg["dtype"] == "as stored" and model.llama.layers[0].attention.wq.weight.dtype == torch.bfloat16
     assert "ViT in bf16, converted (GFLOP/s here: fp16 5, bf16 300, fp32 50)" in capsys.readouterr().out
@@ -1219,12 +1229,12 @@ def test_every_real_dicom_is_prepared_or_skipped_with_its_reason(tmp_path):
 
 @needs_data
 def test_jpeg2000_twin_and_inverted_mono1_twin():
-    uncr = prepare.read_image(prepare.Path(DICOM, "RG1_UNCR.dcm"))[0]
-    j2k = prepare.read_image(prepare.Path(DICOM, "RG1_J2KI.dcm"))[0]
+    uncr = R.read_image(Path(DICOM, "RG1_UNCR.dcm"))[0]
+    j2k = R.read_image(Path(DICOM, "RG1_J2KI.dcm"))[0]
     assert uncr.shape == j2k.shape == (1955, 1841)
     assert np.abs(uncr - j2k).mean() < 0.005 and np.corrcoef(uncr.ravel(), j2k.ravel())[0, 1] > 0.999
-    mono2 = prepare.read_image(prepare.Path(DICOM, "siim_cr_chest_pa_mono2_jpeg.dcm"))[0]
-    fake1 = prepare.read_image(prepare.Path(DICOM, "siim_cr_chest_pa_FAKE_mono1_jpeg.dcm"))[0]
+    mono2 = R.read_image(Path(DICOM, "siim_cr_chest_pa_mono2_jpeg.dcm"))[0]
+    fake1 = R.read_image(Path(DICOM, "siim_cr_chest_pa_FAKE_mono1_jpeg.dcm"))[0]
     np.testing.assert_allclose(fake1, 1 - mono2, atol=1e-12)
     # lungs (air) come out dark: the image centre's lung fields are darker than the mediastinum
     h, w = uncr.shape
@@ -1234,7 +1244,7 @@ def test_jpeg2000_twin_and_inverted_mono1_twin():
 @needs_data
 def test_presentation_lut_inverse_on_mono1_inverts_once():
     ds = pydicom.dcmread(os.path.join(DICOM, "highdicom_dx_thorax_vet_mono1.dcm"))
-    y = prepare.read_image(prepare.Path(DICOM, "highdicom_dx_thorax_vet_mono1.dcm"))[0]
+    y = R.read_image(Path(DICOM, "highdicom_dx_thorax_vet_mono1.dcm"))[0]
     raw = ds.pixel_array.astype(float)
     assert np.corrcoef(y.ravel(), raw.ravel())[0, 1] < -0.99  # inverted, not twice
 
@@ -1308,7 +1318,7 @@ def test_sixteen_bit_png_is_windowed_not_clipped(tmp_path):
     x = np.linspace(1000, 3000, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(x).save(tmp_path / "a.png")
     assert loaded_image(tmp_path / "a.png").mode.startswith("I;16")
-    img, attrs = prepare.read_image(tmp_path / "a.png")
+    img, attrs = R.read_image(tmp_path / "a.png")
     lo, hi = np.percentile(x, [0.5, 99.5])  # a DICOM without VOI tags gets the same robust range
     np.testing.assert_allclose(img, np.clip((x - lo) / (hi - lo), 0, 1))
     assert attrs["bits"] == 16 and 0.4 < img.mean() < 0.6  # convert("L") made it all white
@@ -1512,7 +1522,7 @@ def test_the_crop_holds_every_hand_outlined_nih_lung():
     hand = list(_csv.DictReader(NIH_LUNGS.splitlines()))
     assert len(hand) == 20 and {r["label"] for r in hand} == {"0", "1"}
     for r in hand:
-        _, _, how, attrs = prepare.preprocess(prepare.Path(SHARED, "nih_cxr_pneumonia/images", r["image"] + ".png"))
+        _, _, how, attrs = R.preprocess(Path(SHARED, "nih_cxr_pneumonia/images", r["image"] + ".png"))
         lungs = [int(r[k]) for k in ("left", "top", "right", "bottom")]
         assert how == "thorax" and inside(lungs, attrs["box"]) >= 0.98, r["image"]
         assert inside(lungs, in_film(attrs["box"], attrs["lungs"])) >= 0.9, r["image"]
@@ -1521,7 +1531,7 @@ def test_the_crop_holds_every_hand_outlined_nih_lung():
 def test_the_crop_holds_the_demo_phantoms_lungs(demo_data):
     truth = np.load(demo_data.parent / "dicom/truth.npz")
     for name, lungs in zip(truth["names"], truth["lung_boxes"]):
-        _, _, how, attrs = prepare.preprocess(demo_data.parent / "dicom" / name)
+        _, _, how, attrs = R.preprocess(demo_data.parent / "dicom" / name)
         assert how == "thorax" and inside(lungs, attrs["box"]) == 1, name
         assert inside(lungs, in_film(attrs["box"], attrs["lungs"])) >= 0.98, name
 
@@ -1532,13 +1542,13 @@ def test_the_framing_does_not_move_when_the_lungs_turn_white(tmp_path):
     the same films with their outlined lung fields painted white (as consolidation or an effusion would),
     are framed alike. (The density lung search this replaced moved or fell back on such films.)"""
     for r in list(_csv.DictReader(NIH_LUNGS.splitlines()))[:8]:
-        img = np.array(loaded_image(prepare.Path(SHARED, "nih_cxr_pneumonia/images", r["image"] + ".png")).convert("L"))
+        img = np.array(loaded_image(Path(SHARED, "nih_cxr_pneumonia/images", r["image"] + ".png")).convert("L"))
         x0, y0, x1, y1 = (int(r[k]) for k in ("left", "top", "right", "bottom"))
         white = img.copy()
         white[y0:y1, x0:x1] = 255
         Image.fromarray(img).save(tmp_path / "film.png")
         Image.fromarray(white).save(tmp_path / "white.png")
-        (a, _, how_a, attrs_a), (b, _, how_b, attrs_b) = (prepare.preprocess(tmp_path / n) for n in ("film.png",
+        (a, _, how_a, attrs_a), (b, _, how_b, attrs_b) = (R.preprocess(tmp_path / n) for n in ("film.png",
                                                                                                      "white.png"))
         assert (how_a, attrs_a["box"], attrs_a["lungs"]) == (how_b, attrs_b["box"], attrs_b["lungs"]), r["image"]
         assert not np.array_equal(a, b)
@@ -1682,7 +1692,7 @@ def test_the_thorax_box_of_a_non_square_film_cuts_2_percent_of_each_side(tmp_pat
     """(left, top, right, bottom): 2 % of the width off the sides, 2 % of the height off top and bottom."""
     assert lungcrop.thorax_box((1000, 600)) == (12, 20, 588, 980)
     Image.fromarray(np.full((1000, 600), 90, np.uint8)).save(tmp_path / "tall.png")
-    _, _, how, attrs = prepare.preprocess(tmp_path / "tall.png")
+    _, _, how, attrs = R.preprocess(tmp_path / "tall.png")
     assert how == "thorax" and attrs["box"] == [12, 20, 588, 980] and (attrs["width"], attrs["height"]) == (600, 1000)
 
 
@@ -2239,8 +2249,8 @@ def test_multilabel_and_multiclass_sets_prepare_train_evaluate_and_score_another
     assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1"]) == 0
     drawn = []
     monkeypatch.setattr(plots, "draw_roc", lambda path, curves, title, band, point: drawn.append((title, point)))
-    assert ev.main(["--runs", str(tmp_path / "run"), "--fold", "1", "--data", str(other)]) == 0
-    folder, = (tmp_path / "run").glob("external-out-*/fold1")
+    assert external.main(["--runs", str(tmp_path / "run"), "--fold", "1", "--data", str(other)]) == 0
+    folder, = (tmp_path / "run/fold1/eval").glob("external-out-*/*")
     scored, result = csv_rows(folder / "predictions.csv"), json.loads((folder / "eval.json").read_text())
     cuts = result["operating_point"]["thresholds"]
     if ml:  # a curve per finding, each with that finding's operating point
@@ -2388,12 +2398,12 @@ def test_unfinished_runs_are_not_evaluated_and_the_table_names_missing_folds(dem
     with pytest.raises(UserError, match=r"fold2: training stopped at epoch 1 of 3; run the same train\.py command"):
         ev.main(["--runs", str(tmp_path), "--fold", "2"])
     with pytest.raises(UserError, match=r"fold3: no run there; train it first"):
-        ev.main(["--runs", str(tmp_path), "--fold", "3", "--image", "x.png"])
+        score.main(["--runs", str(tmp_path), "--fold", "3", "--image", "x.png"])
     capsys.readouterr()
     assert ev.main(["--runs", str(tmp_path), "--all"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^\| 1 \| [\d.]+ \|", out, re.M) and "not finished, left out: fold 2, 3, 4, 5" in out
-    assert json.loads((tmp_path / "table.json").read_text())["missing"] == [2, 3, 4, 5]
+    assert json.loads((tmp_path / "table/youden/table.json").read_text())["missing"] == [2, 3, 4, 5]
 
 
 def test_no_operating_point_calls_every_image_negative_and_chance_is_said(tmp_path):
@@ -2401,7 +2411,8 @@ def test_no_operating_point_calls_every_image_negative_and_chance_is_said(tmp_pa
     assert M.choose_threshold([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]) == 0.1
     (tmp_path / "val_predictions.csv").write_text("image,label,p_normal,p_sick\n" + "".join(
         f"i{i},{'sick' if i % 2 else 'normal'},{1 - p},{p}\n" for i, p in enumerate([0.9, 0.1, 0.8, 0.2])))
-    point = ev.operating_point(tmp_path, dict(classes=["normal", "sick"], multi_label=False))
+    point = runs.operating_point(tmp_path, dict(classes=["normal", "sick"], multi_label=False, select="val",
+                                                    val_frac=0.1))
     assert point["thresholds"] == {"sick": 0.1} and "WARNING: no cut-off beats chance there for sick (J 0.00)" in \
         point["rule"]
 
@@ -2413,8 +2424,8 @@ def test_operating_point_is_chosen_on_validation_and_applied_to_test(demo_data, 
     ev.main(["--runs", str(tmp_path), "--fold", "1"])
     val = [r["label"] == "pneumoconiosis" for r in csv_rows(tmp_path / "fold1/val_predictions.csv")]
     assert len(seen) == 1 and seen[0].tolist() == val  # the validation labels, never the test fold's
-    out = json.loads((tmp_path / "fold1/eval.json").read_text())
-    t = json.loads((tmp_path / "fold1/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
+    out = json.loads((tmp_path / "fold1/eval/youden/eval.json").read_text())
+    t = json.loads((tmp_path / "fold1/eval/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
     pred = csv_rows(tmp_path / "fold1/predictions.csv")
     y = np.array([r["label"] == "pneumoconiosis" for r in pred])
     p = np.array([float(r["p_pneumoconiosis"]) for r in pred])
@@ -2429,10 +2440,10 @@ def test_operating_point_is_chosen_on_validation_and_applied_to_test(demo_data, 
     youden = max(((pv[yv] >= c).mean() + (pv[~yv] < c).mean() - 1, c) for c in np.unique(pv))  # by hand, over cut-offs
     assert (pv[yv] >= t).mean() + (pv[~yv] < t).mean() - 1 == pytest.approx(youden[0])
     ev.main(["--runs", str(tmp_path), "--fold", "1", "--sensitivity", "0.9"])
-    t90 = json.loads((tmp_path / "fold1/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
+    t90 = json.loads((tmp_path / "fold1/eval/operating_point.json").read_text())["thresholds"]["pneumoconiosis"]
     assert (pv[yv] >= t90).mean() >= 0.9 and not any((pv[yv] >= c).mean() >= 0.9 for c in np.unique(pv) if c > t90)
     for name in ("roc.png", "reliability.png"):
-        assert loaded_image(tmp_path / "fold1" / name).size == (500, 500)
+        assert loaded_image(tmp_path / "fold1/eval/sensitivity-0.9" / name).size == (500, 500)
 
 
 def test_calibration_figures_by_hand():
@@ -2473,16 +2484,16 @@ def test_bootstrap_resamples_patients_not_images():
 
 def test_baseline_is_trained_on_the_training_patients_only(demo_data, tmp_path, monkeypatch):
     train.main(train_args(demo_data, tmp_path / "fold2", "--epochs", "1", "--fold", "2"))
-    trained_on, real = [], ev.fit_logistic
-    monkeypatch.setattr(ev, "fit_logistic", lambda x, y, *a: trained_on.append(x) or real(x, y, *a))
-    seen, real_pixels = [], ev.pixels
-    monkeypatch.setattr(ev, "pixels", lambda data, rows: seen.append(rows) or real_pixels(data, rows))
+    trained_on, real = [], report.fit_logistic
+    monkeypatch.setattr(report, "fit_logistic", lambda x, y, *a: trained_on.append(x) or real(x, y, *a))
+    seen, real_pixels = [], report.pixels
+    monkeypatch.setattr(report, "pixels", lambda data, rows: seen.append(rows) or real_pixels(data, rows))
     ev.main(["--runs", str(tmp_path), "--fold", "2"])
     split = Data(demo_data).split(2, 0.1, 20)
     assert [r["image"] for r in seen[0]] == [r["image"] for r in split["train"]]  # what the fits saw
     assert all(x.shape == (len(split["train"]), 32 * 32) for x in trained_on) and len(trained_on) == 3
     assert {r["fold"] for r in seen[0]} == {"1", "3", "4", "5"}
-    out = json.loads((tmp_path / "fold2/eval.json").read_text())["baseline"]
+    out = json.loads((tmp_path / "fold2/eval/youden/eval.json").read_text())["baseline"]
     assert out["verdict"].startswith("the model ")
 
 
@@ -2498,14 +2509,14 @@ def test_baseline_is_scikit_learns_logistic_regression_with_l2_chosen_on_validat
     for fold, cfg in [(f, dict(run, fold=f)) for f in Data(demo_data).folds] + [(1, dict(nih, fold=1))]:
         data = Data(cfg["data"])
         split = data.run_split(cfg)
-        x = {k: ev.pixels(data, split[k]) for k in ("train", "val", "test")}
+        x = {k: report.pixels(data, split[k]) for k in ("train", "val", "test")}
         y = {k: data.labels(split[k]) for k in x}
         mean, std = x["train"].mean(0), x["train"].std(0) + 1e-6
         z = {k: ((v - mean) / std).astype(np.float64) for k, v in x.items()}
         fits = {l2: linear_model.LogisticRegression(C=1 / l2, tol=1e-9, max_iter=10_000).fit(z["train"], y["train"])
                 for l2 in (1.0, 30.0, 1000.0)}
         val = {l2: sklearn_metrics.roc_auc_score(y["val"], f.predict_proba(z["val"])[:, 1]) for l2, f in fits.items()}
-        ours = ev.baseline(cfg, [dict(image=Path(r["image"]).stem) for r in split["test"]])
+        ours = report.baseline(cfg, [dict(image=Path(r["image"]).stem) for r in split["test"]])
         best = max(val, key=lambda l2: round(val[l2], 12))  # the first of equals (to rounding), as the code takes it
         np.testing.assert_allclose(ours[:, 1], fits[best].predict_proba(z["test"])[:, 1], atol=1e-4, err_msg=str(fold))
         choices.append(len(set(np.round(list(val.values()), 9))) > 1 and best != 1.0)
@@ -2552,8 +2563,8 @@ def test_the_probe_finds_a_mark_outside_the_lungs_on_real_films(nih_subset, tmp_
     seen, predict = [], C.predict
     monkeypatch.setattr(C, "predict", lambda model, x, *a, **k: seen.append(np.array(x)) or predict(model, x, *a, **k))
     capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1", "--probe"]) == 0
-    out, probe = capsys.readouterr().out, json.loads((tmp_path / "runs/fold1/probe.json").read_text())
+    assert PB.main(["--runs", str(tmp_path / "runs"), "--fold", "1"]) == 0
+    out, probe = capsys.readouterr().out, json.loads((tmp_path / "runs/fold1/eval/probe/youden/probe.json").read_text())
     occ = probe["occlusion"]
     r, c = (top + 7) // cell, (left + 7) // cell
     assert occ["significant"][r][c] and occ["drop"][r][c] == max(max(row) for row in occ["drop"])
@@ -2571,11 +2582,11 @@ def test_the_probe_finds_a_mark_outside_the_lungs_on_real_films(nih_subset, tmp_
                   ((x[:, 0] == mean) | (x[:, 0] == images)).all() and (x[:, 0][fields] == mean[fields]).all())
     np.testing.assert_array_equal(hidden[:, 0], np.where(fields, mean, images))
     assert probe["lung_fields"]["share_of_crop"] == pytest.approx(fields.mean())
-    assert (tmp_path / "runs/fold1/probe.png").exists()
+    assert (tmp_path / "runs/fold1/eval/probe/youden/probe.png").exists()
     if where == "lung":  # the rest of what a user runs next on a trained fold
         assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1"]) == 0
-        assert (tmp_path / "runs/fold1/roc.png").exists()
-        assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1", "--image", os.path.join(DICOM,
+        assert (tmp_path / "runs/fold1/eval/youden/roc.png").exists()
+        assert score.main(["--runs", str(tmp_path / "runs"), "--fold", "1", "--image", os.path.join(DICOM,
                                                                                                  "RG1_UNCR.dcm")]) == 0
         assert re.search(r"RG1_UNCR\.dcm: P\(1\) = [01]\.\d{3}, (positive|negative) at the run's threshold",
                          capsys.readouterr().out)
@@ -2600,8 +2611,8 @@ def test_a_masks_run_is_probed_with_its_own_masks(demo_data, tmp_path, capsys, m
     seen, predict = [], C.predict
     monkeypatch.setattr(C, "predict", lambda model, x, *a, **k: seen.append(np.array(x)) or predict(model, x, *a, **k))
     capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path / "runs"), "--fold", "1", "--probe"]) == 0
-    probe = json.loads((tmp_path / "runs/fold1/probe.json").read_text())
+    assert PB.main(["--runs", str(tmp_path / "runs"), "--fold", "1"]) == 0
+    probe = json.loads((tmp_path / "runs/fold1/eval/probe/youden/probe.json").read_text())
     rows = [r for r in manifest(data) if r["fold"] == "1"]
     masks = np.stack([np.array(loaded_image(data / "masks" / Path(r["image"]).name)) > 127 for r in rows])
     images = np.stack([np.array(loaded_image(data / r["reference"])) for r in rows])
@@ -2628,14 +2639,14 @@ def test_the_probe_verdict_alarms_only_when_every_variant_agrees_and_reads_inter
         return {"occlusion": occ, "lung_fields": dict(what="approximate: two ellipses", share_of_crop=0.35),
                 "lung fields hidden": dict(auc=float(np.mean(hidden)), auc_ci95=list(hidden))}
     y, draws = np.array([0, 1]), []
-    alarm = ev.probe_verdict(out((0.9, 0.8, 0.6), (0.4, 0.6)), y, {}, draws)
+    alarm = PB.probe_verdict(out((0.9, 0.8, 0.6), (0.4, 0.6)), y, {}, draws)
     assert "the model reads something outside the lungs" in alarm[0] and "cells row 1 col 2" in alarm[0]
     assert "holds chance" in alarm[1]
-    assert "inconclusive" in ev.probe_verdict(out((0.9, 0.6, 0.3), (0.4, 0.6)), y, {}, draws)[0]
-    quiet = ev.probe_verdict(out((0.2, 0.1, 0.0), (0.4, 0.6)), y, {}, draws)
+    assert "inconclusive" in PB.probe_verdict(out((0.9, 0.6, 0.3), (0.4, 0.6)), y, {}, draws)[0]
+    quiet = PB.probe_verdict(out((0.2, 0.1, 0.0), (0.4, 0.6)), y, {}, draws)
     assert "no sign that the model reads anything outside the lungs" in quiet[0] and "holds chance" in quiet[1]
     for hidden in ((0.2, 0.4), (0.6, 0.8)):  # no single cell, but the lungs hidden whole leave the classes apart
-        spread = ev.probe_verdict(out((0.2, 0.1, 0.0), hidden), y, {}, draws)  # (below chance: read backwards)
+        spread = PB.probe_verdict(out((0.2, 0.1, 0.0), hidden), y, {}, draws)  # (below chance: read backwards)
         assert "reads something outside the lung fields spread over many cells" in spread[0]
         assert "still separates the classes without them" in spread[1]
 
@@ -2673,24 +2684,21 @@ def test_the_approximate_lung_fields_lie_in_the_hand_outlined_lungs():
         assert lungcrop.lung_fields(region, 224, grow, mask).sum() == side**2
 
 
-@pytest.mark.parametrize("flags, msg", [
-    (["--ensemble"], "--ensemble goes with --data, not with --fold"),
-    (["--data", "d", "--ensemble", "--probe"], "--ensemble goes with --data, not with --probe --data"),
-    (["--image", "x.png", "--ensemble"], "--ensemble goes with --data, not with --image"),
-    (["--data", "d", "--image", "x.png"], "it cannot go with --image"),
-    (["--data", "d", "--explain"], "it cannot go with --explain"),
-    (["--data", "d", "--all"], "it cannot go with --all"),
-    (["--data", "d", "--calibrate"], "--calibrate goes with --fold or --all, not with --data"),
-    (["--probe", "--classes", "a=b"], "--classes goes with --data or --probe --data, not with --probe"),
-    (["--csv", "f.csv"], "--csv goes with --image, not with --fold"),
-    (["--all", "--probe"], "--all and --probe: one at a time"),
-    (["--explain", "--probe"], "--explain and --probe: one at a time"),
+@pytest.mark.parametrize("script, flags, msg", [
+    (ev, ["--image", "x.png"], "eval.py --image moved to python score.py"),
+    (ev, ["--probe"], "eval.py --probe moved to python probe.py"),
+    (ev, ["--data", "d", "--ensemble"], "eval.py --data moved to python external.py (probe.py --data for the probe)"),
+    (ev, ["--csv=f.csv"], "eval.py --csv moved to python score.py"),
+    (ev, ["--all", "--explain"], "--explain maps one fold's test images; it cannot go with --all"),
+    (ev, ["--calibrate", "--explain", "3"], "it cannot go with --calibrate"),
+    (PB, ["--classes", "a=b"], "--classes maps the label names of --data; give --data DIR"),
+    (score, ["--image", "x.png", "--explain-dir", "maps"], "--explain-dir says where --explain writes"),
 ])
-def test_eval_refuses_flags_its_command_would_ignore(tmp_path, flags, msg):
-    """Each flag that one kind of eval.py command uses is refused in one line with any other, before any
-    run is read (the runs folder here does not exist)."""
+def test_a_moved_or_ignored_flag_is_refused_in_one_line_naming_where_it_went(tmp_path, script, flags, msg):
+    """eval.py's old flags name the script they moved to; the few flags a script would ignore are refused;
+    all before any run is read (the runs folder here does not exist)."""
     with pytest.raises(UserError, match=re.escape(msg)):
-        ev.main(["--runs", str(tmp_path / "none"), *flags])
+        script.main(["--runs", str(tmp_path / "none"), *flags])
 
 
 def test_resampled_aucs_at_once_equal_scikit_learns_weighted_auc():
@@ -2709,12 +2717,12 @@ def test_one_rule_calls_a_class_at_the_operating_point():
     cut itself included), a class without a threshold never is; decision() reads it (binary: the negative
     class when nothing is called; multi-label: the findings called; multi-class: the argmax)."""
     binary, point = dict(classes=["normal", "sick"], multi_label=False), dict(thresholds={"sick": 0.3})
-    assert ev.calls(np.array([[0.7, 0.3], [0.71, 0.29]]), binary, point).tolist() == [[False, True], [False, False]]
-    assert [ev.decision(p, binary, point) for p in ([0.7, 0.3], [0.8, 0.2])] == ["sick", "normal"]
+    assert runs.calls(np.array([[0.7, 0.3], [0.71, 0.29]]), binary, point).tolist() == [[False, True], [False, False]]
+    assert [runs.decision(p, binary, point) for p in ([0.7, 0.3], [0.8, 0.2])] == ["sick", "normal"]
     multi = dict(classes=["a", "b", "c"], multi_label=True)
-    assert ev.decision(np.array([0.9, 0.1, 0.5]), multi, dict(thresholds={"a": 0.5, "b": 0.05, "c": 0.6})) == "a|b"
+    assert runs.decision(np.array([0.9, 0.1, 0.5]), multi, dict(thresholds={"a": 0.5, "b": 0.05, "c": 0.6})) == "a|b"
     many = dict(classes=["a", "b", "c"], multi_label=False)
-    assert ev.decision(np.array([0.2, 0.5, 0.3]), many, dict(thresholds={})) == "b"
+    assert runs.decision(np.array([0.2, 0.5, 0.3]), many, dict(thresholds={})) == "b"
 
 
 def test_holms_test_rejects_step_down_by_hand():
@@ -2727,7 +2735,7 @@ def test_holms_test_rejects_step_down_by_hand():
 def test_the_probe_stays_quiet_on_the_clean_demo(demo_data, tmp_path, capsys):
     train.main(train_args(demo_data, tmp_path / "fold1", "--epochs", "3"))
     capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--probe"]) == 0
+    assert PB.main(["--runs", str(tmp_path), "--fold", "1"]) == 0
     assert "no sign that the model reads anything outside the lungs" in capsys.readouterr().out
 
 
@@ -2752,8 +2760,8 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
     drawn, resamples = [], M.resamples
     monkeypatch.setattr(M, "resamples", lambda p, *a, **k: drawn.append((list(p), resamples(p, *a, **k)))
                         or drawn[-1][1])
-    assert ev.main(["--runs", str(tmp_path), "--data", str(site), "--ensemble"]) == 0
-    folder, = tmp_path.glob("external-site-*/ensemble")
+    assert external.main(["--runs", str(tmp_path), "--data", str(site), "--ensemble"]) == 0
+    folder, = (tmp_path / "ensemble").glob("external-site-*/*")
     rows = csv_rows(folder / "predictions.csv")
     patients, draws = drawn[0]  # the intervals resample patients, each with all of its films
     assert patients == [r["patient"] for r in rows] and len(set(patients)) < len(patients)
@@ -2772,7 +2780,7 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
         np.testing.assert_allclose(batched[:20], one_by_one, atol=1e-5)
         by_hand.append(batched)
     np.testing.assert_allclose([float(r["p_pneumoconiosis"]) for r in rows], np.mean(by_hand, 0)[:, 1], atol=2e-6)
-    val = np.concatenate([ev.read_predictions(tmp_path / f"fold{f}/val_predictions.csv", cfg)[1] for f in (1, 2)])
+    val = np.concatenate([runs.read_predictions(tmp_path / f"fold{f}/val_predictions.csv", cfg)[1] for f in (1, 2)])
     assert len(chosen) == 1 and np.array_equal(chosen[0], val)  # the validation labels, never the external ones
     cut = json.loads((folder / "eval.json").read_text())["operating_point"]["thresholds"]["pneumoconiosis"]
     assert all(r["decision"] == ("pneumoconiosis" if float(r["p_pneumoconiosis"]) >= cut else "normal") for r in rows)
@@ -2784,12 +2792,12 @@ def test_external_validation_scores_every_image_with_the_runs_own_operating_poin
     (other / "meta.json").write_text(json.dumps(dict(meta, classes=["healthy", "pneumoconiosis"])))
     with pytest.raises(UserError, match=r"labels \['healthy', 'pneumoconiosis'\], the run \['normal', "
                                         r"'pneumoconiosis'\]"):
-        ev.main(["--runs", str(tmp_path), "--data", str(other)])
+        external.main(["--runs", str(tmp_path), "--data", str(other)])
     capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path), "--data", str(other), "--classes", "healthy=normal"]) == 0
-    command = re.search(r"where the model reads on these films .*: python eval\.py (.*)", capsys.readouterr().out)
-    assert ev.main(shlex.split(command[1])) == 0  # the command it prints runs the probe on the same folder
-    probed, = (tmp_path / "fold1").glob("probe-renamed-*.json")  # the probe, on every image of the other folder
+    assert external.main(["--runs", str(tmp_path), "--data", str(other), "--classes", "healthy=normal"]) == 0
+    command = re.search(r"where the model reads on these films .*: python probe\.py (.*)", capsys.readouterr().out)
+    assert PB.main(shlex.split(command[1])) == 0  # the command it prints runs the probe on the same folder
+    probed, = (tmp_path / "fold1/eval").glob("probe-renamed-*/youden/probe.json")  # on every film of the other folder
     assert json.loads(probed.read_text())["images"] == len(rows)
 
 
@@ -2801,30 +2809,30 @@ def test_external_validation_refuses_the_runs_own_films_and_warns_when_it_should
     95 % of the films one way are warned about, beside the run's own test fold."""
     runs, n = shutil.copytree(demo_runs, tmp_path / "runs"), len(Data(demo_data).rows)
     with pytest.raises(UserError, match=rf"all {n} films are the run's own \(the same pixels as in"):
-        ev.main(["--runs", str(runs), "--data", str(demo_data)])
+        external.main(["--runs", str(runs), "--data", str(demo_data)])
     renamed = shutil.copytree(demo_data, tmp_path / "renamed")
     (renamed / "manifest.csv").write_text((renamed / "manifest.csv").read_text().replace(",normal,", ",healthy,"))
     meta = json.loads((renamed / "meta.json").read_text())
     (renamed / "meta.json").write_text(json.dumps(dict(meta, classes=["healthy", "pneumoconiosis"])))
     with pytest.raises(UserError, match="films are the run's own"):
-        ev.main(["--runs", str(runs), "--data", str(renamed), "--classes", "healthy=normal"])
+        external.main(["--runs", str(runs), "--data", str(renamed), "--classes", "healthy=normal"])
     with pytest.raises(UserError, match=rf"all {n} films are the run's own .* eval.py --fold \(and --probe\) score"):
-        ev.main(["--runs", str(runs), "--fold", "1", "--probe", "--data", str(demo_data)])
+        PB.main(["--runs", str(runs), "--fold", "1", "--data", str(demo_data)])
     mixed = shutil.copytree(second_site, tmp_path / "mixed")
     theirs, ours = manifest(mixed), manifest(demo_data)
     for a, b in zip(theirs[:3], ours[:3]):  # three of the run's films among the other site's
         shutil.copy(demo_data / b["image"], mixed / a["image"])
     capsys.readouterr()
-    assert ev.main(["--runs", str(runs), "--data", str(mixed)]) == 0
+    assert external.main(["--runs", str(runs), "--data", str(mixed)]) == 0
     out = capsys.readouterr().out
     assert f"WARNING: 3 of {len(theirs)} films of {mixed} are the run's own" in out
     assert "beside the run's own test fold: Brier" in out and "% of these films (test fold" in out
-    folder, = runs.glob("external-mixed-*/fold1")
+    folder, = (runs / "fold1/eval").glob("external-mixed-*/*")
     kept = [r["image"] for r in csv_rows(folder / "predictions.csv")]
     assert kept == [Path(r["image"]).stem for r in theirs[3:]]
     flipped = "normal=pneumoconiosis,pneumoconiosis=normal"
-    assert ev.main(["--runs", str(runs), "--data", str(mixed), "--classes", flipped]) == 0
-    apart = [p for p in runs.glob("external-mixed-*/fold1") if p != folder]
+    assert external.main(["--runs", str(runs), "--data", str(mixed), "--classes", flipped]) == 0
+    apart = [p for p in (runs / "fold1/eval").glob("external-mixed-*/*") if p != folder]
     assert len(apart) == 1 and json.loads((apart[0] / "eval.json").read_text())["classes_mapping"] == flipped
     assert json.loads((folder / "eval.json").read_text())["classes_mapping"] is None
     cfg = json.loads((runs / "fold1/config.json").read_text())
@@ -2833,15 +2841,15 @@ def test_external_validation_refuses_the_runs_own_films_and_warns_when_it_should
     point = dict(thresholds={"pneumoconiosis": 0.1})  # calls all 40 films positive
     def figures(auc, ci, base, base_ci):
         return dict(paper=dict(metrics=dict(auc=auc), ci95=dict(auc=ci)), baseline=dict(auc=base, auc_ci95=base_ci))
-    lines = ev.beside_the_run(figures(0.0, [0.0, 0.0], 0.3, [0.2, 0.4]), runs / "fold1", cfg, y, backwards, point)
+    lines = external.beside_the_run(figures(0.0, [0.0, 0.0], 0.3, [0.2, 0.4]), runs / "fold1", cfg, y, backwards, point)
     assert any(x.startswith("WARNING: the carried-over cut-off calls 100.0 % of these films positive") for x in lines)
     assert any(x.startswith("WARNING: the AUC's interval [0.0, 0.0] lies below 0.5") for x in lines)
     assert any(x.startswith("WARNING: the pixel baseline's AUC interval [20.0, 40.0] lies below 0.5") for x in lines)
-    said = ev.beside_the_run(figures(0.45, [0.3, 0.6], 0.482, [0.4, 0.56]), runs / "fold1", cfg, y, backwards[:, ::-1],
+    said = external.beside_the_run(figures(0.45, [0.3, 0.6], 0.482, [0.4, 0.56]), runs / "fold1", cfg, y, backwards[:, ::-1],
                              dict(thresholds={"pneumoconiosis": 0.5}))
     assert any(x.startswith("NOTE: the AUC 45.0 is below 0.5") and "--classes mapping" in x for x in said)
     assert any(x.startswith("NOTE: the pixel baseline's AUC 48.2 is below 0.5") for x in said)
-    calm = ev.beside_the_run(figures(0.6, [0.4, 0.7], 0.6, [0.5, 0.7]), runs / "fold1", cfg, y, backwards[:, ::-1],
+    calm = external.beside_the_run(figures(0.6, [0.4, 0.7], 0.6, [0.5, 0.7]), runs / "fold1", cfg, y, backwards[:, ::-1],
                              dict(thresholds={"pneumoconiosis": 0.5}))
     assert not any("WARNING" in x or "NOTE" in x for x in calm)
 
@@ -2854,21 +2862,21 @@ def test_image_scores_a_folder_in_batches_into_a_csv_without_file_names(demo_dat
         shutil.copy(demo_data / r["image"], folder / f"DOE_JANE_{i:02d}.png")  # names that name a patient
     (folder / "notes.txt").write_text("not an image")
     capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(folder)]) == 0
+    assert score.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(folder)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"12 images scored: (normal \d+, )?(pneumoconiosis \d+ )?at the run's operating point", out)
-    text = (tmp_path / "fold1/image_scores.csv").read_text()
+    text = (tmp_path / "fold1/eval/image_scores.csv").read_text()
     rows = list(_csv.DictReader(text.splitlines()))
     assert [r["image"] for r in rows] == [f"image{i}" for i in range(1, 13)] and "DOE" not in text
     cfg = json.loads((tmp_path / "fold1/config.json").read_text())
-    cut = ev.operating_point(tmp_path / "fold1", cfg)["thresholds"]["pneumoconiosis"]  # the run's, from validation
+    cut = runs.operating_point(tmp_path / "fold1", cfg)["thresholds"]["pneumoconiosis"]  # the run's, from validation
     assert all(r["decision"] == ("pneumoconiosis" if float(r["p_pneumoconiosis"]) >= cut else "normal") for r in rows)
-    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(folder)]) == 0  # again: beside, not over
-    assert (tmp_path / "fold1/image_scores.csv").read_text() == text
-    assert (tmp_path / "fold1/image_scores-2.csv").read_text() == text
+    assert score.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(folder)]) == 0  # again: beside, not over
+    assert (tmp_path / "fold1/eval/image_scores.csv").read_text() == text
+    assert (tmp_path / "fold1/eval/image_scores-2.csv").read_text() == text
     capsys.readouterr()
     sources = sorted((demo_data.parent / "dicom").glob("*.dcm"))[:3]  # the run's own films, as first given
-    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", *map(str, sources)]) == 0
+    assert score.main(["--runs", str(tmp_path), "--fold", "1", "--image", *map(str, sources)]) == 0
     assert "WARNING: 3 of 3 films of --image are the run's own" in capsys.readouterr().out
 
 
@@ -2879,25 +2887,25 @@ def test_the_saved_operating_point_is_the_one_applied_and_a_lost_validation_file
     val_predictions.csv is gone is refused in one line, and its saved point is left as it was."""
     run = shutil.copytree(demo_runs / "fold1", tmp_path / "fold1")
     cfg = json.loads((run / "config.json").read_text())
-    _, yv, pv = ev.read_predictions(run / "val_predictions.csv", cfg)
+    _, yv, pv = runs.read_predictions(run / "val_predictions.csv", cfg)
     assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--sensitivity", "0.9"]) == 0
-    saved = json.loads((run / "operating_point.json").read_text())
+    saved = json.loads((run / "eval/operating_point.json").read_text())
     cut = saved["thresholds"]["pneumoconiosis"]
     assert saved["sensitivity"] == 0.9 and (pv[yv == 1, 1] >= cut).mean() >= 0.9  # sensitivity on validation
     images = [str(demo_data / r["image"]) for r in manifest(demo_data)[:3]]
     capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", *images]) == 0
+    assert score.main(["--runs", str(tmp_path), "--fold", "1", "--image", *images]) == 0
     out = capsys.readouterr().out
     assert out.count(f"at the run's threshold {cut:.3f} (sensitivity >= 0.9 (saved by eval.py --fold 1: "
                      "operating_point.json))") == 3
     assert ev.main(["--runs", str(tmp_path), "--fold", "1"]) == 0
-    youden = json.loads((run / "operating_point.json").read_text())
+    youden = json.loads((run / "eval/operating_point.json").read_text())
     assert youden["sensitivity"] is None and youden["rule"].startswith("Youden's J on the validation split")
     (run / "val_predictions.csv").unlink()
     with pytest.raises(UserError, match=r"val_predictions.csv: missing, though the run held out --val-frac 0.1 .*"
                                         r"--restart"):
         ev.main(["--runs", str(tmp_path), "--fold", "1"])
-    assert json.loads((run / "operating_point.json").read_text()) == youden
+    assert json.loads((run / "eval/operating_point.json").read_text()) == youden
 
 
 def test_a_model_trained_on_the_demo_says_it_is_not_for_diagnosis(demo_data, tmp_path, capsys):
@@ -2910,7 +2918,7 @@ def test_a_model_trained_on_the_demo_says_it_is_not_for_diagnosis(demo_data, tmp
     cfg = json.loads((tmp_path / "fold1/config.json").read_text())  # trained on a GPU, scored where there may be none
     (tmp_path / "fold1/config.json").write_text(json.dumps(dict(cfg, device="cuda:0", dtype="fp16")))
     capsys.readouterr()
-    assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(image)]) == 0
+    assert score.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(image)]) == 0
     assert "trained on the synthetic demo set: it is a demo, not for diagnosis" in capsys.readouterr().out
 
 
@@ -2961,13 +2969,13 @@ def test_explain_writes_a_map_per_image_and_a_sheet_per_fold(demo_data, tmp_path
     monkeypatch.setattr(explain, "explain_images", lambda *a: targets.append(a[3]) or real(*a))
     assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--explain", "6"]) == 0
     out = capsys.readouterr().out
-    sheet = loaded_image(tmp_path / "fold1/explain.png")
+    sheet = loaded_image(tmp_path / "fold1/eval/youden/explain.png")
     kinds = re.search(r"6 test images \((((TP|FP|FN|TN), ){5}(TP|FP|FN|TN))\)", out).group(1).split(", ")
     assert sheet.size == (4 * 224, 2 * 224) and targets == [[int(k in ("TP", "FP")) for k in kinds]]  # as called
     rows = re.findall(r"diagnosis token \d: ((?:[01]\.\d\d\s*){4})", out)
     assert len(rows) == 4 and all(abs(sum(map(float, r.split())) - 1) < 0.03 for r in rows)
     if SHARED:
-        assert ev.main(["--runs", str(tmp_path), "--fold", "1", "--image", os.path.join(DICOM, "RG1_UNCR.dcm"),
+        assert score.main(["--runs", str(tmp_path), "--fold", "1", "--image", os.path.join(DICOM, "RG1_UNCR.dcm"),
                         "--explain", "--explain-dir", str(tmp_path / "maps")]) == 0
         assert os.listdir(tmp_path / "maps") == ["image1.explain.png"]  # never the input's name: it can name a patient
         assert loaded_image(tmp_path / "maps/image1.explain.png").size == (224, 224)
@@ -3002,14 +3010,15 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path, monkeypatch,
           str(tmp_path / "a_file/data")], "a_file/data"),  # the system refuses the folder: one line all the same
         (["eval.py", "--runs", str(run.parent), "--fold", "1", "--explain", "0"], "--explain 0: give how many"),
         (["eval.py", "--runs", str(run.parent), "--fold", "1", "--explain", "-3"], "--explain -3: give how many"),
-        (["eval.py", "--runs", str(run.parent), "--image", str(tmp_path / "labels.csv")],
+        (["score.py", "--runs", str(run.parent), "--image", str(tmp_path / "labels.csv")],
          "best.safetensors: not a readable safetensors file"),
         (["train.py", "--data", str(demo_data), "--model", "random", "--batch-size", "16", "--epochs", "1", "--out",
           str(stopped)], "state.pt: is not a plain tensor checkpoint; not loaded; pass --restart"),
         (["prepare.py", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "header.csv"), "--out",
           str(tmp_path / "p")], "a header and no rows"),
         (["eval.py", "--runs", str(tmp_path / "none"), "--fold", "1"], "no run there"),
-        (["eval.py", "--runs", str(tmp_path / "none"), "--image", "a.png"], "no run there"),
+        (["score.py", "--runs", str(tmp_path / "none"), "--image", "a.png"], "no run there"),
+        (["probe.py", "--runs", str(tmp_path / "none")], "no run there"),
         (["train.py", "--data", str(bare), "--model", "random", "--out", str(tmp_path / "o")], "meta.json not found"),
         (["prepare.py", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels.csv"), "--out",
           str(tmp_path / "p"),
@@ -3017,9 +3026,9 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path, monkeypatch,
         (["prepare.py", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels.csv"), "--out",
           str(tmp_path / "p"),
           "--workers", "0"], "--workers 0: give 1 or more"),
-        (["eval.py", "--runs", str(run.parent), "--data", str(demo_data), "--classes", "garbage"],
+        (["external.py", "--runs", str(run.parent), "--data", str(demo_data), "--classes", "garbage"],
          "--classes 'garbage': give pairs theirs=ours"),
-        (["eval.py", "--runs", str(run.parent), "--data", str(demo_data), "--classes", "sick=pneumoconiosis"],
+        (["external.py", "--runs", str(run.parent), "--data", str(demo_data), "--classes", "sick=pneumoconiosis"],
          "['sick'] are not labels of"),
         (["prepare.py", "--images", str(tmp_path / "no_such_folder"), "--labels", str(tmp_path / "labels.csv"),
           "--out", str(tmp_path / "p")], "no_such_folder: no such folder"),
@@ -3042,7 +3051,8 @@ def test_user_mistakes_are_one_line_and_exit_2(demo_data, tmp_path, monkeypatch,
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     scripts = {"train.py": (train, (P.CheckpointError,)), "eval.py": (ev, (P.CheckpointError,)),
-               "prepare.py": (prepare, ())}
+               "score.py": (score, (P.CheckpointError,)), "probe.py": (PB, (P.CheckpointError,)),
+               "external.py": (external, (P.CheckpointError,)), "prepare.py": (prepare, ())}
     monkeypatch.chdir(tmp_path)
     for args, msg in cases:  # as each script's `sys.exit(cli(main, errors))` runs it
         module, errors = scripts[args[0]]
@@ -3087,8 +3097,8 @@ def test_a_live_run_a_lost_model_and_an_empty_file_are_named(demo_data, tmp_path
     with pytest.raises(UserError, match=r"best.safetensors: missing, so the finished run has no model; pass --restart"):
         train.main(train_args(demo_data, run, "--epochs", "1"))
     (tmp_path / "empty.dcm").write_bytes(b"")
-    with pytest.raises(prepare.Skip, match="an empty file"):
-        prepare.read_image(tmp_path / "empty.dcm")
+    with pytest.raises(R.Skip, match="an empty file"):
+        R.read_image(tmp_path / "empty.dcm")
 
 
 def test_a_read_only_mapping_target_is_refused_before_any_image(tmp_path, monkeypatch):
@@ -3250,7 +3260,7 @@ def test_one_film_is_one_row_whatever_its_names(tmp_path, capsys):
 def test_the_disease_class_is_never_guessed_from_a_name_that_reads_both_ways(tmp_path, labels):
     src = pngs(tmp_path / "in", 4, lambda i: 40 * i)
     rows = [(f"im{i}.png", labels[i % 2]) for i in range(4)]
-    healthy = next(n for n in labels if prepare.NEGATION.search(n.lower()))
+    healthy = next(n for n in labels if L.NEGATION.search(n.lower()))
     with pytest.raises(UserError, match=rf"reads as a negation.*--classes {re.escape(healthy)},"):
         run_prepare(tmp_path, src, rows, "--folds", "1")
     assert not (tmp_path / "out").exists()
@@ -3272,7 +3282,7 @@ def test_every_figure_names_its_positive_class_and_an_undeclared_order_is_said(d
     assert "the paper's figures (argmax; of 'b' (positive) against 'a'): sensitivity" in said
     assert "'b' is taken as the disease" in said
     ev.main(["--runs", str(tmp_path / "runs"), "--all", "--folds", "1"])
-    assert "Sensitivity, specificity and AUC of 'b' (positive) against 'a'" in (tmp_path / "runs/table.md").read_text()
+    assert "Sensitivity, specificity and AUC of 'b' (positive) against 'a'" in (tmp_path / "runs/table/0.5/table.md").read_text()
     train.main(train_args(demo_data, tmp_path / "demo/fold1", "--epochs", "1"))
     assert "'pneumoconiosis' is taken as the disease" in capsys.readouterr().out  # the demo's folder, undeclared
 
@@ -3290,7 +3300,7 @@ def test_a_run_is_pinned_to_its_frozen_checkpoints(clip_files, demo_data, tmp_pa
     other = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in clip_files["sd"].items()}
     torch.save(other, clip)
     with pytest.raises(UserError, match=r"ViT\.pt is not the checkpoint .*fold1 was trained with"):
-        ev.main(["--runs", str(out.parent), "--fold", "1", "--image", str(demo_data / "images")])
+        score.main(["--runs", str(out.parent), "--fold", "1", "--image", str(demo_data / "images")])
 
 
 def test_vit_heads_are_read_where_stated_and_refused_where_not(tmp_path):
@@ -3329,10 +3339,10 @@ def test_folds_of_another_experiment_are_never_pooled_and_hints_are_whole_comman
                                         rf"train\.py --data {re.escape(str(demo_data))} --model random --fold 2"):
         ev.main(["--runs", str(runs), "--fold", "2"])
     train.main(train_args(other, runs / "fold2", "--epochs", "1", "--fold", "2", "--val-frac", "0", "--batch-size", "2"))
-    for args in (["--all"], ["--ensemble", "--data", str(demo_data)]):
+    for script, args in ((ev, ["--all"]), (external, ["--ensemble", "--data", str(demo_data)])):
         with pytest.raises(UserError, match=rf"fold 2 is not the experiment of fold 1: its data is '{other}', fold 1's "
                                             rf"'{demo_data}' and more"):
-            ev.main(["--runs", str(runs), *args])
+            script.main(["--runs", str(runs), *args])
     train.main(train_args(demo_data, tmp_path / "flat", "--epochs", "1"))
     assert f"mv {tmp_path / 'flat'} {tmp_path}/fold1" in capsys.readouterr().out
 
@@ -3345,28 +3355,28 @@ def test_external_validation_finds_every_reason_to_refuse_before_any_model_runs(
     meta = json.loads((small / "meta.json").read_text())
     (small / "meta.json").write_text(json.dumps(dict(meta, settings=dict(meta["settings"], size=128))))
     with pytest.raises(UserError, match=r"small was prepared at --size 128, the run's data at 224"):
-        ev.main(["--runs", str(runs), "--data", str(small)])
+        external.main(["--runs", str(runs), "--data", str(small)])
     one_class = shutil.copytree(demo_data, tmp_path / "one_class")  # the run's films, and 3 others, all normal
     rows = manifest(one_class)
     theirs = [r for r in manifest(second_site) if r["label"] == "normal"][:3]
     for r, t in zip(rows, theirs):
         shutil.copy(second_site / t["image"], one_class / r["image"])
         r["patient"], r["label"] = "P" + t["patient"], "normal"
-    prepare.write_csv(one_class / "manifest.csv", prepare.MANIFEST, [[r[k] for k in prepare.MANIFEST] for r in rows])
+    write_csv(one_class / "manifest.csv", prepare.MANIFEST, [[r[k] for k in prepare.MANIFEST] for r in rows])
     with pytest.raises(UserError, match=r"after leaving out the run's own films, 3 remain with no images of "
                                         r"pneumoconiosis"):
-        ev.main(["--runs", str(runs), "--data", str(one_class)])
+        external.main(["--runs", str(runs), "--data", str(one_class)])
     shared = shutil.copytree(second_site, tmp_path / "shared")  # other films under the run's patients' pseudonyms
     rows, ours = manifest(shared), manifest(demo_data)
     rows[0]["patient"], rows[1]["patient"] = sorted({r["patient"] for r in ours})[:2]
-    prepare.write_csv(shared / "manifest.csv", prepare.MANIFEST, [[r[k] for k in prepare.MANIFEST] for r in rows])
+    write_csv(shared / "manifest.csv", prepare.MANIFEST, [[r[k] for k in prepare.MANIFEST] for r in rows])
     cfg = json.loads((runs / "fold1/config.json").read_text())
     capsys.readouterr()
-    _, kept, _, _ = ev.external_films(cfg, shared, None)
+    _, kept, _, _ = sites.external_films(cfg, shared, None)
     assert "WARNING: 2 patients of" in capsys.readouterr().out and len(kept) == len(rows) - 2
     moved = dict(cfg, data=str(tmp_path / "gone"))
     with pytest.raises(UserError, match=r"the run's data folder .*gone is not here; external validation needs it"):
-        ev.external_films(moved, second_site, None)
+        sites.external_films(moved, second_site, None)
 
 
 def test_label_files_as_users_write_them_are_read_or_refused_before_any_work(tmp_path, monkeypatch):
@@ -3401,4 +3411,4 @@ def test_checkpoint_mistakes_are_named_and_the_cpu_policy_counts_the_tokens_llam
         model.llama.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:-1].numel()))
         with torch.no_grad():
             model(P.normalise(torch.zeros(16, 1, 224, 224, dtype=torch.uint8), 224))
-        assert C.cpu_parts(model)["LLaMA"][2] == seen[0], encoder  # rows of a batch of 16
+        assert CP.cpu_parts(model)["LLaMA"][2] == seen[0], encoder  # rows of a batch of 16

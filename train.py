@@ -6,38 +6,39 @@ from the training patients, and predict the held-out fold once, at the end.
     python train.py --fold 1 --data data/mine          # ViT-L/14 + LLaMA-7B on one GPU
     torchrun --nproc_per_node=4 train.py --fold 1 --data data/mine   # data-parallel, same global batch
 
-Writes out/<data>/fold<N>/: config.json (every setting), log.jsonl, best.safetensors (trainable
-weights of the chosen epoch), last.safetensors + state.pt (the resume point), metrics.json and, last,
-predictions.csv (the test fold's probabilities: what eval.py reads). A run is never lost by accident:
+Writes out/<data>/fold<N>/: config.json (every setting, as the run used it), log.jsonl,
+best.safetensors (trainable weights of the chosen epoch), state.pt (the resume point), metrics.json,
+val_predictions.csv and, last, predictions.csv (the test fold's: what eval.py reads). A run is never lost by accident:
 the same command again resumes an interrupted run or leaves a finished one alone, other settings
 in the same folder are refused, and --restart starts over.
 """
 import argparse
 import json
 import math
-import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import common as C
 import metrics as M
 import pneumollm as P
+import pretrain
 from folders import (Data, Help, Interrupted, UserError, changed, cli, lacking, locked, positive_class, refuse_changed,
-                     replacing, write_atomic, write_csv)
+                     replacing, write_atomic)
+from ranks import Ranks
+from runs import confusion, eval_dir, write_predictions
 
 MODELS = {  # --model: where its checkpoints are, and its recipe's own defaults
     "full": dict(clip="checkpoints/ViT-L-14.pt", llama="checkpoints/llama-7b", lr=3e-4, epochs=100),
     "tiny": dict(clip="checkpoints/tiny/ViT-tiny.pt", llama="checkpoints/tiny/llama-tiny", lr=3e-3, epochs=30),
     "random": dict(clip=None, llama=None, lr=3e-3, epochs=30),
 }
-RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "last.safetensors", "state.pt", "metrics.json",
-             "val_predictions.csv", "predictions.csv", "eval.json", "operating_point.json", "roc.png",
-             "reliability.png", "explain.png", "probe.json", "image_scores.csv")
+RUN_FILES = ("config.json", "log.jsonl", "best.safetensors", "state.pt", "metrics.json", "val_predictions.csv",
+             "predictions.csv")  # what train.py writes; eval's scripts write into eval/ (runs.eval_dir)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -125,6 +126,11 @@ def parse(argv=None) -> dict:
             raise UserError(f"--authors-code sets --norm imagenet, --select test and --no-train-engine; it cannot go "
                             f"with {', '.join(clash)}")
         cfg.update(authors)
+    if cfg["select"] == "test":  # the epoch (and eval's threshold) chosen on the test fold: nothing held out
+        if "--val-frac" in given and cfg["val_frac"] > 0:
+            raise UserError("--select test chooses the epoch on the test fold and holds out no validation split: "
+                            "drop --val-frac")
+        cfg["val_frac"] = 0
     if cfg["val_frac"] == 0 and cfg["select"] == "val":
         if "--select" in given:
             raise UserError("--select val chooses the epoch on the validation split, which --val-frac 0 leaves empty: "
@@ -170,7 +176,7 @@ def claim(out: Path, cfg: dict) -> str:
     never finished an epoch (a command that failed early): then it starts again with the new settings."""
     if cfg["restart"] or not (out / "config.json").exists():
         return "new"
-    old = json.loads((out / "config.json").read_text())
+    old = C.read_config(out)
     # a finished run is the same run on another machine: its dtype followed the device it trained on
     ignored = C.RUNTIME + (("dtype",) if C.finished(out) else ())
     diff = changed(old, cfg, ignored)
@@ -190,6 +196,7 @@ def start_folder(out: Path, cfg: dict):
     if cfg["restart"]:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(eval_dir(out), ignore_errors=True)  # every result of the old model
     write_atomic(out / "config.json", json.dumps(cfg, indent=1))
 
 
@@ -205,51 +212,6 @@ def check_classes(data: Data, split: dict, cfg: dict):
             hint = "raise --val-frac or pass --select last" if part == "val" else "check the data folder's labels"
             raise UserError(f"the {part} split of fold {cfg['fold']} ({len(y)} images) has no {what} {missing}: "
                             + hint)
-
-
-# ------------------------------------------------------------------------------------------------
-# torchrun: the one place that knows about ranks
-
-
-class Ranks:
-    """One process per GPU (NCCL) or per CPU process (gloo) under torchrun. Each process takes its
-    share of every global batch; DistributedDataParallel averages the gradients; rank 0, the lead,
-    alone validates, logs and writes files."""
-
-    def __init__(self, cfg: dict):
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), 0
-        if self.world > 1:
-            if cfg["device"].startswith("cuda"):
-                cfg["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
-                torch.cuda.set_device(cfg["device"])
-            if cfg["compile"] == "reduce-overhead":
-                raise UserError("--compile reduce-overhead (CUDA graphs) with several processes is untested: use "
-                                "--compile default with torchrun, or one process")
-            dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
-            self.rank = dist.get_rank()
-        self.lead = self.rank == 0
-
-    def wrap(self, model, device):
-        if self.world == 1:
-            return model
-        ids = [device.index] if device.type == "cuda" else None
-        # the frozen weights (13 GB at the real size) are the same file in every process: not broadcast
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        DDP = torch.nn.parallel.DistributedDataParallel
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen + [n for n, _ in model.named_buffers()])
-        return DDP(model, device_ids=ids)
-
-    def gather(self, losses, bad):  # the epoch's figures over every process
-        if self.world > 1:
-            dist.all_reduce(losses)
-            dist.all_reduce(bad, dist.ReduceOp.MAX)
-            losses /= self.world
-        return losses, bad
-
-    def close(self):
-        if self.world > 1:  # together: a process that leaves while another still works aborts gloo
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,15 +338,9 @@ def validate_and_save(tr: Training, rec: dict, val_x, val_y, out: Path):
     tr.save(out)
 
 
-def write_predictions(path: Path, rows: list, prob, cfg: dict):
-    """One row per image: pseudonym, patient, label, the probability of each class, the argmax (or > 0.5)
-    prediction."""
-    def prediction(p):
-        found = [c for c, q in zip(cfg["classes"], p) if q > 0.5]
-        return "|".join(found) if cfg["multi_label"] else cfg["classes"][int(p.argmax())]
-    write_csv(path, ["image", "patient", "label", *(f"p_{c}" for c in cfg["classes"]), "prediction"],
-              [[Path(r["image"]).stem, r["patient"], r["label"], *(f"{q:.6f}" for q in p), prediction(p)]
-               for r, p in zip(rows, prob)])
+def save_predictions(path: Path, rows: list, prob, cfg: dict):  # the paper's calls (argmax; > 0.5 per finding)
+    write_predictions(path, [Path(r["image"]).stem for r in rows], prob, cfg, None, [r["patient"] for r in rows],
+                      [r["label"] for r in rows])
 
 
 def final_test(model: P.PneumoLLM, data: Data, split: dict, cfg: dict, epoch: int, out: Path) -> dict:
@@ -394,17 +350,16 @@ def final_test(model: P.PneumoLLM, data: Data, split: dict, cfg: dict, epoch: in
     C.load_trainable(model, out / "best.safetensors")
     if split["val"]:
         val = C.predict(model, data.images(split["val"]), cfg)
-        write_predictions(out / "val_predictions.csv", split["val"], val, cfg)
+        save_predictions(out / "val_predictions.csv", split["val"], val, cfg)
     rows = split["test"]
     y, prob = data.labels(rows), C.predict(model, data.images(rows), cfg)
     m = M.metrics(y, prob)
     meta = dict(fold=cfg["fold"], selected_on=cfg["select"], epoch=epoch, n_test=len(rows), metrics=m)
     write_atomic(out / "metrics.json", json.dumps(meta, indent=1))
-    write_predictions(out / "predictions.csv", rows, prob, cfg)
+    save_predictions(out / "predictions.csv", rows, prob, cfg)
     print(f"test fold {cfg['fold']} ({len(rows)} images, epoch {epoch} chosen on {cfg['select']}; "
           f"{positive_class(cfg['classes'], cfg['multi_label'])}): " + "  ".join(f"{k} {100 * m[k]:.2f}" for k in M.METRICS))
-    layout = "per finding [[tn, fp], [fn, tp]]" if cfg["multi_label"] else "rows true, cols predicted"
-    print(f"confusion ({layout}, {cfg['classes']}): {m['confusion']}")
+    print(confusion(m, cfg))
     if out.name == f"fold{cfg['fold']}":
         print(f"the run is in {out}; next: python eval.py --runs {out.parent} --fold {cfg['fold']}")
     else:  # eval.py reads <runs>/fold<N>
@@ -421,6 +376,9 @@ def setup(argv) -> tuple:
     cfg = parse(argv)
     C.apply_threads(cfg["threads"])
     data = Data(cfg["data"])
+    tiny = MODELS["tiny"]
+    if cfg["model"] == "tiny" and (cfg["clip"], cfg["llama"]) == (tiny["clip"], tiny["llama"]):
+        pretrain.pretrain(Path(tiny["clip"]).parent)  # the demo's backbones, made once (pretrain.py)
     settings = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
     cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"], masks=settings["masks"],
                size=int(settings["size"]), synthetic=bool(data.meta.get("demo")),

@@ -1,0 +1,147 @@
+"""
+Scoring on a CPU with the real checkpoints: each frozen part (the ViT, LLaMA) computes in the dtype
+this CPU multiplies fastest. The checkpoints are read as stored (memory-mapped, never copied:
+LLaMA-7B in fp32 would need 27 GB); a part is converted once where the copy is small, or upcast block
+by block as it runs where it is not, and only where a measured matrix product says it pays. eval's
+scripts call for_cpu_scoring through common.load_run; bench.py --load prints the choice.
+"""
+import ctypes
+import mmap
+import os
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+import pneumollm as P
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype, --cpu-dtype
+
+
+def cpu_parts(model: P.PneumoLLM) -> dict:
+    """The frozen parts to place: name -> (module, its blocks, rows and width of its products at a
+    batch of 16). The ViT multiplies 257 tokens per image (one image's rows stand for the batch's);
+    LLaMA the batch's 16 x T tokens."""
+    a, parts = model.args, {}
+    if isinstance(model.visual, P.VisionTransformer):
+        v = a.vision
+        tokens = (v.image_size // v.patch_size) ** 2 + 1
+        parts["ViT"] = model.visual, model.visual.transformer.resblocks, tokens, v.width
+    if model.llama is not None:  # its sources: the CLS tokens, or the conv stem's patch tokens
+        v = a.vision
+        sources = len(a.cls_blocks) if a.encoder == "clip" else (v.image_size // v.patch_size) ** 2
+        t = sources + a.n_diag * (a.engine != "none") + len(a.question_ids)
+        parts["LLaMA"] = model.llama, model.llama.layers, 16 * t, a.llama.dim
+    return parts
+
+
+def matmul_rate(rows: int, width: int, dtype, stored, per_call: bool) -> float:
+    """GFLOP/s of x (rows, width) @ W.T, W (width, width) stored in `stored`, computed in `dtype`;
+    per_call: W is converted on every call (the part's weights upcast as its blocks run). W as large as
+    a layer's (LLaMA's: 32 MiB, past most caches), so that few rows are as memory-bound as they are in
+    the model. One untimed call (the kernel's set-up), then calls for at least 20 ms."""
+    x, w = torch.randn(rows, width).to(dtype), torch.randn(width, width).to(stored)
+    w_now = w if per_call else w.to(dtype)
+    op = (lambda: F.linear(x, w.to(dtype))) if per_call else (lambda: F.linear(x, w_now))
+    op()
+    n, t0 = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - t0 < 0.02:
+        op()
+        n += 1
+    return 2 * rows * width * w.shape[0] * n / (time.perf_counter() - t0) / 1e9
+
+
+def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> dict:
+    """Per part: (dtype, how, {dtype: measured GFLOP/s}, rows). The candidates lose no range: fp16 weights
+    may compute in fp16, bf16 or fp32, bf16 ones in bf16 or fp32, fp32 ones in fp32 (nothing measured).
+    Another dtype wins over the stored one only at >= 1.25x its rate (timing noise). `how`: "as stored",
+    "converted" once (to a dtype no wider, or when the copy adds under 1 GiB), else "upcast" block by
+    block as each runs (LLaMA-7B in fp32 would need 27 GB; `spare`: bytes), for calls of at least `rows`
+    tokens: fewer (one image) are memory-bound, and there the stored dtype is measured against it.
+    `force`: a DTYPES name for every part."""
+    frozen, out, rates = {id(p) for p in model.frozen_parameters()}, {}, rates or matmul_rate
+    for name, (module, _, rows, width) in cpu_parts(model).items():
+        weights = [p for p in module.parameters() if id(p) in frozen]
+        stored, n = weights[0].dtype, sum(p.numel() for p in weights)
+        wider = [d for d, t in DTYPES.items() if t.itemsize > stored.itemsize or t == stored
+                 or (stored == torch.float16 and t == torch.bfloat16)]
+        how = {d: "as stored" if DTYPES[d] == stored else "converted" if DTYPES[d].itemsize <= stored.itemsize
+               or n * (DTYPES[d].itemsize - stored.itemsize) < spare else "upcast" for d in wider}
+        gflops = {d: rates(rows, width, DTYPES[d], stored, how[d] == "upcast") for d in wider} \
+            if len(wider) > 1 else {}
+        best = max(gflops, key=lambda d: gflops[d] * (1.25 if how[d] == "as stored" else 1)) if gflops else wider[0]
+        dtype = force or best
+        least = 0
+        if how.get(dtype) == "upcast" and not force:  # from how many images a call does upcasting pay?
+            least = next((r for r in (rows // 16, rows // 4) if rates(r, width, DTYPES[dtype], stored, True)
+                          > 1.25 * rates(r, width, stored, stored, False)), rows)
+        out[name] = dtype, how.get(dtype, "converted"), gflops, least
+    return out
+
+
+def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> str:
+    """Puts each frozen part in the dtype choose_cpu_dtypes picks; returns the line that says so."""
+    frozen, said = {id(p) for p in model.frozen_parameters()}, []
+    for name, (dtype, how, gflops, least) in choose_cpu_dtypes(model, force, rates, spare).items():
+        module, blocks, rows = cpu_parts(model)[name][:3]
+        t, inside = DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
+        if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
+            convert([p for p in module.parameters() if id(p) in frozen and id(p) not in inside], t)
+            for b in blocks:
+                upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t, least)
+        elif how == "converted":
+            convert([p for p in module.parameters() if id(p) in frozen], t)
+        why = "forced" if force else ("GFLOP/s here: " + ", ".join(f"{d} {r:.0f}" for d, r in gflops.items())
+                                      if gflops else "nothing wider to try")
+        images = f" for batches of {max(1, 16 * least // rows)}+ images (smaller ones in the stored dtype)" \
+            if least > rows // 16 else ""
+        said.append(f"{name} in {dtype}, {how}{' block by block' + images if how == 'upcast' else ''} ({why})")
+    return "scoring on this CPU: " + "; ".join(said)
+
+
+def convert(params: list, dtype):
+    """In place, one tensor at a time; each source's whole pages go back to the OS at once (a memory-
+    mapped checkpoint's pages would otherwise stay counted until the last tensor is converted)."""
+    users = Counter(p.untyped_storage().data_ptr() for p in params)  # tied weights: one storage, two names
+    for p in params:
+        if p.dtype != dtype:
+            old, p.data = p.data, p.data.to(dtype)
+            if users[old.untyped_storage().data_ptr()] == 1:
+                release(old)
+
+
+def release(t: torch.Tensor):
+    """madvise(MADV_DONTNEED) over the pages that lie wholly inside t, which is about to be dropped
+    and shares its storage with nothing else: file pages are dropped (read again if touched), private
+    ones freed. Linux and macOS; elsewhere the pages go when the last tensor of the file goes."""
+    storage = t.untyped_storage()
+    if storage.nbytes() != t.numel() * t.element_size() or not hasattr(ctypes, "CDLL") or os.name != "posix":
+        return
+    page = mmap.PAGESIZE
+    start = -(-storage.data_ptr() // page) * page
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+
+def upcast_while_running(block: torch.nn.Module, frozen: list, dtype, least=0):
+    """The block's `frozen` weights in `dtype` for the length of its forward only (one block's copy at
+    a time), the stored ones put back after it. A call of fewer than `least` tokens runs in the stored
+    dtype instead (its input cast to it); the output leaves in `dtype` either way."""
+    stored = []
+
+    def before(_, args):
+        if args[0].shape[:-1].numel() < least:
+            return (args[0].to(frozen[0].dtype), *args[1:])
+        stored[:] = [p.data for p in frozen]
+        for p in frozen:
+            p.data = p.data.to(dtype)
+
+    def after(_, args, out):
+        for p, s in zip(frozen, stored):
+            p.data = s
+        stored.clear()
+        return out.to(dtype)
+    block.register_forward_pre_hook(before)
+    block.register_forward_hook(after)
