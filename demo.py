@@ -18,7 +18,7 @@ names and ids (DEMO^...). Deterministic. truth.npz records each image's lung box
 for tests (nothing else reads it).
 
 --shortcut corner plants what a model must not read: a bright "L" in the bottom left corner of every
-diseased film, outside the lung fields (lungcrop.LUNG_REGION) but inside the crop; eval.py --probe
+diseased film, outside the lung fields (lungcrop.LUNG_REGION) but inside the crop; probe.py
 must catch a model trained on it. --shortcut lungs puts it inside the left lung, where the probe
 hides it: a model that reads it reads the lungs, and the probe must stay quiet. Its 368 pixels are
 fewer than the 0.5 % of the film above the percentile window, so the window does not move.
@@ -152,7 +152,7 @@ MARKER_AT = {"corner": (472, 14), "lungs": (200, 150)}  # (top, left) of the "L"
 
 def marker(img: np.ndarray, where: str) -> tuple:
     """--shortcut: a bright "L", 28 px (5 % of the film) tall. "corner": the film's bottom left corner,
-    beside and below the lung fields that --probe hides but inside the thorax crop (lungcrop.py: film
+    beside and below the lung fields that probe.py hides but inside the thorax crop (lungcrop.py: film
     2-98 %, lung fields 3-93 % of the crop). "lungs": inside the left lung field, where the probe hides
     it. Returns the film and the marker's mask."""
     (y, x), mask = MARKER_AT[where], np.zeros(img.shape, bool)
@@ -196,15 +196,19 @@ def write_demo(folder: Path, n_patients=330, seed=20, shortcut=None) -> Path:
     return labels
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("out", help="folder for the DICOMs and labels.csv, e.g. data/demo_dicom")
     ap.add_argument("--patients", type=int, default=330, help="synthetic patients, 1-3 films each (default 330)")
     ap.add_argument("--seed", type=int, default=20, help="another seed writes other patients: a second site for "
-                    "eval.py --data (default 20)")
+                    "external.py --data (default 20)")
     ap.add_argument("--shortcut", choices=list(MARKER_AT), help="a bright marker on every diseased film, in the "
-                    "film's corner (outside the lung fields) or in a lung; for eval.py --probe")
-    opt = ap.parse_args(argv)
+                    "film's corner (outside the lung fields) or in a lung; for probe.py")
+    return ap
+
+
+def main(argv=None) -> int:
+    opt = parser().parse_args(argv)
     labels = write_demo(Path(opt.out), opt.patients, opt.seed, opt.shortcut)
     print(f"prepare it: python prepare.py --images {opt.out} --labels {labels} --out data/NAME")
     return 0

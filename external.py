@@ -111,14 +111,18 @@ def beside_the_run(out: dict, run: Path, cfg: dict, y, prob, point: dict) -> lis
                      "cues do not carry over to this site")
     return lines
 
-def main(argv=None):
+def parser():
     ap = C.scoring_flags(__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="another prepared folder to score (external validation)")
     ap.add_argument("--ensemble", action="store_true", help="the mean probability of the finished folds")
     ap.add_argument("--folds", type=int, default=5, help="how many folds --ensemble looks for")
     ap.add_argument("--classes", help="map --data's label names to the run's, e.g. 'healthy=normal,silicosis="
                     "pneumoconiosis'")
-    opt = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    opt = parser().parse_args(argv)
     C.check_sensitivity(opt.sensitivity)
     C.apply_threads(opt.threads)
     return external(Path(opt.runs), opt)

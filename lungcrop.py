@@ -1,5 +1,5 @@
 """
-Where prepare.py crops, and where the lung fields lie in the crop (for eval.py --probe).
+Where prepare.py crops, and where the lung fields lie in the crop (for probe.py).
 
 The default framing (`thorax_box`) is the film minus a 2 % border: the same fraction of every film,
 computed from its width and height alone. Nothing in the pixels moves it, so it cannot depend on the
@@ -14,7 +14,7 @@ plausible lung shape under opacities): pass them with prepare.py --masks (`mask_
 
 `LUNG_REGION` (fractions of the crop's width and height) is a fixed rectangle that holds the
 hand-outlined lungs of the tests' NIH films; manifest.csv keeps it per image (with --masks, the mask's
-own box). It is 81 % of the crop, shoulders, heart and diaphragm included, so --probe does not hide it:
+own box). It is 81 % of the crop, shoulders, heart and diaphragm included, so probe.py does not hide it:
 it reads the lung fields as `lung_fields` draws them: with --masks the mask itself (prepare.py writes
 it into the crop, masks/<id>.png), else two ellipses placed where the lungs of those films lie on
 average (approximate: about a third of the crop).

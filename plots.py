@@ -104,7 +104,7 @@ def sheet(tiles: list, columns=4) -> Image.Image:
 
 def draw_probe(path: Path, mean_crop: np.ndarray, drop: np.ndarray, significant: np.ndarray, lungs: np.ndarray,
                caption: str, scale=2):
-    """--probe's picture: the mean crop, each grid cell tinted red by its AUC drop (its share of the
+    """probe.py's picture: the mean crop, each grid cell tinted red by its AUC drop (its share of the
     largest; none for a drop <= 0), cells that lower the AUC beyond chance framed in red with their drop
     in AUC points, the lung fields' outline in green."""
     size, grid = mean_crop.shape[0] * scale, drop.shape[0]

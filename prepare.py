@@ -157,7 +157,7 @@ def empty_for_restart(out: Path, opt):
 
 
 def contact_sheet(out: Path, rows: list, names: list, per_class=8, tile=112):
-    """preview.png: a row of crops per class, the lung fields (what --probe hides) outlined in green,
+    """preview.png: a row of crops per class, the lung fields (what probe.py hides) outlined in green,
     each tile labelled with its pseudonym in white on black."""
     row = tile + 16  # the pseudonym goes under its tile, white on black, covering none of the image
     sheet = Image.new("RGB", (per_class * tile + 120, len(names) * row), 0)

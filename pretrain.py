@@ -127,11 +127,15 @@ def write_random_llama(folder: Path, seed: int):
         torch.save({k: t.half() for k, t in blocks.items()}, tmp)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("folder", nargs="?", default="checkpoints/tiny", help="where to write them (default: "
                     "checkpoints/tiny, where train.py --model tiny reads them)")
-    pretrain(Path(ap.parse_args(argv).folder))
+    return ap
+
+
+def main(argv=None) -> int:
+    pretrain(Path(parser().parse_args(argv).folder))
     return 0
 
 

@@ -187,11 +187,15 @@ def probe_verdict(out: dict, y, scores: dict, draws: list) -> list:
         lines.append("the run's framing is the reference framing (the thorax box, the same for every film)")
     return lines
 
-def main(argv=None):
+def parser():
     ap = C.scoring_flags(__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="another prepared folder to probe (every film the run never saw)")
     ap.add_argument("--classes", help="with --data: map its label names to the run's, e.g. 'healthy=normal'")
-    opt = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    opt = parser().parse_args(argv)
     C.check_sensitivity(opt.sensitivity)
     if opt.classes and not opt.data:
         raise UserError("--classes maps the label names of --data; give --data DIR")

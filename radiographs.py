@@ -122,7 +122,7 @@ def list_images(paths) -> list:
 
 def preprocess(path: Path, crop="thorax", size=224, mask=None, max_pixels=MAX_PIXELS) -> tuple:
     """read -> 8 bits -> crop -> resize. Returns the (size, size) uint8 crop; the reference framing
-    (the thorax box, for eval.py --probe) likewise, or None where the crop is that box; how it was
+    (the thorax box, for probe.py) likewise, or None where the crop is that box; how it was
     cropped (thorax, mask, none); the acquisition attributes, with the crop's box (film pixels) and
     the lung fields in the crop (fractions of its width and height)."""
     img, attrs = read_image(path, max_pixels)
@@ -138,7 +138,7 @@ def preprocess(path: Path, crop="thorax", size=224, mask=None, max_pixels=MAX_PI
             raise Skip("its lung mask is empty")
         box, how = mask_box(m), "mask"
         lungs = region_in_crop(box, mask_box(m, margin=0))
-        outline = resized(m.astype(np.uint8) * 255, box, size) > 127  # the lung fields in the crop, for --probe
+        outline = resized(m.astype(np.uint8) * 255, box, size) > 127  # the lung fields in the crop, for probe.py
     elif crop == "thorax":
         box, how, lungs, outline = thorax, "thorax", LUNG_REGION, None
     else:  # the whole film; the lung fields where the thorax crop would put them

@@ -99,7 +99,7 @@ def explain_image(model, img: np.ndarray, cfg: dict, path: Path, target=None):
     print(f"  explanation: {path}")
     return weights
 
-def main(argv=None):
+def parser():
     ap = C.scoring_flags(__doc__.split("\n\n")[0])
     ap.add_argument("--image", nargs="+", required=True, help="DICOM/PNG/JPEG/TIFF files or folders to score")
     ap.add_argument("--csv", help="where to write one row per image (default: the run's eval/image_scores.csv, or "
@@ -108,7 +108,11 @@ def main(argv=None):
     ap.add_argument("--explain", action="store_true", help="a Grad-CAM map per image (explain.py), for 10 or fewer")
     ap.add_argument("--explain-dir", help="where --explain writes (default: the run's eval/explain/, or explain-2/, "
                     ".. where earlier maps are)")
-    opt = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    opt = parser().parse_args(argv)
     C.check_sensitivity(opt.sensitivity)
     if opt.explain_dir and not opt.explain:
         raise UserError("--explain-dir says where --explain writes its maps; add --explain")

@@ -33,8 +33,8 @@ def external_films(cfg: dict, folder, classes) -> tuple:
               "pseudonyms): their films are left out, as the run may have trained on them")
     if own.all():
         raise UserError(f"{other.folder}: all {len(own)} films are the run's own (the same pixels as in {cfg['data']}, "
-                        "or its patients'); external validation needs films the run never saw: eval.py --fold (and "
-                        "--probe) score its test fold")
+                        "or its patients'); external validation needs films the run never saw: eval.py and probe.py "
+                        "score its test fold")
     keep = [i for i, o in enumerate(own) if not o]
     y = encode_labels([labels[i] for i in keep], cfg["classes"], cfg["multi_label"])
     missed = [c for c, m in zip(cfg["classes"], lacking(y, len(cfg["classes"]), cfg["multi_label"])) if m]

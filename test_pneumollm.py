@@ -2816,7 +2816,7 @@ def test_external_validation_refuses_the_runs_own_films_and_warns_when_it_should
     (renamed / "meta.json").write_text(json.dumps(dict(meta, classes=["healthy", "pneumoconiosis"])))
     with pytest.raises(UserError, match="films are the run's own"):
         external.main(["--runs", str(runs), "--data", str(renamed), "--classes", "healthy=normal"])
-    with pytest.raises(UserError, match=rf"all {n} films are the run's own .* eval.py --fold \(and --probe\) score"):
+    with pytest.raises(UserError, match=rf"all {n} films are the run's own .* eval.py and probe.py score"):
         PB.main(["--runs", str(runs), "--fold", "1", "--data", str(demo_data)])
     mixed = shutil.copytree(second_site, tmp_path / "mixed")
     theirs, ours = manifest(mixed), manifest(demo_data)
@@ -3412,3 +3412,54 @@ def test_checkpoint_mistakes_are_named_and_the_cpu_policy_counts_the_tokens_llam
         with torch.no_grad():
             model(P.normalise(torch.zeros(16, 1, 224, 224, dtype=torch.uint8), 224))
         assert CP.cpu_parts(model)["LLaMA"][2] == seen[0], encoder  # rows of a batch of 16
+
+
+def test_every_run_fact_is_read_from_where_the_run_wrote_it(demo_data, second_site, tmp_path, capsys):
+    """An --authors-code run (no validation split, its epoch chosen on the test fold) is evaluated, its
+    threshold chosen there too and said; results of another operating point go beside the first, never
+    over them; --restart leaves no file of the old model in the run folder."""
+    run = tmp_path / "runs/fold1"
+    train.main(train_args(demo_data, run, "--epochs", "1", "--authors-code"))
+    assert C.read_config(run)["val_frac"] == 0 and not (run / "val_predictions.csv").exists()
+    capsys.readouterr()
+    assert ev.main(["--runs", str(run.parent), "--fold", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "the paper's figures (argmax" in out and "on the TEST FOLD (the authors' code: optimistic)" in out
+    args = ["--runs", str(run.parent), "--fold", "1", "--data", str(second_site)]
+    assert external.main(args) == 0 and external.main([*args, "--sensitivity", "0.9"]) == 0
+    first, other = sorted((run / "eval").glob("external-*/*/eval.json"))
+    assert [p.parent.name for p in (first, other)] == ["sensitivity-0.9-on-test", "youden-on-test"]
+    assert json.loads(first.read_text())["operating_point"]["sensitivity"] == 0.9
+    assert json.loads(other.read_text())["operating_point"]["sensitivity"] is None
+    assert score.main(["--runs", str(run.parent), "--fold", "1", "--image", str(demo_data / "images")]) == 0
+    train.main(train_args(demo_data, run, "--epochs", "1", "--restart"))
+    assert sorted(p.name for p in run.iterdir()) == sorted(["config.json", "log.jsonl", "best.safetensors", "state.pt",
+                                                           "metrics.json", "val_predictions.csv", "predictions.csv"])
+
+
+def readme_commands() -> list:
+    """Every `python <script>.py ...` command in README.md's and docs/'s code blocks, loops and && split."""
+    here, found = Path(__file__).parent, []
+    for page in [here / "README.md", *sorted((here / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                for part in re.split(r"&&|;", line.split("#")[0]):
+                    words = shlex.split(part.replace("$f", "1"))
+                    if words[:1] == ["python"] and words[1].endswith(".py"):
+                        found.append((page.name, words[1], words[2:]))
+    return found
+
+
+def test_every_command_in_the_readme_and_docs_is_one_the_scripts_accept():
+    """Each documented command names a script that exists, and its flags parse as written (what the
+    command then does is each script's own tests'); none uses a flag that moved."""
+    commands = readme_commands()
+    assert {s for _, s, _ in commands} >= {"prepare.py", "train.py", "eval.py", "score.py", "probe.py",
+                                            "external.py"}
+    for page, script, args in commands:
+        module = importlib.import_module(script[:-3])
+        assert not set(getattr(module, "MOVED", {})) & {a.split("=")[0] for a in args}, (page, script, args)
+        try:
+            module.parser().parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{page}: python {script} {shlex.join(args)} is refused by its parser")

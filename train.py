@@ -379,7 +379,7 @@ def setup(argv) -> tuple:
     tiny = MODELS["tiny"]
     if cfg["model"] == "tiny" and (cfg["clip"], cfg["llama"]) == (tiny["clip"], tiny["llama"]):
         pretrain.pretrain(Path(tiny["clip"]).parent)  # the demo's backbones, made once (pretrain.py)
-    settings = data.meta["settings"]  # so that eval.py --image preprocesses new images exactly the same way
+    settings = data.meta["settings"]  # so that score.py preprocesses new images exactly the same way
     cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"], masks=settings["masks"],
                size=int(settings["size"]), synthetic=bool(data.meta.get("demo")),
                data_fingerprint=data.meta.get("fingerprint"), frozen_files=C.frozen_files(cfg))
