@@ -11,9 +11,7 @@ checkpoint needed). Prints figures; nothing here is a test.
 """
 import argparse
 import copy
-import json
 import os
-import re
 import resource
 import shlex
 import statistics
@@ -27,10 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import common as C
 import cpu_policy as CP
+import formats
 import pneumollm as P
 from folders import Help
 
@@ -80,25 +78,24 @@ def timed(fn, device, warmup, iters) -> tuple[float, float]:
 
 
 def bench_prepare(labels: str, against: str, workers: int, repeat: int):
-    """prepare.py's images/s on a labelled folder, side by side with commit `against` (its prepare.py
-    taken from git): each in a fresh process with the same workers, into a fresh folder, taking turns
+    """prepare.py's images/s on a labelled folder, side by side with commit `against` (its tree taken
+    from git): each in a fresh process with the same workers, into a fresh folder, taking turns
     `repeat` times; the medians and their ratio. Folders are deleted only at the end: ext4 is slow to
     create files for minutes after thousands were deleted, which would slow whichever run came next."""
     labels, here = Path(labels).resolve(), Path(__file__).resolve().parent
     n = sum(1 for _ in open(labels)) - 1
     rates = {f"before ({against})": [], "now": []}
     with tempfile.TemporaryDirectory() as d:
-        old = Path(d, "prepare_before.py")
-        old.write_bytes(subprocess.run(["git", "show", f"{against}:prepare.py"], cwd=here, capture_output=True,
-                                       check=True).stdout)
-        for i in range(repeat):
-            for name, script in zip(rates, (old, here / "prepare.py")):
+        tree = subprocess.run(["git", "archive", against], cwd=here, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", Path(d, "before").mkdir() or Path(d, "before")], input=tree, check=True)
+        for i in range(repeat):  # each commit's prepare.py with its own modules beside it
+            for name, script in zip(rates, (Path(d, "before/prepare.py"), here / "prepare.py")):
                 out = Path(d, f"{name.split()[0]}{i}")
                 flags = ["--images", labels.parent, "--labels", labels, "--out", out, "--key-file", Path(d, "key"),
                          "--workers", workers]
                 t = time.perf_counter()
                 subprocess.run([sys.executable, script, *map(str, flags)], check=True, capture_output=True,
-                               cwd=here)
+                               cwd=script.parent)
                 rates[name].append(n / (time.perf_counter() - t))
                 print(f"prepare.py {name}: {n} images, {rates[name][-1]:.1f} images/s with {workers} workers")
     before, now = (statistics.median(r) for r in rates.values())
@@ -106,81 +103,7 @@ def bench_prepare(labels: str, against: str, workers: int, repeat: int):
 
 
 # ------------------------------------------------------------------------------------------------
-# lean loading at full size: random ViT-L/14 + LLaMA-7B files in the original layouts, loaded on CPU
-
-
-def rand(*shape):
-    return torch.empty(shape, dtype=torch.float16).normal_(0, 0.02)
-
-
-def write_full(d: Path):
-    """OpenAI's TorchScript ViT-L-14.pt (visual tower), Meta's llama-7b/ (one consolidated.00.pth) and a
-    Hugging Face llama-7b-hf/ (5 safetensors shards + index), all fp16 with random values."""
-    p = P.LlamaArgs(vocab_size=32000)
-    layer = {f"attention.w{x}.weight": (4096, 4096) for x in "qkvo"}
-    layer.update({"feed_forward.w1.weight": (p.hidden_dim(), 4096),
-             "feed_forward.w2.weight": (4096, p.hidden_dim()), "feed_forward.w3.weight": (p.hidden_dim(), 4096),
-             "attention_norm.weight": (4096,), "ffn_norm.weight": (4096,)})
-    sd = {"tok_embeddings.weight": rand(32000, 4096), "norm.weight": rand(4096),
-          "output.weight": rand(32000, 4096)}
-    sd.update({f"layers.{i}.{k}": rand(*s) for i in range(p.n_layers) for k, s in layer.items()})
-    (d / "llama-7b").mkdir(parents=True)
-    params = dict(dim=4096, multiple_of=256, n_heads=32, n_layers=32, norm_eps=1e-6, vocab_size=-1)
-    (d / "llama-7b/params.json").write_text(json.dumps(params))
-    torch.save(sd, d / "llama-7b/consolidated.00.pth")
-    hf = {"model.embed_tokens.weight": sd.pop("tok_embeddings.weight"), "model.norm.weight": sd.pop("norm.weight"),
-          "lm_head.weight": sd.pop("output.weight")}
-    names = {"attention.w": "self_attn.", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-    for k in list(sd):
-        new = "model." + k
-        for a, b in names.items():
-            new = new.replace(a, b)
-        hf[re.sub(r"self_attn\.([qkvo])\.", r"self_attn.\1_proj.", new)] = sd.pop(k)
-    (d / "llama-7b-hf").mkdir()
-    config = dict(hidden_size=4096, intermediate_size=p.hidden_dim(), num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=32000,
-                  torch_dtype="float16")
-    (d / "llama-7b-hf/config.json").write_text(json.dumps(config))
-    keys, weight_map = list(hf), {}
-    for i, chunk in enumerate([keys[j::5] for j in range(5)]):
-        name = f"model-{i + 1:05d}-of-00005.safetensors"
-        save_file({k: hf.pop(k) for k in chunk}, str(d / "llama-7b-hf" / name))
-        weight_map.update({k: name for k in chunk})
-    (d / "llama-7b-hf/model.safetensors.index.json").write_text(json.dumps(dict(weight_map=weight_map)))
-    write_vit(d)
-
-
-def write_vit(d: Path):
-    """OpenAI's TorchScript ViT-L-14.pt (the visual tower only), fp16 with random values."""
-    v = P.VisionArgs()
-    grid = v.image_size // v.patch_size
-    clip = {"conv1.weight": rand(v.width, 3, v.patch_size, v.patch_size), "class_embedding": rand(v.width),
-            "positional_embedding": rand(grid * grid + 1, v.width), "proj": rand(v.width, 768)}
-    clip.update({f"{ln}.{x}": rand(v.width) for ln in ("ln_pre", "ln_post") for x in ("weight", "bias")})
-    for i in range(v.layers):
-        b, w = f"transformer.resblocks.{i}.", v.width
-        shapes = {"attn.in_proj_weight": (3 * w, w), "attn.in_proj_bias": (3 * w,), "attn.out_proj.weight": (w, w),
-                  "attn.out_proj.bias": (w,), "mlp.c_fc.weight": (4 * w, w), "mlp.c_fc.bias": (4 * w,),
-                  "mlp.c_proj.weight": (w, 4 * w), "mlp.c_proj.bias": (w,)}
-        clip.update({b + k: rand(*s) for k, s in shapes.items()})
-        clip.update({b + f"{ln}.{x}": rand(w) for ln in ("ln_1", "ln_2") for x in ("weight", "bias")})
-    save_torchscript({"visual." + k: t for k, t in clip.items()}, d / "ViT-L-14.pt")
-
-
-def save_torchscript(sd: dict, path: Path):
-    """A TorchScript archive holding `sd`'s tensors under their dotted names, as OpenAI's ViT-L-14.pt does."""
-    root = torch.nn.Module()
-    for k, t in sd.items():
-        *parents, leaf = k.split(".")
-        m = root
-        for part in parents:
-            if not hasattr(m, part):
-                m.add_module(part, torch.nn.Module())
-            m = getattr(m, part)
-        m.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
-    torch.jit.save(torch.jit.script(root), str(path))
+# lean loading at full size: random ViT-L/14 + LLaMA-7B files in the original layouts (formats.py)
 
 
 def bench_read_vit(d: Path):
@@ -189,7 +112,7 @@ def bench_read_vit(d: Path):
     against the earlier reader, which copied each record into memory."""
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "ViT-L-14.pt").exists():
-        write_vit(d)
+        formats.write_vit(d)
     size = (d / "ViT-L-14.pt").stat().st_size / 2**30
     for how in ("mapped", "copied"):
         code = ("import sys, zipfile, torch, pneumollm as P, bench\n"
@@ -269,10 +192,9 @@ def flops(a: P.PneumoArgs) -> tuple[int, int]:
 
 
 def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
-    """This CPU's rates in this run (common.matmul_rate at each part's shapes for 16 images, per dtype;
-    memory read bandwidth), the floor they give for the dtypes chosen and for the fastest ones, against
-    the measured batch; then the precision of each dtype against fp32 (the same fp16 weights): the ViT's
-    CLS tokens on 2 images and one LLaMA layer's output on 16 x T tokens."""
+    """This CPU's rates in this run (cpu_policy.matmul_rate at each part's shapes for 16 images, per
+    dtype; memory read bandwidth), the floor they give for the dtypes chosen and for the fastest ones,
+    against the measured batch; where the batch's time goes; then each dtype's precision."""
     vit, llama = flops(model.args)
     parts = CP.cpu_parts(model)
     chosen = dict(ViT=model.visual.conv1.weight.dtype, LLaMA=model.llama.norm.weight.dtype)  # never upcast per call
@@ -294,12 +216,18 @@ def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
           "the floor")
     p, n, k = model.args.llama, len(model.args.cls_blocks), model.args.n_diag
     h, mask = torch.randn(16, n + k, p.dim), P.emitter_mask(n, k)
-    cos, sin = model.llama.rope_tables(n + k, "cpu")
     with torch.no_grad():  # each part alone on the batch, as the policy runs it
         took = dict(ViT=timed(lambda: model.visual(x), torch.device("cpu"), 0, 1)[1],
                     LLaMA=timed(lambda: model.llama(h.to(chosen["LLaMA"]), mask), torch.device("cpu"), 0, 1)[1])
     print("  where a batch of 16 goes, per image: " + ", ".join(
         f"{name} {took[name] / 16:.2f} s ({16 * flop[name] / took[name] / 1e9:.0f} GFLOP/s)" for name in parts))
+    precision(clip, model, x, h, mask)
+
+
+def precision(clip: Path, model: P.PneumoLLM, x, h, mask):
+    """Each dtype against fp32 on the same fp16 weights: the ViT's CLS tokens on 2 images, one LLaMA
+    layer's output on 16 x T tokens."""
+    cos, sin = model.llama.rope_tables(h.shape[1], "cpu")
     fp16 = P.from_pretrained(clip, None, "cpu", llm=False).visual.eval()
     layer = P.TransformerBlock(model.args).eval()  # LLaMA-7B's layer shapes, random weights
     with torch.no_grad():
@@ -398,10 +326,29 @@ def bench_model(opt):
     fwd = torch.compile(model, mode=opt.compile) if opt.compile else model
     res = model.args.vision.image_size
     x = torch.randn(opt.batch, 3, res, res, device=device)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=opt.dtype != "fp32")
+    warm = 2 if not opt.compile else 4
+    time_training(model, fwd, x, amp, warm, opt)
+
+    @torch.no_grad()
+    def infer():
+        with amp:
+            fwd(x)
+
+    model.eval()
+    s_unmerged = timed(infer, device, 2, opt.iters)[1]
+    model.merge_adapters()
+    fwd = torch.compile(model, mode=opt.compile) if opt.compile else model
+    s_merged = timed(infer, device, warm, opt.iters)[1]
+    print(f"inference: {opt.batch / s_unmerged:.1f} images/s with adapters, {opt.batch / s_merged:.1f} merged")
+
+
+def time_training(model, fwd, x, amp, warm: int, opt):
+    """train.py's step (AdamW, GradScaler, autocast): its median time, peak memory, host syncs (GPU)."""
+    device = x.device
     y = torch.randint(0, model.args.n_classes, (opt.batch,), device=device)
     adamw = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type)  # as train.py: on every dtype, no host sync with the fused AdamW
-    amp = torch.autocast(device.type, dtype=dtype, enabled=opt.dtype != "fp32")
 
     def step():
         with amp:
@@ -411,15 +358,9 @@ def bench_model(opt):
         scaler.update()
         adamw.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
-    def infer():
-        with amp:
-            fwd(x)
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    warm = 2 if not opt.compile else 4
     with sync_warnings(device) as syncs:  # on a GPU: every host sync of the step, and Inductor's cudagraph skips
         first, s = timed(step, device, warm, opt.iters)
     if device.type == "cuda":
@@ -434,12 +375,6 @@ def bench_model(opt):
           f"peak {'GPU' if gpu else 'RSS'} memory {peak:.2f} GiB")
     print(f"first step {first:.1f} s (compilation and warm-up); projected 100 epochs on 504 images at batch 16: "
           f"{steps / 60:.2f} min of steps, {(first + steps) / 60:.2f} min with the first step")
-    model.eval()
-    s_unmerged = timed(infer, device, 2, opt.iters)[1]
-    model.merge_adapters()
-    fwd = torch.compile(model, mode=opt.compile) if opt.compile else model
-    s_merged = timed(infer, device, warm, opt.iters)[1]
-    print(f"inference: {opt.batch / s_unmerged:.1f} images/s with adapters, {opt.batch / s_merged:.1f} merged")
 
 
 def main(argv=None):
@@ -456,7 +391,7 @@ def main(argv=None):
     if opt.load_step:
         step, folder = opt.load_step
         d = Path(folder)  # the floors once, with Meta's layout
-        return write_full(d) if step == "write" else load_full(d / "ViT-L-14.pt", d / step, step == "llama-7b",
+        return formats.write_full(d) if step == "write" else load_full(d / "ViT-L-14.pt", d / step, step == "llama-7b",
                                                                opt.cpu_dtype)
     return bench_model(opt)
 

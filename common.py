@@ -141,10 +141,10 @@ def build(cfg: dict, as_stored=False) -> P.PneumoLLM:
     for path, needed in ((cfg["clip"], kw["encoder"] == "clip"), (cfg["llama"], kw["llm"])):
         if needed and not Path(path).exists():
             raise UserError(f"{path} not found: " + ("python pretrain.py writes the tiny model's checkpoints "
-                            "(train.py --model tiny does at its default paths)" if cfg["model"] == "tiny" else "PneumoLLM needs "
-                            "OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as Meta or Hugging Face ship it (--llama); "
-                            "docs/checkpoints.md says what to put where; --model tiny runs on the demo's small "
-                            "checkpoints instead"))
+                            "(train.py --model tiny does at its default paths)" if cfg["model"] == "tiny" else
+                            "PneumoLLM needs OpenAI's ViT-L-14.pt (--clip) and LLaMA-7B as Meta or Hugging Face "
+                            "ship it (--llama); docs/checkpoints.md says what to put where; --model tiny runs on the "
+                            "demo's small checkpoints instead"))
     try:
         return P.from_pretrained(cfg["clip"], cfg["llama"] if kw["llm"] else None, device, dtype,
                                  cfg.get("clip_act"), cfg.get("clip_heads"), **kw)
@@ -297,6 +297,17 @@ def available(device: str) -> str:
         return "cpu"
     index = torch.device(device).index
     return device if index is None or index < torch.cuda.device_count() else "cuda"
+
+
+def tokenize_question(cfg: dict):
+    """Adds question_ids and vocab_size to cfg, so that the run can be rebuilt without the tokenizer."""
+    if not cfg["tokenizer"] and not cfg["llama"]:
+        raise UserError("--question: --model random has no LLaMA folder to find the tokenizer in; pass --tokenizer")
+    llama = Path(cfg["llama"] or "")
+    near = [p for p in (llama / "tokenizer.model", llama.parent / "tokenizer.model") if p.exists()]
+    path = cfg["tokenizer"] or (near + [llama / "tokenizer.model"])[0]
+    cfg["question_ids"], cfg["vocab_size"] = tokenize(path, cfg["question"])
+    print(f"question {cfg['question']!r}: {len(cfg['question_ids'])} tokens (with BOS)")
 
 
 def tokenize(tokenizer, text: str) -> tuple[list, int]:

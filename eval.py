@@ -182,7 +182,8 @@ def main(argv=None):
     if opt.explain is not None and opt.explain < 1:
         raise UserError(f"--explain {opt.explain}: give how many test images to explain, 1 or more")
     if opt.explain is not None and (opt.all or opt.calibrate):
-        raise UserError(f"--explain maps one fold's test images; it cannot go with {'--all' if opt.all else '--calibrate'}")
+        raise UserError("--explain maps one fold's test images; it cannot go with "
+                        + ("--all" if opt.all else "--calibrate"))
     runs = Path(opt.runs)
     if opt.all:
         return table(runs, opt)

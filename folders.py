@@ -247,3 +247,17 @@ class Data:
         validation split; with --authors-code (select "test"), the test fold, and no validation split."""
         split = self.split(cfg["fold"], 0 if cfg["select"] == "test" else cfg["val_frac"], cfg["seed"])
         return split | {"select": split["test"] if cfg["select"] == "test" else split["val"]}
+
+    def check_split(self, split: dict, cfg: dict):
+        """Before any training: the metrics that choose the epoch need every class in the split they are
+        computed on (the validation split; the test fold with --select test)."""
+        parts = {"train": split["train"]} | ({cfg["select"]: split["select"]} if cfg["select"] != "last" else {})
+        for part, rows in parts.items():
+            y = self.labels(rows)
+            missed = lacking(y, len(self.classes), self.multi_label)
+            if missed.any():
+                what = "images with and without" if self.multi_label else "images of"
+                missing = ", ".join(c for c, m in zip(self.classes, missed) if m)
+                hint = "raise --val-frac or pass --select last" if part == "val" else "check the data folder's labels"
+                raise UserError(f"the {part} split of fold {cfg['fold']} ({len(y)} images) has no {what} {missing}: "
+                                + hint)

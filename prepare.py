@@ -313,9 +313,9 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
     report = audit.shortcut_audit(kept, names, folds, opt.multi_label)
     crops = {n: {c: sum(L.has(it["label"], n) and it["crop"] == c for it in kept)
                  for c in ("thorax", "mask", "none")} for n in names}
-    meta = dict(settings=settings_of(opt, key), demo=opt.demo, classes=names, multi_label=opt.multi_label, counts=counts,
-                prepared=len(rows), fingerprint=fingerprint, patients=patients, crops=crops, skipped=skipped,
-                audit=report,
+    meta = dict(settings=settings_of(opt, key), demo=opt.demo, classes=names, multi_label=opt.multi_label,
+                counts=counts, prepared=len(rows), fingerprint=fingerprint, patients=patients, crops=crops,
+                skipped=skipped, audit=report,
                 versions=dict(numpy=np.__version__, pydicom=pydicom.__version__, pillow=Image.__version__))
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     contact_sheet(out, rows, names)

@@ -86,8 +86,8 @@ def figures(y, prob, patients: list, cfg: dict, point: dict, pb) -> tuple:
 def report(out: dict, cfg: dict, what: str) -> str:
     m, ci = out["paper"]["metrics"], out["paper"]["ci95"]
     lines = [f"{what}: {out['images']} images of {out['patients']} patients; 95 % intervals resample patients",
-             f"  the paper's figures (argmax; {positive_class(cfg['classes'], cfg['multi_label'])}): " + "  ".join(f"{k} {pct(m[k])} [{pct(ci[k][0])}, {pct(ci[k][1])}]"
-                                                           for k in M.METRICS)]
+             f"  the paper's figures (argmax; {positive_class(cfg['classes'], cfg['multi_label'])}): "
+             + "  ".join(f"{k} {pct(m[k])} [{pct(ci[k][0])}, {pct(ci[k][1])}]" for k in M.METRICS)]
     lines.append("  " + confusion(m, cfg))
     op = out["operating_point"]
     for name, r in op["per_finding"].items():

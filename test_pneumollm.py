@@ -59,6 +59,7 @@ import runs
 import score
 import sites
 import explain
+import formats
 import lungcrop
 import metrics as M
 import plots
@@ -121,7 +122,7 @@ def clip_files(tmp_path_factory):
                "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(96, 32), "ln_final.weight": torch.ones(32),
                "text_projection": torch.zeros(32, 16), "logit_scale": torch.tensor(4.6)})
     torch.save(oa, d / "openai.pt")
-    bench.save_torchscript({k: t.clone() for k, t in oa.items()}, d / "ViT-tiny.pt")  # as OpenAI's ViT-L-14.pt
+    formats.save_torchscript({k: t.clone() for k, t in oa.items()}, d / "ViT-tiny.pt")  # as OpenAI's ViT-L-14.pt
     return dict(hf=d / "hf", pt=d / "openai.pt", jit=d / "ViT-tiny.pt", ref=hf.vision_model, sd=oa)
 
 

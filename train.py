@@ -27,7 +27,7 @@ import common as C
 import metrics as M
 import pneumollm as P
 import pretrain
-from folders import (Data, Help, Interrupted, UserError, changed, cli, lacking, locked, positive_class, refuse_changed,
+from folders import (Data, Help, Interrupted, UserError, changed, cli, locked, positive_class, refuse_changed,
                      replacing, write_atomic)
 from ranks import Ranks
 from runs import confusion, eval_dir, write_predictions
@@ -46,19 +46,7 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=Help)
     ap.add_argument("--data", default="data/demo", help="a folder written by prepare.py")
     ap.add_argument("--fold", type=int, default=1, help="the test fold; the others train")
-    ap.add_argument("--model", choices=list(MODELS), default="full",
-                    help="full: ViT-L/14 + LLaMA-7B; tiny: the demo's, pretrained by prepare.py --demo (pretrain.py); "
-                    "random: tiny with random frozen weights (tests; what the pretraining buys)")
-    ap.add_argument("--clip", help="CLIP checkpoint (default: checkpoints/ViT-L-14.pt (full), "
-                    "checkpoints/tiny/ViT-tiny.pt (tiny); docs/checkpoints.md)")
-    ap.add_argument("--llama", help="LLaMA folder, Meta's or Hugging Face's (default: checkpoints/llama-7b (full), "
-                    "checkpoints/tiny/llama-tiny (tiny))")
-    ap.add_argument("--clip-act", choices=["quick_gelu", "gelu"], help="the ViT MLP's activation, for an "
-                    "OpenAI-layout state dict of an OpenCLIP/LAION tower (gelu); a Hugging Face config states it "
-                    "(default: the config's, else quick_gelu, OpenAI's)")
-    ap.add_argument("--clip-heads", type=int, help="the ViT's attention heads, for an OpenAI-layout file wider "
-                    "than ViT-L (e.g. 16 for OpenCLIP's ViT-H/14); a Hugging Face config states them (default: "
-                    "the config's, else width / 64, OpenAI's rule)")
+    model_flags(ap.add_argument_group("the frozen model (docs/checkpoints.md)"))
     ap.add_argument("--out", help="the run folder (default: out/<data name>/fold<N>)")
     ap.add_argument("--restart", action="store_true", help="discard the run in --out and train from scratch "
                     "(without it an interrupted run resumes and a finished one is left alone)")
@@ -91,6 +79,22 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def model_flags(g):
+    g.add_argument("--model", choices=list(MODELS), default="full",
+                   help="full: ViT-L/14 + LLaMA-7B; tiny: the demo's, pretrained once (pretrain.py); random: tiny "
+                   "with random frozen weights (tests; what the pretraining buys)")
+    g.add_argument("--clip", help="CLIP checkpoint (default: checkpoints/ViT-L-14.pt (full), "
+                   "checkpoints/tiny/ViT-tiny.pt (tiny))")
+    g.add_argument("--llama", help="LLaMA folder, Meta's or Hugging Face's (default: checkpoints/llama-7b (full), "
+                   "checkpoints/tiny/llama-tiny (tiny))")
+    g.add_argument("--clip-act", choices=["quick_gelu", "gelu"], help="the ViT MLP's activation, for an "
+                   "OpenAI-layout state dict of an OpenCLIP/LAION tower (gelu); a Hugging Face config states it "
+                   "(default: the config's, else quick_gelu, OpenAI's)")
+    g.add_argument("--clip-heads", type=int, help="the ViT's attention heads, for an OpenAI-layout file wider "
+                   "than ViT-L (e.g. 16 for OpenCLIP's ViT-H/14); a Hugging Face config states them (default: "
+                   "the config's, else width / 64, OpenAI's rule)")
+
+
 def check_numbers(cfg: dict):
     """Values no run can use, refused by flag before anything is written."""
     wrong = {"epochs": (cfg["epochs"] < 1, "1 or more"), "batch-size": (cfg["batch_size"] < 1, "1 or more"),
@@ -118,6 +122,21 @@ def parse(argv=None) -> dict:
     cfg.update({k: v for k, v in MODELS[cfg["model"]].items() if cfg[k] is None})
     cfg["dtype"] = cfg["dtype"] or ("fp32" if cfg["device"] == "cpu" else "fp16")
     cfg["out"] = cfg["out"] or f"out/{Path(cfg['data']).name}/fold{cfg['fold']}"
+    one_way(cfg, given)
+    check_numbers(cfg)
+    if cfg["device"] != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg['device']}: this torch sees no GPU (a CPU-only build, or no driver); "
+                        "pass --device cpu, or install a CUDA build of torch")
+    try:
+        P.PneumoArgs(**C.pneumo_fields(dict(cfg, question_ids=[])))
+    except ValueError as e:  # e.g. --n-diag 0
+        raise UserError(f"{e} (check the ablation flags)") from None
+    return cfg
+
+
+def one_way(cfg: dict, given: set):
+    """Settings that imply others, written as the run will use them: a flag they contradict is refused,
+    one they would silently drop is refused, one that changes nothing leaves no trace."""
     if cfg["authors_code"]:
         authors = dict(norm="imagenet", select="test", train_engine=False)
         clash = [f"--{k.replace('_', '-')} {cfg[k]}" for k in authors
@@ -136,10 +155,6 @@ def parse(argv=None) -> dict:
             raise UserError("--select val chooses the epoch on the validation split, which --val-frac 0 leaves empty: "
                             "pass --select last, or a --val-frac above 0")
         cfg["select"] = "last"
-    check_numbers(cfg)
-    if cfg["device"] != "cpu" and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg['device']}: this torch sees no GPU (a CPU-only build, or no driver); "
-                        "pass --device cpu, or install a CUDA build of torch")
     if cfg["question"] and not cfg["llm"]:
         raise UserError("--question feeds the LLM, so it cannot go with --no-llm")
     unused = {"none": ("--n-diag", "--emitter", "--no-train-engine"), "no-llm": ("--llm-adapters",)}  # would be lost
@@ -149,22 +164,6 @@ def parse(argv=None) -> dict:
                             f"({'no diagnosis tokens' if mode == 'none' else 'no LLaMA blocks'}): drop one of them")
     if cfg["engine"] == "none":  # no diagnosis tokens: nothing to mask, count or train
         cfg.update(emitter=False, n_diag=0, train_engine=True)
-    try:
-        P.PneumoArgs(**C.pneumo_fields(dict(cfg, question_ids=[])))
-    except ValueError as e:  # e.g. --n-diag 0
-        raise UserError(f"{e} (check the ablation flags)") from None
-    return cfg
-
-
-def tokenize_question(cfg: dict):
-    """Adds question_ids and vocab_size to cfg, so that the run can be rebuilt without the tokenizer."""
-    if not cfg["tokenizer"] and not cfg["llama"]:
-        raise UserError("--question: --model random has no LLaMA folder to find the tokenizer in; pass --tokenizer")
-    llama = Path(cfg["llama"] or "")
-    near = [p for p in (llama / "tokenizer.model", llama.parent / "tokenizer.model") if p.exists()]
-    path = cfg["tokenizer"] or (near + [llama / "tokenizer.model"])[0]
-    cfg["question_ids"], cfg["vocab_size"] = C.tokenize(path, cfg["question"])
-    print(f"question {cfg['question']!r}: {len(cfg['question_ids'])} tokens (with BOS)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,20 +197,6 @@ def start_folder(out: Path, cfg: dict):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(eval_dir(out), ignore_errors=True)  # every result of the old model
     write_atomic(out / "config.json", json.dumps(cfg, indent=1))
-
-
-def check_classes(data: Data, split: dict, cfg: dict):
-    """Before any training: the metrics that choose the epoch need every class in the validation split."""
-    parts = {"train": split["train"]} | ({cfg["select"]: split["select"]} if cfg["select"] != "last" else {})
-    for part, rows in parts.items():  # part: train, val or test (--authors-code)
-        y = data.labels(rows)
-        missed = lacking(y, len(data.classes), data.multi_label)
-        if missed.any():
-            what = "images with and without" if data.multi_label else "images of"
-            missing = ", ".join(c for c, m in zip(data.classes, missed) if m)
-            hint = "raise --val-frac or pass --select last" if part == "val" else "check the data folder's labels"
-            raise UserError(f"the {part} split of fold {cfg['fold']} ({len(y)} images) has no {what} {missing}: "
-                            + hint)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,17 +343,13 @@ def final_test(model: P.PneumoLLM, data: Data, split: dict, cfg: dict, epoch: in
     write_atomic(out / "metrics.json", json.dumps(meta, indent=1))
     save_predictions(out / "predictions.csv", rows, prob, cfg)
     print(f"test fold {cfg['fold']} ({len(rows)} images, epoch {epoch} chosen on {cfg['select']}; "
-          f"{positive_class(cfg['classes'], cfg['multi_label'])}): " + "  ".join(f"{k} {100 * m[k]:.2f}" for k in M.METRICS))
+          f"{positive_class(cfg['classes'], cfg['multi_label'])}): "
+          + "  ".join(f"{k} {100 * m[k]:.2f}" for k in M.METRICS))
     print(confusion(m, cfg))
-    if out.name == f"fold{cfg['fold']}":
-        print(f"the run is in {out}; next: python eval.py --runs {out.parent} --fold {cfg['fold']}")
-    else:  # eval.py reads <runs>/fold<N>
-        print(f"the run is in {out}; eval.py reads a fold's run as <runs>/fold<N>: move it "
-              f"(mv {out} {out.parent}/fold{cfg['fold']}), then python eval.py --runs {out.parent} --fold {cfg['fold']}")
+    move = "" if out.name == f"fold{cfg['fold']}" else \
+        f"mv {out} {out.parent}/fold{cfg['fold']} (eval.py reads a fold's run as <runs>/fold<N>), then "
+    print(f"the run is in {out}; next: {move}python eval.py --runs {out.parent} --fold {cfg['fold']}")
     return m
-
-
-# ------------------------------------------------------------------------------------------------
 
 
 def setup(argv) -> tuple:
@@ -376,9 +357,8 @@ def setup(argv) -> tuple:
     cfg = parse(argv)
     C.apply_threads(cfg["threads"])
     data = Data(cfg["data"])
-    tiny = MODELS["tiny"]
-    if cfg["model"] == "tiny" and (cfg["clip"], cfg["llama"]) == (tiny["clip"], tiny["llama"]):
-        pretrain.pretrain(Path(tiny["clip"]).parent)  # the demo's backbones, made once (pretrain.py)
+    if cfg["model"] == "tiny" and (cfg["clip"], cfg["llama"]) == (MODELS["tiny"]["clip"], MODELS["tiny"]["llama"]):
+        pretrain.pretrain(Path(cfg["clip"]).parent)  # the demo's backbones, made once (pretrain.py)
     settings = data.meta["settings"]  # so that score.py preprocesses new images exactly the same way
     cfg.update(classes=data.classes, multi_label=data.multi_label, crop=settings["crop"], masks=settings["masks"],
                size=int(settings["size"]), synthetic=bool(data.meta.get("demo")),
@@ -386,12 +366,12 @@ def setup(argv) -> tuple:
     if note := data.order_note():
         print(note)
     if cfg["question"]:
-        tokenize_question(cfg)
+        C.tokenize_question(cfg)
     split = data.run_split(cfg)
     if cfg["select"] == "test":
         print("WARNING: the epoch is chosen ON THE TEST FOLD, as in the authors' code: its test metrics are "
               "optimistic", file=sys.stderr)
-    check_classes(data, split, cfg)
+    data.check_split(split, cfg)
     return cfg, data, split, claim(Path(cfg["out"]), cfg)
 
 
@@ -413,17 +393,22 @@ def main(argv=None):
         return run(model, cfg, data, split, claim(out, cfg), ranks)
 
 
+def begin(tr: Training, out: Path, verdict: str, ranks: Ranks):
+    """A new run's folder, or the resume point; the log cut back to it (a killed run logs past it)."""
+    if ranks.lead and verdict == "new":
+        start_folder(out, tr.cfg)
+    if verdict == "resume":
+        tr.restore(out)
+        print(f"{out}: resuming the interrupted run after epoch {tr.epoch} of {tr.cfg['epochs']}")
+    if ranks.lead:
+        lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
+        write_atomic(out / "log.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= tr.epoch))
+
+
 def run(model: P.PneumoLLM, cfg: dict, data: Data, split: dict, verdict: str, ranks: Ranks):
     """Start or resume the run, train to the last epoch, then the one look at the test fold."""
     out, tr = Path(cfg["out"]), Training(model, cfg)
-    if ranks.lead and verdict == "new":
-        start_folder(out, cfg)
-    if verdict == "resume":
-        tr.restore(out)
-        print(f"{out}: resuming the interrupted run after epoch {tr.epoch} of {cfg['epochs']}")
-    if ranks.lead:  # drop what a killed run logged past its resume point
-        lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
-        write_atomic(out / "log.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= tr.epoch))
+    begin(tr, out, verdict, ranks)
     device = tr.device
     x = torch.from_numpy(data.images(split["train"])).to(device)  # every image on the device, once
     y = torch.from_numpy(data.labels(split["train"])).to(device)
