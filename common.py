@@ -1,11 +1,14 @@
 """
-What train.py and eval.py share about models, so that neither imports the other: a model built from a
-run's config.json, the image normalisation, prediction, and the runtime flags. (The data folder's
-contract is folders.py; the metrics are metrics.py.)
+What the scripts share about models and runs, so that no script imports another: a model built from
+a run's config.json (its frozen checkpoints pinned), prediction, the runtime and ablation flags, the
+run folder's state (finished, resumable), and one experiment's folds. (The image normalisation is
+pneumollm.normalise; the data folder's contract is folders.py; the metrics are metrics.py; the CPU
+dtype policy is cpu_policy.py.)
 
 A run folder (out/<data>/fold<N>/) holds config.json, the only record of how the run was made:
-every flag of train.py under its own name (the ablation flags are PneumoArgs' field names), plus
-what the data folder says (classes, crop, size).
+every flag of train.py under its own name (the ablation flags are PneumoArgs' field names) as the
+run used it, plus what the data folder says (classes, crop, size, fingerprint) and the frozen
+checkpoints' fingerprints.
 """
 import argparse
 import hashlib

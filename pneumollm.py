@@ -1,7 +1,7 @@
 """
-PneumoLLM, the model and its loaders (Song et al., "PneumoLLM: Harnessing the Power of Large Language Model for
-Pneumoconiosis Diagnosis", Medical Image Analysis 2024): a frozen CLIP ViT and a frozen LLaMA,
-tuned with tiny RepAdapters, that classify chest radiographs.
+PneumoLLM, the model and its loaders (Song et al., "PneumoLLM: Harnessing the Power of Large
+Language Model for Pneumoconiosis Diagnosis", Medical Image Analysis 2024): a frozen CLIP ViT and a
+frozen LLaMA, tuned with tiny RepAdapters, that classify chest radiographs.
 
     image -> CLIP ViT (adapter before every attention) -> raw CLS token after every 4th block
           -> multi-token engine (K diagnosis tokens, Eq. 1) -> projection MLP -> LLaMA blocks
@@ -9,7 +9,9 @@ tuned with tiny RepAdapters, that classify chest radiographs.
 
 Module paths equal OpenAI's / Meta's checkpoint keys; the loaders, after the model, read OpenAI's or
 Hugging Face's CLIP and Meta's or Hugging Face's LLaMA as published, never running code from a file.
-../shared/SPEC.md pins every detail; each ablation of the paper (Tables 4-6, Fig. 6) is a PneumoArgs field.
+The model's ablations (Tables 4-6, Fig. 6) are PneumoArgs fields; the recipe's (the authors' ImageNet
+normalisation, loss and epoch selection) are train.py's. Where the authors' code departs from the
+paper, this file follows the paper (README: How it differs from the authors' code).
 
 Dtype policy, stated once: frozen weights fp16/bf16 on GPU, as stored on CPU; trainable weights fp32;
 LayerNorm, RMSNorm, RoPE and softmax in fp32. Each trainable module casts its input to its own dtype
@@ -70,7 +72,7 @@ class LlamaArgs:  # field names as in Meta's params.json, so LlamaArgs(**params)
 class PneumoArgs:
     vision: VisionArgs = field(default_factory=VisionArgs)
     llama: LlamaArgs = field(default_factory=LlamaArgs)
-    cls_blocks: Optional[list] = None  # 1-based ViT blocks whose CLS token is kept, sorted; None: 4, 8, .., 24
+    cls_blocks: Optional[list] = None  # 1-based ViT blocks whose CLS token is kept; None: 4, 8, .., 24
     n_diag: int = 4  # K diagnosis tokens
     engine_hidden: int = 12
     adapter_hidden: int = 8
@@ -105,7 +107,8 @@ class PneumoArgs:
 def tiny_args(vocab_size=-1, **kw) -> PneumoArgs:  # a few-MB model for tests and CPU demos
     v = VisionArgs(width=64, layers=4, heads=4, patch_size=28, image_size=224)
     kw["cls_blocks"] = kw.get("cls_blocks") or [1, 2, 3, 4]
-    return PneumoArgs(v, LlamaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=32), **kw)
+    llama = LlamaArgs(dim=64, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=32)
+    return PneumoArgs(v, llama, **kw)
 
 
 # primitives
@@ -157,7 +160,7 @@ class RepAdapter(nn.Module):
         y = torch.einsum("...gi,goi->...go", h, w).flatten(-2) + self.up_bias  # (..., C)
         return x + y.to(x.dtype)
 
-    def factors(self):  # the adapter as x -> x + U D x + c, in fp32: U (C, h) block-diagonal, D (h, C), c (C,)
+    def factors(self):  # the adapter as x -> x + U D x + c (fp32): U (C, h) block-diagonal, D (h, C), c (C,)
         up = torch.block_diag(*self.up_weight.float().chunk(self.groups, 0))
         return up, self.down.weight.float(), up @ self.down.bias.float() + self.up_bias.float()
 
@@ -196,13 +199,16 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.adapter_attn(self.ln_1(x)))
         h = self.mlp.c_fc(self.ln_2(x))
-        h = F.gelu(h) if self.gelu else h * torch.sigmoid(1.702 * h)  # exact, or QuickGELU (OpenAI's approximation)
+        h = F.gelu(h) if self.gelu else h * torch.sigmoid(1.702 * h)  # exact, or OpenAI's QuickGELU
         return x + self.mlp.c_proj(h)
 
 
 class VisionTransformer(nn.Module):
-    """CLIP's vision tower up to the residual stream: the raw CLS token (no ln_post, no proj) after each block
-    in `a.cls_blocks`, later ones skipped. `grad_checkpointing`: each block recomputed in the backward (+25 % time)."""
+    """CLIP's vision tower up to the residual stream: the raw CLS token after each block in
+    `a.cls_blocks`, later ones skipped. Raw, as the paper takes them: ln_post and proj were trained
+    to map the last block's token into CLIP's joint space, not an intermediate one, and the engine
+    mixes tokens of several depths in the residual stream's own coordinates. `grad_checkpointing`:
+    each block recomputed in the backward (+25 % time)."""
 
     def __init__(self, a: PneumoArgs):
         super().__init__()
@@ -241,7 +247,7 @@ class ConvStem(nn.Module):  # Fig. 6a's "Conv14": one trainable patchify conv, n
 
 
 # LLaMA blocks (keys as in Meta's checkpoint: layers.*, norm.*), no embedding, no output layer
-def rope(x, cos, sin):  # x (B, T, h, d), pairs interleaved as in Meta's rows: (x0, x1) rotates by angle 0, ...
+def rope(x, cos, sin):  # x (B, T, h, d), pairs interleaved as Meta's rows: (x0, x1) turns by angle 0, ..
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, h, d/2) each
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).type_as(x)
 
@@ -333,7 +339,8 @@ class LearnedTokens(nn.Module):
         super().__init__()
         self.ctx = nn.Parameter(torch.empty(k, width))
         hidden = width // 16
-        layers = OrderedDict(linear1=nn.Linear(width, hidden), relu=nn.ReLU(), linear2=nn.Linear(hidden, width))
+        layers = OrderedDict(linear1=nn.Linear(width, hidden), relu=nn.ReLU(),
+                             linear2=nn.Linear(hidden, width))
         self.meta_net = nn.Sequential(layers) if conditional else None
         self.reset_parameters()
 
@@ -369,14 +376,15 @@ class Projection(nn.Module):  # ViT width -> LLaMA dim; xavier weights, zero bia
 
 
 def emitter_mask(n: int, k: int, device=None) -> torch.Tensor:
-    """Eq. 2, additive (T, T) with T = n + K: every row may look at the n source (CLS) columns only, so CLS
-    tokens never see diagnosis tokens and each diagnosis token reads the sources alone (question tokens too)."""
+    """Eq. 2, additive (T, T) with T = n + K: every row may look at the n source (CLS) columns only, so
+    CLS tokens never see diagnosis tokens and each diagnosis token reads the sources alone (question
+    tokens too)."""
     mask = torch.zeros(n + k, n + k, device=device)
     mask[:, n:] = float("-inf")
     return mask
 
 
-def normalise(x: torch.Tensor, size: int, norm="clip") -> torch.Tensor:  # (B, 1, H, W) uint8 -> (B, 3, size, size)
+def normalise(x: torch.Tensor, size: int, norm="clip") -> torch.Tensor:  # (B, 1, H, W) uint8 -> (B, 3, S, S)
     """What forward() expects: grey to CLIP's (default) or ImageNet's ("imagenet", the authors' code)
     normalised RGB, resized to the ViT's input if the data's size differs (better: prepare.py --size)."""
     mean, std = (CLIP_MEAN, CLIP_STD) if norm == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
@@ -405,8 +413,10 @@ class PneumoLLM(nn.Module):
             self.engine.requires_grad_(False)
 
     def own_modules(self) -> list:
-        """What this project creates rather than reads from CLIP/LLaMA, chosen by module, never by name:
-        adapters, (conv stem,) engine, projection, head. All saved; trained unless train_engine=False."""
+        """What this project creates rather than reads from CLIP/LLaMA, chosen by module type, never by
+        parameter name: adapters, (conv stem,) engine, projection, head. All saved; trained unless
+        train_engine=False. Not by name: the authors' code picks trainable parameters by matching
+        names, and its pattern misses the engine, which stays frozen at its random init."""
         adapters = [m for m in self.modules() if isinstance(m, RepAdapter)]
         stem = [self.visual] if isinstance(self.visual, ConvStem) else []
         return adapters + stem + [m for m in (self.engine, self.proj, self.head) if m is not None]
@@ -440,12 +450,14 @@ class PneumoLLM(nn.Module):
 
     @torch.no_grad()
     def merge_adapters(self):
-        """Re-parameterisation: fold each adapter x -> x + U D x + c into the q/k/v after it, W' = W + (W U) D
-        (rank h), b' = W c + b, and drop it. On a CPU it copies memory-mapped q/k/v pages (eval.py skips it)."""
+        """Re-parameterisation: fold each adapter x -> x + U D x + c into the q/k/v after it,
+        W' = W + (W U) D (rank h), b' = W c + b, and drop it. On a CPU it copies memory-mapped q/k/v
+        pages (the scoring scripts skip it)."""
         vit = self.visual.transformer.resblocks if isinstance(self.visual, VisionTransformer) else []
         llm = self.llama.layers if self.llama is not None else []
         targets = [(b, [(b.attn, "in_proj_weight", "in_proj_bias")]) for b in vit]
-        targets += [(b, [(getattr(b.attention, w), "weight", "bias") for w in ("wq", "wk", "wv")]) for b in llm]
+        targets += [(b, [(getattr(b.attention, w), "weight", "bias") for w in ("wq", "wk", "wv")])
+                    for b in llm]
         for block, linears in targets:
             if isinstance(block.adapter_attn, RepAdapter):
                 up, down, c = block.adapter_attn.factors()
