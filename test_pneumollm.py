@@ -2644,6 +2644,7 @@ def test_the_probe_verdict_alarms_only_when_every_variant_agrees_and_reads_inter
     assert "the model reads something outside the lungs" in alarm[0] and "cells row 1 col 2" in alarm[0]
     assert "holds chance" in alarm[1]
     assert "inconclusive" in PB.probe_verdict(out((0.9, 0.6, 0.3), (0.4, 0.6)), y, {}, draws)[0]
+    assert "inconclusive" in PB.probe_verdict(out((0.6, 0.4, 0.2), (0.4, 0.6)), y, {}, draws)[0]  # shrunk alone
     quiet = PB.probe_verdict(out((0.2, 0.1, 0.0), (0.4, 0.6)), y, {}, draws)
     assert "no sign that the model reads anything outside the lungs" in quiet[0] and "holds chance" in quiet[1]
     for hidden in ((0.2, 0.4), (0.6, 0.8)):  # no single cell, but the lungs hidden whole leave the classes apart
@@ -3464,3 +3465,80 @@ def test_every_command_in_the_readme_and_docs_is_one_the_scripts_accept():
             module.parser().parse_args(args)
         except SystemExit:
             pytest.fail(f"{page}: python {script} {shlex.join(args)} is refused by its parser")
+
+
+@pytest.mark.parametrize("one_image, upcast_from", [(1.2, 4), (1.3, 1)])
+def test_upcasting_pays_its_margin_for_one_image_too(one_image, upcast_from):
+    """The stored dtype keeps a call of one image unless the upcast dtype measures at least 1.25x its rate
+    there too: 1.2x leaves one image stored (upcasting from 4 images, where fp32 is 2x), 1.3x upcasts it."""
+    def rates(rows, width, dtype, stored, per_call):
+        if dtype == stored:
+            return 1.0
+        return 0.5 if dtype == torch.bfloat16 else 2.0 if rows >= 4 * t else one_image
+    model = C.cast_frozen(tiny(), torch.float16)
+    t = CP.cpu_parts(model)["LLaMA"][2] // 16
+    line = CP.for_cpu_scoring(model, rates=rates, spare=0)
+    assert f"LLaMA in fp32, upcast block by block for batches of {upcast_from}+ images" in line or \
+        (upcast_from == 1 and "LLaMA in fp32, upcast block by block (" in line), line
+
+
+def test_a_carried_over_cut_that_calls_nearly_every_film_negative_warns(demo_runs):
+    cfg = json.loads((demo_runs / "fold1/config.json").read_text())
+    y = np.array([0, 1] * 20)
+    prob = np.stack([1 - 0.05 * np.ones(40), 0.05 * np.ones(40)], 1)  # every film at P = 0.05
+    figures = dict(paper=dict(metrics=dict(auc=0.6), ci95=dict(auc=[0.5, 0.7])),
+                   baseline=dict(auc=0.6, auc_ci95=[0.5, 0.7]))
+    lines = external.beside_the_run(figures, demo_runs / "fold1", cfg, y, prob, dict(thresholds={"pneumoconiosis": 0.5}))
+    assert any(x.startswith("WARNING: the carried-over cut-off calls 100.0 % of these films negative") for x in lines)
+
+
+def test_an_attribute_some_films_lack_is_tested_on_those_that_have_it():
+    """A view stated on half the films (and separating the classes there) is tested, never 'unknown'."""
+    items, folds = audit_items(200, seed=3)
+    for i, it in enumerate(items):
+        it["view"] = ("PA" if it["label"] == "sick" else "AP") if i % 4 < 2 else ""
+    report = run_audit(items, folds)
+    assert "view" not in report["untested"] and report["auc_by_attribute"]["view"] > 0.65
+
+
+def test_multi_label_folds_balance_images_when_patients_have_many_films():
+    """200 patients with 1 to 12 films each, findings independent of the count: every fold within 4 % of a
+    fifth of the images (2.8 % measured; 5.4 % without the images column the folds balance beside the
+    findings)."""
+    rng = np.random.default_rng(0)
+    patients, labels = [], []
+    for p in range(200):
+        finding = ["a", "b", "a|b", "No Finding"][p % 4]
+        for _ in range(int(rng.integers(1, 13)) if p % 3 else 1):
+            patients.append(f"p{p}")
+            labels.append(finding)
+    sizes = np.bincount(make_folds(patients, labels, 5, seed=0, multi_label=True), minlength=6)[1:]
+    assert abs(sizes - len(labels) / 5).max() <= 0.04 * len(labels) / 5, sizes
+
+
+def test_the_few_rows_newton_step_is_the_dense_hessians_solve():
+    """metrics' Woodbury step against np.linalg.solve of the whole (F+1) x (F+1) Hessian, bias first."""
+    rng = np.random.default_rng(0)
+    n, f, l2 = 12, 40, 3.0
+    x, s, g = rng.normal(size=(n, f)), rng.uniform(0.05, 0.25, n), rng.normal(size=f + 1)
+    xb = np.c_[np.ones(n), x]
+    hessian = xb.T @ (xb * s[:, None]) + l2 * np.diag(np.r_[0, np.ones(f)])
+    np.testing.assert_allclose(M._newton_step_few_rows(x, x @ x.T, s, g, l2), np.linalg.solve(hessian, g),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_every_arm_of_the_probe_is_scored_by_one_model_in_one_dtype(demo_data, tmp_path):
+    """The probe's 'as trained' arm is the loaded model's score, not predictions.csv's (written at training,
+    on another device or dtype, rounded): flattening the file changes nothing; probe.json names the dtype."""
+    runs = tmp_path / "runs"
+    train.main(train_args(demo_data, runs / "fold1", "--epochs", "4"))
+    assert PB.main(["--runs", str(runs), "--fold", "1", "--threads", "2"]) == 0
+    first = json.loads((runs / "fold1/eval/probe/youden/probe.json").read_text())
+    text = (runs / "fold1/predictions.csv").read_text()
+    flat = re.sub(r",0\.\d{6},0\.\d{6},", ",0.500000,0.500000,", text)
+    assert flat != text
+    (runs / "fold1/predictions.csv").write_text(flat)
+    assert PB.main(["--runs", str(runs), "--fold", "1", "--threads", "2"]) == 0
+    again = json.loads((runs / "fold1/eval/probe/youden/probe.json").read_text())
+    assert again["as trained"] == first["as trained"] and first["as trained"]["auc"] != 0.5
+    assert again["scored_with"]["dtype"] == "as stored" and "scoring on this CPU" in again["scored_with"]["cpu"]
