@@ -21,10 +21,11 @@ import numpy as np
 
 from metrics import logistic, roc_auc
 
-CATEGORICAL = ("view", "photometric", "manufacturer", "model", "bits", "crop", "encoding")
+CATEGORICAL = ("view", "photometric", "manufacturer", "model", "bits", "crop", "encoding", "colour")
 NUMERIC = ("width", "height", "spacing", "bytes_per_pixel", "jpeg_q")
 GEOMETRY = ("box_x0", "box_y0", "box_x1", "box_y1", "box_w", "box_h", "box_aspect")  # the crop box
-ENCODING = ("encoding", "bytes_per_pixel", "jpeg_q", "bits")  # how the source file was stored
+ENCODING = ("encoding", "bytes_per_pixel", "jpeg_q", "bits", "colour")  # how the source file was stored
+CONTENT = "content_bytes_per_pixel"  # each film re-encoded the same way (radiographs.preprocess): its texture
 SETS = {"film (view, size)": ("view", "width", "height"),
         "film + crop geometry": ("view", "width", "height", "crop") + GEOMETRY,
         "source encoding": ENCODING,
@@ -84,7 +85,7 @@ def shortcut_audit(items: list, classes: list, folds: list, multi_label: bool) -
     member = {c: np.array([c in it["label"].split("|") if multi_label else it["label"] == c for it in items])
               for c in classes}
     per_class = {}
-    for attr in CATEGORICAL + NUMERIC + GEOMETRY:
+    for attr in CATEGORICAL + NUMERIC + GEOMETRY + (CONTENT,):
         vals = [it.get(attr) for it in items]
         if attr in CATEGORICAL:
             per_class[attr] = {c: {str(v): int(sum(m and str(x) == str(v) for m, x in zip(member[c], vals)))
@@ -97,12 +98,17 @@ def shortcut_audit(items: list, classes: list, folds: list, multi_label: bool) -
     def auc_of(attrs):  # the best class's, or None when none of `attrs` can be tested
         x = columns(items, [a for a in attrs if a not in untested])
         return max(cv_auc(x, member[c].astype(float), folds) for c in targets) if x.shape[1] else None
+    stored = None if "bytes_per_pixel" in untested else auc_of(["bytes_per_pixel"])
+    content = auc_of([CONTENT]) if any(it.get(CONTENT) is not None for it in items) else None
+    if stored is not None and content is not None and content >= stored - 0.05:  # storage told from content
+        untested["bytes_per_pixel"] = (f"content: it separates the classes as much with every film re-encoded the "
+                                       f"same way ({content:.2f}; as stored {stored:.2f})")
     sets = {name: auc_of(attrs) for name, attrs in SETS.items()}
     alone = {attr: auc_of([attr]) for attr in CATEGORICAL + NUMERIC + GEOMETRY if attr not in untested}
     flags = pure_flags(items, member)
     worst = max([v for v in [*sets.values(), *alone.values()] if v is not None], default=0.5)
     film, crop = sets["film (view, size)"], sets["film + crop geometry"]
-    return dict(per_class=per_class, auc_sets=sets, auc_by_attribute=alone, untested=untested,
+    return dict(per_class=per_class, auc_sets=sets, auc_by_attribute=alone, untested=untested, content_auc=content,
                 crop_adds=None if film is None or crop is None else crop - film, flags=flags,
                 differs=differs(per_class, member), warn_at=WARN_AUC, warning=worst >= WARN_AUC or bool(flags))
 
@@ -141,7 +147,7 @@ def differs(per_class: dict, member: dict) -> dict:
     out = {}
     sizes = {c: m.sum() for c, m in member.items()}
     for attr, per in per_class.items():
-        cs = [c for c in per if sizes[c] >= 20]
+        cs = [c for c in per if sizes[c] >= 20] if attr != CONTENT else []  # the pixels' texture: not acquisition
         for i, a in enumerate(cs):
             for b in cs[i + 1:]:
                 if attr in CATEGORICAL:
@@ -171,12 +177,25 @@ def describe(report: dict) -> str:
         f"{k} {said(v)}" for k, v in report["auc_sets"].items()) + adds
                  + "; alone: " + ", ".join(f"{k} {v:.2f}" for k, v in culprits))
     untested = report.get("untested", {})
+    stored = report["auc_by_attribute"].get("bytes_per_pixel")
+    if stored is not None and stored >= WARN_AUC and report.get("content_auc") is not None:
+        lines.append(f"  the files' bytes per pixel separate the classes ({stored:.2f}) but not re-encoded the same way "
+                     f"({report['content_auc']:.2f}): the classes were stored differently (format, compression); "
+                     "convert every film the same way before preparing, or balance the sources across classes")
+    if untested.get("bytes_per_pixel", "").startswith("content"):
+        lines.append(f"  the files' bytes per pixel follow the films' pixels, not only their files: "
+                     f"{untested['bytes_per_pixel'].split(': ', 1)[1]}. A texture that differs between classes: the "
+                     "disease's own, or one that processing or lossy storage left in the pixels (jpeg_q and encoding "
+                     "say whether storage differs); storing the files alike cannot remove it; the pixel baseline "
+                     "and probe.py say whether a model leans on it")
     for kind in ("unknown", "constant"):
         names = [f"{a}{' (' + w.split(': ', 1)[1] + ')' if ': ' in w else ''}" for a, w in untested.items()
                  if w.startswith(kind) and a not in GEOMETRY]
         if names:
             lines.append(f"  untested, {kind}: {', '.join(names)}")
     for attr, how in report["differs"].items():
+        if untested.get(attr, "").startswith("content"):
+            continue  # said above, in words a user can act on
         lines.append(f"  FLAG {attr} differs between classes ({how}): a possible confounder")
     if report["warning"]:
         high = [f"{k} {v:.2f}" for k, v in {**report["auc_sets"], **report["auc_by_attribute"]}.items()

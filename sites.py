@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import audit
 from folders import Data, UserError, encode_labels, lacking
 from runs import run_data
 
@@ -88,11 +89,12 @@ def mapped_labels(other: Data, cfg: dict, classes) -> list:
 
 
 def shift(ours: dict, theirs: dict) -> dict:
-    """The acquisition attributes (the audit's) pooled over classes: shares of each value in the run's
-    data and in DIR, for view, bit depth and photometric interpretation; mean width and height; "unknown"
-    where no image says."""
+    """Every attribute the shortcut audit tests, pooled over classes, in the run's data and in DIR: the
+    share of each value (view, bit depth, photometric interpretation, maker, model, crop, encoding,
+    colour), the mean of the classes' means (size, spacing, bytes per pixel as stored and re-encoded,
+    JPEG quantisation); "unknown" where no image says."""
     out = {}
-    for attr in ("view", "bits", "photometric"):
+    for attr in audit.CATEGORICAL:
         shares = []
         for meta in (ours, theirs):
             counts = {}
@@ -103,8 +105,8 @@ def shift(ours: dict, theirs: dict) -> dict:
             known = set(counts) - {"", "None"}
             shares.append({v: round(n / total, 3) for v, n in counts.items()} if known else "unknown")
         out[attr] = dict(run=shares[0], data=shares[1])
-    for attr in ("width", "height"):
+    for attr in (*audit.NUMERIC, audit.CONTENT):
         means = {who: [v for v in m["audit"]["per_class"].get(attr, {}).values() if v is not None]
                  for who, m in (("run", ours), ("data", theirs))}
-        out[attr] = {who: float(np.mean(v)) if v else "unknown" for who, v in means.items()}
+        out[attr] = {who: round(float(np.mean(v)), 4) if v else "unknown" for who, v in means.items()}
     return out
