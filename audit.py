@@ -177,10 +177,12 @@ def describe(report: dict) -> str:
         f"{k} {said(v)}" for k, v in report["auc_sets"].items()) + adds
                  + "; alone: " + ", ".join(f"{k} {v:.2f}" for k, v in culprits))
     untested = report.get("untested", {})
+    if colour := sum(per.get("True", 0) for per in report["per_class"].get("colour", {}).values()):
+        lines.append(f"  NOTE: {colour} sources were colour (RGB) images, converted to grey (luma)")
     stored = report["auc_by_attribute"].get("bytes_per_pixel")
     if stored is not None and stored >= WARN_AUC and report.get("content_auc") is not None:
-        lines.append(f"  the files' bytes per pixel separate the classes ({stored:.2f}) but not re-encoded the same way "
-                     f"({report['content_auc']:.2f}): the classes were stored differently (format, compression); "
+        lines.append(f"  the files' bytes per pixel separate the classes ({stored:.2f}) but not re-encoded the same "
+                     f"way ({report['content_auc']:.2f}): the classes were stored differently (format, compression); "
                      "convert every film the same way before preparing, or balance the sources across classes")
     if untested.get("bytes_per_pixel", "").startswith("content"):
         lines.append(f"  the files' bytes per pixel follow the films' pixels, not only their files: "

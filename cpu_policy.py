@@ -6,15 +6,19 @@ by block as it runs where it is not, and only where a measured matrix product sa
 scripts call for_cpu_scoring through common.load_run; bench.py --load prints the choice.
 """
 import ctypes
+import hashlib
+import json
 import mmap
 import os
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import pneumollm as P
+from folders import write_atomic
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype, --cpu-dtype
 
@@ -52,15 +56,78 @@ def matmul_rate(rows: int, width: int, dtype, stored, per_call: bool) -> float:
     return 2 * rows * width * w.shape[0] * n / (time.perf_counter() - t0) / 1e9
 
 
+MARGIN = 1.1  # another dtype replaces the prior only this much faster: the choice is never further from the best
+TRIES = 5  # interleaved timings per dtype, each dtype's best kept: contention only ever slows a try down
+
+
+def cpu_flags() -> set:
+    """The CPU's instruction-set flags (Linux's /proc/cpuinfo), or none where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def prior(stored, candidates: list) -> str:
+    """What the CPU says it multiplies fast, before any timing: bf16 with AMX or AVX512-BF16, fp16 with
+    AMX-FP16; else the stored dtype. A measurement must beat it by MARGIN to replace it."""
+    flags = cpu_flags()
+    if {"amx_bf16", "avx512_bf16"} & flags and "bf16" in candidates:
+        return "bf16"
+    if "amx_fp16" in flags and "fp16" in candidates:
+        return "fp16"
+    return next(d for d, t in DTYPES.items() if t == stored)
+
+
+def best_rates(rates, rows: int, width: int, dtypes: list, stored, upcast: dict) -> dict:
+    """{dtype: GFLOP/s}, the best of TRIES timings taken in turn (a dtype, the next, .., again)."""
+    best = {d: 0.0 for d in dtypes}
+    for _ in range(TRIES):
+        for d in dtypes:
+            best[d] = max(best[d], rates(rows, width, DTYPES[d], stored, upcast[d]))
+    return best
+
+
+def cached(key: str, measure):
+    """measure()'s result, measured once per machine and torch (the key names both): in
+    $PNEUMOLLM_CACHE or ~/.cache/pneumollm/cpu-dtypes.json, so that a fresh process chooses as the last."""
+    path = Path(os.environ.get("PNEUMOLLM_CACHE") or Path.home() / ".cache/pneumollm") / "cpu-dtypes.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        table[key] = measure()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(table, indent=1))
+        except OSError:
+            pass  # a read-only home: measured again next time
+    return table[key]
+
+
+def machine() -> str:  # what a measurement depends on: torch, and the CPU's model and instruction sets
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        name = "?"
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:8]
+    return f"torch {torch.__version__}, {name}, flags {flags}, {torch.get_num_threads()} threads"
+
+
 def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> dict:
-    """Per part: (dtype, how, {dtype: measured GFLOP/s}, rows). The candidates lose no range: fp16 weights
-    may compute in fp16, bf16 or fp32, bf16 ones in bf16 or fp32, fp32 ones in fp32 (nothing measured).
-    Another dtype wins over the stored one only at >= 1.25x its rate (timing noise). `how`: "as stored",
-    "converted" once (to a dtype no wider, or when the copy adds under 1 GiB), else "upcast" block by
-    block as each runs (LLaMA-7B in fp32 would need 27 GB; `spare`: bytes), for calls of at least `rows`
-    tokens: fewer (one image) are memory-bound, and there the stored dtype is measured against it.
-    `force`: a DTYPES name for every part."""
-    frozen, out, rates = {id(p) for p in model.frozen_parameters()}, {}, rates or matmul_rate
+    """Per part: (dtype, how, {dtype: GFLOP/s}, rows, the prior). The candidates lose no range: fp16
+    weights may compute in fp16, bf16 or fp32, bf16 ones in bf16 or fp32, fp32 ones in fp32 (nothing
+    measured). The prior (what the CPU's flags say) is kept unless another dtype measures >= MARGIN x
+    its rate, each rate the best of TRIES interleaved timings, measured once per machine (cached) when
+    `rates` is the real matmul_rate. `how`: "as stored", "converted" once (to a dtype no wider, or when
+    the copy adds under 1 GiB), else "upcast" block by block as each runs (LLaMA-7B in fp32 would need
+    27 GB; `spare`: bytes), for calls of at least `rows` tokens: fewer (one image) are memory-bound, and
+    there the stored dtype is measured against it. `force`: a DTYPES name for every part."""
+    frozen, out, real = {id(p) for p in model.frozen_parameters()}, {}, rates is None
+    rates = rates or matmul_rate
     for name, (module, _, rows, width) in cpu_parts(model).items():
         weights = [p for p in module.parameters() if id(p) in frozen]
         stored, n = weights[0].dtype, sum(p.numel() for p in weights)
@@ -68,22 +135,26 @@ def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -
                  or (stored == torch.float16 and t == torch.bfloat16)]
         how = {d: "as stored" if DTYPES[d] == stored else "converted" if DTYPES[d].itemsize <= stored.itemsize
                or n * (DTYPES[d].itemsize - stored.itemsize) < spare else "upcast" for d in wider}
-        gflops = {d: rates(rows, width, DTYPES[d], stored, how[d] == "upcast") for d in wider} \
-            if len(wider) > 1 else {}
-        best = max(gflops, key=lambda d: gflops[d] * (1.25 if how[d] == "as stored" else 1)) if gflops else wider[0]
-        dtype = force or best
+        upcast = {d: how[d] == "upcast" for d in wider}
+        measure = lambda: best_rates(rates, rows, width, wider, stored, upcast) if len(wider) > 1 else {}  # noqa
+        gflops = cached(f"{machine()} | {name} {rows}x{width} {stored} {sorted(upcast.items())}", measure) \
+            if real else measure()
+        first = prior(stored, wider)
+        top = max(gflops, key=gflops.get) if gflops else first
+        dtype = force or (top if gflops and gflops[top] >= MARGIN * gflops[first] else first)
         least = 0
         if how.get(dtype) == "upcast" and not force:  # from how many images a call does upcasting pay?
-            least = next((r for r in (rows // 16, rows // 4) if rates(r, width, DTYPES[dtype], stored, True)
-                          > 1.25 * rates(r, width, stored, stored, False)), rows)
-        out[name] = dtype, how.get(dtype, "converted"), gflops, least
+            kept = next(d for d in wider if DTYPES[d] == stored)
+            at = [best_rates(rates, r, width, [dtype, kept], stored, upcast) for r in (rows // 16, rows // 4)]
+            least = next((r for r, g in zip((rows // 16, rows // 4), at) if g[dtype] > 1.25 * g[kept]), rows)
+        out[name] = dtype, how.get(dtype, "converted"), gflops, least, first
     return out
 
 
 def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> str:
     """Puts each frozen part in the dtype choose_cpu_dtypes picks; returns the line that says so."""
     frozen, said = {id(p) for p in model.frozen_parameters()}, []
-    for name, (dtype, how, gflops, least) in choose_cpu_dtypes(model, force, rates, spare).items():
+    for name, (dtype, how, gflops, least, first) in choose_cpu_dtypes(model, force, rates, spare).items():
         module, blocks, rows = cpu_parts(model)[name][:3]
         t, inside = DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
         if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
@@ -92,7 +163,8 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> 
                 upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t, least)
         elif how == "converted":
             convert([p for p in module.parameters() if id(p) in frozen], t)
-        why = "forced" if force else ("GFLOP/s here: " + ", ".join(f"{d} {r:.0f}" for d, r in gflops.items())
+        why = "forced" if force else (f"the CPU's flags say {first}; GFLOP/s here, best of {TRIES}: "
+                                      + ", ".join(f"{d} {r:.0f}" for d, r in gflops.items())
                                       if gflops else "nothing wider to try")
         images = f" for batches of {max(1, 16 * least // rows)}+ images (smaller ones in the stored dtype)" \
             if least > rows // 16 else ""

@@ -327,8 +327,6 @@ def write_outputs(opt, out: Path, kept: list, names: list, done: dict, skipped: 
         print(f"  fold {f}: {size:4d} images  " + "  ".join(f"{n}: {v}" for n, v in c.items()))
     if alone:
         print(f"WARNING: {patients}", file=sys.stderr)
-    if colour := sum(bool(it.get("colour")) for it in kept):
-        print(f"NOTE: {colour} of {len(kept)} sources were colour (RGB) images, converted to grey (luma)")
     print(audit.describe(report))
     if note := Data(out).order_note():
         print(note)
