@@ -23,14 +23,17 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter
 
 import common as C
 import cpu_policy as CP
 import formats
 import pneumollm as P
-from folders import Help
+from folders import Data, Help
+from lungcrop import LUNG_REGION, lung_fields
 
 
 def mid_args(**kw) -> P.PneumoArgs:  # between tiny and full: a quick look at how figures scale
@@ -264,6 +267,30 @@ def suite(model: str):
         print(f"== {flags}\n" + "\n".join(lines), flush=True)
 
 
+def spread(folders: list):
+    """What a thumbnail sees, per film of prepared folders (the 224 px crops): the lung fields' mean and
+    contrast (lungcrop's approximate fields), the body's width and centre (columns brighter than half
+    way up the mid-rows' profile), the noise (the fields' pixels minus a 3 x 3 box blur); 5/50/95 % and
+    each class's mean."""
+    for folder in map(Path, folders):
+        data = Data(folder)
+        fields = lung_fields(LUNG_REGION, int(data.meta["settings"]["size"]))
+        per = []
+        for img in data.images(data.rows)[:, 0]:
+            x = img.astype(np.float32)
+            blur = np.asarray(Image.fromarray(img).filter(ImageFilter.BoxBlur(1)), np.float32)
+            profile = x[len(x) * 3 // 10:len(x) * 7 // 10].mean(0)
+            body = profile > profile.min() + 0.5 * (profile.max() - profile.min())
+            per.append([x[fields].mean(), x[fields].std(), body.mean(), np.flatnonzero(body).mean() / len(body) - 0.5,
+                        (x - blur)[fields].std()])
+        per, labels = np.array(per), np.array([r["label"] for r in data.rows])
+        print(f"{folder} ({len(per)} films)")
+        for k, name in enumerate(("lung mean", "lung contrast", "body width", "body centre", "noise")):
+            v, means = per[:, k], ", ".join(f"{c} {per[labels == c, k].mean():.3f}" for c in data.classes)
+            print(f"  {name:13s} 5/50/95 %: " + " ".join(f"{q:8.3f}" for q in np.percentile(v, [5, 50, 95]))
+                  + f"  sd {v.std():7.3f}; per class: {means}")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=Help)
@@ -289,6 +316,8 @@ def parser() -> argparse.ArgumentParser:
                     "of reading it, mapped and as the earlier reader copied it")
     ap.add_argument("--suite", action="store_true", help="the GPU figures: " + "; ".join(SUITE))
     ap.add_argument("--variant", default="", help='train.py ablation flags, e.g. --variant="--no-llm"')
+    ap.add_argument("--spread", nargs="+", metavar="DATA", help="prepared folders: how much their films vary in "
+                    "what a thumbnail sees (docs/demo.md)")
     return ap
 
 
@@ -382,6 +411,8 @@ def main(argv=None):
     C.apply_threads(opt.threads)
     if opt.suite:
         return suite(opt.model)
+    if opt.spread:
+        return spread(opt.spread)
     if opt.prepare:
         return bench_prepare(opt.prepare, opt.against, opt.workers, opt.repeat)
     if opt.load:

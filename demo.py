@@ -68,7 +68,7 @@ def spots(rng, img, base, where: np.ndarray, n: int, radius_mm: tuple, height: f
         i = rng.integers(len(py))
         r = rng.uniform(*radius_mm) / SPACING
         y, x, h = py[i], px[i], int(3 * r) + 2
-        sl = np.s_[max(0, y - h):y + h, max(0, x - h):x + h]
+        sl = np.s_[max(0, y - h):min(y + h, img.shape[0]), max(0, x - h):min(x + h, img.shape[1])]
         yy, xx = np.ogrid[sl]
         bump = height * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * (r / 1.5) ** 2))
         img[sl] = np.maximum(img[sl], base[sl] + bump)

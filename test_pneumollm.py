@@ -3604,3 +3604,13 @@ def test_the_cpu_dtype_measurements_are_cached_per_machine_and_torch(monkeypatch
     monkeypatch.setattr(CP, "matmul_rate", lambda rows, width, dtype, stored, per_call: 1.0)
     CP.choose_cpu_dtypes(C.cast_frozen(tiny(), torch.float16))
     assert len(json.loads((tmp_path / "cpu-dtypes.json").read_text())) == 4
+
+
+def test_an_opacity_at_the_films_edge_is_drawn_cut_off():
+    """A lung that reaches the film's edge (a body shifted far) gets its opacities there too, cut at the edge."""
+    img = np.zeros((demo.SIZE, demo.SIZE), np.float32)
+    where = np.zeros_like(img, bool)
+    where[-1, -1] = where[0, 0] = True
+    mask = demo.spots(np.random.default_rng(0), img, img.copy(), where, 6, (2.0, 3.0), 0.3)
+    assert mask[-1, -1] or mask[0, 0]
+    assert img.max() == pytest.approx(0.3, rel=1e-6)
