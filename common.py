@@ -62,9 +62,13 @@ def scoring_flags(description: str):
     return ap
 
 
-def check_sensitivity(s):
-    if s is not None and not 0 < s <= 1:
-        raise UserError(f"--sensitivity {s}: give a fraction in (0, 1], e.g. 0.9")
+def scoring_options(ap, argv):
+    """A scoring script's flags, --sensitivity checked and --threads applied."""
+    opt = ap.parse_args(argv)
+    if opt.sensitivity is not None and not 0 < opt.sensitivity <= 1:
+        raise UserError(f"--sensitivity {opt.sensitivity}: give a fraction in (0, 1], e.g. 0.9")
+    apply_threads(opt.threads)
+    return opt
 
 
 def ablation_flags(ap):

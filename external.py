@@ -111,6 +111,7 @@ def beside_the_run(out: dict, run: Path, cfg: dict, y, prob, point: dict) -> lis
                      "cues do not carry over to this site")
     return lines
 
+
 def parser():
     ap = C.scoring_flags(__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="another prepared folder to score (external validation)")
@@ -122,9 +123,7 @@ def parser():
 
 
 def main(argv=None):
-    opt = parser().parse_args(argv)
-    C.check_sensitivity(opt.sensitivity)
-    C.apply_threads(opt.threads)
+    opt = C.scoring_options(parser(), argv)
     return external(Path(opt.runs), opt)
 
 

@@ -187,6 +187,7 @@ def probe_verdict(out: dict, y, scores: dict, draws: list) -> list:
         lines.append("the run's framing is the reference framing (the thorax box, the same for every film)")
     return lines
 
+
 def parser():
     ap = C.scoring_flags(__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="another prepared folder to probe (every film the run never saw)")
@@ -195,11 +196,9 @@ def parser():
 
 
 def main(argv=None):
-    opt = parser().parse_args(argv)
-    C.check_sensitivity(opt.sensitivity)
+    opt = C.scoring_options(parser(), argv)
     if opt.classes and not opt.data:
         raise UserError("--classes maps the label names of --data; give --data DIR")
-    C.apply_threads(opt.threads)
     return probe(Path(opt.runs), opt)
 
 

@@ -112,11 +112,9 @@ def parser():
 
 
 def main(argv=None):
-    opt = parser().parse_args(argv)
-    C.check_sensitivity(opt.sensitivity)
+    opt = C.scoring_options(parser(), argv)
     if opt.explain_dir and not opt.explain:
         raise UserError("--explain-dir says where --explain writes its maps; add --explain")
-    C.apply_threads(opt.threads)
     return score_images(Path(opt.runs), opt)
 
 
