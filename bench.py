@@ -255,7 +255,20 @@ def bench_load(folder: str, threads, cpu_dtype):
         subprocess.run([sys.executable, __file__, "--load-step", "write", folder], check=True)
         print(f"wrote random full-size checkpoints to {d} in {time.perf_counter() - t:.0f}s")
     for llama in ("llama-7b", "llama-7b-hf"):  # each in a fresh process, so that its peak RSS is its own
+        for _ in range(3):  # the dtype choice, measured afresh each time (an empty cache): it must not flip
+            with tempfile.TemporaryDirectory() as cache:
+                subprocess.run([sys.executable, __file__, "--load-step", f"choice:{llama}", folder, *flags],
+                               check=True, env=dict(os.environ, PNEUMOLLM_CACHE=cache))
         subprocess.run([sys.executable, __file__, "--load-step", llama, folder, *flags], check=True)
+
+
+def choice(clip: Path, llama: Path):
+    """The CPU dtype policy's choice and the rates behind it, for the real shapes (one fresh process)."""
+    model = P.from_pretrained(clip, llama, "cpu").eval()
+    parts = CP.choose_cpu_dtypes(model)
+    print(f"  {llama.name}: " + "; ".join(f"{name} {d} {how} (prior {first}; GFLOP/s, best of {CP.TRIES}: "
+                                         + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + ")"
+                                         for name, (d, how, rates, _, first) in parts.items()), flush=True)
 
 
 def suite(model: str):
@@ -422,6 +435,8 @@ def main(argv=None):
     if opt.load_step:
         step, folder = opt.load_step
         d = Path(folder)  # the floors once, with Meta's layout
+        if step.startswith("choice:"):
+            return choice(d / "ViT-L-14.pt", d / step.split(":")[1])
         return formats.write_full(d) if step == "write" else load_full(d / "ViT-L-14.pt", d / step, step == "llama-7b",
                                                                opt.cpu_dtype)
     return bench_model(opt)
