@@ -323,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--load", metavar="DIR", help="write full-size random checkpoints to DIR (once); time loading "
                     "and scoring on a CPU")
     ap.add_argument("--cpu-dtype", choices=["auto", "stored", *C.DTYPES], default="auto",
-                    help="--load: the frozen parts' dtype, as eval.py --cpu-dtype")
+                    help="--load: the frozen parts' dtype, as the scoring scripts' --cpu-dtype")
     ap.add_argument("--load-step", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--read-vit", metavar="DIR", help="write a random ViT-L/14 TorchScript to DIR (once); the memory "
                     "of reading it, mapped and as the earlier reader copied it")
