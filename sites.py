@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import audit
 from folders import Data, UserError, encode_labels, lacking
@@ -47,22 +48,42 @@ def external_films(cfg: dict, folder, classes) -> tuple:
 
 
 def own_films(cfg: dict, folder: Path, images: np.ndarray) -> np.ndarray:
-    """(N,) bool: which of `folder`'s `images` are films of the run's own data folder, by pixel content
-    (names can differ, or mean other films): their 16 x 16 thumbnails within 2 grey levels (RMS) of one
-    there. All of them: refused; some: a warning (the callers leave them out)."""
+    """(N,) bool: which of `folder`'s `images` are films of the run's own data folder (names can differ,
+    or mean other films), by same_films. Some: a warning (the callers leave them out)."""
     ours = run_data(cfg)
-
-    def thumbs(x):  # (N, 1, H, W) uint8 -> (N, 256) float
-        t = torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(x, dtype=torch.float32), 16)
-        return t.flatten(1).numpy()
-    a, b = thumbs(images), thumbs(ours.images(ours.rows))
-    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None] - 2 * a @ b.T  # squared distances, (N, M)
-    own = d2.min(1) < 256 * 2.0**2
-    same = f"the run's own (the same pixels as in {cfg['data']})"
+    own = same_films(images, ours.images(ours.rows), [r["patient"] for r in ours.rows])
     if own.any():
-        print(f"WARNING: {own.sum()} of {len(own)} films of {folder} are {same}: left out; the other "
+        print(f"WARNING: {own.sum()} of {len(own)} films of {folder} are the run's own (the same films as in "
+              f"{cfg['data']}, maybe shifted, cropped, rescaled or re-encoded): left out; the other "
               f"{(~own).sum()} are scored")
     return own
+
+
+SHIFTS, SCALES = np.arange(-6, 7, 2) / 112, (0.94, 0.97, 1.0, 1.03, 1.06)  # +-6 px of 224, +-6 %
+RATIO, NEAR = 0.5, 6.0  # distinct patients' films: ratio >= 0.59 on NIH, >= 0.71 on the demo; NIH's >= 9.6 apart
+
+
+def same_films(images: np.ndarray, theirs: np.ndarray, patients: list) -> np.ndarray:
+    """(N,) bool: which `images` (N, 1, H, W) are films of `theirs` (M, ..., of `patients`), allowing a
+    shift of up to 6 px, a crop or rescale of up to 6 %, a re-encoding. Each film's 16 x 16 thumbnail is
+    compared, over 245 such alignments, with theirs (RMS grey levels): a film is theirs when its nearest
+    is within 2 levels, or nearer than RATIO x the nearest film of any other patient (a ratio test: the
+    films of a set lie at their own typical distances, and a copy stands out from them)."""
+    ref = F.avg_pool2d(F.adaptive_avg_pool2d(torch.as_tensor(theirs, dtype=torch.float32), 64), 4).flatten(1)
+    grid = torch.tensor([[[s, 0, x], [0, s, y]] for s in SCALES for x in SHIFTS for y in SHIFTS], dtype=torch.float32)
+    patients, out = np.asarray(patients), []
+    with torch.no_grad():
+        for chunk in torch.as_tensor(images, dtype=torch.float32).split(32):
+            small = F.adaptive_avg_pool2d(chunk, 64).repeat_interleave(len(grid), 0)  # (n * A, 1, 64, 64)
+            moved = F.grid_sample(small, F.affine_grid(grid.repeat(len(chunk), 1, 1), small.shape, align_corners=False),
+                                  padding_mode="border", align_corners=False)
+            q = F.avg_pool2d(moved, 4).flatten(1)  # (n * A, 256)
+            d = torch.cdist(q, ref).view(len(chunk), len(grid), -1).amin(1) / 16  # (n, M) RMS over 256 pixels
+            nearest = d.argmin(1)
+            others = torch.as_tensor(patients[None] != patients[nearest.numpy()][:, None])
+            d1, d2 = d.min(1).values, torch.where(others, d, torch.inf).min(1).values
+            out.append(((d1 < 2) | (d1 < NEAR) & (d1 < RATIO * d2)).numpy())
+    return np.concatenate(out) if out else np.zeros(0, bool)
 
 
 def mapped_labels(other: Data, cfg: dict, classes) -> list:
