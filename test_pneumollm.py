@@ -3636,3 +3636,16 @@ def test_the_runs_own_films_are_found_shifted_cropped_rescaled_or_re_encoded_and
     found = sites.same_films(np.stack(copies)[:, None], ours, patients[~held]).reshape(-1, 5).sum(0)
     assert all(found >= [29, 25, 25, 30, 30]) and found.sum() >= 140, found  # 2 px, 4 px, crop, rescale, JPEG
     assert not sites.same_films(images[held], ours, patients[~held]).any()
+
+
+def test_the_audit_says_nothing_of_storage_where_the_files_bytes_do_not_separate():
+    """Bytes per pixel at chance as stored, the re-encoded content separating (the disease's own texture, as on
+    the demo): no 'follows the pixels' line, and bytes per pixel stays a tested attribute."""
+    items, folds = audit_items(200, seed=4)
+    rng = np.random.default_rng(0)
+    for it in items:
+        it["bytes_per_pixel"] = float(rng.uniform(2.0, 2.01))
+        it[audit.CONTENT] = float(rng.normal(0.8 + 0.05 * (it["label"] == "sick"), 0.01))
+    report = run_audit(items, folds)
+    assert "bytes_per_pixel" in report["auc_by_attribute"] and report["content_auc"] > 0.9
+    assert "follow the films' pixels" not in audit.describe(report)
