@@ -31,6 +31,7 @@ from cpu_policy import DTYPES, for_cpu_scoring
 from folders import Data, Help, UserError, changed, pid_alive
 
 RUNTIME = ("device", "threads", "compile", "checkpoint_vit", "restart")  # may differ when a run resumes
+RECORDED = ("frozen_files", "clip_heads")  # facts newer runs record: a run made before them is compared without
 
 
 def runtime_flags(ap, scoring=False):
@@ -203,12 +204,16 @@ def check_same_runs(cfgs: dict):
     as prepared then, the same classes, the same settings; else one line naming the first difference."""
     (f0, first), *rest = cfgs.items()
     for f, cfg in rest:
-        diff = changed(first, cfg, RUNTIME + ("fold", "out", "dtype"))
+        diff = changed(first, cfg, RUNTIME + ("fold", "out", "dtype") + unrecorded(first, cfg))
         if diff:
             k = min(diff, key=lambda k: ("data", "classes", "data_fingerprint", k).index(k))  # the telling one first
             raise UserError(f"fold {f} is not the experiment of fold {f0}: its {k} is {cfg.get(k)!r}, fold {f0}'s "
                             f"{first.get(k)!r}{' and more' if len(diff) > 1 else ''}; evaluate them apart, or train "
                             f"fold {f} again as fold {f0} was ({train_command(first, f, cfg['out'])} --restart)")
+
+
+def unrecorded(*cfgs) -> tuple:  # the RECORDED facts one of these configs (an older run's) lacks
+    return tuple(k for k in RECORDED if not all(k in c for c in cfgs))
 
 
 def train_command(cfg: dict, fold: int, out) -> str:

@@ -123,7 +123,8 @@ def check_settings(out: Path, opt, key: bytes):
     meta = out / "meta.json"
     if meta.exists() and not opt.restart:
         old, new = json.loads(meta.read_text()).get("settings", {}), settings_of(opt, key)
-        refuse_changed(out, "was prepared", old, new, changed(old, new), "prepare it again from scratch")
+        diff = changed(old, new, () if "key" in old else ("key",))  # a folder prepared before the key was recorded
+        refuse_changed(out, "was prepared", old, new, diff, "prepare it again from scratch")
 
 
 def check_apart(out: Path, images: Path):

@@ -3649,3 +3649,24 @@ def test_the_audit_says_nothing_of_storage_where_the_files_bytes_do_not_separate
     report = run_audit(items, folds)
     assert "bytes_per_pixel" in report["auc_by_attribute"] and report["content_auc"] > 0.9
     assert "follow the films' pixels" not in audit.describe(report)
+
+
+def test_runs_and_folders_made_before_a_fact_was_recorded_are_still_read(demo_data, tmp_path, capsys):
+    """A run folder whose config.json predates frozen_files and clip_heads resumes and pools with a new one; a data
+    folder whose settings predate the key's record is prepared again without a refusal."""
+    runs = tmp_path / "runs"
+    for f in (1, 2):
+        train.main(train_args(demo_data, runs / f"fold{f}", "--epochs", "1", "--fold", str(f)))
+    old = {k: v for k, v in C.read_config(runs / "fold1").items() if k not in C.RECORDED}
+    (runs / "fold1/config.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    train.main(train_args(demo_data, runs / "fold1", "--epochs", "1"))
+    assert "this run is finished" in capsys.readouterr().out
+    assert ev.main(["--runs", str(runs), "--all", "--folds", "2"]) == 0
+    src = pngs(tmp_path / "in", 6, lambda i: 40 * i)
+    rows = [(f"im{i}.png", "ab"[i % 2]) for i in range(6)]
+    rc, out = run_prepare(tmp_path, src, rows, "--folds", "2")
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["settings"]["key"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert run_prepare(tmp_path, src, rows, "--folds", "2")[0] == 0

@@ -177,7 +177,7 @@ def claim(out: Path, cfg: dict) -> str:
         return "new"
     old = C.read_config(out)
     # a finished run is the same run on another machine: its dtype followed the device it trained on
-    ignored = C.RUNTIME + (("dtype",) if C.finished(out) else ())
+    ignored = C.RUNTIME + (("dtype",) if C.finished(out) else ()) + C.unrecorded(old)
     diff = changed(old, cfg, ignored)
     if diff and not C.finished(out) and not (out / "state.pt").exists():  # it never finished an epoch: nothing to keep
         print(f"{out}: a run that never finished an epoch, with other settings ({', '.join(diff[:4])}): started "
