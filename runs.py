@@ -120,6 +120,10 @@ def write_predictions(path: Path, names: list, prob, cfg: dict, point=None, pati
                 decision(p, cfg, point or paper)] for i, (n, p) in enumerate(zip(names, prob))])
 
 
+EARLIER = ("eval.json", "operating_point.json", "roc*.png", "reliability*.png", "probe*.json", "probe*.png",
+           "explain.png", "image_scores*.csv", "last.safetensors")  # what earlier versions wrote beside a run's files
+
+
 def eval_dir(run: Path) -> Path:
     """Where eval's scripts write into a run: one folder, which train.py --restart removes whole."""
     return run / "eval"

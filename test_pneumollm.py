@@ -3457,6 +3457,8 @@ def test_every_run_fact_is_read_from_where_the_run_wrote_it(demo_data, second_si
     assert json.loads(first.read_text())["operating_point"]["sensitivity"] == 0.9
     assert json.loads(other.read_text())["operating_point"]["sensitivity"] is None
     assert score.main(["--runs", str(run.parent), "--fold", "1", "--image", str(demo_data / "images")]) == 0
+    for name in ("eval.json", "roc-normal.png", "probe-site-1.json", "image_scores-2.csv"):  # an earlier version's
+        (run / name).write_text("{}")
     train.main(train_args(demo_data, run, "--epochs", "1", "--restart"))
     assert sorted(p.name for p in run.iterdir()) == sorted(["config.json", "log.jsonl", "best.safetensors", "state.pt",
                                                            "metrics.json", "val_predictions.csv", "predictions.csv"])

@@ -30,7 +30,7 @@ import pretrain
 from folders import (Data, Help, Interrupted, UserError, changed, cli, locked, positive_class, refuse_changed,
                      replacing, write_atomic)
 from ranks import Ranks
-from runs import confusion, eval_dir, write_predictions
+from runs import EARLIER, confusion, eval_dir, write_predictions
 
 MODELS = {  # --model: where its checkpoints are, and its recipe's own defaults
     "full": dict(clip="checkpoints/ViT-L-14.pt", llama="checkpoints/llama-7b", lr=3e-4, epochs=100),
@@ -193,7 +193,7 @@ def claim(out: Path, cfg: dict) -> str:
 def start_folder(out: Path, cfg: dict):
     out.mkdir(parents=True, exist_ok=True)
     if cfg["restart"]:
-        for name in RUN_FILES:
+        for name in RUN_FILES + tuple(p.name for pattern in EARLIER for p in out.glob(pattern)):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(eval_dir(out), ignore_errors=True)  # every result of the old model
     write_atomic(out / "config.json", json.dumps(cfg, indent=1))
