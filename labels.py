@@ -56,8 +56,7 @@ def pick(cols, given, candidates, what, path, needed=True):
 def find_files(images: Path) -> dict:
     """{relative path: file} under --images, and {name: [relative paths]} to match a base name, or a name
     or relative path written without its extension."""
-    files = {str(p.relative_to(images)): p for p in images.rglob("*")
-             if p.is_file() and p.suffix.lower() in R.IMAGE_SUFFIXES}
+    files = {str(p.relative_to(images)): p for p in R.list_images([images])}
     by_name = {}
     for rel in files:
         for name in {Path(rel).name, Path(rel).stem, str(Path(rel).with_suffix(""))}:
