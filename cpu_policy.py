@@ -152,9 +152,8 @@ def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -
 
 
 def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> str:
-    """Puts each frozen part in the dtype choose_cpu_dtypes picks, and where every part was converted (a
-    private copy), merges the adapters into it (RepAdapter's re-parameterisation); returns the line."""
-    frozen, said, hows = {id(p) for p in model.frozen_parameters()}, [], []
+    """Puts each frozen part in the dtype choose_cpu_dtypes picks; returns the line that says so."""
+    frozen, said = {id(p) for p in model.frozen_parameters()}, []
     for name, (dtype, how, gflops, least, first) in choose_cpu_dtypes(model, force, rates, spare).items():
         module, blocks, rows = cpu_parts(model)[name][:3]
         t, inside = DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
@@ -170,10 +169,6 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> 
         images = f" for batches of {max(1, 16 * least // rows)}+ images (smaller ones in the stored dtype)" \
             if least > rows // 16 else ""
         said.append(f"{name} in {dtype}, {how}{' block by block' + images if how == 'upcast' else ''} ({why})")
-        hows.append(how)
-    if hows and set(hows) == {"converted"}:  # private copies now: the adapters fold in for free (-18 % ViT time)
-        model.merge_adapters()
-        said.append("adapters merged into the converted weights")
     return "scoring on this CPU: " + "; ".join(said)
 
 
