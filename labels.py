@@ -15,7 +15,8 @@ IMAGE_COLS = ("image", "file", "filename", "path", "image index")  # label-file 
 LABEL_COLS = ("label", "class", "diagnosis", "target")
 PATIENT_COLS = ("patient", "patient_id", "patient id", "subject")
 VIEW_COLS = ("view", "view position", "viewposition")
-NORMAL_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative", "no"}
+NORMAL_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative", "no", "well", "control", "controls",
+                "unaffected"}
 NEGATION = re.compile(r"^(non|no|not|without)[-_ ]|[-_ ](negative|neg|free)$")  # non-TB, no_disease, TB-negative
 
 

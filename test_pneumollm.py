@@ -3291,6 +3291,12 @@ def test_the_disease_class_is_never_guessed_from_a_name_that_reads_both_ways(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_names_that_read_healthy_come_first_without_classes():
+    opt = argparse.Namespace(classes=None, multi_label=False, labels="labels.csv")
+    for pair in (("sick", "well"), ("pneumonia", "control"), ("TB", "healthy")):
+        assert L.label_set([dict(label=x) for x in pair], opt)[0] == pair[1]
+
+
 def test_every_figure_names_its_positive_class_and_an_undeclared_order_is_said(demo_data, tmp_path, capsys):
     src = pngs(tmp_path / "in", 8, lambda i: 30 * i)
     rows = [(f"im{i}.png", ("pneumonia", "normal")[i % 2]) for i in range(8)]
