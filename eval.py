@@ -177,7 +177,7 @@ def main(argv=None):
     if moved:
         flag = moved[0].split("=")[0]
         raise UserError(f"eval.py {flag} moved to python {MOVED[flag]} (the same flags; --help lists them)")
-    opt = C.scoring_options(parser(), argv)
+    opt = C.scoring_options(parser(), argv, model=False)
     if opt.explain is not None and opt.explain < 1:
         raise UserError(f"--explain {opt.explain}: give how many test images to explain, 1 or more")
     if opt.explain is not None and (opt.all or opt.calibrate):
@@ -187,6 +187,7 @@ def main(argv=None):
     if opt.all:
         return table(runs, opt)
     if opt.explain is not None:
+        C.apply_threads(opt.threads)  # the only one of eval.py's commands that runs the model
         return explain_fold(runs, opt)
     eval_fold(runs, opt.fold, opt)
     return 0

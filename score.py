@@ -37,9 +37,8 @@ def score_images(runs: Path, opt) -> int:
         print("NOTE: this model was trained on the synthetic demo set: it is a demo, not for diagnosis")
     if cfg.get("masks"):
         print("NOTE: the run's images were cropped to lung masks; new images are framed by the thorax box")
-    here = (Path(cfg["data"]) / "meta.json").exists()  # the data may have moved away; if it is there, it must match
-    if here:
-        run_data(cfg)
+    # the data may have moved away; if it is there, it must match
+    ours = run_data(cfg) if (Path(cfg["data"]) / "meta.json").exists() else None
     model, cfg = C.load_run(run, opt.device, True, opt.cpu_dtype)
     failed, scored = [], []  # scored: (place in the listing, file, crop, how it was cropped)
     for n, p in enumerate(R.list_images(opt.image), 1):
@@ -54,8 +53,8 @@ def score_images(runs: Path, opt) -> int:
         scored.append((n, p, img, how))
     if scored:
         images = np.stack([s[2] for s in scored])[:, None]
-        if here:  # a film of the run's own data is not a new film
-            own_films(cfg, Path("--image"), images)
+        if ours:  # a film of the run's own data is not a new film
+            own_films(ours, "--image", images)
         probs = C.predict(model, images, cfg, batch=16, progress=True)
         eval_dir(run).mkdir(exist_ok=True)
         table = Path(opt.csv) if opt.csv else fresh(eval_dir(run) / "image_scores.csv")

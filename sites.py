@@ -29,7 +29,7 @@ def external_films(cfg: dict, folder, classes) -> tuple:
                         "films are left out, the pixel baseline trains on it, the shift report reads it): restore it")
     ours, images = run_data(cfg), other.images(other.rows)
     shared = {r["patient"] for r in other.rows} & {r["patient"] for r in ours.rows}
-    own = own_films(cfg, other.folder, images) | np.array([r["patient"] in shared for r in other.rows])
+    own = own_films(ours, other.folder, images) | np.array([r["patient"] in shared for r in other.rows])
     if shared:
         print(f"WARNING: {len(shared)} patients of {other.folder} are patients of the run's data (the same "
               "pseudonyms): their films are left out, as the run may have trained on them")
@@ -47,14 +47,13 @@ def external_films(cfg: dict, folder, classes) -> tuple:
     return other, [other.rows[i] for i in keep], [labels[i] for i in keep], images[keep]
 
 
-def own_films(cfg: dict, folder: Path, images: np.ndarray) -> np.ndarray:
-    """(N,) bool: which of `folder`'s `images` are films of the run's own data folder (names can differ,
+def own_films(ours: Data, folder, images: np.ndarray) -> np.ndarray:
+    """(N,) bool: which of `folder`'s `images` are films of the run's data folder `ours` (names can differ,
     or mean other films), by same_films. Some: a warning (the callers leave them out)."""
-    ours = run_data(cfg)
     own = same_films(images, ours.images(ours.rows), [r["patient"] for r in ours.rows])
     if own.any():
         print(f"WARNING: {own.sum()} of {len(own)} films of {folder} are the run's own (the same films as in "
-              f"{cfg['data']}, maybe shifted, cropped, rescaled or re-encoded): left out; the other "
+              f"{ours.folder}, maybe shifted, cropped, rescaled or re-encoded): left out; the other "
               f"{(~own).sum()} are scored")
     return own
 
