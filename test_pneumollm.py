@@ -753,6 +753,30 @@ def test_cpu_scoring_follows_the_measured_rates_and_stays_close_to_fp32(fast, wa
         torch.testing.assert_close(torch.as_tensor(batched), rounded, rtol=0, atol=1e-6)
 
 
+def test_quick_gelu_folded_for_cpu_scoring_still_matches_transformers(clip_files, llama_files):
+    """Scoring on a CPU folds QuickGELU's 1.702 into c_fc and c_proj (one silu pass instead of three): the
+    folded fp32 ViT's CLS tokens still equal transformers' QuickGELU CLIPVisionModel; c_fc is 1.702 times
+    the file's, c_proj divided by it; an exact-GELU tower is left as it is."""
+    model = load(clip_files["pt"], llama_files["meta"])
+    before = copy.deepcopy(model.visual.transformer.resblocks[0].mlp)
+    CP.for_cpu_scoring(model, force="fp32")
+    block = model.visual.transformer.resblocks[0]
+    assert {b.act for b in model.visual.transformer.resblocks} == {"silu"}
+    torch.testing.assert_close(block.mlp.c_fc.weight, 1.702 * before.c_fc.weight)
+    torch.testing.assert_close(block.mlp.c_fc.bias, 1.702 * before.c_fc.bias)
+    torch.testing.assert_close(block.mlp.c_proj.weight, before.c_proj.weight / 1.702)
+    torch.testing.assert_close(block.mlp.c_proj.bias, before.c_proj.bias, rtol=0, atol=0)
+    img = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ours = model.visual(img)
+        ref = clip_files["ref"](pixel_values=img, output_hidden_states=True).hidden_states
+    for i in range(4):
+        torch.testing.assert_close(ours[:, i], ref[i + 1][:, 0], rtol=1e-5, atol=1e-5)
+    gelu = load(clip_files["pt"], llama_files["meta"], clip_act="gelu")
+    CP.for_cpu_scoring(gelu, force="fp32")
+    assert {b.act for b in gelu.visual.transformer.resblocks} == {"gelu"}
+
+
 def test_upcasting_runs_only_for_batches_where_it_was_measured_faster():
     """Where fp32 wins only from 4 images a call (one image is memory-bound), LLaMA's blocks upcast for
     a batch of 6 and run one image in the stored fp16; the line says from how many images."""
