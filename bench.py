@@ -228,8 +228,8 @@ def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
 
 
 def precision(clip: Path, model: P.PneumoLLM, x, h, mask):
-    """Each dtype against fp32 on the same fp16 weights: the ViT's CLS tokens on 2 images, one LLaMA
-    layer's output on 16 x T tokens."""
+    """Each dtype against fp32 on the same fp16 weights: the ViT's CLS tokens on 2 images (QuickGELU folded,
+    as scoring runs it), one LLaMA layer's output on 16 x T tokens."""
     cos, sin = model.llama.rope_tables(h.shape[1], "cpu")
     fp16 = P.from_pretrained(clip, None, "cpu", llm=False).visual.eval()
     layer = P.TransformerBlock(model.args).eval()  # LLaMA-7B's layer shapes, random weights
@@ -240,7 +240,9 @@ def precision(clip: Path, model: P.PneumoLLM, x, h, mask):
         cls_ref, out_ref = fp16(x[:2]), layer(h, cos, sin, mask)
         for d in ("fp16", "bf16"):
             t = C.DTYPES[d]
-            vit_d, layer_d = copy.deepcopy(fp16).to(t), copy.deepcopy(layer).to(t)
+            vit_d, layer_d = copy.deepcopy(fp16), copy.deepcopy(layer).to(t)
+            CP.fold_quick_gelu(vit_d.transformer.resblocks, t)  # as scoring on a CPU runs it
+            vit_d.to(t)
             cls_d, out_d = vit_d(x[:2]).float(), layer_d(h.to(t), cos, sin, mask).float()
             err = [((a - b).norm(dim=-1) / b.norm(dim=-1)).max() for a, b in ((cls_d, cls_ref), (out_d, out_ref))]
             print(f"  {d} against fp32: the ViT's CLS tokens off by at most {err[0]:.1e} of their norm, "
