@@ -157,33 +157,37 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> 
     for name, (dtype, how, gflops, least, first) in choose_cpu_dtypes(model, force, rates, spare).items():
         module, blocks, rows = cpu_parts(model)[name][:3]
         t, inside = DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
+        folded = fold_quick_gelu(blocks, t) if name == "ViT" and how != "upcast" else 0
         if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
             convert([p for p in module.parameters() if id(p) in frozen and id(p) not in inside], t)
             for b in blocks:
                 upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t, least)
         else:  # converted, or as stored
-            fold_quick_gelu(blocks if name == "ViT" else [], t)
             convert([p for p in module.parameters() if id(p) in frozen], t)
         why = "forced" if force else (f"the CPU's flags say {first}; GFLOP/s here, best of {TRIES}: "
                                       + ", ".join(f"{d} {r:.0f}" for d, r in gflops.items())
                                       if gflops else "nothing wider to try")
         images = f" for batches of {max(1, 16 * least // rows)}+ images (smaller ones in the stored dtype)" \
             if least > rows // 16 else ""
-        said.append(f"{name} in {dtype}, {how}{' block by block' + images if how == 'upcast' else ''} ({why})")
+        said.append(f"{name} in {dtype}, {how}{' block by block' + images if how == 'upcast' else ''} ({why})"
+                    + (", its QuickGELU folded into one silu" if folded else ""))
     return "scoring on this CPU: " + "; ".join(said)
 
 
 def fold_quick_gelu(blocks, dtype):
     """The ViT's QuickGELU blocks (OpenAI's) as one fused silu: c_fc's weight and bias times 1.702, c_proj's
     weight divided by it (equal in real numbers; each weight computed in fp32 and rounded once to `dtype`).
-    On a CPU the three elementwise passes of h * sigmoid(1.702 h) cost as much as a third of the ViT."""
+    On a CPU the three elementwise passes of h * sigmoid(1.702 h) cost as much as a third of the ViT.
+    Returns how many blocks it folded."""
+    folded = 0
     for b in blocks:
         if b.act == "quick_gelu":
             for p, scale in ((b.mlp.c_fc.weight, P.QUICK_GELU), (b.mlp.c_fc.bias, P.QUICK_GELU),
                              (b.mlp.c_proj.weight, 1 / P.QUICK_GELU)):
                 old, p.data = p.data, (p.data.float() * scale).to(dtype)
                 release(old)
-            b.act = "silu"
+            b.act, folded = "silu", folded + 1
+    return folded
 
 
 def convert(params: list, dtype):

@@ -759,7 +759,8 @@ def test_quick_gelu_folded_for_cpu_scoring_still_matches_transformers(clip_files
     the file's, c_proj divided by it; an exact-GELU tower is left as it is."""
     model = load(clip_files["pt"], llama_files["meta"])
     before = copy.deepcopy(model.visual.transformer.resblocks[0].mlp)
-    CP.for_cpu_scoring(model, force="fp32")
+    assert "ViT in fp32, as stored (forced), its QuickGELU folded into one silu; LLaMA in fp32" \
+        in CP.for_cpu_scoring(model, force="fp32")
     block = model.visual.transformer.resblocks[0]
     assert {b.act for b in model.visual.transformer.resblocks} == {"silu"}
     torch.testing.assert_close(block.mlp.c_fc.weight, 1.702 * before.c_fc.weight)
@@ -773,7 +774,7 @@ def test_quick_gelu_folded_for_cpu_scoring_still_matches_transformers(clip_files
     for i in range(4):
         torch.testing.assert_close(ours[:, i], ref[i + 1][:, 0], rtol=1e-5, atol=1e-5)
     gelu = load(clip_files["pt"], llama_files["meta"], clip_act="gelu")
-    CP.for_cpu_scoring(gelu, force="fp32")
+    assert "folded" not in CP.for_cpu_scoring(gelu, force="fp32")
     assert {b.act for b in gelu.visual.transformer.resblocks} == {"gelu"}
 
 
