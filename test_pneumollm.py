@@ -3224,7 +3224,8 @@ def test_bench_scores_as_eval_does_at_batch_1_and_16(clip_files, tmp_path, capsy
     rates and each dtype's precision; fp32 weights are never narrowed."""
     bench.load_full(clip_files["jit"], write_llama(tmp_path, 4)["meta"], floors=True)
     out = capsys.readouterr().out
-    assert "scoring on this CPU: ViT in fp32, as stored (nothing wider to try); LLaMA in fp32" in out
+    assert "scoring on this CPU: ViT in fp32, as stored (nothing wider to try), its QuickGELU folded into one " \
+           "silu; LLaMA in fp32" in out
     assert len(re.findall(r"(first image|one image|a batch of 16): [\d.]+ s per image", out)) == 3
     assert re.search(r"goals met: batch (yes|NO), one (yes|NO), startup (yes|NO), rss (yes|NO)", out)
     assert re.search(r"floor per image at batch 16: .* measured [\d.]+ s = [\d.]+x the floor", out)
