@@ -2,8 +2,9 @@
 Scoring on a CPU with the real checkpoints: each frozen part (the ViT, LLaMA) computes in the dtype
 this CPU multiplies fastest. The checkpoints are read as stored (memory-mapped, never copied:
 LLaMA-7B in fp32 would need 27 GB); a part is converted once where the copy is small, or upcast block
-by block as it runs where it is not, and only where a measured matrix product says it pays. eval's
-scripts call for_cpu_scoring through common.load_run; bench.py --load prints the choice.
+by block as it runs where it is not, and only where a measured matrix product says it pays. The ViT,
+a copy of its own, is also reshaped for speed: adapters merged into q/k/v, QuickGELU folded into one
+silu. eval's scripts call for_cpu_scoring through common.load_run; bench.py --load prints the choice.
 """
 import ctypes
 import hashlib
@@ -157,19 +158,24 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> 
     for name, (dtype, how, gflops, least, first) in choose_cpu_dtypes(model, force, rates, spare).items():
         module, blocks, rows = cpu_parts(model)[name][:3]
         t, inside = DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
-        folded = fold_quick_gelu(blocks, t) if name == "ViT" and how != "upcast" else 0
+        vit = name == "ViT" and how != "upcast"  # a copy of its own: reshaped for speed below
+        folded = fold_quick_gelu(blocks, t) if vit else 0
+        merged = vit and any(isinstance(b.adapter_attn, P.RepAdapter) for b in blocks)
         if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
             convert([p for p in module.parameters() if id(p) in frozen and id(p) not in inside], t)
             for b in blocks:
                 upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t, least)
         else:  # converted, or as stored
             convert([p for p in module.parameters() if id(p) in frozen], t)
+            if merged:  # 10 % of a batch's time on a 2-core CPU; LLaMA's would add 10 s of start-up
+                model.merge_adapters(llm=False)
         why = "forced" if force else (f"the CPU's flags say {first}; GFLOP/s here, best of {TRIES}: "
                                       + ", ".join(f"{d} {r:.0f}" for d, r in gflops.items())
                                       if gflops else "nothing wider to try")
         images = f" for batches of {max(1, 16 * least // rows)}+ images (smaller ones in the stored dtype)" \
             if least > rows // 16 else ""
         said.append(f"{name} in {dtype}, {how}{' block by block' + images if how == 'upcast' else ''} ({why})"
+                    + (", its adapters merged into q/k/v" if merged else "")
                     + (", its QuickGELU folded into one silu" if folded else ""))
     return "scoring on this CPU: " + "; ".join(said)
 

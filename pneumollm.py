@@ -452,12 +452,12 @@ class PneumoLLM(nn.Module):
         return self.head(h.mean(1).to(self.head.weight.dtype))
 
     @torch.no_grad()
-    def merge_adapters(self):
+    def merge_adapters(self, llm=True):
         """Re-parameterisation: fold each adapter x -> x + U D x + c into the q/k/v after it,
         W' = W + (W U) D (rank h), b' = W c + b, and drop it. On a CPU it copies memory-mapped q/k/v
-        pages (the scoring scripts skip it)."""
+        pages; scoring there merges the ViT's only (llm=False), whose q/k/v it has converted already."""
         vit = self.visual.transformer.resblocks if isinstance(self.visual, VisionTransformer) else []
-        llm = self.llama.layers if self.llama is not None else []
+        llm = self.llama.layers if self.llama is not None and llm else []
         targets = [(b, [(b.attn, "in_proj_weight", "in_proj_bias")]) for b in vit]
         targets += [(b, [(getattr(b.attention, w), "weight", "bias") for w in ("wq", "wk", "wv")])
                     for b in llm]

@@ -759,8 +759,8 @@ def test_quick_gelu_folded_for_cpu_scoring_still_matches_transformers(clip_files
     the file's, c_proj divided by it; an exact-GELU tower is left as it is."""
     model = load(clip_files["pt"], llama_files["meta"])
     before = copy.deepcopy(model.visual.transformer.resblocks[0].mlp)
-    assert "ViT in fp32, as stored (forced), its QuickGELU folded into one silu; LLaMA in fp32" \
-        in CP.for_cpu_scoring(model, force="fp32")
+    assert "ViT in fp32, as stored (forced), its adapters merged into q/k/v, its QuickGELU folded into one silu; " \
+           "LLaMA in fp32, as stored (forced)" in CP.for_cpu_scoring(model, force="fp32")
     block = model.visual.transformer.resblocks[0]
     assert {b.act for b in model.visual.transformer.resblocks} == {"silu"}
     torch.testing.assert_close(block.mlp.c_fc.weight, 1.702 * before.c_fc.weight)
@@ -776,6 +776,25 @@ def test_quick_gelu_folded_for_cpu_scoring_still_matches_transformers(clip_files
     gelu = load(clip_files["pt"], llama_files["meta"], clip_act="gelu")
     assert "folded" not in CP.for_cpu_scoring(gelu, force="fp32")
     assert {b.act for b in gelu.visual.transformer.resblocks} == {"gelu"}
+
+
+def test_cpu_scoring_merges_the_vits_trained_adapters_and_keeps_llamas():
+    """The ViT's adapters (trained: perturbed here) merged into its q/k/v when it is a copy of its own: the
+    same probabilities as the unmerged model (fp32 forced), its blocks' adapters gone, LLaMA's kept (its
+    q/k/v stay as stored); where the ViT is upcast block by block (weights as stored) nothing is merged."""
+    ref = tiny()
+    perturb_adapters(ref)
+    model = copy.deepcopy(ref)
+    CP.for_cpu_scoring(model, force="fp32")
+    assert not any(isinstance(m, P.RepAdapter) for m in model.visual.modules())
+    assert all(isinstance(b.adapter_attn, P.RepAdapter) for b in model.llama.layers)
+    x = P.normalise(torch.randint(0, 256, (3, 1, 224, 224), dtype=torch.uint8), 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).softmax(-1), ref(x).softmax(-1), rtol=0, atol=1e-5)
+    upcast = C.cast_frozen(copy.deepcopy(ref), torch.float16)
+    line = CP.for_cpu_scoring(upcast, rates=fake_rates("fp32"), spare=0)
+    assert "merged" not in line and "folded" not in line
+    assert all(isinstance(b.adapter_attn, P.RepAdapter) for b in upcast.visual.transformer.resblocks)
 
 
 def test_upcasting_runs_only_for_batches_where_it_was_measured_faster():
@@ -3224,9 +3243,9 @@ def test_bench_scores_as_eval_does_at_batch_1_and_16(clip_files, tmp_path, capsy
     rates and each dtype's precision; fp32 weights are never narrowed."""
     bench.load_full(clip_files["jit"], write_llama(tmp_path, 4)["meta"], floors=True)
     out = capsys.readouterr().out
-    assert "scoring on this CPU: ViT in fp32, as stored (nothing wider to try), its QuickGELU folded into one " \
-           "silu; LLaMA in fp32" in out
-    assert len(re.findall(r"(first image|one image|a batch of 16): [\d.]+ s per image", out)) == 3
+    assert "scoring on this CPU: ViT in fp32, as stored (nothing wider to try), its adapters merged into q/k/v, " \
+           "its QuickGELU folded into one silu; LLaMA in fp32" in out
+    assert len(re.findall(r"(first image|one image|a batch of 16, best of 3): [\d.]+ s per image", out)) == 3
     assert re.search(r"goals met: batch (yes|NO), one (yes|NO), startup (yes|NO), rss (yes|NO)", out)
     assert re.search(r"floor per image at batch 16: .* measured [\d.]+ s = [\d.]+x the floor", out)
     assert re.search(r"bf16 against fp32: the ViT's CLS tokens off by at most \d\.\de-0\d", out)
