@@ -158,7 +158,7 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> 
     for name, (dtype, how, gflops, least, first) in choose_cpu_dtypes(model, force, rates, spare).items():
         module, blocks, rows = cpu_parts(model)[name][:3]
         t, inside = DTYPES[dtype], {id(p) for b in blocks for p in b.parameters()}
-        vit = name == "ViT" and how != "upcast"  # a copy of its own: reshaped for speed below
+        vit = name == "ViT" and how != "upcast"  # its blocks reshaped for speed (scoring only)
         folded = fold_quick_gelu(blocks, t) if vit else 0
         merged = vit and any(isinstance(b.adapter_attn, P.RepAdapter) for b in blocks)
         if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
@@ -167,7 +167,7 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> 
                 upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t, least)
         else:  # converted, or as stored
             convert([p for p in module.parameters() if id(p) in frozen], t)
-            if merged:  # 10 % of a batch's time on a 2-core CPU; LLaMA's would add 10 s of start-up
+            if merged:  # 0.02 s per image of a batch on 2 cores; LLaMA's would add 10 s of start-up
                 model.merge_adapters(llm=False)
         why = "forced" if force else (f"the CPU's flags say {first}; GFLOP/s here, best of {TRIES}: "
                                       + ", ".join(f"{d} {r:.0f}" for d, r in gflops.items())

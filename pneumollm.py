@@ -457,10 +457,10 @@ class PneumoLLM(nn.Module):
         W' = W + (W U) D (rank h), b' = W c + b, and drop it. On a CPU it copies memory-mapped q/k/v
         pages; scoring there merges the ViT's only (llm=False), whose q/k/v it has converted already."""
         vit = self.visual.transformer.resblocks if isinstance(self.visual, VisionTransformer) else []
-        llm = self.llama.layers if self.llama is not None and llm else []
+        layers = self.llama.layers if self.llama is not None and llm else []
         targets = [(b, [(b.attn, "in_proj_weight", "in_proj_bias")]) for b in vit]
         targets += [(b, [(getattr(b.attention, w), "weight", "bias") for w in ("wq", "wk", "wv")])
-                    for b in llm]
+                    for b in layers]
         for block, linears in targets:
             if isinstance(block.adapter_attn, RepAdapter):
                 up, down, c = block.adapter_attn.factors()
