@@ -45,7 +45,8 @@ def matmul_rate(rows: int, width: int, dtype, stored, per_call: bool) -> float:
     """GFLOP/s of x (rows, width) @ W.T, W (width, width) stored in `stored`, computed in `dtype`;
     per_call: W is converted on every call (the part's weights upcast as its blocks run). W as large as
     a layer's (LLaMA's: 32 MiB, past most caches), so that few rows are as memory-bound as they are in
-    the model. One untimed call (the kernel's set-up), then calls for at least 20 ms."""
+    the model; a large L3 (480 MiB on one Xeon VM) still holds it, and there the rate flatters LLaMA,
+    whose layers stream from memory. One untimed call (the kernel's set-up), then calls for >= 20 ms."""
     x, w = torch.randn(rows, width).to(dtype), torch.randn(width, width).to(stored)
     w_now = w if per_call else w.to(dtype)
     op = (lambda: F.linear(x, w.to(dtype))) if per_call else (lambda: F.linear(x, w_now))
