@@ -842,6 +842,26 @@ def test_cpu_dtype_choice_margin_candidates_and_force():
     assert {p.dtype for p in model.frozen_parameters()} == {torch.float32}
 
 
+def test_cpu_scoring_keeps_freed_blocks_so_a_batch_does_not_fault_its_pages_afresh():
+    """After for_cpu_scoring, a 64 MiB block freed and allocated again reuses its pages (glibc would hand it
+    back to the OS and fault all 16,384 of its pages in again); the scoring line says so. In a fresh process:
+    the setting is the process's."""
+    code = ("import resource, torch, cpu_policy as CP, pneumollm as P\n"
+            "def faults():  # minor page faults of filling a fresh 64 MiB tensor twice\n"
+            "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "    for _ in range(2):\n"
+            "        torch.ones(2**24)\n"
+            "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+            "faults()\n"
+            "plain = faults()\n"
+            "line = CP.for_cpu_scoring(P.PneumoLLM(P.tiny_args()).eval(), force='fp32')\n"
+            "faults()\n"
+            "print(plain, faults(), line.endswith('; freed memory kept for reuse'))\n")
+    out = run_script("-c", code)
+    plain, kept, said = out.stdout.split()
+    assert int(plain) > 2 * 16384 * 0.9 and int(kept) < 2000 and said == "True"
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc (Linux)")
 def test_converting_a_memory_mapped_checkpoint_hands_its_pages_back(tmp_path):
     """LLaMA converted once from a memory-mapped file: each source tensor's pages leave the process as it
