@@ -105,17 +105,15 @@ def bench_prepare(labels: str, against: str, workers: int, repeat: int):
     print(f"median of {repeat}: {before:.1f} images/s before, {now:.1f} now = {now / before:.2f}x")
 
 
-# ------------------------------------------------------------------------------------------------
-# lean loading at full size: random ViT-L/14 + LLaMA-7B files in the original layouts (formats.py)
+# ---- lean loading at full size: random ViT-L/14 + LLaMA-7B files in the original layouts (formats.py)
 
 
 def bench_read_vit(d: Path):
     """The TorchScript ViT-L/14 read as eval.py reads it, in a fresh process: private memory (RssAnon)
     and file pages (RssFile) after reading and after touching every weight, against the file's size and
     against the earlier reader, which copied each record into memory."""
-    d.mkdir(parents=True, exist_ok=True)
     if not (d / "ViT-L-14.pt").exists():
-        formats.write_vit(d)
+        formats.write_vit(d.mkdir(parents=True, exist_ok=True) or d)
     size = (d / "ViT-L-14.pt").stat().st_size / 2**30
     for how in ("mapped", "copied"):
         code = ("import sys, zipfile, torch, pneumollm as P, bench\n"
@@ -196,29 +194,35 @@ def flops(a: P.PneumoArgs) -> tuple[int, int]:
     return vit, llama
 
 
+def products_rate(blocks, rows: int, dtype) -> float:
+    """GFLOP/s of the blocks' own products (x @ W.T for each frozen 2-D weight) on `rows` tokens in `dtype`,
+    through as many distinct copies of one block as the part has (up to 1 GiB), streamed from memory as
+    the model's are: a cache that holds one layer flatters its rate. Median of 3 passes after one."""
+    shapes = [p.shape for p in blocks[0].parameters() if p.dim() == 2 and not p.requires_grad]
+    copies = min(len(blocks), -(-2**30 // (sum(s.numel() for s in shapes) * dtype.itemsize)))
+    weights = [torch.rand(s, dtype=dtype) for _ in range(copies) for s in shapes]
+    x = {n: torch.rand(rows, n, dtype=dtype) for n in {w.shape[1] for w in weights}}
+    took = timed(lambda: [F.linear(x[w.shape[1]], w) for w in weights], torch.device("cpu"), 0, 3)[1]
+    return 2 * rows * sum(w.numel() for w in weights) / took / 1e9
+
+
 def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
-    """This CPU's rates in this run (cpu_policy.matmul_rate at each part's shapes for 16 images, per
-    dtype; memory read bandwidth), the floor they give for the dtypes chosen and for the fastest ones,
-    against the measured batch; where the batch's time goes; then each dtype's precision."""
+    """The floor: each part's FLOPs at the rate of its own products in this run (products_rate, 16 images'
+    rows, the dtypes chosen), beside the rate the policy times (one square layer, reused); where the
+    batch's time goes; then each dtype's precision."""
     vit, llama = flops(model.args)
-    parts = CP.cpu_parts(model)
+    flop, parts = dict(ViT=vit, LLaMA=llama), CP.cpu_parts(model)
     chosen = dict(ViT=model.visual.conv1.weight.dtype, LLaMA=model.llama.norm.weight.dtype)  # never upcast per call
-    shapes = dict(ViT=(16 * parts["ViT"][2], parts["ViT"][3]), LLaMA=(parts["LLaMA"][2], parts["LLaMA"][3]))
-    rate = {(name, d): CP.matmul_rate(r, w, t, torch.float16, False) for name, (r, w) in shapes.items()
-            for d, t in C.DTYPES.items()}
-    big = torch.ones(2**27)  # 512 MiB
-    bandwidth = big.numel() * 4 / timed(big.sum, torch.device("cpu"), 1, 3)[1] / 1e9
-    weights = sum(q.numel() * 2 for q in model.frozen_parameters())  # bytes of the checkpoints (fp16)
-    for name in parts:
-        print(f"  {name} products at batch 16, GFLOP/s: " + ", ".join(f"{d} {rate[name, d]:.0f}" for d in C.DTYPES))
-    flop = dict(ViT=vit, LLaMA=llama)
-    names = {t: d for d, t in C.DTYPES.items()}
-    at = sum(flop[n] / rate[n, names[chosen[n]]] for n in parts) / 1e9
-    best = sum(flop[n] / max(rate[n, d] for d in C.DTYPES) for n in parts) / 1e9
-    print(f"  floor per image at batch 16: the FLOPs ({vit / 1e9:.1f} + {llama / 1e9:.1f} GFLOP) {at:.3f} s in the "
-          f"chosen dtypes ({best:.3f} s in each part's fastest); the bytes {weights / 16 / bandwidth / 1e9:.3f} s "
-          f"({weights / 1e9:.1f} GB at {bandwidth:.1f} GB/s); measured {measured:.3f} s = {measured / at:.2f}x "
-          "the floor")
+    rows = dict(ViT=16 * parts["ViT"][2], LLaMA=parts["LLaMA"][2])
+    rate = {n: products_rate(parts[n][1], rows[n], chosen[n]) for n in parts}
+    square = {n: CP.matmul_rate(rows[n], parts[n][3], chosen[n], chosen[n], False) for n in parts}
+    for n in parts:
+        print(f"  {n}'s products at batch 16 in {chosen[n]}: {rate[n]:.0f} GFLOP/s at its own shapes, its weights "
+              f"streamed; {square[n]:.0f} on one square layer reused")
+    at, cached = (sum(flop[n] / r[n] for n in parts) / 1e9 for r in (rate, square))
+    print(f"  floor per image at batch 16: the FLOPs ({vit / 1e9:.1f} + {llama / 1e9:.1f} GFLOP) at those rates "
+          f"{at:.3f} s (at the square layer's {cached:.3f} s); measured {measured:.3f} s = {measured / at:.2f}x the "
+          f"floor ({measured / cached:.2f}x the square layer's)")
     p, n, k = model.args.llama, len(model.args.cls_blocks), model.args.n_diag
     h, mask = torch.randn(16, n + k, p.dim), P.emitter_mask(n, k)
     with torch.no_grad():  # each part alone on the batch, as the policy runs it
@@ -230,15 +234,14 @@ def floor(clip: Path, model: P.PneumoLLM, x, measured: float):
 
 
 def precision(clip: Path, model: P.PneumoLLM, x, h, mask):
-    """Each dtype against fp32 on the same fp16 weights: the ViT's CLS tokens on 2 images (QuickGELU folded,
-    as scoring runs it), one LLaMA layer's output on 16 x T tokens."""
+    """Each dtype against fp32 on the same fp16 weights: the ViT's CLS tokens on 2 images (folded as scoring
+    runs it), one LLaMA layer's output on 16 x T tokens."""
     cos, sin = model.llama.rope_tables(h.shape[1], "cpu")
     fp16 = P.from_pretrained(clip, None, "cpu", llm=False).visual.eval()
     layer = P.TransformerBlock(model.args).eval()  # LLaMA-7B's layer shapes, random weights
     with torch.no_grad():
-        for m in (fp16, layer):  # the fp16-rounded weights in fp32: the reference
-            for q in m.parameters():
-                q.data = q.data.to(torch.float16).float()
+        for q in [*fp16.parameters(), *layer.parameters()]:  # the fp16-rounded weights in fp32: the reference
+            q.data = q.data.to(torch.float16).float()
         cls_ref, out_ref = fp16(x[:2]), layer(h, cos, sin, mask)
         for d in ("fp16", "bf16"):
             t = C.DTYPES[d]
@@ -254,10 +257,8 @@ def precision(clip: Path, model: P.PneumoLLM, x, h, mask):
 def bench_load(folder: str, threads, cpu_dtype):
     d = Path(folder)
     flags = (["--threads", str(threads)] if threads else []) + ["--cpu-dtype", cpu_dtype]
-    if not (d / "ViT-L-14.pt").exists():
-        t = time.perf_counter()
+    if not (d / "ViT-L-14.pt").exists():  # random full-size checkpoints in both layouts, written once
         subprocess.run([sys.executable, __file__, "--load-step", "write", folder], check=True)
-        print(f"wrote random full-size checkpoints to {d} in {time.perf_counter() - t:.0f}s")
     for llama in ("llama-7b", "llama-7b-hf"):  # each in a fresh process, so that its peak RSS is its own
         for _ in range(3):  # the dtype choice, measured afresh each time (an empty cache): it must not flip
             with tempfile.TemporaryDirectory() as cache:
@@ -279,8 +280,7 @@ def suite(model: str):
     for flags in SUITE:
         command = [sys.executable, __file__, "--model", model, *shlex.split(flags)]
         run = subprocess.run(command, capture_output=True, text=True)
-        failed = [f"FAILED ({run.returncode}): {run.stderr[-600:]}"]
-        lines = run.stdout.splitlines() if run.returncode == 0 else failed
+        lines = run.stdout.splitlines() if run.returncode == 0 else [f"FAILED ({run.returncode}): {run.stderr[-600:]}"]
         print(f"== {flags}\n" + "\n".join(lines), flush=True)
 
 
@@ -414,8 +414,8 @@ def time_training(model, fwd, x, amp, warm: int, opt):
         print(f"host syncs in the timed steps: {len(syncs)}" + "".join(f"\n  {w}" for w in sorted(set(syncs))[:5])
               + f"; cudagraph skips: {skips}")
     gpu = device.type == "cuda"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else rss
+    peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     steps = 100 * -(-504 // 16) * s * 16 / opt.batch  # seconds of steps for 100 epochs of 504 images at batch 16
     print(f"train step: {1000 * s:.1f} ms median, {opt.batch / s:.1f} images/s, "
           f"peak {'GPU' if gpu else 'RSS'} memory {peak:.2f} GiB")

@@ -3267,9 +3267,27 @@ def test_bench_scores_as_eval_does_at_batch_1_and_16(clip_files, tmp_path, capsy
            "its QuickGELU folded into one silu; LLaMA in fp32" in out
     assert len(re.findall(r"(first image|one image|a batch of 16, best of 3): [\d.]+ s per image", out)) == 3
     assert re.search(r"goals met: batch (yes|NO), one (yes|NO), startup (yes|NO), rss (yes|NO)", out)
+    assert re.search(r"LLaMA's products at batch 16 in torch.float32: \d+ GFLOP/s at its own shapes, its weights "
+                     r"streamed; \d+ on one square layer reused", out)
     assert re.search(r"floor per image at batch 16: .* measured [\d.]+ s = [\d.]+x the floor", out)
     assert re.search(r"bf16 against fp32: the ViT's CLS tokens off by at most \d\.\de-0\d", out)
     assert "one image with the weights as stored (no conversion)" in out
+
+
+def test_the_floor_times_each_parts_own_products_through_distinct_copies(monkeypatch):
+    """bench.products_rate: every frozen 2-D weight of a block, at its own shape, in the dtype asked for, on the
+    rows asked for, through one distinct copy per block of the part (a cache must not hold the next one)."""
+    blocks = P.Llama(P.tiny_args()).layers
+    for b in blocks:
+        b.requires_grad_(False)
+    calls = []
+    monkeypatch.setattr(bench.F, "linear", lambda x, w: calls.append((x.shape[0], tuple(w.shape), w.dtype,
+                                                                       w.data_ptr())))
+    assert bench.products_rate(blocks, 160, torch.bfloat16) > 0
+    shapes = [tuple(p.shape) for p in blocks[0].parameters() if p.dim() == 2]
+    assert len(calls) == 4 * len(blocks) * len(shapes) and {(r, d) for r, _, d, _ in calls} == {(160, torch.bfloat16)}
+    assert sorted(c[1] for c in calls[:len(calls) // 4]) == sorted(shapes * len(blocks))
+    assert len({c[3] for c in calls}) == len(blocks) * len(shapes)  # distinct weights, each used once per pass
 
 
 def test_every_flag_has_help_and_a_shown_default_and_threads_work(demo_data, tmp_path):
