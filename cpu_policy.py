@@ -12,7 +12,6 @@ import hashlib
 import json
 import mmap
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -215,37 +214,27 @@ def fold_quick_gelu(blocks, dtype):
 
 def convert(params: list, dtype):
     """In place, one tensor at a time; each source's whole pages go back to the OS at once (a memory-
-    mapped checkpoint's pages would otherwise stay counted until the last tensor is converted). Each
-    copy asks for huge pages (Linux's THP on request): LLaMA's 13 GB stream through every batch, and
-    with 4 KiB pages its products ran 4-8 % slower on one Xeon (TLB misses)."""
+    mapped checkpoint's pages would otherwise stay counted until the last tensor is converted)."""
     users = Counter(p.untyped_storage().data_ptr() for p in params)  # tied weights: one storage, two names
     for p in params:
         if p.dtype != dtype:
-            new = torch.empty(p.shape, dtype=dtype)
-            advise(new, 14)  # MADV_HUGEPAGE, before the first touch
-            old, p.data = p.data, new.copy_(p.data)
+            old, p.data = p.data, p.data.to(dtype)
             if users[old.untyped_storage().data_ptr()] == 1:
                 release(old)
 
 
 def release(t: torch.Tensor):
-    """Hands back to the OS the pages of t, which is about to be dropped and shares its storage with
-    nothing else: file pages are dropped (read again if touched), private ones freed."""
-    if t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        advise(t, 4)  # MADV_DONTNEED
-
-
-def advise(t: torch.Tensor, advice: int):
-    """madvise(advice) over the pages that lie wholly inside t's storage. Linux (and macOS, for
-    MADV_DONTNEED); elsewhere, or where the kernel declines, nothing happens."""
+    """madvise(MADV_DONTNEED) over the pages that lie wholly inside t, which is about to be dropped
+    and shares its storage with nothing else: file pages are dropped (read again if touched), private
+    ones freed. Linux and macOS; elsewhere the pages go when the last tensor of the file goes."""
     storage = t.untyped_storage()
-    if not hasattr(ctypes, "CDLL") or os.name != "posix" or (advice == 14 and sys.platform != "linux"):
+    if storage.nbytes() != t.numel() * t.element_size() or not hasattr(ctypes, "CDLL") or os.name != "posix":
         return
     page = mmap.PAGESIZE
     start = -(-storage.data_ptr() // page) * page
     end = (storage.data_ptr() + storage.nbytes()) // page * page
     if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
 
 def upcast_while_running(block: torch.nn.Module, frozen: list, dtype, least=0):

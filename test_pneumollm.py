@@ -862,21 +862,6 @@ def test_cpu_scoring_keeps_freed_blocks_so_a_batch_does_not_fault_its_pages_afre
     assert int(plain) > 2 * 16384 * 0.9 and int(kept) < 2000 and said == "True"
 
 
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-@pytest.mark.skipif(not THP.exists() or "[madvise]" not in THP.read_text(), reason="huge pages on request (Linux THP)")
-def test_converted_weights_ask_for_huge_pages():
-    """cpu_policy.convert: the converted copy lies in huge pages (AnonHugePages grows by most of its 64 MiB),
-    so that streaming LLaMA's weights misses the TLB less; with THP on request only, nothing else asks."""
-    def huge() -> int:  # kB
-        return int(Path("/proc/self/smaps_rollup").read_text().split("AnonHugePages:")[1].split()[0])
-    p = nn.Parameter(torch.ones(2**25, dtype=torch.float16), requires_grad=False)  # 64 MiB as bf16
-    before = huge()
-    CP.convert([p], torch.bfloat16)
-    assert p.dtype == torch.bfloat16 and bool((p == 1).all()) and huge() - before >= 48 * 1024
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc (Linux)")
 def test_converting_a_memory_mapped_checkpoint_hands_its_pages_back(tmp_path):
     """LLaMA converted once from a memory-mapped file: each source tensor's pages leave the process as it
