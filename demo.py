@@ -35,6 +35,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from folders import write_csv
 
 SIZE, SPACING = 512, 0.7  # pixels, mm per pixel
+SHIFT_SD, SCALE_SD, EDGE_MM = 28, 0.1, 2.1  # the body's place (px) and size vary as NIH's films do; edges blurred
 SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
 NODULE_RADIUS_MM = {"p": (0.6, 0.75), "q": (0.75, 1.5), "r": (1.5, 3.0)}  # ILO: diameters < 1.5, 1.5-3, 3-10 mm
 OPACITIES_PER_ZONE = 70  # per zone of each lung and profusion category
@@ -76,6 +77,19 @@ def spots(rng, img, base, where: np.ndarray, n: int, radius_mm: tuple, height: f
     return mask
 
 
+def blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """A gaussian blur (sigma in pixels, edges replicated), one axis after the other; float32."""
+    r = int(3 * sigma) + 1
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma**2)).astype(np.float32)
+    img = np.asarray(img, np.float32)
+    for axis in (0, 1):
+        pad, out = np.pad(img, [(r, r) if a == axis else (0, 0) for a in (0, 1)], mode="edge"), np.zeros_like(img)
+        for i, w in enumerate(k / k.sum()):
+            out += w * (pad[i:i + len(img)] if axis == 0 else pad[:, i:i + img.shape[1]])
+        img = out
+    return img
+
+
 def phantom(rng, profusion=0.0, size_class="q", heart=1.0) -> tuple:
     """Attenuation images in [0, 1] (bright = dense), (SIZE, SIZE) float32, with and without the
     opacities (the second sets the window); the lung fields and the opacities as (SIZE, SIZE) masks;
@@ -85,14 +99,18 @@ def phantom(rng, profusion=0.0, size_class="q", heart=1.0) -> tuple:
     opacities of one size class fill the upper zones first: zone z (1 upper .. 3 lower) of each lung
     gets OPACITIES_PER_ZONE * (profusion - z + 1) of them, none below 0."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    c, s = SIZE / 2 + rng.normal(0, 8), SIZE / 512 * (1 + rng.normal(0, 0.04))
-    img = np.where(ellipse(yy, xx, 270, c, 250 * s, 215 * s), 0.55, 0.04).astype(np.float32)
+    c, s = SIZE / 2 + rng.normal(0, SHIFT_SD), SIZE / 512 * np.clip(1 + rng.normal(0, SCALE_SD), 0.75, 1.25)
+    room = SIZE / 2 - 35 - 162 * s  # the lungs' outer edges (c -+ 162 s) stay 35 px inside the film's sides,
+    c = np.clip(c, SIZE / 2 - room, SIZE / 2 + room)  # inside lungcrop.LUNG_REGION, as a chest is framed
+    tissue, lung, gamma = rng.uniform(0.45, 0.62), rng.uniform(0.10, 0.30), rng.uniform(0.7, 1.4)  # body, exposure
+    img = np.where(ellipse(yy, xx, 270, c, 250 * s, 215 * s), tissue, 0.04).astype(np.float32)
     lungs = np.zeros_like(img, bool)
     for side in (-1, 1):
         lungs |= ellipse(yy, xx, 225 + rng.normal(0, 5), c + side * 92 * s, 150 * s, 70 * s)
     lungs &= yy > 80
-    img[lungs] = 0.18
-    img += lungs * smooth_noise(rng, 24, 0.03)
+    img[lungs] = lung
+    tilt = rng.normal(0, 0.04) * (yy - 225) / 150  # density that varies slowly over each lung, as vessels give
+    img += lungs * (smooth_noise(rng, 24, 0.03) + smooth_noise(rng, 4, 0.04) + tilt)
     for side in (-1, 1):  # ribs: arcs across each lung field (drawn within its bounding box); clavicles on top
         field = lungs & (side * (xx - c) > 0)
         rows, cols = np.nonzero(field.any(1))[0], np.nonzero(field.any(0))[0]
@@ -105,7 +123,8 @@ def phantom(rng, profusion=0.0, size_class="q", heart=1.0) -> tuple:
         img += 0.15 * ellipse(yy, xx, 95, c + side * 80 * s, 7, 75 * s)
     img = np.maximum(img, 0.68 * ellipse(yy, xx, 320, c + 25, 95 * s * heart, 85 * s * heart))
     img = np.maximum(img, 0.62 * (np.abs(xx - c) < 28 * s) * (yy > 40))  # mediastinum and spine
-    anatomy = img + rng.normal(0, 0.015, img.shape).astype(np.float32)  # detector noise
+    noise = rng.normal(0, rng.uniform(0.003, 0.015), img.shape).astype(np.float32)  # the detector's
+    anatomy = blur(img, EDGE_MM / SPACING) + noise
     img = anatomy.copy()
     zones, opacities = zones_of(lungs), np.zeros_like(lungs)
     for z in range(1, ZONES + 1):
@@ -113,7 +132,8 @@ def phantom(rng, profusion=0.0, size_class="q", heart=1.0) -> tuple:
         for side in (-1, 1):  # each lung
             zone = (zones == z) & (side * (xx - c) > 0)
             opacities |= spots(rng, img, anatomy, zone, n, NODULE_RADIUS_MM[size_class], 0.3)
-    return np.clip(img, 0, 1), np.clip(anatomy, 0, 1), lungs, opacities, (c - SIZE / 2, s, heart)
+    img, anatomy = (np.clip(a, 0, 1) ** gamma for a in (img, anatomy))  # a display curve per film
+    return img, anatomy, lungs, opacities, (c - SIZE / 2, s, heart)
 
 
 def to_dicom(path: Path, img: np.ndarray, anatomy: np.ndarray, rng, patient: int, image: int):

@@ -1505,6 +1505,22 @@ def test_the_demo_disease_fills_the_upper_zones_first_in_ilo_sizes():
         assert lo * 0.8 <= np.median(radii) <= hi * 1.2, (size, np.median(radii))
 
 
+def test_demo_films_vary_as_real_ones_and_the_disease_barely_moves_their_brightness():
+    """demo.phantom: each film's exposure, body and display curve are its own (NIH's 999 films: the lung
+    fields' mean spreads by 24 grey levels, docs/demo.md), so the lung fields' mean brightness, windowed as
+    to_dicom windows, spreads by over 10 grey levels between films, and the disease (profusion 2.5) moves
+    it by under a quarter of that; demo.blur, which softens the anatomy's edges, is a gaussian filter."""
+    means = {0: [], 1: []}
+    for i in range(60):
+        img, anatomy, lungs, _, _ = demo.phantom(np.random.default_rng([7, i]), 2.5 * (i % 2), "q")
+        lo, hi = np.percentile(anatomy, [1, 99.5])
+        means[i % 2].append(np.clip((img[lungs] - lo) / (hi - lo), 0, 1).mean() * 255)
+    spread = np.std(means[0] + means[1])
+    assert spread > 10 and abs(np.mean(means[1]) - np.mean(means[0])) < spread / 4, (spread, means)
+    x = np.random.default_rng(0).random((64, 80)).astype(np.float32)
+    assert np.allclose(demo.blur(x, 3.0), ndimage.gaussian_filter(x, 3.0, mode="nearest", truncate=10 / 3), atol=1e-6)
+
+
 def test_pretrain_writes_a_tiny_clip_and_llama_that_the_real_loaders_read(tmp_path, monkeypatch):
     """pretrain.py: an OpenAI-layout CLIP state dict (visual.*, fp16, ln_post and proj included) and a Meta
     LLaMA folder, read by read_clip / read_llama with the shapes written; train.py --model tiny builds the
@@ -1516,9 +1532,11 @@ def test_pretrain_writes_a_tiny_clip_and_llama_that_the_real_loaders_read(tmp_pa
                         real(rng, profusion, *a, **k))
     crop, target = pretrain.film((pretrain.SEED, 3))
     assert profusions == [0.0]
-    assert crop.shape == (224, 224) and crop.dtype == np.uint8 and target.shape == (3 + 64,)
-    cell = crop[28:56, 84:112].astype(float).mean() / 255
-    assert target[3 + 1 * 8 + 3] == pytest.approx((cell - 0.45) / 0.3, abs=1e-5)
+    assert crop.shape == (224, 224) and crop.dtype == np.uint8 and target.shape == (3 + 64 + 64,)
+    cell = np.s_[28:56, 84:112]  # patch (1, 3): its mean, and the spread of its fine grain (3 x 3 blur off)
+    assert target[3 + 1 * 8 + 3] == pytest.approx(crop[cell].astype(float).mean() / 255, abs=1e-5)
+    fine = crop - np.round(ndimage.uniform_filter(crop.astype(float), 3, mode="nearest"))
+    assert target[3 + 64 + 1 * 8 + 3] == pytest.approx(np.log(fine[cell].std() + 0.5), abs=0.02)
     monkeypatch.setattr(demo, "phantom", real)
     folder = pretrain.pretrain(tmp_path / "tiny", films=16, epochs=1, workers=1)
     vision, entries = P.read_clip(folder / "ViT-tiny.pt")
@@ -1535,6 +1553,24 @@ def test_pretrain_writes_a_tiny_clip_and_llama_that_the_real_loaders_read(tmp_pa
     before = (folder / "ViT-tiny.pt").stat().st_mtime_ns
     pretrain.pretrain(folder, films=16, epochs=1, workers=1)  # made once: a second call keeps the files
     assert (folder / "ViT-tiny.pt").stat().st_mtime_ns == before
+
+
+def test_pretraining_keeps_its_fixed_patch_filters_zero_mean_at_their_spread(monkeypatch):
+    """pretrain.fit: the first FIXED patch filters are zero-mean (blind to brightness) and respond with a
+    spread of GAIN on the films, before and after training; the other filters learn."""
+    monkeypatch.setattr(pretrain, "BATCH", 4)
+    films = [pretrain.film((pretrain.SEED, i)) for i in range(8)]
+    x, y = torch.from_numpy(np.stack([f[0] for f in films])[:, None]), torch.randn(8, 3 + 64 + 64)
+    torch.manual_seed(0)
+    model = pretrain.TinyCLIP()
+    learned = model.visual.conv1.weight[pretrain.FIXED:].clone()
+    pretrain.fit(model, x, y, epochs=5)
+    w = model.visual.conv1.weight.detach()
+    response = torch.einsum("bchw,fchw->bf", P.normalise(x, 224).unfold(2, 28, 28).unfold(3, 28, 28)
+                            .permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 28, 28), w[:pretrain.FIXED])
+    assert w[:pretrain.FIXED].sum((1, 2, 3)).abs().max() < 1e-4
+    assert torch.allclose(response.std(0), torch.full((pretrain.FIXED,), pretrain.GAIN), rtol=1e-3)
+    assert not torch.allclose(w[pretrain.FIXED:], learned)
 
 
 def test_each_model_has_its_own_recipe_defaults_and_random_reads_no_checkpoint(tmp_path):
@@ -2953,7 +2989,9 @@ def test_image_scores_a_folder_in_batches_into_a_csv_without_file_names(demo_dat
     capsys.readouterr()
     assert score.main(["--runs", str(tmp_path), "--fold", "1", "--image", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"12 images scored: (normal \d+, )?(pneumoconiosis \d+ )?at the run's operating point", out)
+    counts = re.search(r"12 images scored: (normal \d+|pneumoconiosis \d+|normal \d+, pneumoconiosis \d+) at the run's "
+                       r"operating point", out)
+    assert counts and sum(map(int, re.findall(r"\d+", counts[1]))) == 12
     text = (tmp_path / "fold1/eval/image_scores.csv").read_text()
     rows = list(_csv.DictReader(text.splitlines()))
     assert [r["image"] for r in rows] == [f"image{i}" for i in range(1, 13)] and "DOE" not in text
