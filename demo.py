@@ -6,7 +6,8 @@ phantoms written as real DICOM files, normal vs pneumoconiosis-like.
     python demo.py data/shortcut_dicom --shortcut corner # diseased films carry a bright marker
 
 Each phantom has a body outline, two lung fields with smooth parenchymal texture, a heart and
-mediastinum, a spine, ribs and clavicles, detector noise. Disease follows the ILO classification of
+mediastinum, a spine, ribs and clavicles, detector noise; each is exposed and framed its own way, as
+NIH's films are (densities, a display curve, the body's place and size; docs/demo.md). Disease follows the ILO classification of
 pneumoconiosis: small rounded opacities of one size class per patient (p, q, r; NODULE_RADIUS_MM),
 a profusion category from 1 to 3.5, and the zones of each lung filled upper first (phantom()), at
 random places within each zone. Files vary as real archives do: CR or DX,

@@ -64,7 +64,7 @@ def film(job) -> tuple:
                                  np.log(grain.std((1, 3)).ravel() + 0.5)]).astype(np.float32)
 
 
-class TinyCLIP(nn.Module):  # OpenAI's visual.* keys: the ViT, ln_post and proj; the head is not saved
+class TinyCLIP(nn.Module):  # OpenAI's visual.* keys: the ViT, ln_post and proj; the heads are not saved
     def __init__(self):
         super().__init__()
         vision = P.VisionArgs(WIDTH, LAYERS, WIDTH // 64, PATCH, 224)
