@@ -217,7 +217,7 @@ def convert(params: list, dtype):
     """In place, one tensor at a time; each source's whole pages go back to the OS at once (a memory-
     mapped checkpoint's pages would otherwise stay counted until the last tensor is converted). In the
     order the sources lie in memory (a checkpoint's own order), the next one read in by a thread while
-    this one converts: from a cold page cache, LLaMA-7B's start-up fell from 21-24 s to 15-16 s."""
+    this one converts: from a cold page cache, LLaMA-7B's start-up fell from 21-24 s to 15-20 s."""
     users = Counter(p.untyped_storage().data_ptr() for p in params)  # tied weights: one storage, two names
     todo = sorted((p for p in params if p.dtype != dtype), key=lambda p: p.data_ptr())  # in file order
     with ThreadPoolExecutor(1) as reader:
