@@ -235,23 +235,17 @@ def touch(t: torch.Tensor):  # one byte of each page read: a memory-mapped file'
 
 
 def release(t: torch.Tensor):
-    """Hands the pages of t, which is about to be dropped and shares its storage with nothing else,
-    back to the OS: file pages are dropped (read again if touched), private ones freed."""
-    if t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        advise(t, 4)  # MADV_DONTNEED
-
-
-def advise(t: torch.Tensor, advice: int):
-    """madvise over the pages that lie wholly inside t's storage. Linux and macOS; elsewhere nothing
-    (the pages go when the last tensor of the file goes)."""
+    """madvise(MADV_DONTNEED) over the pages that lie wholly inside t, which is about to be dropped
+    and shares its storage with nothing else: file pages are dropped (read again if touched), private
+    ones freed. Linux and macOS; elsewhere the pages go when the last tensor of the file goes."""
     storage = t.untyped_storage()
-    if not hasattr(ctypes, "CDLL") or os.name != "posix":
+    if storage.nbytes() != t.numel() * t.element_size() or not hasattr(ctypes, "CDLL") or os.name != "posix":
         return
     page = mmap.PAGESIZE
     start = -(-storage.data_ptr() // page) * page
     end = (storage.data_ptr() + storage.nbytes()) // page * page
     if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
 
 def upcast_while_running(block: torch.nn.Module, frozen: list, dtype, least=0):
