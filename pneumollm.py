@@ -28,10 +28,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 
-from safeload import CheckpointError, read_tensors, read_torchscript
+from safeload import CheckpointError, read_safetensors, read_tensors, read_torchscript
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -497,8 +496,7 @@ LLAMA_IGNORE = [
 def _safetensors(files) -> dict:
     out = {}
     for file in files:
-        f = safe_open(str(file), "pt")
-        out.update({k: Entry(str(file), k, (lambda f=f, k=k: f.get_tensor(k))) for k in f.keys()})
+        out.update({k: Entry(str(file), k, lambda t=t: t) for k, t in read_safetensors(file).items()})
     return out
 
 

@@ -14,10 +14,12 @@ import argparse
 import collections
 import copy
 import csv as _csv
+import ctypes
 import importlib.util
 import io
 import json
 import math
+import mmap
 import multiprocessing.pool
 import os
 import pickle
@@ -56,6 +58,7 @@ import probe as PB
 import radiographs as R
 import report
 import runs
+import safeload
 import score
 import sites
 import explain
@@ -435,6 +438,36 @@ def test_full_size_model_on_meta_has_the_papers_trainable_count():
     assert sum(p.numel() for p in model.trainable_parameters()) == 2_704_000
     assert model.args.cls_blocks == [4, 8, 12, 16, 20,
                                    24] and model.llama.layers[0].feed_forward.w1.weight.shape == (11008, 4096)
+
+
+def test_safetensors_are_read_from_their_header_as_safetensors_reads_them(tmp_path):
+    """safeload.read_safetensors (memory-mapped from the header, no per-tensor reads): every dtype the
+    format shares with torch, a scalar, an empty tensor and metadata come out as safetensors' own reader
+    gives them; a truncated file, a file that is not one, and an unknown dtype are refused by name."""
+    from safetensors import safe_open
+    g = torch.Generator().manual_seed(0)
+    tensors = {str(d): (torch.randn(3, 5, generator=g) * 100).to(d) for d in
+               (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32,
+                torch.int16, torch.int8, torch.uint8, torch.bool)}
+    tensors.update(scalar=torch.tensor(2.5), empty=torch.zeros(0, 4, dtype=torch.float16))
+    save_file(tensors, str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
+    got = safeload.read_safetensors(tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        want = {k: f.get_tensor(k) for k in f.keys()}
+    assert got.keys() == want.keys() == tensors.keys()
+    assert all(got[k].dtype == want[k].dtype and got[k].shape == want[k].shape and torch.equal(got[k], want[k])
+               for k in want)
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(P.CheckpointError, match=r"cut\.safetensors: tensor .* claims bytes .* damaged or truncated"):
+        safeload.read_safetensors(tmp_path / "cut.safetensors")
+    (tmp_path / "no.safetensors").write_bytes(b"\x10" + bytes(30))
+    with pytest.raises(P.CheckpointError, match=r"no\.safetensors: not a safetensors file"):
+        safeload.read_safetensors(tmp_path / "no.safetensors")
+    head = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    (tmp_path / "f8.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + bytes(2))
+    with pytest.raises(P.CheckpointError, match=r"f8\.safetensors: tensor 'w' is .*F8_E4M3.*not a dtype this reader"):
+        safeload.read_safetensors(tmp_path / "f8.safetensors")
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
@@ -862,22 +895,50 @@ def test_cpu_scoring_keeps_freed_blocks_so_a_batch_does_not_fault_its_pages_afre
     assert int(plain) > 2 * 16384 * 0.9 and int(kept) < 2000 and said == "True"
 
 
+def test_cast_between_fp16_and_bf16_gives_torchs_bits():
+    """cpu_policy.cast goes through fp32 a chunk at a time (torch's direct kernel is 3x slower): every
+    one of the 65,536 fp16 bit patterns and of the bf16 ones comes out as torch's .to gives it (NaN as
+    NaN), across chunk edges and in 2-D; a tensor that is not contiguous takes torch's own path."""
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    for a, b in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        x = every.view(a).reshape(256, 256)
+        got, want = CP.cast(x, b, chunk=1000), x.to(b)  # 65,536 = 65 chunks of 1,000 and a part one
+        assert got.shape == (256, 256) and got.dtype == b and torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got[~want.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
+    t = torch.randn(64, 32).half().t()
+    assert torch.equal(CP.cast(t, torch.bfloat16), t.to(torch.bfloat16)) and not t.is_contiguous()
+
+
+def page_cache_share(path: Path) -> float:
+    """The share of a file's pages in the page cache: mincore(2) over a fresh mapping of it."""
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    pages = -(-m.size() // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    assert ctypes.CDLL(None).mincore(ctypes.c_void_p(np.frombuffer(m, np.uint8).ctypes.data),
+                                     ctypes.c_size_t(m.size()), vec) == 0
+    return sum(v & 1 for v in vec) / pages
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc (Linux)")
 def test_converting_a_memory_mapped_checkpoint_hands_its_pages_back(tmp_path):
     """LLaMA converted once from a memory-mapped file: each source tensor's pages leave the process as it
     is converted, so that the file pages and the converted copy never add up (13 + 13 GB at real size)."""
     torch.save({f"w{i}": torch.randn(2048, 2048).half() for i in range(8)}, tmp_path / "c.pth")  # 8 x 8 MiB
+    with open(tmp_path / "c.pth", "rb") as f:
+        os.fsync(f.fileno())  # written back: only clean pages can leave the page cache
     sd = torch.load(tmp_path / "c.pth", mmap=True, weights_only=True)
     params = [torch.nn.Parameter(t, requires_grad=False) for t in sd.values()]
     del sd
     rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("RssFile:")).split()[1]) / 1024
     before = rss()
     assert sum(float(p.float().sum()) for p in params) != 0  # every page read: 64 MiB mapped
-    touched = rss()
+    touched, cached = rss(), page_cache_share(tmp_path / "c.pth")
     CP.convert(params[:4], torch.bfloat16)  # half of them: the file is still mapped for the other half
     half = rss()
     CP.convert(params[4:], torch.bfloat16)
     assert touched - before > 60 and 28 < half - before < 36 and rss() - before < 4, (before, touched, half, rss())
+    assert cached > 0.95 and page_cache_share(tmp_path / "c.pth") < 0.05  # out of the page cache too
     assert all(p.dtype == torch.bfloat16 for p in params)
     sums = [float(p.float().sum()) for p in params]  # the converted copies are intact
     assert sums == [float(t.bfloat16().float().sum()) for t in
