@@ -66,8 +66,7 @@ def random_model(args, device, dtype):
 
 
 def timed(fn, device, warmup, iters) -> tuple[float, float]:
-    """(first call, median of `iters` calls after `warmup` more) in seconds; the first call pays for
-    compilation, autotuning and the allocator's growth."""
+    """(first call, median of `iters` calls after `warmup` more) in s; the first pays for compiling and so on."""
     times = []
     for _ in range(1 + warmup + iters):
         if device.type == "cuda":
@@ -142,20 +141,22 @@ def load_full(clip: Path, llama: Path, floors=False, cpu_dtype="auto"):
     """In a fresh process, scoring as eval.py does on a CPU (the frozen weights read as stored, memory-
     mapped; then common.for_cpu_scoring's measured dtypes; common.predict, no autocast): start-up from a
     cold page cache (the files' pages dropped first; reading and converting included), the first image,
-    one image again, a batch of 16, peak RSS, each against its goal; with `floors`, where the time goes.
-    Last, one image with the weights as stored (the previous policy; after the peak RSS is read)."""
+    one image again, a batch of 16, peak RSS, each against its goal; with `floors`, where the time goes;
+    last, one image with the weights as stored (after the peak RSS is read)."""
     files = [clip, *llama.glob("*")]
     for f in files if hasattr(os, "posix_fadvise") else []:  # as after a reboot, whichever layout ran last
-        fd = os.open(f, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-    size, t = sum(f.stat().st_size for f in files) / 2**30, time.perf_counter()
+        with open(f, "rb") as fh:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    t = time.perf_counter()
+    np.ones(2**25)  # 256 MiB of new memory: slow to fault in on a VM whose host has taken freed memory back
+    fresh, size, t = (time.perf_counter() - t) * 4, sum(f.stat().st_size for f in files) / 2**30, time.perf_counter()
     model = P.from_pretrained(clip, llama, "cpu").eval()
     force = None if cpu_dtype == "auto" else cpu_dtype
     line = "weights as stored" if cpu_dtype == "stored" else CP.for_cpu_scoring(model, force)
     startup = time.perf_counter() - t
     print(f"{llama.name}: files {size:.2f} GiB; {torch.get_num_threads()} threads; {line}\n"
-          f"  start-up {startup:.1f} s (goal {GOALS['startup']:.0f} s)", flush=True)
+          f"  start-up {startup:.1f} s (goal {GOALS['startup']:.0f} s); just before, new memory cost {fresh:.2f} s "
+          f"per GiB to fault in: {fresh * size:.1f} s for the files' size on one thread", flush=True)
     cfg, res = dict(device="cpu", dtype="as stored", norm="clip"), model.args.vision.image_size
     images = torch.randint(0, 256, (16, 1, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 

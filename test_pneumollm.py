@@ -930,7 +930,8 @@ def test_converting_a_memory_mapped_checkpoint_hands_its_pages_back(tmp_path):
     sd = torch.load(tmp_path / "c.pth", mmap=True, weights_only=True)
     params = [torch.nn.Parameter(t, requires_grad=False) for t in sd.values()]
     del sd
-    rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("RssFile:")).split()[1]) / 1024
+    rss = lambda: int(next(l for l in Path("/proc/self/status").read_text().splitlines()
+                           if l.startswith("RssFile:")).split()[1]) / 1024
     before = rss()
     assert sum(float(p.float().sum()) for p in params) != 0  # every page read: 64 MiB mapped
     touched, cached = rss(), page_cache_share(tmp_path / "c.pth")
