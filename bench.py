@@ -129,6 +129,10 @@ def bench_read_vit(d: Path):  # from here: full size, random ViT-L/14 and LLaMA-
         print(f"ViT-L-14.pt ({size:.2f} GiB) {how}: private memory +{anon} GiB, file pages +{file} GiB")
 
 
+def usage() -> tuple:  # this process's CPU seconds so far (user, kernel) and page faults
+    return *os.times()[:2], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def status(key: str) -> float:  # GiB, from /proc/self/status: VmRSS, VmHWM (peak), RssAnon, RssFile
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
     return int(line.split()[1]) / 2**20
@@ -147,16 +151,14 @@ def load_full(clip: Path, llama: Path, floors=False, cpu_dtype="auto"):
     for f in files if hasattr(os, "posix_fadvise") else []:  # as after a reboot, whichever layout ran last
         with open(f, "rb") as fh:
             os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    t = time.perf_counter()
-    np.ones(2**25)  # 256 MiB of new memory: slow to fault in on a VM whose host has taken freed memory back
-    fresh, size, t = (time.perf_counter() - t) * 4, sum(f.stat().st_size for f in files) / 2**30, time.perf_counter()
+    size, t, before = sum(f.stat().st_size for f in files) / 2**30, time.perf_counter(), usage()
     model = P.from_pretrained(clip, llama, "cpu").eval()
     force = None if cpu_dtype == "auto" else cpu_dtype
     line = "weights as stored" if cpu_dtype == "stored" else CP.for_cpu_scoring(model, force)
-    startup = time.perf_counter() - t
+    startup, (cpu, kernel, faults) = time.perf_counter() - t, (b - a for a, b in zip(before, usage()))
     print(f"{llama.name}: files {size:.2f} GiB; {torch.get_num_threads()} threads; {line}\n"
-          f"  start-up {startup:.1f} s (goal {GOALS['startup']:.0f} s); just before, new memory cost {fresh:.2f} s "
-          f"per GiB to fault in: {fresh * size:.1f} s for the files' size on one thread", flush=True)
+          f"  start-up {startup:.1f} s (goal {GOALS['startup']:.0f} s): CPU {cpu:.1f} s, kernel {kernel:.1f} s, "
+          f"{faults / 1e6:.1f} M page faults (on a VM whose host took freed memory back, slow ones)", flush=True)
     cfg, res = dict(device="cpu", dtype="as stored", norm="clip"), model.args.vision.image_size
     images = torch.randint(0, 256, (16, 1, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
@@ -309,8 +311,7 @@ def spread(folders: list):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=Help)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
     ap.add_argument("--prepare", metavar="LABELS", help="time prepare.py on this label file's images, side by "
                     "side with --against")
     ap.add_argument("--against", default="c812046", help="a git commit whose prepare.py --prepare also times, side by "
@@ -318,8 +319,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py's processes for --prepare")
     ap.add_argument("--repeat", type=int, default=3, help="--prepare: runs of each, taking turns (medians)")
     ap.add_argument("--model", choices=list(SIZES), default="tiny", help="full: ViT-L/14 + LLaMA-7B, random")
-    ap.add_argument("--dtype", choices=list(C.DTYPES),
-                    help="frozen weights, autocast (default: fp16 GPU, fp32 CPU)")
+    ap.add_argument("--dtype", choices=list(C.DTYPES), help="frozen weights, autocast (default: fp16 GPU, fp32 CPU)")
     ap.add_argument("--batch", type=int, default=16, help="images per step")
     ap.add_argument("--iters", type=int, default=10, help="timed steps (after the warm-up)")
     C.runtime_flags(ap)
