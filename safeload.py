@@ -61,14 +61,14 @@ def read_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a safetensors file (no JSON header); not loaded")
     raw, out = np.memmap(path, np.uint8, "c") if size > 8 + n else None, {}
     for key, h in header.items():
+        if key == "__metadata__":
+            continue
         try:
-            if key != "__metadata__":
-                dtype, shape, (start, end) = _SAFETENSORS[h["dtype"]], [int(s) for s in h["shape"]], h["data_offsets"]
+            dtype, shape, (start, end) = _SAFETENSORS[h["dtype"]], [int(s) for s in h["shape"]], h["data_offsets"]
+            start, end = int(start), int(end)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {key!r} is {h!r}, not a dtype this reader knows "
                                   f"({', '.join(_SAFETENSORS)}), shape and data offsets; not loaded") from None
-        if key == "__metadata__":
-            continue
         nbytes = math.prod(shape) * dtype.itemsize
         if not 0 <= start <= end <= size - 8 - n or end - start != nbytes or min(shape, default=0) < 0:
             raise CheckpointError(f"{path}: tensor {key!r} ({h['dtype']} {shape}) claims bytes {start} to {end} "

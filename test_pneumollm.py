@@ -468,6 +468,10 @@ def test_safetensors_are_read_from_their_header_as_safetensors_reads_them(tmp_pa
     (tmp_path / "f8.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + bytes(2))
     with pytest.raises(P.CheckpointError, match=r"f8\.safetensors: tensor 'w' is .*F8_E4M3.*not a dtype this reader"):
         safeload.read_safetensors(tmp_path / "f8.safetensors")
+    head = json.dumps({"w": {"dtype": "F16", "shape": [1], "data_offsets": [2]}}).encode()
+    (tmp_path / "one.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + bytes(2))
+    with pytest.raises(P.CheckpointError, match=r"one\.safetensors: tensor 'w' is .*shape and data offsets"):
+        safeload.read_safetensors(tmp_path / "one.safetensors")
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
