@@ -158,7 +158,7 @@ def load_full(clip: Path, llama: Path, floors=False, cpu_dtype="auto"):
     startup, (cpu, kernel, faults) = time.perf_counter() - t, (b - a for a, b in zip(before, usage()))
     print(f"{llama.name}: files {size:.2f} GiB; {torch.get_num_threads()} threads; {line}\n"
           f"  start-up {startup:.1f} s (goal {GOALS['startup']:.0f} s): CPU {cpu:.1f} s, kernel {kernel:.1f} s, "
-          f"{faults / 1e6:.1f} M page faults (on a VM whose host took freed memory back, slow ones)", flush=True)
+          f"{faults / 1e6:.1f} M page faults (docs/performance.md: when new memory is slow)", flush=True)
     cfg, res = dict(device="cpu", dtype="as stored", norm="clip"), model.args.vision.image_size
     images = torch.randint(0, 256, (16, 1, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
