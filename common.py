@@ -290,7 +290,8 @@ def load_run(run: Path, device=None, keep_checkpoint_dtype=False, cpu_dtype="aut
     """A finished run's model with the weights of its chosen epoch, and its config. On a CPU,
     keep_checkpoint_dtype scores with the frozen weights read as the checkpoints store them (memory-
     mapped, never copied: LLaMA-7B in fp32 would need 27 GB), then each part put in the dtype this CPU
-    multiplies fastest (for_cpu_scoring; `cpu_dtype` forces one, "stored" keeps them), without autocast."""
+    multiplies fastest (for_cpu_scoring; `cpu_dtype` forces one, "stored" keeps them), without autocast;
+    LLaMA's conversion goes on in the background while the caller reads its films."""
     cfg = read_config(run)
     check_frozen_files(cfg, run)
     cfg["device"] = device or available(cfg["device"])
@@ -300,7 +301,7 @@ def load_run(run: Path, device=None, keep_checkpoint_dtype=False, cpu_dtype="aut
     if as_stored:
         cfg["dtype"] = "as stored"
         if cpu_dtype != "stored":
-            cfg["cpu_scoring"] = for_cpu_scoring(model, None if cpu_dtype == "auto" else cpu_dtype)
+            cfg["cpu_scoring"] = for_cpu_scoring(model, None if cpu_dtype == "auto" else cpu_dtype, background=True)
             print(cfg["cpu_scoring"])
     return model, cfg
 

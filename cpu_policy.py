@@ -156,8 +156,10 @@ def choose_cpu_dtypes(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -
     return out
 
 
-def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> str:
-    """Puts each frozen part in the dtype choose_cpu_dtypes picks; returns the line that says so."""
+def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30, background=False) -> str:
+    """Puts each frozen part in the dtype choose_cpu_dtypes picks; returns the line that says so.
+    `background`: LLaMA's blocks (13 GB to read from disk and convert) are converted in a thread of their
+    own while the caller goes on (reading and cropping its films); LLaMA's first call waits for them."""
     frozen, said = {id(p) for p in model.frozen_parameters()}, []
     for name, (dtype, how, gflops, least, first) in choose_cpu_dtypes(model, force, rates, spare).items():
         module, blocks, rows = cpu_parts(model)[name][:3]
@@ -165,12 +167,16 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> 
         vit = name == "ViT" and how != "upcast"  # its blocks reshaped for speed (scoring only)
         folded = fold_quick_gelu(blocks, t) if vit else 0
         merged = vit and any(isinstance(b.adapter_attn, P.RepAdapter) for b in blocks)
+        later = background and name == "LLaMA" and how == "converted"
         if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
             convert([p for p in module.parameters() if id(p) in frozen and id(p) not in inside], t)
             for b in blocks:
                 upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t, least)
         else:  # converted, or as stored
-            convert([p for p in module.parameters() if id(p) in frozen], t)
+            params = [p for p in module.parameters() if id(p) in frozen]
+            convert([p for p in params if not later or id(p) not in inside], t)
+            if later:
+                in_background(module, [p for p in params if id(p) in inside], t)
             if merged:  # 0.02 s per image of a batch on 2 cores; LLaMA's would add 10 s of start-up
                 model.merge_adapters(llm=False)
         why = "forced" if force else (f"the CPU's flags say {first}; GFLOP/s here, best of {TRIES}: "
@@ -178,11 +184,21 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30) -> 
                                       if gflops else "nothing wider to try")
         images = f" for batches of {max(1, 16 * least // rows)}+ images (smaller ones in the stored dtype)" \
             if least > rows // 16 else ""
-        said.append(f"{name} in {dtype}, {how}{' block by block' + images if how == 'upcast' else ''} ({why})"
+        said.append(f"{name} in {dtype}, {how}{' block by block' + images if how == 'upcast' else ''}"
+                    + (" in the background (its first call waits for it)" if later else "") + f" ({why})"
                     + (", its adapters merged into q/k/v" if merged else "")
                     + (", its QuickGELU folded into one silu" if folded else ""))
     kept = "; freed memory kept for reuse" if keep_freed_blocks() else ""
     return "scoring on this CPU: " + "; ".join(said) + kept
+
+
+def in_background(module: torch.nn.Module, params: list, dtype):
+    """convert(params, dtype) in a thread of its own; the module's forward waits for it, and raises what
+    it raised. A process that ends first waits for it too (the thread is not killed mid-tensor)."""
+    pool = ThreadPoolExecutor(1)
+    done = pool.submit(convert, params, dtype)
+    pool.shutdown(wait=False)
+    module.register_forward_pre_hook(lambda *_: done.result())
 
 
 def keep_freed_blocks() -> bool:

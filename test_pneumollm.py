@@ -28,6 +28,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import types
 import zipfile
 from pathlib import Path
@@ -53,6 +55,7 @@ import demo
 import pretrain
 import eval as ev
 import external
+import fullsize
 import labels as L
 import probe as PB
 import radiographs as R
@@ -790,6 +793,40 @@ def test_cpu_scoring_follows_the_measured_rates_and_stays_close_to_fp32(fast, wa
         torch.testing.assert_close(torch.as_tensor(batched), rounded, rtol=0, atol=1e-6)
 
 
+def test_llama_converted_in_the_background_is_waited_for(monkeypatch):
+    """for_cpu_scoring(background=True), as the scripts call it: LLaMA's blocks are converted in another
+    thread (still fp16 when it returns; the final norm, outside the blocks, already bf16), LLaMA's first
+    call waits for them and scores exactly as the model converted in the foreground; an error in the
+    thread is raised by that call."""
+    convert, main = CP.convert, threading.get_ident()
+
+    def slow(params, dtype):  # the thread's conversion held back 0.3 s: the first call must wait for it
+        if threading.get_ident() != main:
+            time.sleep(0.3)
+        convert(params, dtype)
+    model = C.cast_frozen(tiny(), torch.float16)
+    ahead = copy.deepcopy(model)
+    CP.for_cpu_scoring(ahead, rates=fake_rates("bf16"))
+    monkeypatch.setattr(CP, "convert", slow)
+    line = CP.for_cpu_scoring(model, rates=fake_rates("bf16"), background=True)
+    assert "LLaMA in bf16, converted in the background (its first call waits for it) (the CPU" in line
+    blocks = [p for p in model.llama.layers.parameters() if not p.requires_grad]
+    assert {p.dtype for p in blocks} == {torch.float16} and model.llama.norm.weight.dtype == torch.bfloat16
+    cfg, images = dict(device="cpu", dtype="as stored", norm="clip"), torch.zeros(2, 1, 224, 224, dtype=torch.uint8)
+    np.testing.assert_array_equal(C.predict(model, images, cfg), C.predict(ahead, images, cfg))
+    assert {p.dtype for p in blocks} == {torch.bfloat16}
+
+    def broken(params, dtype):
+        if threading.get_ident() != main:
+            raise OSError("the disk went away")
+        convert(params, dtype)
+    monkeypatch.setattr(CP, "convert", broken)
+    model = C.cast_frozen(tiny(), torch.float16)
+    CP.for_cpu_scoring(model, rates=fake_rates("bf16"), background=True)
+    with pytest.raises(OSError, match="the disk went away"):
+        C.predict(model, images, cfg)
+
+
 def test_quick_gelu_folded_for_cpu_scoring_still_matches_transformers(clip_files, llama_files):
     """Scoring on a CPU folds QuickGELU's 1.702 into c_fc and c_proj (one silu pass instead of three): the
     folded fp32 ViT's CLS tokens still equal transformers' QuickGELU CLIPVisionModel; c_fc is 1.702 times
@@ -967,9 +1004,10 @@ def test_eval_scores_with_the_policy_and_says_so(demo_runs, monkeypatch, capsys)
     monkeypatch.setattr(C, "build", lambda cfg, as_stored: C.cast_frozen(build(cfg, as_stored), torch.float16))
     monkeypatch.setattr(CP, "matmul_rate", fake_rates("bf16"))
     model, cfg = C.load_run(demo_runs / "fold1", keep_checkpoint_dtype=True)
-    assert cfg["dtype"] == "as stored" and model.llama.layers[0].attention.wq.weight.dtype == torch.bfloat16
     assert "ViT in bf16, converted (the CPU's flags say fp16; GFLOP/s here, best of 5: fp16 5, bf16 300, fp32 50)" \
-        in capsys.readouterr().out
+        in capsys.readouterr().out and "LLaMA in bf16, converted in the background" in cfg["cpu_scoring"]
+    C.predict(model, np.zeros((1, 1, cfg["size"], cfg["size"]), np.uint8), cfg)  # LLaMA's first call waits
+    assert cfg["dtype"] == "as stored" and model.llama.layers[0].attention.wq.weight.dtype == torch.bfloat16
     model, _ = C.load_run(demo_runs / "fold1", keep_checkpoint_dtype=True, cpu_dtype="stored")
     assert {p.dtype for p in model.frozen_parameters()} == {torch.float16}
     assert "scoring on this CPU" not in capsys.readouterr().out
@@ -3363,37 +3401,40 @@ def test_bench_counts_the_flops_that_run(clip_files, llama_files):
         h = model.proj(torch.cat([src, model.engine(src)], 1))
         with FlopCounterMode(display=False) as llama:
             model.llama(h, P.emitter_mask(4, 4))
-    assert bench.flops(model.args) == (vit.get_total_flops(), llama.get_total_flops())
+    assert fullsize.flops(model.args) == (vit.get_total_flops(), llama.get_total_flops())
 
 
 def test_bench_scores_as_eval_does_at_batch_1_and_16(clip_files, tmp_path, capsys):
     """`bench.py --load`'s measurement, on tiny checkpoints in the real formats: eval.py's policy line, the
     first image, one image, a batch of 16 and start-up against their goals, the floor from this run's
     rates and each dtype's precision; fp32 weights are never narrowed."""
-    bench.load_full(clip_files["jit"], write_llama(tmp_path, 4)["meta"], floors=True)
+    fullsize.load_full(clip_files["jit"], write_llama(tmp_path, 4)["meta"], floors=True)
     out = capsys.readouterr().out
     assert "scoring on this CPU: ViT in fp32, as stored (nothing wider to try), its adapters merged into q/k/v, " \
            "its QuickGELU folded into one silu; LLaMA in fp32" in out
-    assert len(re.findall(r"(first image|one image|a batch of 16, best of 3): [\d.]+ s per image", out)) == 3
+    assert len(re.findall(r"(first image \(LLaMA's first call waits for its conversion\)|one image|a batch of 16, best of 3): "
+                          r"[\d.]+ s per image", out)) == 3
     assert re.search(r"goals met: batch (yes|NO), one (yes|NO), startup (yes|NO), rss (yes|NO)", out)
     assert re.search(r"products at batch 16, GFLOP/s at their own shapes with their weights streamed \(on one square "
                      r"layer reused\): ViT in torch.float32 \d+ \(\d+\), LLaMA in torch.float32 \d+ \(\d+\)", out)
-    assert re.search(r"start-up [\d.]+ s \(goal 20 s\): CPU [\d.]+ s, kernel [\d.]+ s, [\d.]+ M page faults", out)
+    assert re.search(r"start-up [\d.]+ s \(goal 20 s\)\n", out)
+    assert re.search(r"first score [\d.]+ s after the start: CPU [\d.]+ s, kernel [\d.]+ s, [\d.]+ M page faults", out)
+    assert re.search(r"the files alone take [\d.]+ s to read from disk", out)
     assert re.search(r"floor per image at batch 16: .* measured [\d.]+ s = [\d.]+x the floor", out)
     assert re.search(r"bf16 against fp32: the ViT's CLS tokens off by at most \d\.\de-0\d", out)
     assert "one image with the weights as stored (no conversion)" in out
 
 
 def test_the_floor_times_each_parts_own_products_through_distinct_copies(monkeypatch):
-    """bench.products_rate: every frozen 2-D weight of a block, at its own shape, in the dtype asked for, on the
+    """fullsize.products_rate: every frozen 2-D weight of a block, at its own shape, in the dtype asked for, on the
     rows asked for, through one distinct copy per block of the part (a cache must not hold the next one)."""
     blocks = P.Llama(P.tiny_args()).layers
     for b in blocks:
         b.requires_grad_(False)
     calls = []
-    monkeypatch.setattr(bench.F, "linear", lambda x, w: calls.append((x.shape[0], tuple(w.shape), w.dtype,
+    monkeypatch.setattr(fullsize.F, "linear", lambda x, w: calls.append((x.shape[0], tuple(w.shape), w.dtype,
                                                                        w.data_ptr())))
-    assert bench.products_rate(blocks, 160, torch.bfloat16) > 0
+    assert fullsize.products_rate(blocks, 160, torch.bfloat16) > 0
     shapes = [tuple(p.shape) for p in blocks[0].parameters() if p.dim() == 2]
     assert len(calls) == 4 * len(blocks) * len(shapes) and {(r, d) for r, _, d, _ in calls} == {(160, torch.bfloat16)}
     assert sorted(c[1] for c in calls[:len(calls) // 4]) == sorted(shapes * len(blocks))
