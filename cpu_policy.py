@@ -194,7 +194,8 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30, bac
 
 def in_background(module: torch.nn.Module, params: list, dtype):
     """convert(params, dtype) in a thread of its own; the module's forward waits for it, and raises what
-    it raised. A process that ends first waits for it too (the thread is not killed mid-tensor)."""
+    it raised. A process that ends first stops it at the next tensor (convert's reader is a thread pool,
+    which takes no new work once the interpreter shuts down) instead of waiting for all of them."""
     pool = ThreadPoolExecutor(1)
     done = pool.submit(convert, params, dtype)
     pool.shutdown(wait=False)

@@ -827,6 +827,23 @@ def test_llama_converted_in_the_background_is_waited_for(monkeypatch):
         C.predict(model, images, cfg)
 
 
+def test_a_process_that_ends_does_not_wait_for_its_background_conversion():
+    """A script that stops before scoring (every film unreadable: exit 2) ends at once: the conversion,
+    here held back to 1 s a tensor (18 s for the tiny LLaMA's blocks), stops at the next tensor."""
+    code = ("import sys, threading, time, torch, common as C, cpu_policy as CP, pneumollm as P\n"
+            "cast, main = CP.cast, threading.main_thread()\n"
+            "CP.cast = lambda t, d: time.sleep(threading.current_thread() != main) or cast(t, d)  # a slow disk\n"
+            "model = C.cast_frozen(P.PneumoLLM(P.tiny_args()), torch.float16)\n"
+            "rates = lambda rows, width, dtype, stored, per_call: 300.0 if dtype == torch.bfloat16 else 5.0\n"
+            "print(CP.for_cpu_scoring(model, rates=rates, background=True))\n"
+            "print(sum(p.dtype == torch.float16 for p in model.llama.layers.parameters()), time.perf_counter())\n"
+            "sys.exit(2)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
+    ended, (left, at) = time.perf_counter(), run.stdout.split()[-2:]
+    assert run.returncode == 2 and "LLaMA in bf16, converted in the background" in run.stdout, run.stderr
+    assert int(left) >= 17 and ended - float(at) < 5  # the same clock (CLOCK_MONOTONIC) in both processes
+
+
 def test_quick_gelu_folded_for_cpu_scoring_still_matches_transformers(clip_files, llama_files):
     """Scoring on a CPU folds QuickGELU's 1.702 into c_fc and c_proj (one silu pass instead of three): the
     folded fp32 ViT's CLS tokens still equal transformers' QuickGELU CLIPVisionModel; c_fc is 1.702 times
