@@ -5,7 +5,8 @@ LLaMA-7B in fp32 would need 27 GB); a part is converted once where the copy is s
 by block as it runs where it is not, and only where a measured matrix product says it pays. The ViT,
 a copy of its own, is also reshaped for speed: adapters merged into q/k/v, QuickGELU folded into one
 silu; and freed memory is kept for the next batch (keep_freed_blocks). eval's scripts call
-for_cpu_scoring through common.load_run; bench.py --load prints the choice.
+for_cpu_scoring through common.load_run, which converts LLaMA in the background (in_background) while
+they read their films; bench.py --load prints the choice.
 """
 import ctypes
 import hashlib
