@@ -41,7 +41,8 @@ def load_full(clip: Path, llama: Path, floors=False, cpu_dtype="auto"):
     line = "weights as stored" if cpu_dtype == "stored" else CP.for_cpu_scoring(model, force, background=True)
     startup = time.perf_counter() - t
     print(f"{llama.name}: files {size:.2f} GiB; {torch.get_num_threads()} threads; {line}\n"
-          f"  start-up {startup:.1f} s (goal {GOALS['startup']:.0f} s)", flush=True)
+          f"  start-up {startup:.1f} s (goal {GOALS['startup']:.0f} s): the model takes images"
+          + (" (LLaMA still converting)" if "background" in line else ""), flush=True)
     cfg, res = dict(device="cpu", dtype="as stored", norm="clip"), model.args.vision.image_size
     images = torch.randint(0, 256, (16, 1, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
