@@ -175,9 +175,11 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30, bac
                 upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t, least)
         else:  # converted, or as stored
             params = [p for p in module.parameters() if id(p) in frozen]
-            convert([p for p in params if not later or id(p) not in inside], t)
-            if later:
+            if later:  # the blocks in a thread of their own, the rest (LLaMA's final norm) now
+                convert([p for p in params if id(p) not in inside], t)
                 in_background(module, [p for p in params if id(p) in inside], t)
+            else:
+                convert(params, t)
             if merged:  # 0.02 s per image of a batch on 2 cores; LLaMA's would add 10 s of start-up
                 model.merge_adapters(llm=False)
         why = "forced" if force else (f"the CPU's flags say {first}; GFLOP/s here, best of {TRIES}: "
@@ -206,8 +208,9 @@ def in_background(module: torch.nn.Module, params: list, dtype):
 def keep_freed_blocks() -> bool:
     """glibc gives every freed block over 32 MiB back to the OS (a ViT batch's MLP activations: 34 MB),
     so the next batch faults every page in afresh, which made a 34 MB copy 5x as slow on one Xeon and a
-    batch of 16 through ViT-L/14 and LLaMA-7B 8 % slower. From here on (after the conversion, whose
-    sources still go back) freed blocks of any size stay for reuse: mallopt's mmap and trim thresholds.
+    batch of 16 through ViT-L/14 and LLaMA-7B 8 % slower. From here on (after the conversion, or beside
+    LLaMA's in the background: its sources, file pages, still go back) freed blocks of any size stay for
+    reuse: mallopt's mmap and trim thresholds.
     Returns whether the C library took it (glibc does; elsewhere nothing changes)."""
     try:
         libc = ctypes.CDLL(None)
