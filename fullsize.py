@@ -39,10 +39,10 @@ def load_full(clip: Path, llama: Path, floors=False, cpu_dtype="auto"):
     model = P.from_pretrained(clip, llama, "cpu").eval()
     force = None if cpu_dtype == "auto" else cpu_dtype
     line = "weights as stored" if cpu_dtype == "stored" else CP.for_cpu_scoring(model, force, background=True)
-    startup = time.perf_counter() - t
+    startup, later = time.perf_counter() - t, "in the background" in line
     print(f"{llama.name}: files {size:.2f} GiB; {torch.get_num_threads()} threads; {line}\n"
           f"  start-up {startup:.1f} s (goal {GOALS['startup']:.0f} s): the model takes images"
-          + (" (LLaMA still converting)" if "background" in line else ""), flush=True)
+          + (" (LLaMA still converting)" if later else ""), flush=True)
     cfg, res = dict(device="cpu", dtype="as stored", norm="clip"), model.args.vision.image_size
     images = torch.randint(0, 256, (16, 1, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
@@ -55,7 +55,7 @@ def load_full(clip: Path, llama: Path, floors=False, cpu_dtype="auto"):
         print(f"  {what}: {s:.3f} s per image" + (f" (goal {goal} s)" if goal else ""), flush=True)
         return s
 
-    measure(1, "first image (LLaMA's first call waits for its conversion)")
+    measure(1, "first image" + (" (LLaMA's first call waits for its conversion)" if later else ""))
     score, (cpu, kernel, faults) = time.perf_counter() - t, (b - a for a, b in zip(before, usage()))
     print(f"  first score {score:.1f} s after the start: CPU {cpu:.1f} s, kernel {kernel:.1f} s, {faults / 1e6:.1f} M "
           "page faults (docs/performance.md: when new memory is slow)", flush=True)
@@ -73,9 +73,10 @@ def load_full(clip: Path, llama: Path, floors=False, cpu_dtype="auto"):
     measure(1, "one image with the weights as stored (no conversion)")
 
 
-def uncache(f: Path, at=0, n=0):  # the file's pages (n bytes from `at`; 0: all) out of the page cache (Linux)
-    with open(f, "rb") as fh:
-        os.posix_fadvise(fh.fileno(), at, n, os.POSIX_FADV_DONTNEED)
+def uncache(f: Path, at=0, n=0):  # the file's pages (n bytes from `at`; 0: all) out of the page cache
+    if hasattr(os, "posix_fadvise"):  # elsewhere (macOS) they stay: the start and the read may be warm
+        with open(f, "rb") as fh:
+            os.posix_fadvise(fh.fileno(), at, n, os.POSIX_FADV_DONTNEED)
 
 
 def read_time(files: list) -> float:  # s to read the files from disk, their pages dropped before and behind
