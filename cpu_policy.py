@@ -169,17 +169,17 @@ def for_cpu_scoring(model: P.PneumoLLM, force=None, rates=None, spare=2**30, bac
         folded = fold_quick_gelu(blocks, t) if vit else 0
         merged = vit and any(isinstance(b.adapter_attn, P.RepAdapter) for b in blocks)
         later = background and name == "LLaMA" and how == "converted"
+        params = [p for p in module.parameters() if id(p) in frozen]
+        outside = [p for p in params if id(p) not in inside]  # LLaMA's final norm, the ViT's stem and ln_pre
         if how == "upcast":  # the blocks' weights stay as stored; each block upcasts its own as it runs
-            convert([p for p in module.parameters() if id(p) in frozen and id(p) not in inside], t)
+            convert(outside, t)
             for b in blocks:
                 upcast_while_running(b, [p for p in b.parameters() if id(p) in frozen], t, least)
+        elif later:  # the blocks in a thread of their own, the rest now
+            convert(outside, t)
+            in_background(module, [p for p in params if id(p) in inside], t)
         else:  # converted, or as stored
-            params = [p for p in module.parameters() if id(p) in frozen]
-            if later:  # the blocks in a thread of their own, the rest (LLaMA's final norm) now
-                convert([p for p in params if id(p) not in inside], t)
-                in_background(module, [p for p in params if id(p) in inside], t)
-            else:
-                convert(params, t)
+            convert(params, t)
             if merged:  # 0.02 s per image of a batch on 2 cores; LLaMA's would add 10 s of start-up
                 model.merge_adapters(llm=False)
         why = "forced" if force else (f"the CPU's flags say {first}; GFLOP/s here, best of {TRIES}: "
